@@ -1,0 +1,29 @@
+"""batched_specdec: lossless batched speculative decoding over ragged prompts for HuggingFace causal LMs."""
+
+from batched_specdec.drafters import DraftProposal, Drafter, ModelDrafter
+from batched_specdec.engine import GenerationStats, autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.processors import (
+    GreedyProcessor,
+    LogitsProcessor,
+    MultinomialProcessor,
+    NucleusProcessor,
+    TopKNucleusProcessor,
+    TopKProcessor,
+    make_processor,
+)
+
+__all__ = [
+    "DraftProposal",
+    "Drafter",
+    "GenerationStats",
+    "GreedyProcessor",
+    "LogitsProcessor",
+    "ModelDrafter",
+    "MultinomialProcessor",
+    "NucleusProcessor",
+    "TopKNucleusProcessor",
+    "TopKProcessor",
+    "autoregressive_generate_batch",
+    "make_processor",
+    "speculative_generate_batch",
+]

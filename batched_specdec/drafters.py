@@ -1,0 +1,160 @@
+"""Drafters: what proposes the draft tokens of a step.
+
+A drafter sees the committed tokens of every row and proposes up to ``gamma`` draft tokens per row. The engine
+verifies them with the target; nothing a drafter does can change the output distribution, only the speed.
+
+* :class:`ModelDrafter` wraps a small HF causal LM that shares the target's vocabulary. It keeps its own ragged
+  KV cache and samples each draft token from the processed draft distribution ``q``, which it returns so that
+  verification uses exactly the distribution each token was drawn from.
+* Model-free drafters (``batched_specdec.ngram.NGramDrafter``) return deterministic proposals (``probs=None``,
+  q one-hot) and may propose fewer than ``gamma`` tokens for some rows (``num_tokens``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DraftProposal:
+    """The draft tokens of one step.
+
+    Attributes
+    ----------
+    tokens : Tensor
+        ``(B, gamma)`` int64. Slots at or past ``num_tokens[b]`` are ignored but must hold valid token ids.
+    probs : Tensor or None
+        ``(B, gamma, V)`` float32: the exact distribution each draft token was drawn from. ``None`` for
+        deterministic drafters (q is one-hot at the draft token).
+    num_tokens : Tensor or None
+        ``(B,)`` int64 in ``0..gamma``: real draft tokens per row. ``None`` means ``gamma`` for every row.
+    """
+
+    tokens: Tensor
+    probs: Tensor | None = None
+    num_tokens: Tensor | None = None
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """What the engine needs from a drafter.
+
+    The engine owns the committed tokens: ``token_buffer`` is ``(B, S)`` int64 and row ``b``'s committed tokens
+    (prompt + emitted) are ``token_buffer[b, :seq_lens[b]]``; entries past ``seq_lens[b]`` are stale. ``seq_lens``
+    is ``(B,)`` int64 on the same device. Every method is called with the engine's current (possibly compacted)
+    batch.
+    """
+
+    vocab_size: int | None
+    """Size of the vocabulary the drafter proposes from, or None when it proposes ids it saw (n-gram)."""
+
+    def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
+        """Called once before the first step with the prompts; ``max_seq_len`` bounds every row's length."""
+
+    def propose(
+        self,
+        token_buffer: Tensor,
+        seq_lens: Tensor,
+        gamma: int,
+        logits_processor,
+        generator: torch.Generator | None,
+        max_seq_len: int,
+    ) -> DraftProposal:
+        """Propose up to ``gamma`` draft tokens per row. Must not synchronise with the host.
+
+        ``max_seq_len`` is the largest ``seq_lens`` of a live row (known on the host), for sizing attention spans.
+        """
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Drop finished rows: keep ``rows`` (``(N,)`` int64, ascending) of the current batch, in that order."""
+
+
+def model_forward(model, cache, input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
+    """One forward of an HF causal LM through a :class:`~batched_specdec.ragged_cache.RaggedKVCache`.
+
+    Row ``b``'s ``Q`` tokens go to positions ``cache.lens[b] .. cache.lens[b] + Q - 1``; the caller advances the
+    lengths afterwards. Returns float logits ``(B, Q', V)`` for the last ``logits_to_keep`` queries (all when 0).
+    """
+    positions, mask = cache.inputs(input_ids.shape[1], model.dtype)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    )
+    return out.logits
+
+
+class ModelDrafter:
+    """A small HF causal LM as drafter, with its own ragged KV cache.
+
+    Cache invariant (DESIGN.md): at the start of a step the draft cache holds at least ``s_b[:-2]``, so the
+    first draft forward feeds the last two committed tokens (one for a one-token row) and each later forward
+    feeds the previous draft token. After verification the engine's ``seq_lens`` alone tells the next step where
+    the draft cache's valid entries end (``max(|s_b| - 2, 0)``): pruning moves no bytes.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM that shares the target's vocabulary.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.cache = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
+        from batched_specdec.ragged_cache import RaggedKVCache
+
+        batch, _ = token_buffer.shape
+        self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device)
+        prefill = int(token_buffer.shape[1]) - 2
+        if prefill > 0:
+            self.cache.set_span(prefill)
+            model_forward(self.model, self.cache, token_buffer[:, :prefill].to(self.device), logits_to_keep=1)
+
+    def propose(
+        self,
+        token_buffer: Tensor,
+        seq_lens: Tensor,
+        gamma: int,
+        logits_processor,
+        generator: torch.Generator | None,
+        max_seq_len: int,
+    ) -> DraftProposal:
+        cache = self.cache
+        device = self.device
+        seq_lens = seq_lens.to(device)
+        lens = (seq_lens - 2).clamp_min(0)
+        cache.set_lens(lens)
+        cache.set_span(max_seq_len + gamma)
+        num_first = seq_lens - lens  # 2, or 1 for a row that is still a one-token prompt
+        first_idx = torch.stack([lens, torch.minimum(lens + 1, seq_lens - 1)], dim=1)
+        input_ids = token_buffer.to(device).gather(1, first_idx)
+        logits = model_forward(self.model, cache, input_ids, logits_to_keep=2)
+        logits = logits.gather(1, (num_first - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
+        cache.advance(num_first)
+        tokens, probs = [], []
+        for i in range(gamma):
+            token, prob = logits_processor.sample(logits, generator)
+            tokens.append(token)
+            probs.append(prob)
+            if i + 1 < gamma:
+                logits = model_forward(self.model, cache, token[:, None], logits_to_keep=1)[:, 0]
+                cache.advance(1)
+        draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
+        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=draft_probs)
+
+    def keep_rows(self, rows: Tensor) -> None:
+        self.cache.keep_rows(rows)

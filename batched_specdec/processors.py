@@ -1,0 +1,157 @@
+"""Logits processors: how a distribution is formed from logits, shared by draft, target and the baseline.
+
+They apply in transformers' order: temperature, then top-k, then top-p. Filtered entries become ``-inf``. The
+draft samples from exactly the distribution the processor produces, and verification uses that same
+distribution, so any processor keeps speculative decoding lossless with respect to target-only sampling with the
+same processor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class LogitsProcessor:
+    """Base class. ``temperature == 0`` means greedy decoding (argmax, exact match verification)."""
+
+    temperature: float = 1.0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def process(self, logits: Tensor) -> Tensor:
+        """Return float32 logits of the sampling distribution (temperature applied, filtered entries ``-inf``).
+
+        Parameters
+        ----------
+        logits : Tensor
+            ``(..., V)`` float logits of any float dtype.
+        """
+        return self._filter(logits.float() / self.temperature)
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """``(..., V)`` float32 probabilities of the sampling distribution."""
+        return torch.softmax(self.process(logits), dim=-1)
+
+    def _filter(self, scaled_logits: Tensor) -> Tensor:
+        return scaled_logits
+
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """Draw one token per row of ``logits`` (``(B, V)``).
+
+        Returns
+        -------
+        tokens : Tensor
+            ``(B,)`` int64.
+        probs : Tensor or None
+            ``(B, V)`` float32, the exact distribution the tokens were drawn from; ``None`` when greedy.
+        """
+        if self.is_greedy:
+            return logits.argmax(dim=-1), None
+        probs = self.probs(logits)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _check_temperature(temperature: float) -> float:
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+        raise ValueError(f"temperature must be a float > 0 (use GreedyProcessor for 0), got {temperature!r}")
+    return float(temperature)
+
+
+def _check_top_k(top_k: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    return top_k
+
+
+def _check_top_p(top_p: float) -> float:
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
+    return float(top_p)
+
+
+def _top_k_filter(scaled_logits: Tensor, top_k: int) -> Tensor:
+    top_k = min(top_k, scaled_logits.shape[-1])
+    kth = torch.topk(scaled_logits, top_k, dim=-1).values[..., -1:]
+    return scaled_logits.masked_fill(scaled_logits < kth, float("-inf"))
+
+
+def _top_p_filter(scaled_logits: Tensor, top_p: float) -> Tensor:
+    # Same rule as transformers' TopPLogitsWarper: drop the ascending-sorted prefix whose mass is <= 1 - top_p,
+    # always keeping the most likely token.
+    sorted_logits, sorted_idx = torch.sort(scaled_logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1.0 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+    return scaled_logits.masked_fill(remove, float("-inf"))
+
+
+class GreedyProcessor(LogitsProcessor):
+    """Argmax decoding. Verification accepts a draft token exactly when it equals the target's argmax."""
+
+    def __init__(self) -> None:
+        self.temperature = 0.0
+
+    def process(self, logits: Tensor) -> Tensor:
+        return logits.float()
+
+
+class MultinomialProcessor(LogitsProcessor):
+    """Sample from ``softmax(logits / temperature)``."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = _check_temperature(temperature)
+
+
+class TopKProcessor(LogitsProcessor):
+    """Temperature, then keep the ``top_k`` largest logits."""
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 50) -> None:
+        self.temperature = _check_temperature(temperature)
+        self.top_k = _check_top_k(top_k)
+
+    def _filter(self, scaled_logits: Tensor) -> Tensor:
+        return _top_k_filter(scaled_logits, self.top_k)
+
+
+class NucleusProcessor(LogitsProcessor):
+    """Temperature, then keep the smallest set of tokens whose probability mass reaches ``top_p``."""
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 0.9) -> None:
+        self.temperature = _check_temperature(temperature)
+        self.top_p = _check_top_p(top_p)
+
+    def _filter(self, scaled_logits: Tensor) -> Tensor:
+        return _top_p_filter(scaled_logits, self.top_p)
+
+
+class TopKNucleusProcessor(LogitsProcessor):
+    """Temperature, then top-k, then top-p (transformers' order)."""
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9) -> None:
+        self.temperature = _check_temperature(temperature)
+        self.top_k = _check_top_k(top_k)
+        self.top_p = _check_top_p(top_p)
+
+    def _filter(self, scaled_logits: Tensor) -> Tensor:
+        return _top_p_filter(_top_k_filter(scaled_logits, self.top_k), self.top_p)
+
+
+def make_processor(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessor:
+    """The processor for CLI-style settings: temperature 0 is greedy; top_k / top_p of None are off."""
+    if temperature == 0:
+        return GreedyProcessor()
+    if top_k is not None and top_p is not None:
+        return TopKNucleusProcessor(temperature, top_k, top_p)
+    if top_k is not None:
+        return TopKProcessor(temperature, top_k)
+    if top_p is not None:
+        return NucleusProcessor(temperature, top_p)
+    return MultinomialProcessor(temperature)
