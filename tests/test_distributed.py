@@ -1,0 +1,75 @@
+"""accelerate integration: prompt sets split across processes give the single-process results, in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_causal_lm
+
+from batched_specdec import speculative_generate_batch
+from batched_specdec.distributed import run_on_prompt_shards, speculative_generate_distributed
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _single_process_reference(num_prompts: int) -> list[list[int]]:
+    target = tiny_causal_lm("llama", seed=0)
+    draft = tiny_causal_lm("llama", seed=1, layers=1)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(96) for _ in range(rng.randint(1, 20))] for _ in range(num_prompts)]
+    return speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=12, eos_tokens_id=None)[0]
+
+
+def _launch(tmp_path: Path, *extra: str, num_prompts: int = 5) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "results.json"
+    # `--multi_gpu` picks accelerate's torchrun launcher; without CUDA its processes join a gloo group on the CPU.
+    # (`--cpu --num_processes 2` would start one process: accelerate needs mpirun for more.)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
+           "--out", str(out), "--num-prompts", str(num_prompts), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return proc, out
+
+
+def test_single_process_merge_keeps_prompt_order():
+    merged, per_process = run_on_prompt_shards(
+        ["a", "bb", "ccc"], lambda shard, idx: ({"len": [len(s) for s in shard], "idx": idx}, {"n": len(shard)})
+    )
+    assert merged == {"len": [1, 2, 3], "idx": [0, 1, 2]}
+    assert per_process == [{"process_index": 0, "num_prompts": 3, "n": 3}]
+
+
+def test_single_process_distributed_equals_batch_call():
+    target = tiny_causal_lm("llama", seed=0)
+    draft = tiny_causal_lm("llama", seed=1, layers=1)
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    outputs, alpha, per_process = speculative_generate_distributed(prompts, draft, target, batch_size=2,
+                                                                   max_gen_len=6, eos_tokens_id=None)
+    assert outputs == speculative_generate_batch(prompts, draft, target, max_gen_len=6, eos_tokens_id=None)[0]
+    assert len(alpha) == 3 and per_process[0]["generated_tokens"] == 18
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        speculative_generate_distributed(prompts, draft, target, batch_size=0)
+
+
+@pytest.mark.parametrize("num_prompts", [5, 1])  # uneven split; fewer prompts than processes
+def test_two_processes_match_single_process_in_order(tmp_path, num_prompts):
+    proc, out = _launch(tmp_path, num_prompts=num_prompts)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["outputs"] == _single_process_reference(num_prompts)
+    shards = [p["num_prompts"] for p in results["per_process"]]
+    assert shards == ([3, 2] if num_prompts == 5 else [1, 0])
+
+
+def test_failure_in_one_process_fails_the_launch_without_results(tmp_path):
+    proc, out = _launch(tmp_path, "--fail-on-process", "1")
+    assert proc.returncode != 0
+    assert "deliberate failure in process 1" in proc.stderr + proc.stdout
+    assert not out.exists()
