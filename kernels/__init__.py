@@ -1,0 +1,26 @@
+"""Triton kernels for batched speculative decoding, each with a pure-torch ``*_reference`` of the same signature."""
+
+from kernels.commit_tokens import commit_emitted_tokens, commit_emitted_tokens_reference
+from kernels.compact_rows import compact_rows, compact_rows_reference
+from kernels.rejection_sample import (
+    PLACEHOLDER_TOKEN_ID,
+    rejection_sample_from_logits,
+    rejection_sample_from_logits_reference,
+    rejection_sample_from_probs,
+    rejection_sample_from_probs_reference,
+)
+from kernels.scatter_kv import scatter_kv_at_offsets, scatter_kv_at_offsets_reference
+
+__all__ = [
+    "PLACEHOLDER_TOKEN_ID",
+    "commit_emitted_tokens",
+    "commit_emitted_tokens_reference",
+    "compact_rows",
+    "compact_rows_reference",
+    "rejection_sample_from_logits",
+    "rejection_sample_from_logits_reference",
+    "rejection_sample_from_probs",
+    "rejection_sample_from_probs_reference",
+    "scatter_kv_at_offsets",
+    "scatter_kv_at_offsets_reference",
+]

@@ -1,0 +1,77 @@
+"""Backend choice and launch-config policy shared by every kernel in this package.
+
+Keeping the policy in one place means a tuning change (tile sizes, warps) is one diff, and the
+CPU/interpreter rules are the same for every op.
+"""
+
+import os
+
+import torch
+import triton
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` to ``"triton"`` or ``"torch"`` for tensors on ``device``.
+
+    ``"auto"`` sends CUDA tensors to Triton and everything else to the torch reference.
+    ``"triton"`` on CPU tensors needs the Triton interpreter.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"backend='triton' with tensors on {device} needs TRITON_INTERPRET=1 set before triton is imported; "
+            "use backend='torch' or 'auto' on CPU"
+        )
+    return backend
+
+
+def _tile_elements() -> int:
+    # The interpreter pays a fixed Python cost per program and per op, so it wants few, large tiles;
+    # on a GPU ~4K fp32 elements per program keeps registers in check.
+    return 1 << 16 if interpreting() else 4096
+
+
+def num_warps_for(tile_elements: int) -> int:
+    """Warps for a program that touches ``tile_elements`` values per loop iteration."""
+    if tile_elements >= 4096:
+        return 8
+    if tile_elements >= 1024:
+        return 4
+    return 2
+
+
+def rejection_sample_config(batch: int, vocab: int) -> dict:
+    """Tile over (rows, vocab) for the rejection sampler: a program owns BLOCK_B rows and loops over the vocab.
+
+    Large vocabularies get one row per program (BLOCK_B = 1) and a wide vocab block; small vocabularies
+    pack several rows per program so tiny problems do not waste a program per row.
+    """
+    tile = _tile_elements()
+    block_v = min(triton.next_power_of_2(vocab), tile // 2 if interpreting() else 2048)
+    block_b = max(1, min(tile // block_v, triton.next_power_of_2(batch)))
+    if not interpreting():
+        block_b = min(block_b, 16)
+    return {"BLOCK_B": block_b, "BLOCK_V": block_v, "num_warps": num_warps_for(block_b * block_v)}
+
+
+def row_block_config(batch: int, width: int) -> dict:
+    """Tile (BLOCK_B rows, BLOCK_W columns) for small per-row bookkeeping kernels (commit)."""
+    block_w = triton.next_power_of_2(max(width, 1))
+    block_b = max(1, min(triton.next_power_of_2(batch), max(1, _tile_elements() // 4 // block_w), 1024))
+    return {"BLOCK_B": block_b, "BLOCK_W": block_w, "num_warps": num_warps_for(block_b * block_w)}
+
+
+def copy_config(row_elements: int) -> dict:
+    """Flat block size for row-copy kernels (scatter, compact)."""
+    block = min(triton.next_power_of_2(max(row_elements, 1)), _tile_elements() if interpreting() else 4096)
+    return {"BLOCK": block, "num_warps": num_warps_for(block)}

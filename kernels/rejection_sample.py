@@ -1,0 +1,599 @@
+"""Fused speculative-decoding rejection sampling (Leviathan et al. 2023, Chen et al. 2023).
+
+Per row b with k = num_draft_tokens[b] real draft slots, for j = 0..k-1 the draft token d_j is accepted iff
+``u_j * q_j(d_j) < p_j(d_j)`` (strict, so a token with p = 0 is never accepted, even for u = 0). At the first
+rejection j the recovered token is sampled from norm(max(0, p_j - q_j)) (falling back to p_j when that is all
+zero through rounding); if all k drafts are accepted the bonus token is sampled from p_k.
+
+Randomness. Every random number is a Philox4x32-10 draw keyed by an int64 ``seed`` at the int64 counter
+``offset + (b * (K + 1) + j) * (V + 1) + c``: ``c = V`` gives the acceptance uniform of (b, j), ``c = v < V``
+the uniform behind the exponential E_v = -log(u_v) of vocabulary entry v at position j. The recovered/bonus
+token is the exponential race ``argmax_v r_v / E_v`` over the unnormalised weights r (an exact sample of
+r / sum(r); ties go to the lowest index). The kernel uses ``tl.rand``; the reference reproduces its bits with a
+pure-torch Philox (same uint32 -> float conversion), so both backends make the same decisions from the same
+seed/offset. A call consumes ``B * (K + 1) * (V + 1)`` counters: advance ``offset`` by that much between calls.
+With ``generator=`` the seed and offset are drawn from it with torch on the device (no host sync).
+
+Exactness caveat: ``-log(u)`` and (for logits) ``exp``/the softmax sums are computed by different libraries in
+the two backends and can differ in the last bit; a decision can then differ only when two race scores (or
+``u * q`` and ``p``) are within ~1e-7 relative of each other.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._launch import rejection_sample_config, resolve_backend
+
+PLACEHOLDER_TOKEN_ID = -1
+
+_FLT_MAX = 3.4028234663852886e38
+
+# Philox4x32-10 constants, as in triton/language/random.py.
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_UINT32_TO_UNIFORM = 4.6566127342e-10  # largest scale with (2**31 - 1) * scale < 1 in fp32
+
+
+@triton.jit
+def _block_max_first_index(x, cols, BIG: tl.constexpr):
+    """Row-wise max of a [BLOCK_B, BLOCK_V] tile and the lowest column index attaining it (torch.argmax ties)."""
+    bmax = tl.max(x, axis=1)
+    bidx = tl.min(tl.where(x == bmax[:, None], cols[None, :], BIG), axis=1)
+    return bmax, bidx
+
+
+@triton.jit
+def _softmax_stats(
+    base,  # [BLOCK_B] pointers to (b, j, 0) of logits
+    stride_v,
+    inv_t,  # [BLOCK_B] fp32, 1 / temperature (1 for greedy rows)
+    mask_b,  # [BLOCK_B] rows to read
+    V,
+    BLOCK_B: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Online max, sum of exp and first argmax of logits * inv_t over the vocabulary, in fp32."""
+    cols0 = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_B], -_FLT_MAX, tl.float32)
+    s = tl.zeros([BLOCK_B], tl.float32)
+    a = tl.zeros([BLOCK_B], tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols0
+        mask = mask_b[:, None] & (cols < V)[None, :]
+        x = tl.load(base[:, None] + cols[None, :].to(tl.int64) * stride_v, mask=mask, other=-float("inf"))
+        x = x.to(tl.float32) * inv_t[:, None]
+        bmax, bidx = _block_max_first_index(x, cols, 2147483647)
+        m_new = tl.maximum(m, bmax)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        a = tl.where(bmax > m, bidx.to(tl.int64), a)
+        m = m_new
+    return m, s, a
+
+
+@triton.jit
+def _rejection_sample_kernel(
+    # pointers
+    draft_tokens_ptr,  # [B, K] int64
+    draft_ptr,  # [B, K, V] draft probs or logits (not read when HAS_DRAFT is False)
+    target_ptr,  # [B, K + 1, V] target probs or logits
+    num_draft_ptr,  # [B] int64
+    temperature_ptr,  # [B] fp32 (not read when IS_LOGITS is False)
+    seed_ptr,  # [] int64
+    offset_ptr,  # [] int64
+    out_tokens_ptr,  # [B, K + 1] int64
+    num_accepted_ptr,  # [B] int64
+    # strides
+    stride_db,
+    stride_dk,
+    stride_qb,
+    stride_qk,
+    stride_qv,
+    stride_pb,
+    stride_pk,
+    stride_pv,
+    stride_ob,
+    stride_ok,
+    # sizes
+    B,
+    K,
+    V,
+    # meta-parameters
+    IS_LOGITS: tl.constexpr,
+    HAS_DRAFT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K1: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_mask = rows < B
+    n = tl.load(num_draft_ptr + rows, mask=row_mask, other=0)
+    seed = tl.load(seed_ptr)
+    offset = tl.load(offset_ptr)
+    if IS_LOGITS:
+        t = tl.load(temperature_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)
+        greedy = t == 0.0
+        inv_t = 1.0 / tl.where(greedy, 1.0, t)
+    else:
+        greedy = rows < 0
+        inv_t = tl.full([BLOCK_B], 1.0, tl.float32)
+    counter_row = offset + rows * (K + 1) * (V + 1)
+    p_rows = target_ptr + rows * stride_pb
+    q_rows = draft_ptr + rows * stride_qb
+
+    live = row_mask  # still verifying: not yet stopped by a rejection or by reaching n
+    num_acc = tl.zeros([BLOCK_B], tl.int64)
+    # softmax statistics of the stop position (logits only)
+    m_p_stop = tl.zeros([BLOCK_B], tl.float32)
+    s_p_stop = tl.full([BLOCK_B], 1.0, tl.float32)
+    a_p_stop = tl.zeros([BLOCK_B], tl.int64)
+    m_q_stop = tl.zeros([BLOCK_B], tl.float32)
+    s_q_stop = tl.full([BLOCK_B], 1.0, tl.float32)
+    for j in range(K + 1):
+        verify = live & (j < n)
+        m_p = tl.zeros([BLOCK_B], tl.float32)
+        s_p = tl.full([BLOCK_B], 1.0, tl.float32)
+        a_p = tl.zeros([BLOCK_B], tl.int64)
+        m_q = tl.zeros([BLOCK_B], tl.float32)
+        s_q = tl.full([BLOCK_B], 1.0, tl.float32)
+        # a compile-time branch around a runtime one: they cannot be merged
+        if IS_LOGITS:  # noqa: SIM102
+            # Rows that stopped earlier are masked out, so position j is never read for them.
+            if tl.sum(live.to(tl.int32), axis=0) > 0:
+                m_p, s_p, a_p = _softmax_stats(p_rows + j * stride_pk, stride_pv, inv_t, live, V, BLOCK_B, BLOCK_V)
+                if HAS_DRAFT:
+                    m_q, s_q, _ = _softmax_stats(
+                        q_rows + j * stride_qk, stride_qv, inv_t, verify & (greedy == 0), V, BLOCK_B, BLOCK_V
+                    )
+        d = tl.load(draft_tokens_ptr + rows * stride_db + j * stride_dk, mask=verify, other=0)
+        p_d = tl.load(p_rows + j * stride_pk + d * stride_pv, mask=verify, other=0.0).to(tl.float32)
+        if IS_LOGITS:
+            p_d = tl.exp(p_d * inv_t - m_p) / s_p
+        if HAS_DRAFT:
+            q_d = tl.load(q_rows + j * stride_qk + d * stride_qv, mask=verify, other=0.0).to(tl.float32)
+            if IS_LOGITS:
+                q_d = tl.exp(q_d * inv_t - m_q) / s_q
+        else:
+            q_d = tl.full([BLOCK_B], 1.0, tl.float32)
+        u = tl.rand(seed, counter_row + j * (V + 1) + V)
+        accept = verify & tl.where(greedy, d == a_p, u * q_d < p_d)
+        stop_now = live & (accept == 0)
+        m_p_stop = tl.where(stop_now, m_p, m_p_stop)
+        s_p_stop = tl.where(stop_now, s_p, s_p_stop)
+        a_p_stop = tl.where(stop_now, a_p, a_p_stop)
+        m_q_stop = tl.where(stop_now, m_q, m_q_stop)
+        s_q_stop = tl.where(stop_now, s_q, s_q_stop)
+        num_acc += accept.to(tl.int64)
+        live = accept
+
+    # Recovered (stop < n) or bonus (stop == n) token at the stop position: exponential race over the vocab,
+    # run for r = max(0, p - q) and for the fallback p at once with the same exponentials.
+    stop = num_acc
+    is_bonus = stop == n
+    has_q = row_mask & (is_bonus == 0)
+    d_stop = tl.load(draft_tokens_ptr + rows * stride_db + stop * stride_dk, mask=has_q, other=-1)
+    sample = row_mask & (greedy == 0)
+    p_stop = p_rows + stop * stride_pk
+    q_stop = q_rows + stop * stride_qk
+    cols0 = tl.arange(0, BLOCK_V)
+    best_r = tl.full([BLOCK_B], -2.0, tl.float32)
+    best_p = tl.full([BLOCK_B], -2.0, tl.float32)
+    tok_r = tl.zeros([BLOCK_B], tl.int64)
+    tok_p = tl.zeros([BLOCK_B], tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols0
+        cols64 = cols.to(tl.int64)
+        mask = sample[:, None] & (cols < V)[None, :]
+        if IS_LOGITS:
+            x = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=-float("inf"))
+            p = tl.exp(x.to(tl.float32) * inv_t[:, None] - m_p_stop[:, None]) / s_p_stop[:, None]
+        else:
+            p = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DRAFT:
+            mask_q = mask & has_q[:, None]
+            if IS_LOGITS:
+                xq = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=-float("inf"))
+                q = tl.exp(xq.to(tl.float32) * inv_t[:, None] - m_q_stop[:, None]) / s_q_stop[:, None]
+            else:
+                q = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=0.0).to(tl.float32)
+        else:
+            q = tl.where(cols64[None, :] == d_stop[:, None], 1.0, 0.0)
+        r = tl.maximum(p - q, 0.0)
+        uv = tl.rand(seed, counter_row[:, None] + stop[:, None] * (V + 1) + cols64[None, :])
+        e = -tl.log(uv)
+        score_r = tl.where(r > 0.0, r / e, -1.0)
+        score_p = tl.where(p > 0.0, p / e, -1.0)
+        br, ir = _block_max_first_index(score_r, cols, 2147483647)
+        bp, ip = _block_max_first_index(score_p, cols, 2147483647)
+        tok_r = tl.where(br > best_r, ir.to(tl.int64), tok_r)
+        best_r = tl.maximum(best_r, br)
+        tok_p = tl.where(bp > best_p, ip.to(tl.int64), tok_p)
+        best_p = tl.maximum(best_p, bp)
+    token = tl.where(greedy, a_p_stop, tl.where(best_r >= 0.0, tok_r, tok_p))
+
+    ks = tl.arange(0, BLOCK_K1).to(tl.int64)
+    out_mask = row_mask[:, None] & (ks < K + 1)[None, :]
+    drafts = tl.load(
+        draft_tokens_ptr + rows[:, None] * stride_db + ks[None, :] * stride_dk,
+        mask=row_mask[:, None] & (ks[None, :] < stop[:, None]),
+        other=-1,
+    )
+    out = tl.where(ks[None, :] < stop[:, None], drafts, tl.where(ks[None, :] == stop[:, None], token[:, None], -1))
+    tl.store(out_tokens_ptr + rows[:, None] * stride_ob + ks[None, :] * stride_ok, out, mask=out_mask)
+    tl.store(num_accepted_ptr + rows, num_acc, mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure-torch Philox matching triton.language.rand bit for bit.
+
+
+def philox_uniform_reference(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, counter)`` in pure torch.
+
+    Parameters
+    ----------
+    seed : torch.Tensor
+        int64 scalar (or broadcastable) tensor, the Philox key.
+    counter : torch.Tensor
+        int64 tensor of any shape, the 64-bit Philox counter (low word c0, high word c1, c2 = c3 = 0).
+
+    Returns
+    -------
+    torch.Tensor
+        float32 tensor of ``counter``'s shape, uniform in [0, 1).
+    """
+    mask = 0xFFFFFFFF
+    c0 = counter & mask
+    c1 = (counter >> 32) & mask
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0 = seed & mask
+    k1 = (seed >> 32) & mask
+    for _ in range(10):
+        # 32x32 -> 64-bit products wrap in int64, but the low 64 bits are exact: shift/mask recovers hi and lo.
+        prod_b = c2 * _PHILOX_ROUND_B
+        prod_a = c0 * _PHILOX_ROUND_A
+        new_c0 = ((prod_b >> 32) & mask) ^ c1 ^ k0
+        new_c2 = ((prod_a >> 32) & mask) ^ c3 ^ k1
+        c1 = prod_b & mask
+        c3 = prod_a & mask
+        c0, c2 = new_c0, new_c2
+        k0 = (k0 + _PHILOX_KEY_A) & mask
+        k1 = (k1 + _PHILOX_KEY_B) & mask
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32, device=x.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks and shared preparation.
+
+
+def _check_tokens_and_sizes(draft_tokens, target, draft, num_draft_tokens, what):
+    if not isinstance(draft_tokens, torch.Tensor) or draft_tokens.dim() != 2 or draft_tokens.dtype != torch.int64:
+        got = (tuple(draft_tokens.shape), draft_tokens.dtype) if isinstance(draft_tokens, torch.Tensor) else draft_tokens
+        raise ValueError(f"draft_tokens must be a (B, K) int64 tensor, got {got}")
+    B, K = draft_tokens.shape
+    if K < 1:
+        raise ValueError(f"draft_tokens must have at least one draft slot (K >= 1), got shape {tuple(draft_tokens.shape)}")
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if not isinstance(target, torch.Tensor) or target.dim() != 3 or target.shape[:2] != (B, K + 1):
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else target
+        raise ValueError(f"target_{what} must have shape (B, K + 1, V) = ({B}, {K + 1}, V), got {got}")
+    if target.dtype not in floats:
+        raise ValueError(f"target_{what} must be float32, bfloat16 or float16, got {target.dtype}")
+    V = target.shape[2]
+    if V < 1:
+        raise ValueError(f"target_{what} must have a vocabulary of at least 1, got V = {V}")
+    device = draft_tokens.device
+    if target.device != device:
+        raise ValueError(f"target_{what} is on {target.device} but draft_tokens is on {device}")
+    if draft is not None:
+        if not isinstance(draft, torch.Tensor) or tuple(draft.shape) != (B, K, V):
+            got = tuple(draft.shape) if isinstance(draft, torch.Tensor) else draft
+            raise ValueError(f"draft_{what} must have shape (B, K, V) = ({B}, {K}, {V}) or be None, got {got}")
+        if draft.dtype not in floats:
+            raise ValueError(f"draft_{what} must be float32, bfloat16 or float16, got {draft.dtype}")
+        if draft.device != device:
+            raise ValueError(f"draft_{what} is on {draft.device} but draft_tokens is on {device}")
+    if num_draft_tokens is None:
+        num_draft_tokens = torch.full((B,), K, dtype=torch.int64, device=device)
+    elif (
+        not isinstance(num_draft_tokens, torch.Tensor)
+        or tuple(num_draft_tokens.shape) != (B,)
+        or num_draft_tokens.dtype != torch.int64
+        or num_draft_tokens.device != device
+    ):
+        got = (
+            (tuple(num_draft_tokens.shape), num_draft_tokens.dtype, num_draft_tokens.device)
+            if isinstance(num_draft_tokens, torch.Tensor)
+            else num_draft_tokens
+        )
+        raise ValueError(f"num_draft_tokens must be None or a ({B},) int64 tensor on {device}, got {got}")
+    return B, K, V, num_draft_tokens
+
+
+def _seed_offset(generator, seed, offset, device):
+    """int64 scalar seed and offset on ``device``, drawn with torch when not given (no host sync)."""
+    if (seed is None) != (offset is None):
+        raise ValueError("seed and offset must be given together (int64 scalar tensors), or neither")
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give either generator or seed/offset, not both")
+        for name, value in (("seed", seed), ("offset", offset)):
+            if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dtype != torch.int64:
+                got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+                raise ValueError(f"{name} must be a one-element int64 tensor, got {got}")
+            if value.device != device:
+                raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
+        return seed.reshape(()), offset.reshape(())
+    gen_device = generator.device if generator is not None else device
+    # Offsets below 2**62 leave room for the B * (K + 1) * (V + 1) counters of a call without wrapping.
+    so = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64, device=gen_device).to(device)
+    return so[0], so[1]
+
+
+def _temperature_tensor(temperature, B, device):
+    if isinstance(temperature, torch.Tensor):
+        if tuple(temperature.shape) not in ((B,), ()) or not temperature.dtype.is_floating_point:
+            raise ValueError(
+                f"temperature must be a float or a ({B},) float tensor, got {tuple(temperature.shape)} {temperature.dtype}"
+            )
+        if temperature.device != device:
+            raise ValueError(f"temperature is on {temperature.device} but the inputs are on {device}")
+        return temperature.to(torch.float32).expand(B).contiguous()
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a float >= 0 or a ({B},) tensor, got {temperature!r}")
+    return torch.full((B,), float(temperature), dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch implementation (the reference) and the Triton launch, both on prepared inputs.
+
+
+def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits):
+    B, K = draft_tokens.shape
+    V = target.shape[2]
+    device = draft_tokens.device
+    rows = torch.arange(B, device=device)
+    pos = torch.arange(K + 1, device=device)
+    counter_row = offset + rows * ((K + 1) * (V + 1))  # [B]
+
+    target = target.to(torch.float32)
+    draft = draft.to(torch.float32) if draft is not None else None
+    if is_logits:
+        greedy = temperature == 0
+        inv_t = 1.0 / torch.where(greedy, torch.ones_like(temperature), temperature)
+        x_p = target * inv_t[:, None, None]
+        m_p = x_p.amax(-1).clamp_min(-_FLT_MAX)
+        s_p = torch.exp(x_p - m_p[..., None]).sum(-1)
+        a_p = target.argmax(-1)  # (B, K + 1); ties -> lowest index
+        if draft is not None:
+            x_q = draft * inv_t[:, None, None]
+            m_q = x_q.amax(-1).clamp_min(-_FLT_MAX)
+            s_q = torch.exp(x_q - m_q[..., None]).sum(-1)
+    else:
+        greedy = torch.zeros(B, dtype=torch.bool, device=device)
+
+    # acceptance of every slot (slots past the stop are computed but never used); ignored slots may hold
+    # anything, so gathers use clamped ids
+    d = draft_tokens
+    d_safe = d.clamp(0, V - 1)
+    if is_logits:
+        p_d = torch.exp(x_p[:, :K].gather(2, d_safe[..., None])[..., 0] - m_p[:, :K]) / s_p[:, :K]
+    else:
+        p_d = target[:, :K].gather(2, d_safe[..., None])[..., 0]
+    if draft is None:
+        q_d = torch.ones_like(p_d)
+    elif is_logits:
+        q_d = torch.exp(x_q.gather(2, d_safe[..., None])[..., 0] - m_q) / s_q
+    else:
+        q_d = draft.gather(2, d_safe[..., None])[..., 0]
+    u = philox_uniform_reference(seed, counter_row[:, None] + pos[None, :K] * (V + 1) + V)
+    accept = u * q_d < p_d
+    if is_logits:
+        accept = torch.where(greedy[:, None], d == a_p[:, :K], accept)
+    accept = accept & (pos[None, :K] < num_draft[:, None])
+    num_acc = accept.to(torch.int64).cumprod(1).sum(1)
+
+    stop = num_acc
+    is_bonus = stop == num_draft
+    if is_logits:
+        x_stop = x_p.gather(1, stop[:, None, None].expand(B, 1, V))[:, 0]
+        p = torch.exp(x_stop - m_p.gather(1, stop[:, None])) / s_p.gather(1, stop[:, None])
+    else:
+        p = target.gather(1, stop[:, None, None].expand(B, 1, V))[:, 0]
+    stop_q = stop.clamp_max(K - 1)[:, None]
+    if draft is None:
+        d_stop = d.gather(1, stop_q)
+        q = (torch.arange(V, device=device)[None, :] == d_stop).to(torch.float32)
+    elif is_logits:
+        xq_stop = x_q.gather(1, stop_q[..., None].expand(B, 1, V))[:, 0]
+        q = torch.exp(xq_stop - m_q.gather(1, stop_q)) / s_q.gather(1, stop_q)
+    else:
+        q = draft.gather(1, stop_q[..., None].expand(B, 1, V))[:, 0]
+    q = torch.where(is_bonus[:, None], torch.zeros_like(q), q)
+    r = torch.clamp_min(p - q, 0.0)
+    uv = philox_uniform_reference(
+        seed, counter_row[:, None] + stop[:, None] * (V + 1) + torch.arange(V, device=device)[None, :]
+    )
+    e = -torch.log(uv)
+    minus_one = torch.tensor(-1.0, device=device)
+    score_r = torch.where(r > 0, r / e, minus_one)
+    score_p = torch.where(p > 0, p / e, minus_one)
+    best_r = score_r.amax(-1)
+    tok_r = score_r.argmax(-1)
+    tok_p = score_p.argmax(-1)
+    token = torch.where(best_r >= 0, tok_r, tok_p)
+    if is_logits:
+        token = torch.where(greedy, a_p.gather(1, stop[:, None])[:, 0], token)
+
+    ks = pos[None, :]
+    drafts = torch.cat([d, torch.full((B, 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int64, device=device)], 1)
+    placeholder = torch.full_like(drafts, PLACEHOLDER_TOKEN_ID)
+    out = torch.where(ks < stop[:, None], drafts, torch.where(ks == stop[:, None], token[:, None], placeholder))
+    return out, num_acc
+
+
+def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits):
+    B, K = draft_tokens.shape
+    V = target.shape[2]
+    out = torch.empty((B, K + 1), dtype=torch.int64, device=draft_tokens.device)
+    num_acc = torch.empty((B,), dtype=torch.int64, device=draft_tokens.device)
+    cfg = rejection_sample_config(B, V)
+    q = draft if draft is not None else target  # placeholder pointer, never read when HAS_DRAFT is False
+    q_strides = draft.stride() if draft is not None else (0, 0, 0)
+    t = temperature if temperature is not None else num_draft  # placeholder, never read for probs
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    _rejection_sample_kernel[grid](
+        draft_tokens, q, target, num_draft, t, seed, offset, out, num_acc,
+        draft_tokens.stride(0), draft_tokens.stride(1),
+        *q_strides,
+        *target.stride(),
+        out.stride(0), out.stride(1),
+        B, K, V,
+        IS_LOGITS=is_logits,
+        HAS_DRAFT=draft is not None,
+        BLOCK_B=cfg["BLOCK_B"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_K1=triton.next_power_of_2(K + 1),
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out, num_acc
+
+
+def _run(backend, draft_tokens, draft, target, num_draft, temperature, generator, seed, offset, is_logits):
+    device = draft_tokens.device
+    backend = resolve_backend(backend, device)
+    seed, offset = _seed_offset(generator, seed, offset, device)
+    impl = _triton_impl if backend == "triton" else _reference_impl
+    return impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def rejection_sample_from_probs(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    *,
+    num_draft_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify draft tokens against target probabilities with speculative rejection sampling.
+
+    Parameters
+    ----------
+    draft_tokens : torch.Tensor
+        (B, K) int64 draft tokens, each in [0, V) for the real slots.
+    draft_probs : torch.Tensor or None
+        (B, K, V) float32/bfloat16/float16, the exact distribution each draft token was drawn from.
+        None means a deterministic drafter (q one-hot at the draft token).
+    target_probs : torch.Tensor
+        (B, K + 1, V) float32/bfloat16/float16 target distributions; position K is the bonus distribution.
+    num_draft_tokens : torch.Tensor, optional
+        (B,) int64 in [0, K]: how many draft slots of each row are real; None means K for every row.
+        Slots at or past it are never read and never accepted.
+    generator : torch.Generator, optional
+        Source of the Philox seed and offset (drawn on its device, no host sync).
+    seed, offset : torch.Tensor, optional
+        One-element int64 tensors on the inputs' device, for CUDA-graph capture. A call consumes
+        ``B * (K + 1) * (V + 1)`` Philox counters starting at ``offset``.
+    backend : {"auto", "triton", "torch"}
+        "auto": Triton for CUDA tensors, the torch reference otherwise.
+
+    Returns
+    -------
+    output_tokens : torch.Tensor
+        (B, K + 1) int64: accepted drafts, one recovered or bonus token, then ``PLACEHOLDER_TOKEN_ID``.
+    num_accepted : torch.Tensor
+        (B,) int64 in [0, num_draft_tokens[b]].
+    """
+    _, _, _, num_draft = _check_tokens_and_sizes(draft_tokens, target_probs, draft_probs, num_draft_tokens, "probs")
+    return _run(backend, draft_tokens, draft_probs, target_probs, num_draft, None, generator, seed, offset, False)
+
+
+def rejection_sample_from_probs_reference(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    *,
+    num_draft_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch :func:`rejection_sample_from_probs` (``backend`` is ignored); same arguments and results."""
+    return rejection_sample_from_probs(
+        draft_tokens, draft_probs, target_probs, num_draft_tokens=num_draft_tokens,
+        generator=generator, seed=seed, offset=offset, backend="torch",
+    )  # fmt: skip
+
+
+def rejection_sample_from_logits(
+    draft_tokens: torch.Tensor,
+    draft_logits: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    num_draft_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling on logits, with softmax(logits / temperature) of both sides fused (fp32 math).
+
+    Parameters
+    ----------
+    draft_tokens : torch.Tensor
+        (B, K) int64 draft tokens.
+    draft_logits : torch.Tensor or None
+        (B, K, V) float32/bfloat16/float16 draft logits (filtered entries -inf); None = deterministic drafter.
+    target_logits : torch.Tensor
+        (B, K + 1, V) float32/bfloat16/float16 target logits (filtered entries -inf).
+    temperature : float or torch.Tensor
+        float >= 0 or a (B,) float tensor (values must be >= 0; not checked, that would need a host sync).
+        A row with temperature 0 is verified greedily: drafts are accepted while they equal argmax(target)
+        (ties -> lowest index), then argmax(target) at the stop position is emitted.
+    num_draft_tokens, generator, seed, offset, backend
+        As in :func:`rejection_sample_from_probs`.
+
+    Returns
+    -------
+    output_tokens : torch.Tensor
+        (B, K + 1) int64: accepted drafts, one recovered or bonus token, then ``PLACEHOLDER_TOKEN_ID``.
+    num_accepted : torch.Tensor
+        (B,) int64 in [0, num_draft_tokens[b]].
+    """
+    B, _, _, num_draft = _check_tokens_and_sizes(draft_tokens, target_logits, draft_logits, num_draft_tokens, "logits")
+    t = _temperature_tensor(temperature, B, draft_tokens.device)
+    return _run(backend, draft_tokens, draft_logits, target_logits, num_draft, t, generator, seed, offset, True)
+
+
+def rejection_sample_from_logits_reference(
+    draft_tokens: torch.Tensor,
+    draft_logits: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    num_draft_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch :func:`rejection_sample_from_logits` (``backend`` is ignored); same arguments and results."""
+    return rejection_sample_from_logits(
+        draft_tokens, draft_logits, target_logits, temperature, num_draft_tokens=num_draft_tokens,
+        generator=generator, seed=seed, offset=offset, backend="torch",
+    )  # fmt: skip
