@@ -41,6 +41,9 @@ def _scatter_kv_at_offsets_kernel(
     mask = (e < Q * D) & (pos < S) & (pos >= 0)
     k = tl.load(key_states_ptr + b * stride_ksb + h * stride_ksh + q * stride_ksq + d * stride_ksd, mask=mask)
     v = tl.load(value_states_ptr + b * stride_vsb + h * stride_vsh + q * stride_vsq + d * stride_vsd, mask=mask)
+    # explicit round-to-nearest cast to the cache dtype (an implicit store cast may truncate)
+    k = k.to(key_cache_ptr.dtype.element_ty)
+    v = v.to(value_cache_ptr.dtype.element_ty)
     tl.store(key_cache_ptr + b * stride_kcb + h * stride_kch + pos * stride_kcs + d * stride_kcd, k, mask=mask)
     tl.store(value_cache_ptr + b * stride_vcb + h * stride_vch + pos * stride_vcs + d * stride_vcd, v, mask=mask)
 
@@ -111,14 +114,16 @@ def scatter_kv_at_offsets(
 def _reference_impl(key_cache, value_cache, key_states, value_states, cache_lens):
     B, H, S, D = key_cache.shape
     Q = key_states.shape[2]
-    # For every cache position, which new entry (if any) lands there: a gather, so no data-dependent shapes.
-    src = torch.arange(S, device=key_cache.device)[None, :] - cache_lens[:, None]  # (B, S)
-    hit = ((src >= 0) & (src < Q))[:, None, :, None]
-    idx = src.clamp(0, max(Q - 1, 0))[:, None, :, None].expand(B, H, S, D)
     if Q == 0:
         return
+    # Touch only the Q new positions per row (O(Q), not O(S)). Entries that would land past S are dropped: they
+    # are redirected to slot lens - 1 (never a write target of this call) and rewrite its own value there.
+    pos = cache_lens[:, None] + torch.arange(Q, device=key_cache.device)[None, :]  # (B, Q)
+    valid = (pos < S)[:, None, :, None]
+    idx = torch.where(pos < S, pos, (cache_lens[:, None] - 1).clamp_min(0))[:, None, :, None].expand(B, H, Q, D)
     for cache, states in ((key_cache, key_states), (value_cache, value_states)):
-        cache.copy_(torch.where(hit, states.gather(2, idx).to(cache.dtype), cache))
+        new = states.to(cache.dtype)
+        cache.scatter_(2, idx, torch.where(valid, new, cache.gather(2, idx)))
 
 
 def scatter_kv_at_offsets_reference(
