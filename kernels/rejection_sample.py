@@ -151,11 +151,13 @@ def _rejection_sample_kernel(
         d = tl.load(draft_tokens_ptr + rows * stride_db + j * stride_dk, mask=verify, other=0)
         p_d = tl.load(p_rows + j * stride_pk + d * stride_pv, mask=verify, other=0.0).to(tl.float32)
         if IS_LOGITS:
-            p_d = tl.exp(p_d * inv_t - m_p) / s_p
+            # masked rows carry m = -FLT_MAX, s = 0: keep them out of exp/divide (no inf/nan, even unused)
+            p_d = tl.exp(tl.where(verify, p_d * inv_t - m_p, -float("inf"))) / tl.where(verify, s_p, 1.0)
         if HAS_DRAFT:
             q_d = tl.load(q_rows + j * stride_qk + d * stride_qv, mask=verify, other=0.0).to(tl.float32)
             if IS_LOGITS:
-                q_d = tl.exp(q_d * inv_t - m_q) / s_q
+                q_ok = verify & (greedy == 0)
+                q_d = tl.exp(tl.where(q_ok, q_d * inv_t - m_q, -float("inf"))) / tl.where(q_ok, s_q, 1.0)
         else:
             q_d = tl.full([BLOCK_B], 1.0, tl.float32)
         u = tl.rand(seed, counter_row + j * (V + 1) + V)
@@ -189,14 +191,16 @@ def _rejection_sample_kernel(
         mask = sample[:, None] & (cols < V)[None, :]
         if IS_LOGITS:
             x = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=-float("inf"))
-            p = tl.exp(x.to(tl.float32) * inv_t[:, None] - m_p_stop[:, None]) / s_p_stop[:, None]
+            p = tl.exp(x.to(tl.float32) * inv_t[:, None] - m_p_stop[:, None]) / tl.where(sample, s_p_stop, 1.0)[:, None]
         else:
             p = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=0.0).to(tl.float32)
         if HAS_DRAFT:
             mask_q = mask & has_q[:, None]
             if IS_LOGITS:
                 xq = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=-float("inf"))
-                q = tl.exp(xq.to(tl.float32) * inv_t[:, None] - m_q_stop[:, None]) / s_q_stop[:, None]
+                # bonus rows have no draft stats (s = 0): divide by 1 so q is 0, not 0/0 = nan
+                s_q_safe = tl.where(has_q & sample, s_q_stop, 1.0)
+                q = tl.exp(xq.to(tl.float32) * inv_t[:, None] - m_q_stop[:, None]) / s_q_safe[:, None]
             else:
                 q = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=0.0).to(tl.float32)
         else:

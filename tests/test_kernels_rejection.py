@@ -23,7 +23,7 @@ def _gen(seed):
 
 
 def check_invariants(out, num_acc, num_draft, draft_tokens, V):
-    B, K1 = out.shape
+    K1 = out.shape[1]
     assert num_acc.dtype == torch.int64 and out.dtype == torch.int64
     assert (num_acc >= 0).all() and (num_acc <= num_draft).all()
     ks = torch.arange(K1)[None, :]
@@ -76,7 +76,7 @@ def test_probs_triton_matches_reference(B, K, V, dtype):
     p = torch.softmax(target_logits.float(), -1).to(dtype)
     q = torch.softmax(draft_logits.float(), -1).to(dtype)
     for q_arg, rng in ((q, {"generator": _gen(1)}), (None, {"seed": torch.tensor(12345), "offset": torch.tensor(99)})):
-        kw = dict(num_draft_tokens=num_draft, **rng)
+        kw = {"num_draft_tokens": num_draft, **rng}
         out_t, acc_t = rejection_sample_from_probs(draft_tokens, q_arg, p, backend="triton", **kw)
         if "generator" in rng:
             kw["generator"] = _gen(1)
@@ -94,7 +94,7 @@ def test_logits_triton_matches_reference(B, K, V, dtype):
     temperature[::3] = 0.0  # mixed greedy / sampled rows
     seed, offset = torch.tensor(-(2**62) + 17), torch.tensor(2**40 + 3)
     for draft_arg, temp in ((draft_logits, temperature), (None, temperature), (draft_logits, 0.8)):
-        kw = dict(num_draft_tokens=num_draft, seed=seed, offset=offset)
+        kw = {"num_draft_tokens": num_draft, "seed": seed, "offset": offset}
         out_t, acc_t = rejection_sample_from_logits(draft_tokens, draft_arg, target_logits, temp, backend="triton", **kw)
         out_r, acc_r = rejection_sample_from_logits_reference(draft_tokens, draft_arg, target_logits, temp, **kw)
         assert torch.equal(acc_t, acc_r)
@@ -297,7 +297,7 @@ def _mc_problem(V, K, p_kind, q_kind, seed, N):
 
 
 def _check_distribution(sampler, V, K, p_kind, q_kind, seed, N):
-    p, q, drafts, p_rows, q_rows = _mc_problem(V, K, p_kind, q_kind, seed, N)
+    p, _, drafts, p_rows, q_rows = _mc_problem(V, K, p_kind, q_kind, seed, N)
     out, acc = sampler(drafts, q_rows, p_rows)
     assert gof_pvalue(out[:, 0], p[0]) > ALPHA
     second = out[:, 1][acc >= 1]
@@ -365,6 +365,6 @@ def _wrong_residual_ignores_q(d, q, p):
 @pytest.mark.parametrize("wrong", [_wrong_always_accept, _wrong_residual_ignores_q])
 def test_gof_rejects_wrong_samplers(wrong):
     # The same helper and threshold must flag samplers that are subtly or grossly wrong.
-    p, q, drafts, p_rows, q_rows = _mc_problem(V=8, K=2, p_kind="random", q_kind="random", seed=3, N=100_000)
+    p, _, drafts, p_rows, q_rows = _mc_problem(V=8, K=2, p_kind="random", q_kind="random", seed=3, N=100_000)
     out, _ = wrong(drafts, q_rows, p_rows)
     assert gof_pvalue(out[:, 0], p[0]) < ALPHA
