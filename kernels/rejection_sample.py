@@ -442,6 +442,22 @@ def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, o
     return out, num_acc
 
 
+def _greedy_reference_impl(draft_tokens, target_logits, num_draft):
+    """The reference for an all-greedy call (temperature the number 0): argmax matches only, no softmax and no
+    random numbers. Same results as :func:`_reference_impl` on greedy rows, at a fraction of its CPU cost."""
+    B, K = draft_tokens.shape
+    device = draft_tokens.device
+    a_p = target_logits.argmax(-1)  # (B, K + 1); ties -> lowest index
+    pos = torch.arange(K + 1, device=device)
+    accept = (draft_tokens == a_p[:, :K]) & (pos[None, :K] < num_draft[:, None])
+    stop = accept.to(torch.int64).cumprod(1).sum(1)
+    drafts = torch.cat([draft_tokens, torch.full((B, 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int64, device=device)], 1)
+    token = a_p.gather(1, stop[:, None])
+    out = torch.where(pos[None, :] < stop[:, None], drafts,
+                      torch.where(pos[None, :] == stop[:, None], token, torch.full_like(drafts, PLACEHOLDER_TOKEN_ID)))
+    return out, stop
+
+
 def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits):
     B, K = draft_tokens.shape
     V = target.shape[2]
@@ -581,6 +597,10 @@ def rejection_sample_from_logits(
     """
     B, _, _, num_draft = _check_tokens_and_sizes(draft_tokens, target_logits, draft_logits, num_draft_tokens, "logits")
     t = _temperature_tensor(temperature, B, draft_tokens.device)
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
+        if resolve_backend(backend, draft_tokens.device) == "torch":
+            _seed_offset(generator, seed, offset, draft_tokens.device)  # consume the generator as the kernel path does
+            return _greedy_reference_impl(draft_tokens, target_logits, num_draft)
     return _run(backend, draft_tokens, draft_logits, target_logits, num_draft, t, generator, seed, offset, True)
 
 

@@ -368,3 +368,22 @@ def test_gof_rejects_wrong_samplers(wrong):
     p, _, drafts, p_rows, q_rows = _mc_problem(V=8, K=2, p_kind="random", q_kind="random", seed=3, N=100_000)
     out, _ = wrong(drafts, q_rows, p_rows)
     assert gof_pvalue(out[:, 0], p[0]) < ALPHA
+
+
+@pytest.mark.parametrize("V", [2, 111, 1000])
+def test_all_greedy_fast_reference_equals_full_reference(V):
+    """temperature=0 (a number) takes an argmax-only torch path; it must agree with the full reference."""
+    from kernels.rejection_sample import _reference_impl, _temperature_tensor
+
+    B, K = 33, 4
+    for trial in range(10):
+        g = torch.Generator().manual_seed(trial)
+        logits = torch.randn(B, K + 1, V, generator=g)
+        logits[..., : min(3, V)] = logits.amax(-1, keepdim=True)  # argmax ties -> lowest index
+        drafts = torch.where(torch.rand(B, K, generator=g) < 0.7, logits[:, :K].argmax(-1),
+                             torch.randint(0, V, (B, K), generator=g))
+        num_draft = torch.randint(0, K + 1, (B,), generator=g)
+        fast = rejection_sample_from_logits(drafts, None, logits, 0.0, num_draft_tokens=num_draft, backend="torch")
+        full = _reference_impl(drafts, None, logits, num_draft, _temperature_tensor(0.0, B, drafts.device),
+                               torch.tensor(1), torch.tensor(2), True)
+        assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
