@@ -50,8 +50,13 @@ def make_model(layers, kv_heads, head_dim, q_heads, intermediate, vocab, dtype, 
         vocab_size=vocab, hidden_size=q_heads * head_dim, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=q_heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=8192,
     )  # fmt: skip
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: an fp32 8B model would need 32 GB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
     return model.eval().requires_grad_(False)
 
 
