@@ -19,6 +19,7 @@ the two backends and can differ in the last bit; a decision can then differ only
 ``u * q`` and ``p``) are within ~1e-7 relative of each other.
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -249,6 +250,17 @@ def philox_uniform_reference(seed: torch.Tensor, counter: torch.Tensor) -> torch
     torch.Tensor
         float32 tensor of ``counter``'s shape, uniform in [0, 1).
     """
+    if counter.device.type == "cpu":
+        # numpy's uint64 arithmetic is vectorised where torch's int64 CPU ops are not: same bits, ~20x faster.
+        x = torch.from_numpy(_philox_round_words_numpy(seed.cpu().numpy(), counter.numpy()))
+    else:
+        x = _philox_round_words_torch(seed, counter)
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32, device=x.device)
+
+
+def _philox_round_words_torch(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 on (counter, 0, 0, 0) with key seed; returns the first output word as int32 values (int64)."""
     mask = 0xFFFFFFFF
     c0 = counter & mask
     c1 = (counter >> 32) & mask
@@ -268,8 +280,34 @@ def philox_uniform_reference(seed: torch.Tensor, counter: torch.Tensor) -> torch
         k0 = (k0 + _PHILOX_KEY_A) & mask
         k1 = (k1 + _PHILOX_KEY_B) & mask
     x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
-    x = torch.where(x < 0, -x - 1, x)  # ~x
-    return x.to(torch.float32) * torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32, device=x.device)
+    return x
+
+
+def _philox_round_words_numpy(seed: np.ndarray, counter: np.ndarray) -> np.ndarray:
+    """:func:`_philox_round_words_torch` in numpy uint64 arithmetic (exact: 32x32-bit products fit in 64 bits)."""
+    mask = np.uint64(0xFFFFFFFF)
+    shift = np.uint64(32)
+    counter = counter.astype(np.int64).view(np.uint64)
+    seed = np.asarray(seed, dtype=np.int64).view(np.uint64)
+    c0 = counter & mask
+    c1 = (counter >> shift) & mask
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0 = seed & mask
+    k1 = (seed >> shift) & mask
+    round_a, round_b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
+    key_a, key_b = np.uint64(_PHILOX_KEY_A), np.uint64(_PHILOX_KEY_B)
+    for _ in range(10):
+        prod_b = c2 * round_b
+        prod_a = c0 * round_a
+        new_c0 = ((prod_b >> shift) & mask) ^ c1 ^ k0
+        new_c2 = ((prod_a >> shift) & mask) ^ c3 ^ k1
+        c1 = prod_b & mask
+        c3 = prod_a & mask
+        c0, c2 = new_c0, new_c2
+        k0 = (k0 + key_a) & mask
+        k1 = (k1 + key_b) & mask
+    return c0.astype(np.uint32).view(np.int32).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -387,3 +387,16 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
         full = _reference_impl(drafts, None, logits, num_draft, _temperature_tensor(0.0, B, drafts.device),
                                torch.tensor(1), torch.tensor(2), True)
         assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
+
+
+def test_philox_numpy_words_equal_torch_words():
+    """The CPU reference computes Philox in numpy for speed; it must give the torch implementation's bits."""
+    from kernels.rejection_sample import _philox_round_words_numpy, _philox_round_words_torch
+
+    g = torch.Generator().manual_seed(0)
+    counters = torch.cat([torch.randint(-(2**63), 2**63 - 1, (4000,), generator=g),
+                          torch.tensor([0, 1, 2**32 - 1, 2**32, -1, 2**62])])
+    for seed in (0, 123, -5, 2**62 + 7, -(2**63)):
+        s = torch.tensor(seed)
+        expected = _philox_round_words_torch(s, counters)
+        assert torch.equal(torch.from_numpy(_philox_round_words_numpy(s.numpy(), counters.numpy())), expected)
