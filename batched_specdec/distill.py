@@ -1,0 +1,651 @@
+"""Distil a small draft for a target: ``python -m batched_specdec.distill``.
+
+Pipeline (every stage is cached under ``--output-dir``, so an interrupted run resumes where it stopped):
+
+1. Prompts: the built-in chat prompts or a file, minus ``--eval-prompts`` held-out prompts that training never
+   sees, plus (with ``self``) user turns the target writes itself by sampling from its chat template.
+2. Data: the target's own sampled continuations, made with the library's batched generation
+   (:func:`batched_specdec.autoregressive_generate_batch`). A logits processor records the target's top-k
+   next-token log-probabilities at every generated position while it samples, so the teacher distribution
+   costs no second target forward. Rows run without an EOS stop so that they stay aligned with the recorded
+   steps; past the end of a turn the target keeps writing further chat turns, which is still its own text.
+3. Vocabulary subset: the ``--vocab-subset`` ids the target emits or ranks first most often in that data.
+4. Training: a :class:`~batched_specdec.draft_model.SubsetHeadDraft` (``--layers`` decoder layers initialised
+   from target layers, final norm, subset head over the target's output embedding), loss
+   ``KL(p_target || q_draft)`` where ``p_target`` is the recorded top-k distribution restricted to the subset and
+   renormalised, and ``q_draft`` the draft's softmax over the subset. AdamW, linear warm-up, cosine decay.
+5. Evaluation on the held-out prompts: greedy speculative decoding with the draft (``--gamma``), its acceptance
+   rate, its exactness against target-only decoding, and the speedup over target-only decoding in the same run,
+   at batch 1 and at ``--eval-batch-size``.
+
+Prompts may be token ids (a JSONL file with an ``"ids"`` list per line), so targets without a tokenizer work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from batched_specdec.processors import GreedyProcessor, MultinomialProcessor
+
+DEFAULT_OUTPUT_DIR = "distill-run"
+
+
+class DistillError(ValueError):
+    """Bad input to the tool; printed as one line."""
+
+
+# --- arguments ------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m batched_specdec.distill",
+        description="Distil a small speculative-decoding draft from a target model on the target's own generations.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target", default="embedded",
+                   help="target model: embedded (SmolLM2-135M-Instruct), a local model directory or a .gguf file")
+    p.add_argument("--prompts", default="built-in,self",
+                   help="comma-separated prompt sources: built-in, self (the target writes user turns), or a FILE "
+                        "(text: one prompt per line; JSONL: a \"prompt\" string or an \"ids\" token-id list per line)")
+    p.add_argument("--self-prompts", type=int, default=96,
+                   help="how many user turns the target writes when --prompts includes self")
+    p.add_argument("--eval-prompts", type=int, default=8,
+                   help="prompts held out of training (taken from the built-in/file prompts) for the final evaluation")
+    p.add_argument("--sequences", type=int, default=256,
+                   help="training sequences to generate (prompts are cycled)")
+    p.add_argument("--gen-len", type=int, default=160, help="tokens the target generates per training sequence")
+    p.add_argument("--gen-batch-size", type=int, default=32, help="rows per batched generation call")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the data generation")
+    p.add_argument("--teacher-top-k", type=int, default=32,
+                   help="teacher log-probabilities recorded per position (the loss uses these, renormalised)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the draft")
+    p.add_argument("--init", default="even",
+                   help="draft layer initialisation: even (evenly spaced target layers, first and last included), "
+                        "first (the first N layers), random, or a comma-separated list of N target layer indices")
+    p.add_argument("--vocab-subset", type=int, default=8192,
+                   help="size of the draft's output vocabulary (most frequent ids in the data); 0 = full vocabulary")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequences are truncated to this many tokens")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of the target during generation and evaluation (auto: float32 on CPU, bfloat16 on "
+                        "CUDA); the draft trains in float32")
+    p.add_argument("--storage-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the saved draft tensors")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                   help="run directory: cached data, checkpoint.pt, and the final draft in OUTPUT_DIR/draft")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/checkpoint.pt (step count, optimizer and schedule included)")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="write a checkpoint every K steps (and on Ctrl-C)")
+    p.add_argument("--data-only", action="store_true", help="stop after generating (and caching) the data")
+    p.add_argument("--eval-only", metavar="DRAFT_DIR",
+                   help="skip data and training; evaluate the draft saved in DRAFT_DIR on the held-out prompts")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per step in the evaluation")
+    p.add_argument("--eval-gen-len", type=int, default=96, help="tokens generated per held-out prompt in the evaluation")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="batch size of the batched evaluation (also batch 1)")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt split, generation and training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _check_args(args) -> None:
+    for name in ("steps", "self_prompts", "eval_prompts", "vocab_subset", "checkpoint_every", "threads"):
+        if getattr(args, name) < 0:
+            raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("sequences", "gen_len", "gen_batch_size", "teacher_top_k", "layers", "batch_size", "seq_len",
+                 "gamma", "eval_gen_len", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise DistillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise DistillError(f"--lr must be > 0, got {args.lr}")
+    if not args.temperature > 0:
+        raise DistillError(f"--temperature must be > 0, got {args.temperature}")
+
+
+# --- target and prompts ---------------------------------------------------------------------------------------------
+
+
+def load_target_and_tokenizer(spec: str, device, dtype):
+    """The target (eval mode, no grad) and its tokenizer, or None for a model directory without tokenizer files."""
+    from batched_specdec.models import load_target, resolve_device, resolve_dtype
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and not any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        from transformers import AutoModelForCausalLM
+
+        dev = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev), local_files_only=True)
+        model.to(dev).eval().requires_grad_(False)
+        return model, None
+    return load_target(None if spec == "embedded" else spec, device=device, dtype=dtype, quiet=False)
+
+
+def _read_prompt_file(path: str, tokenizer) -> list[list[int]]:
+    from batched_specdec.prompts import PromptFileError, encode_prompts, read_prompts_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise DistillError(f"prompt source {path!r} is not built-in, self, or an existing file")
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines and lines[0].lstrip().startswith("{") and '"ids"' in lines[0]:
+        out = []
+        for i, line in enumerate(lines, start=1):
+            try:
+                ids = json.loads(line)["ids"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DistillError(f"prompts file {path!r} line {i}: expected {{\"ids\": [int, ...]}}") from exc
+            if not ids or not all(isinstance(t, int) for t in ids):
+                raise DistillError(f"prompts file {path!r} line {i}: \"ids\" must be a non-empty list of ints")
+            out.append(ids)
+        return out
+    if tokenizer is None:
+        raise DistillError(f"prompts file {path!r} holds text but the target has no tokenizer; give token ids "
+                           "as JSONL lines {\"ids\": [...]}")
+    try:
+        return encode_prompts(tokenizer, read_prompts_file(p))
+    except PromptFileError as exc:
+        raise DistillError(str(exc)) from exc
+
+
+def base_prompts(sources: list[str], tokenizer) -> list[list[int]]:
+    """Token ids of the built-in/file prompts (not the self-written ones), in source order."""
+    from batched_specdec.prompts import builtin_prompts, encode_prompts
+
+    out: list[list[int]] = []
+    for src in sources:
+        if src == "built-in":
+            if tokenizer is None:
+                raise DistillError("--prompts built-in needs a target with a tokenizer; pass a token-id JSONL file")
+            out += encode_prompts(tokenizer, builtin_prompts())
+        elif src != "self":
+            out += _read_prompt_file(src, tokenizer)
+    return out
+
+
+SELF_PROMPT_OPENERS = (
+    "Write", "Explain", "How do I", "What is", "Can you", "Give me", "Why does", "List", "Summarize", "Describe",
+    "I need help with", "Tell me about", "Compare", "Create a", "Translate", "What are the", "Help me write",
+    "Solve", "Rewrite", "Suggest", "Plan", "Generate", "Define", "Show me how to",
+)
+
+
+def self_prompts(target, tokenizer, n: int, seed: int, progress: bool) -> list[list[int]]:
+    """``n`` chat prompts whose user turn the target wrote: an opener word, then sampled text up to end of turn."""
+    from batched_specdec import autoregressive_generate_batch
+    from batched_specdec.prompts import encode_prompts
+
+    if n == 0:
+        return []
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DistillError("--prompts self needs a target whose tokenizer has a chat template")
+    marker = "\u2063MARK\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                         tokenize=False)
+    head = text.split(marker)[0]
+    openers = [SELF_PROMPT_OPENERS[i % len(SELF_PROMPT_OPENERS)] for i in range(n)]
+    starts = [tokenizer(head + o, add_special_tokens=False)["input_ids"] for o in openers]
+    end_ids = [t for t in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+               if isinstance(t, int) and t >= 0]
+    gens = autoregressive_generate_batch(starts, target, MultinomialProcessor(1.0), max_gen_len=48,
+                                         eos_tokens_id=end_ids or None, seed=seed, progress=progress)
+    users = []
+    for opener, gen in zip(openers, gens):
+        body = tokenizer.decode([t for t in gen if t not in end_ids], skip_special_tokens=True).strip()
+        users.append((opener + " " + body if body and not body[0] in ",.?!'" else opener + body).strip())
+    return encode_prompts(tokenizer, users)
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+
+class RecordingProcessor(MultinomialProcessor):
+    """Samples like :class:`MultinomialProcessor` and records the top-k log-probabilities of every step.
+
+    Only valid while the batch is never compacted (no EOS stop), so row ``i`` of every step is prompt ``i``."""
+
+    def __init__(self, temperature: float, top_k: int) -> None:
+        super().__init__(temperature)
+        self.top_k = top_k
+        self.values: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+
+    def sample(self, logits, generator=None):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        vals, ids = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+        self.values.append(vals.to(torch.float16))
+        self.ids.append(ids.to(torch.int32))
+        return super().sample(logits, generator)
+
+
+def _data_key(args, prompts: list[list[int]]) -> str:
+    h = hashlib.sha256(json.dumps([args.target, args.gen_len, args.temperature, args.teacher_top_k, args.seed,
+                                   prompts]).encode())
+    return h.hexdigest()[:16]
+
+
+def generate_data(target, prompts: list[list[int]], args, data_dir: Path) -> list[dict]:
+    """Generate (or load from ``data_dir``) one chunk per ``--gen-batch-size`` prompts.
+
+    Each chunk: ``prompts`` (list of lists), ``gen`` ``(n, gen_len)`` int64, ``top_vals`` ``(n, gen_len, k)``
+    float16 log-probabilities and ``top_ids`` int32."""
+    from batched_specdec import autoregressive_generate_batch
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    bs = args.gen_batch_size
+    n_chunks = -(-len(prompts) // bs)
+    t0 = time.perf_counter()
+    for c in range(n_chunks):
+        part = prompts[c * bs:(c + 1) * bs]
+        path = data_dir / f"chunk_{c:05d}.pt"
+        if path.is_file():
+            chunks.append(torch.load(path))
+            continue
+        proc = RecordingProcessor(args.temperature, args.teacher_top_k)
+        gen = autoregressive_generate_batch(part, target, proc, max_gen_len=args.gen_len, eos_tokens_id=None,
+                                            seed=args.seed * 100003 + c, progress=not args.no_progress)
+        chunk = {
+            "prompts": part,
+            "gen": torch.tensor(gen, dtype=torch.int64),
+            "top_vals": torch.stack(proc.values, dim=1).cpu(),
+            "top_ids": torch.stack(proc.ids, dim=1).cpu(),
+        }
+        if chunk["top_vals"].shape[:2] != chunk["gen"].shape:
+            raise RuntimeError("recorded teacher steps do not match the generated tokens")
+        tmp = path.with_suffix(".tmp")
+        torch.save(chunk, tmp)
+        tmp.rename(path)
+        chunks.append(chunk)
+        done = (c + 1) * bs
+        el = time.perf_counter() - t0
+        print(f"data chunk {c + 1}/{n_chunks}: {min(done, len(prompts))} sequences, "
+              f"{el:.0f} s elapsed", file=sys.stderr, flush=True)
+    return chunks
+
+
+def choose_vocab_subset(chunks: list[dict], size: int, vocab_size: int, must_have: list[int]) -> torch.Tensor:
+    """The ``size`` ids emitted or ranked first most often by the target in the data (plus ``must_have``), sorted."""
+    if size == 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for ch in chunks:
+        counts += torch.bincount(ch["gen"].flatten(), minlength=vocab_size).double()
+        counts += torch.bincount(ch["top_ids"][..., 0].flatten().long(), minlength=vocab_size).double()
+        counts += 1e-3 * torch.bincount(ch["top_ids"].flatten().long(), minlength=vocab_size).double()
+        for p in ch["prompts"]:
+            counts += 1e-2 * torch.bincount(torch.tensor(p), minlength=vocab_size).double()
+    counts[torch.tensor(must_have, dtype=torch.int64)] = float("inf")
+    # Ties (ids never seen) fall back to the lowest ids: byte-level tokens come first in BPE vocabularies.
+    order = torch.argsort(-counts, stable=True)
+    return order[:size].sort().values
+
+
+class TrainSet:
+    """Examples ``(input_ids, teacher ids, teacher log-probs, first loss position)`` from the generated chunks."""
+
+    def __init__(self, chunks: list[dict], seq_len: int) -> None:
+        self.items = []
+        for ch in chunks:
+            for i, prompt in enumerate(ch["prompts"]):
+                gen = ch["gen"][i]
+                p = len(prompt)
+                # position p-1+j predicts gen[j]; inputs are prompt + gen[:-1]
+                ids = torch.cat([torch.tensor(prompt, dtype=torch.int64), gen[:-1]])[:seq_len]
+                n_loss = len(ids) - (p - 1)
+                if n_loss <= 0:
+                    continue
+                self.items.append((ids, ch["top_ids"][i, :n_loss], ch["top_vals"][i, :n_loss], p - 1))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, indices: list[int], device) -> tuple[torch.Tensor, ...]:
+        items = [self.items[i] for i in indices]
+        width = max(len(it[0]) for it in items)
+        k = items[0][1].shape[-1]
+        ids = torch.zeros(len(items), width, dtype=torch.int64)
+        t_ids = torch.zeros(len(items), width, k, dtype=torch.int64)
+        t_vals = torch.full((len(items), width, k), float("-inf"))
+        mask = torch.zeros(len(items), width, dtype=torch.bool)
+        for r, (x, ti, tv, start) in enumerate(items):
+            ids[r, : len(x)] = x
+            t_ids[r, start:start + len(ti)] = ti.long()
+            t_vals[r, start:start + len(ti)] = tv.float()
+            mask[r, start:start + len(ti)] = True
+        return ids.to(device), t_ids.to(device), t_vals.to(device), mask.to(device)
+
+
+def kl_loss(draft, full_to_sub: torch.Tensor, ids, t_ids, t_vals, mask) -> torch.Tensor:
+    """Mean over masked positions of KL(p || q): p the teacher's top-k restricted to the subset, renormalised."""
+    hidden = draft.hidden_states(ids, use_cache=False)[mask]  # (M, H)
+    logq = torch.log_softmax(draft.subset_logits(hidden).float(), dim=-1)  # (M, K)
+    sub = full_to_sub[t_ids[mask]]  # (M, k), -1 outside the subset
+    vals = t_vals[mask].masked_fill(sub < 0, float("-inf"))
+    keep = torch.isfinite(vals).any(dim=-1)
+    logp = torch.log_softmax(vals[keep], dim=-1)
+    p = logp.exp()
+    q_at = logq[keep].gather(1, sub[keep].clamp_min(0))
+    terms = torch.where(p > 0, p * (logp - q_at), torch.zeros_like(p))
+    return terms.sum(-1).mean() if keep.any() else hidden.sum() * 0.0
+
+
+# --- model construction ---------------------------------------------------------------------------------------------
+
+
+def init_layers(spec: str, num_layers: int, target_layers: int) -> list[int] | None:
+    if spec == "random":
+        return None
+    if spec == "even":
+        if num_layers == 1:
+            return [target_layers - 1]
+        return [round(i * (target_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
+    if spec == "first":
+        return list(range(num_layers))
+    try:
+        ids = [int(x) for x in spec.split(",")]
+    except ValueError as exc:
+        raise DistillError(f"--init {spec!r}: expected even, first, random or a comma-separated list of ints") from exc
+    if len(ids) != num_layers or not all(0 <= i < target_layers for i in ids):
+        raise DistillError(f"--init {spec!r}: expected {num_layers} layer indices in [0, {target_layers})")
+    return ids
+
+
+def build_draft(target, args, vocab_ids: torch.Tensor):
+    from batched_specdec.draft_model import SubsetHeadDraft, draft_config_from_target, init_from_target
+
+    if getattr(target.config, "model_type", None) not in ("llama",) and not hasattr(target, "model"):
+        raise DistillError("the draft is built from Llama-style decoder layers; the target must be a Llama-like LM")
+    n_target = int(target.config.num_hidden_layers)
+    layer_ids = init_layers(args.init, args.layers, n_target)
+    config = draft_config_from_target(target.config, args.layers)
+    draft = SubsetHeadDraft(config, target, vocab_ids)
+    try:
+        init_from_target(draft, target, layer_ids)
+    except RuntimeError as exc:
+        raise DistillError(f"cannot initialise the draft from target layers {layer_ids}: {exc}".splitlines()[0]) \
+            from exc
+    return draft, layer_ids
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def train(draft, train_set: TrainSet, vocab_ids, args, out_dir: Path, device) -> dict:
+    """Train ``draft`` in place; checkpoint every ``--checkpoint-every`` steps and on Ctrl-C. Returns a summary."""
+    ckpt_path = out_dir / "checkpoint.pt"
+    draft.float().train()
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    full_to_sub = torch.full((draft.config.vocab_size,), -1, dtype=torch.int64, device=device)
+    full_to_sub[vocab_ids.to(device)] = torch.arange(len(vocab_ids), device=device)
+    step, losses, elapsed_before = 0, [], 0.0
+    if args.resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if not torch.equal(ck["vocab_ids"].cpu(), vocab_ids.cpu()):
+            raise DistillError(f"{ckpt_path} was trained with another vocabulary subset; remove it or change "
+                               "--output-dir")
+        draft.load_state_dict(ck["draft"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        step, losses, elapsed_before = ck["step"], ck["losses"], ck.get("elapsed_s", 0.0)
+        print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr, flush=True)
+    rng = random.Random(args.seed * 7919 + step)
+    order: list[int] = []
+
+    def save(reason: str) -> None:
+        state = {k: v for k, v in draft.state_dict().items()}
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"step": step, "draft": state, "optimizer": opt.state_dict(), "losses": losses,
+                    "vocab_ids": vocab_ids.cpu(), "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                    "args": vars(args)}, tmp)
+        tmp.rename(ckpt_path)
+        print(f"checkpoint ({reason}) at step {step}: {ckpt_path}", file=sys.stderr, flush=True)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    interrupted = False
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while step < args.steps:
+            if len(order) < args.batch_size:
+                extra = list(range(len(train_set)))
+                rng.shuffle(extra)
+                order += extra
+            idx, order = order[: args.batch_size], order[args.batch_size:]
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, args)
+            loss = kl_loss(draft, full_to_sub, *train_set.batch(idx, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", avg10=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            elif step % 10 == 0 or step == args.steps:
+                print(f"step {step}/{args.steps} loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
+                save("periodic")
+    except KeyboardInterrupt:
+        interrupted = True
+        save("interrupted")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if bar is not None:
+            bar.close()
+    if not interrupted:
+        save("final")
+    draft.eval().requires_grad_(False)
+    return {"steps": step, "losses": losses, "interrupted": interrupted,
+            "train_time_s": elapsed_before + time.perf_counter() - t0}
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------------
+
+
+def evaluate(draft, target, prompts: list[list[int]], args, eos_ids: list[int]) -> dict:
+    """Greedy acceptance, exactness and speedup over target-only decoding on ``prompts``, batch 1 and batched."""
+    from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
+
+    common = {"logits_processor": GreedyProcessor(), "max_gen_len": args.eval_gen_len,
+              "eos_tokens_id": eos_ids or None}
+    # warm-up (allocator, first-call overheads) excluded from timings
+    speculative_generate_batch(prompts[:1], draft, target, gamma=args.gamma, logits_processor=GreedyProcessor(),
+                               max_gen_len=4, eos_tokens_id=None)
+    autoregressive_generate_batch(prompts[:1], target, GreedyProcessor(), max_gen_len=4, eos_tokens_id=None)
+    results = {}
+    for bs in sorted({1, min(args.eval_batch_size, len(prompts))}):
+        ar_time = sd_time = 0.0
+        ar_tok = sd_tok = acc = prop = 0
+        exact = True
+        for i in range(0, len(prompts), bs):
+            part = prompts[i:i + bs]
+            ar_out, ar_stats = autoregressive_generate_batch(part, target, return_stats=True, **common)
+            sd_out, _, sd_stats = speculative_generate_batch(part, draft, target, gamma=args.gamma, **common)
+            exact &= ar_out == sd_out
+            ar_time += ar_stats.wall_time_s
+            sd_time += sd_stats.wall_time_s
+            ar_tok += ar_stats.generated_tokens
+            sd_tok += sd_stats.generated_tokens
+            acc += sum(sd_stats.accepted)
+            prop += sum(sd_stats.proposed)
+        results[bs] = {
+            "acceptance_rate": acc / max(prop, 1),
+            "target_only_tokens_per_s": ar_tok / ar_time,
+            "speculative_tokens_per_s": sd_tok / sd_time,
+            "speedup": (sd_tok / sd_time) / (ar_tok / ar_time),
+            "exact": exact,
+            "tokens": sd_tok,
+        }
+    return results
+
+
+def print_eval(results: dict, n_prompts: int, args) -> None:
+    print(f"held-out evaluation: {n_prompts} prompts never used for training, greedy, gamma={args.gamma}, "
+          f"{args.eval_gen_len} new tokens per prompt")
+    for bs, r in results.items():
+        print(f"  batch {bs}: acceptance {r['acceptance_rate']:.3f} per draft token, speculative "
+              f"{r['speculative_tokens_per_s']:.2f} tok/s vs target-only {r['target_only_tokens_per_s']:.2f} tok/s "
+              f"-> speedup {r['speedup']:.2f}x, outputs identical to target-only: {r['exact']}")
+
+
+# --- main -----------------------------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    from batched_specdec.draft_model import DraftLoadError, load_distilled_draft, save_draft
+    from batched_specdec.models import ModelLoadError, eos_token_ids, resolve_device
+
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = [s.strip() for s in args.prompts.split(",") if s.strip()]
+    if not sources:
+        raise DistillError("--prompts is empty: expected built-in, self, or a FILE")
+    for src in sources:
+        if src not in ("built-in", "self") and not Path(src).is_file():
+            raise DistillError(f"prompt source {src!r} is not built-in, self, or an existing file")
+    try:
+        device = resolve_device(args.device)
+        target, tokenizer = load_target_and_tokenizer(args.target, device, args.dtype)
+    except ModelLoadError as exc:
+        raise DistillError(str(exc)) from exc
+    eos_ids = eos_token_ids(target, tokenizer) if tokenizer is not None else []
+    if tokenizer is not None:
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(end, int) and end >= 0 and end != getattr(tokenizer, "unk_token_id", None) and end not in eos_ids:
+            eos_ids.append(end)
+
+    pool = base_prompts(sources, tokenizer)
+    rng = random.Random(args.seed)
+    shuffled = pool[:]
+    rng.shuffle(shuffled)
+    if args.eval_prompts > len(shuffled):
+        raise DistillError(f"--eval-prompts {args.eval_prompts} is more than the {len(shuffled)} built-in/file prompts")
+    eval_prompts, train_prompts = shuffled[: args.eval_prompts], shuffled[args.eval_prompts:]
+
+    if args.eval_only:
+        try:
+            draft = load_distilled_draft(target, args.eval_only)
+        except DraftLoadError as exc:
+            raise DistillError(str(exc)) from exc
+        results = evaluate(draft, target, eval_prompts, args, eos_ids)
+        print_eval(results, len(eval_prompts), args)
+        return {"eval": results}
+
+    summary: dict = {"eval_prompts": len(eval_prompts)}
+    if "self" in sources:
+        sp_path = out_dir / "self_prompts.json"
+        if sp_path.is_file():
+            written = json.loads(sp_path.read_text())
+        else:
+            t0 = time.perf_counter()
+            written = self_prompts(target, tokenizer, args.self_prompts, args.seed, not args.no_progress)
+            sp_path.write_text(json.dumps(written))
+            print(f"{len(written)} self-written prompts in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        train_prompts = train_prompts + written
+    if not train_prompts:
+        raise DistillError("no training prompts left after holding out --eval-prompts")
+    seqs = [train_prompts[i % len(train_prompts)] for i in range(args.sequences)]
+    random.Random(args.seed + 1).shuffle(seqs)
+    max_pos = getattr(target.config, "max_position_embeddings", None)
+    if max_pos is not None:
+        seqs = [s[-(max_pos - args.gen_len - 2):] for s in seqs]
+    data_dir = out_dir / f"data-{_data_key(args, seqs)}"
+    t0 = time.perf_counter()
+    chunks = generate_data(target, seqs, args, data_dir)
+    summary["data_time_s"] = time.perf_counter() - t0
+    summary["data_tokens"] = sum(int(ch["gen"].numel()) for ch in chunks)
+    print(f"data: {len(seqs)} sequences, {summary['data_tokens']} generated tokens in {data_dir}", file=sys.stderr)
+    if args.data_only:
+        return summary
+
+    vocab_ids = choose_vocab_subset(chunks, args.vocab_subset, int(target.config.vocab_size), eos_ids)
+    covered = torch.zeros(int(target.config.vocab_size), dtype=torch.bool)
+    covered[vocab_ids] = True
+    gen_all = torch.cat([ch["gen"].flatten() for ch in chunks])
+    summary["subset_coverage"] = float(covered[gen_all].float().mean())
+    print(f"vocabulary subset: {len(vocab_ids)} ids cover {summary['subset_coverage']:.4f} of generated tokens",
+          file=sys.stderr)
+    draft, layer_ids = build_draft(target, args, vocab_ids)
+    draft.to(device)
+    summary["init_layers"] = layer_ids
+    train_set = TrainSet(chunks, args.seq_len)
+    result = train(draft, train_set, vocab_ids, args, out_dir, device)
+    summary.update({k: v for k, v in result.items() if k != "losses"})
+    losses = result["losses"]
+    if losses:
+        n = max(1, min(10, len(losses) // 4))
+        summary["loss_first"] = sum(losses[:n]) / n
+        summary["loss_last"] = sum(losses[-n:]) / n
+        print(f"loss: first {n} steps {summary['loss_first']:.4f} -> last {n} steps {summary['loss_last']:.4f}")
+    if result["interrupted"]:
+        print(f"interrupted at step {result['steps']}; rerun with --resume to continue", file=sys.stderr)
+        return summary
+    draft_dir = save_draft(draft, out_dir / "draft", storage_dtype=getattr(torch, args.storage_dtype), metadata={
+        "target": args.target, "layers": args.layers, "init_layers": layer_ids, "steps": result["steps"],
+        "sequences": len(seqs), "gen_len": args.gen_len, "data_tokens": summary["data_tokens"],
+        "loss_first": summary.get("loss_first"), "loss_last": summary.get("loss_last"),
+    })
+    print(f"draft saved to {draft_dir}")
+    if not args.no_eval and eval_prompts:
+        loaded = load_distilled_draft(target, draft_dir)
+        results = evaluate(loaded, target, eval_prompts, args, eos_ids)
+        print_eval(results, len(eval_prompts), args)
+        summary["eval"] = results
+    summary["total_time_s"] = time.perf_counter() - t_start
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (DistillError, ValueError) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

