@@ -29,7 +29,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "scipy"],
         "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["batched-specdec=batched_specdec.main:cli"]},
