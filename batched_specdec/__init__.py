@@ -1,6 +1,6 @@
 """batched_specdec: lossless batched speculative decoding over ragged prompts for HuggingFace causal LMs."""
 
-from batched_specdec.drafters import DraftProposal, Drafter, ModelDrafter
+from batched_specdec.drafters import Drafter, DraftProposal, ModelDrafter
 from batched_specdec.engine import GenerationStats, autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.processors import (
     GreedyProcessor,

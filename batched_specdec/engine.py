@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from batched_specdec.drafters import DraftProposal, Drafter, ModelDrafter, model_forward
+from batched_specdec.drafters import Drafter, DraftProposal, ModelDrafter, model_forward
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
 from batched_specdec.ragged_cache import RaggedKVCache
 from kernels import (
@@ -26,6 +26,9 @@ from kernels import (
     rejection_sample_from_logits,
     rejection_sample_from_probs,
 )
+
+GREEDY = GreedyProcessor()
+"""The default processor (stateless, so one shared instance is safe)."""
 
 COMPACT_FRACTION = 0.25
 """Drop finished rows from the batch once at least this fraction of it is finished."""
@@ -257,7 +260,7 @@ def speculative_generate_batch(
     target_model,
     tokenizer=None,
     gamma: int = 5,
-    logits_processor: LogitsProcessor = GreedyProcessor(),
+    logits_processor: LogitsProcessor = GREEDY,
     max_gen_len: int = 40,
     eos_tokens_id: int | list[int] | None = 1,
     pad_token_id: int = 0,
@@ -435,7 +438,7 @@ def speculative_generate_batch(
 def autoregressive_generate_batch(
     prompts,
     model,
-    logits_processor: LogitsProcessor = GreedyProcessor(),
+    logits_processor: LogitsProcessor = GREEDY,
     max_gen_len: int = 40,
     eos_tokens_id: int | list[int] | None = 1,
     pad_token_id: int = 0,

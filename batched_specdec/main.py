@@ -213,6 +213,29 @@ class _Totals:
         for key, value in (getattr(stats, "time_split", None) or {}).items():
             self.time_split[key] = self.time_split.get(key, 0.0) + float(value)
 
+    @classmethod
+    def merged(cls, parts: list[_Totals]) -> _Totals:
+        """Totals of processes that ran at the same time: sums, except wall time and peak memory (the maximum)."""
+        total = cls()
+        for part in parts:
+            total.tokens += part.tokens
+            total.wall = max(total.wall, part.wall)
+            total.target_forwards += part.target_forwards
+            total.accepted += part.accepted
+            total.proposed += part.proposed
+            if len(part.histogram) > len(total.histogram):
+                total.histogram += [0] * (len(part.histogram) - len(total.histogram))
+            for j, n in enumerate(part.histogram):
+                total.histogram[j] += n
+            total.row_steps += part.row_steps
+            total.tpf_weighted += part.tpf_weighted
+            if part.peak_memory is not None:
+                total.peak_memory = max(total.peak_memory or 0, part.peak_memory)
+                total.peak_memory_kind = part.peak_memory_kind
+            for key, value in part.time_split.items():
+                total.time_split[key] = total.time_split.get(key, 0.0) + value
+        return total
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall if self.wall > 0 else 0.0
@@ -245,6 +268,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
+    from batched_specdec.distributed import process_state, run_on_prompt_shards
     from batched_specdec.models import (
         eos_token_ids,
         load_draft,
@@ -255,12 +279,15 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     )
     from batched_specdec.prompts import encode_prompts
 
-    console = console or Console()
+    state = process_state()
+    console = console or Console(quiet=not state.is_main_process)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     device = resolve_device(config.device)
+    if state.num_processes > 1 and device.type == "cuda":
+        device = state.device  # one GPU per process under accelerate launch
     dtype = resolve_dtype(config.dtype, device)
     texts = read_prompts_file(config.prompts) if config.prompts else builtin_prompts()
     texts = select_prompts(texts, config.num_prompts)
@@ -275,12 +302,10 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     eos = eos_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer, eos)
     prompts = encode_prompts(tokenizer, texts)
-    batches = [
-        list(range(i, min(i + config.batch_size, len(prompts)))) for i in range(0, len(prompts), config.batch_size)
-    ]
+    where = f" across {state.num_processes} processes" if state.num_processes > 1 else ""
     console.print(
         f"Loaded in {load_s:.1f} s. {len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} "
-        f"tokens) in {len(batches)} batch(es) of up to {config.batch_size}; draft {config.draft}, gamma "
+        f"tokens) in batches of up to {config.batch_size}{where}; draft {config.draft}, gamma "
         f"{config.gamma}, {'greedy' if greedy else type(processor).__name__}, up to {config.max_new_tokens} new tokens."
     )
 
@@ -290,66 +315,92 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     autoregressive_generate_batch(warm, model, max_gen_len=2, seed=config.seed, **common)
     speculative_generate_batch(warm, draft, model, gamma=config.gamma, max_gen_len=2, seed=config.seed, **common)
 
-    base, spec = _Totals(), _Totals()
-    base_out: list[list[int] | None] = [None] * len(prompts)
-    spec_out: list[list[int] | None] = [None] * len(prompts)
-    alphas: list[float | None] = [None] * len(prompts)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("batches"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        base_task = None if config.no_baseline else progress.add_task("target-only", total=len(batches))
-        spec_task = progress.add_task("speculative", total=len(batches))
-        for bi, rows in enumerate(batches):
-            batch_prompts = [prompts[i] for i in rows]
-            seed = config.seed + bi
-            if base_task is not None:
+    def decode_shard(shard: list[list[int]], shard_rows: list[int]) -> tuple[dict[str, list], dict]:
+        """This process' prompts: both methods, batch by batch. Batch ids (and seeds) are global."""
+        base, spec = _Totals(), _Totals()
+        base_out: list[list[int] | None] = [None] * len(shard)
+        spec_out: list[list[int] | None] = [None] * len(shard)
+        alphas: list[float | None] = [None] * len(shard)
+        batches = [list(range(i, min(i + config.batch_size, len(shard)))) for i in range(0, len(shard), config.batch_size)]
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("batches"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=False, disable=not state.is_main_process) as progress:
+            base_task = None if config.no_baseline else progress.add_task("target-only", total=len(batches))
+            spec_task = progress.add_task("speculative", total=len(batches))
+            for rows in batches:
+                batch_prompts = [shard[i] for i in rows]
+                seed = config.seed + shard_rows[rows[0]] // config.batch_size
+                if base_task is not None:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    _sync(device)
+                    t = time.perf_counter()
+                    result = autoregressive_generate_batch(
+                        batch_prompts, model, max_gen_len=config.max_new_tokens, seed=seed, return_stats=True,
+                        **common,
+                    )
+                    _sync(device)
+                    base.wall += time.perf_counter() - t
+                    outs, stats = result
+                    base.add_stats(stats)
+                    base.tokens += sum(map(len, outs))
+                    for i, out in zip(rows, outs):
+                        base_out[i] = list(out)
+                    progress.advance(base_task)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 _sync(device)
                 t = time.perf_counter()
-                result = autoregressive_generate_batch(
-                    batch_prompts, model, max_gen_len=config.max_new_tokens, seed=seed, return_stats=True, **common
+                outs, alpha, stats = speculative_generate_batch(
+                    batch_prompts,
+                    draft,
+                    model,
+                    gamma=config.gamma,
+                    max_gen_len=config.max_new_tokens,
+                    seed=seed,
+                    collect_stats=config.time_split,
+                    **common,
                 )
                 _sync(device)
-                base.wall += time.perf_counter() - t
-                outs, stats = result
-                base.add_stats(stats)
-                base.tokens += sum(map(len, outs))
-                for i, out in zip(rows, outs):
-                    base_out[i] = list(out)
-                progress.advance(base_task)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            t = time.perf_counter()
-            outs, alpha, stats = speculative_generate_batch(
-                batch_prompts,
-                draft,
-                model,
-                gamma=config.gamma,
-                max_gen_len=config.max_new_tokens,
-                seed=seed,
-                collect_stats=config.time_split,
-                **common,
-            )
-            _sync(device)
-            spec.wall += time.perf_counter() - t
-            spec.add_stats(stats)
-            spec.tokens += sum(map(len, outs))
-            for i, out, a in zip(rows, outs, alpha):
-                spec_out[i], alphas[i] = list(out), float(a)
-            progress.advance(spec_task)
+                spec.wall += time.perf_counter() - t
+                spec.add_stats(stats)
+                spec.tokens += sum(map(len, outs))
+                for i, out, a in zip(rows, outs, alpha):
+                    spec_out[i], alphas[i] = list(out), float(a)
+                progress.advance(spec_task)
+        return {"base_out": base_out, "spec_out": spec_out, "alphas": alphas}, {"base": base, "spec": spec}
+
+    # With accelerate, every process decodes a contiguous share of the prompts (batches do not straddle
+    # processes when the share is a multiple of the batch size) and the main process reports on all of them.
+    merged, per_process = run_on_prompt_shards(prompts, decode_shard)
+    base_out, spec_out, alphas = merged["base_out"], merged["spec_out"], merged["alphas"]
+    base = _Totals.merged([p["base"] for p in per_process])
+    spec = _Totals.merged([p["spec"] for p in per_process])
+    if not state.is_main_process:
+        return {}
 
     identical = None
     if greedy and not config.no_baseline:
         identical = sum(base_out[i] == spec_out[i] for i in range(len(prompts)))
     speedup = spec.tokens_per_s / base.tokens_per_s if not config.no_baseline and base.tokens_per_s > 0 else None
     _print_report(console, config, base, spec, speedup, identical, len(prompts), device)
+    processes = [
+        {
+            "process_index": p["process_index"],
+            "num_prompts": p["num_prompts"],
+            "baseline_tokens_per_s": None if config.no_baseline else p["base"].tokens_per_s,
+            "speculative_tokens_per_s": p["spec"].tokens_per_s,
+            "speculative_wall_time_s": p["spec"].wall,
+        }
+        for p in per_process
+    ]
+    if len(processes) > 1:
+        _print_processes(console, processes)
     if config.show_output:
         _print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, config.no_baseline)
 
@@ -366,6 +417,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "load_time_s": load_s,
+        "processes": processes,
         "eos_token_ids": eos,
         "baseline": None if config.no_baseline else base.as_dict(),
         "speculative": spec.as_dict(),
@@ -390,7 +442,9 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"results_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=2))
+    tmp = path.with_suffix(".json.tmp")  # written whole, then renamed: never a partial file under the final name
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
     console.print(f"Results written to {path}")
     results["path"] = str(path)
     return results
@@ -434,6 +488,19 @@ def _print_report(console, config, base, spec, speedup, identical, n_rows, devic
     if identical is not None:
         verdict = "[green]identical[/]" if identical == n_rows else "[red]DIFFERENT[/]"
         console.print(f"Greedy outputs {verdict} to target-only decoding for {identical}/{n_rows} prompts.")
+
+
+def _print_processes(console, processes: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Per process (accelerate)")
+    for name in ("process", "prompts", "target-only tokens/s", "speculative tokens/s", "speculative wall time"):
+        table.add_column(name, justify="right")
+    for p in processes:
+        base = p["baseline_tokens_per_s"]
+        table.add_row(str(p["process_index"]), str(p["num_prompts"]), "-" if base is None else f"{base:.1f}",
+                      f"{p['speculative_tokens_per_s']:.1f}", f"{p['speculative_wall_time_s']:.2f} s")
+    console.print(table)
 
 
 def _print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, no_baseline) -> None:

@@ -8,6 +8,8 @@ same processor.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,7 +61,7 @@ class LogitsProcessor:
 
 
 def _check_temperature(temperature: float) -> float:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isnan(temperature):
         raise ValueError(f"temperature must be a float > 0 (use GreedyProcessor for 0), got {temperature!r}")
     return float(temperature)
 

@@ -635,10 +635,10 @@ def rejection_sample_from_logits(
     """
     B, _, _, num_draft = _check_tokens_and_sizes(draft_tokens, target_logits, draft_logits, num_draft_tokens, "logits")
     t = _temperature_tensor(temperature, B, draft_tokens.device)
-    if not isinstance(temperature, torch.Tensor) and temperature == 0:
-        if resolve_backend(backend, draft_tokens.device) == "torch":
-            _seed_offset(generator, seed, offset, draft_tokens.device)  # consume the generator as the kernel path does
-            return _greedy_reference_impl(draft_tokens, target_logits, num_draft)
+    all_greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
+    if all_greedy and resolve_backend(backend, draft_tokens.device) == "torch":
+        _seed_offset(generator, seed, offset, draft_tokens.device)  # consume the generator as the kernel path does
+        return _greedy_reference_impl(draft_tokens, target_logits, num_draft)
     return _run(backend, draft_tokens, draft_logits, target_logits, num_draft, t, generator, seed, offset, True)
 
 

@@ -8,9 +8,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import tiny_causal_lm
 
-from batched_specdec.distributed import process_state, speculative_generate_distributed  # noqa: E402
+from batched_specdec.distributed import process_state, speculative_generate_distributed
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def _launch(tmp_path: Path, *extra: str, num_prompts: int = 5) -> tuple[subproce
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
            "--out", str(out), "--num-prompts", str(num_prompts), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     return proc, out
 
 
@@ -73,3 +73,35 @@ def test_failure_in_one_process_fails_the_launch_without_results(tmp_path):
     assert proc.returncode != 0
     assert "deliberate failure in process 1" in proc.stderr + proc.stdout
     assert not out.exists()
+
+
+def test_main_job_under_accelerate_matches_single_process(tmp_path):
+    """`accelerate launch -m batched_specdec.main` on 2 CPU processes: same greedy outputs, same order, one report."""
+    from test_models import make_tiny_model_dir
+
+    from batched_specdec.main import main
+
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick brown fox jumps over the lazy dog\nhello world\none two three one two three\n"
+                       "a cat is in the\nover\n")
+    args = ["--target", model_dir, "--draft", model_dir, "--prompts", str(prompts), "--num-prompts", "5",
+            "--batch-size", "2", "--max-new-tokens", "10", "--gamma", "3", "--device", "cpu"]
+    assert main([*args, "--output-dir", str(tmp_path / "single")]) == 0
+    (single_file,) = (tmp_path / "single").glob("results_*.json")
+    single = json.loads(single_file.read_text())
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "batched_specdec.main",
+           *args, "--output-dir", str(tmp_path / "multi")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (multi_file,) = (tmp_path / "multi").glob("results_*.json")  # one merged report, from the main process only
+    multi = json.loads(multi_file.read_text())
+    assert [r["speculative_tokens"] for r in multi["rows"]] == [r["speculative_tokens"] for r in single["rows"]]
+    assert [r["prompt"] for r in multi["rows"]] == [r["prompt"] for r in single["rows"]]
+    assert multi["greedy_identical_rows"] == 5
+    assert [p["num_prompts"] for p in multi["processes"]] == [3, 2]
+    assert multi["speculative"]["generated_tokens"] == single["speculative"]["generated_tokens"]
+    assert "Per process" in proc.stdout

@@ -243,19 +243,19 @@ def test_stats_are_consistent(llama_pair):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(prompts=[]), "prompts is empty"),
-        (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
-        (dict(gamma=0), "gamma must be an int >= 1, got 0"),
-        (dict(max_gen_len=0), "max_gen_len must be an int >= 1, got 0"),
-        (dict(prompts=[[1, 96]]), r"token id 96, expected an int in \[0, 96\)"),
-        (dict(prompts=[[1, -1]]), r"token id -1"),
-        (dict(prompts=[[1] * 250], max_gen_len=10), "prompt 0 has 250 tokens.*max_position_embeddings=256"),
-        (dict(eos_tokens_id=[3, 500]), "eos_tokens_id has 500"),
+        ({"prompts": []}, "prompts is empty"),
+        ({"prompts": [[1, 2], []]}, "prompt 1 is empty"),
+        ({"gamma": 0}, "gamma must be an int >= 1, got 0"),
+        ({"max_gen_len": 0}, "max_gen_len must be an int >= 1, got 0"),
+        ({"prompts": [[1, 96]]}, r"token id 96, expected an int in \[0, 96\)"),
+        ({"prompts": [[1, -1]]}, r"token id -1"),
+        ({"prompts": [[1] * 250], "max_gen_len": 10}, "prompt 0 has 250 tokens.*max_position_embeddings=256"),
+        ({"eos_tokens_id": [3, 500]}, "eos_tokens_id has 500"),
     ],
 )
 def test_bad_input_raises_before_compute(llama_pair, kwargs, match):
     target, draft = llama_pair
-    args = dict(prompts=[[1, 2, 3]], gamma=2, max_gen_len=5)
+    args = {"prompts": [[1, 2, 3]], "gamma": 2, "max_gen_len": 5}
     args.update(kwargs)
     prompts = args.pop("prompts")
     with pytest.raises(ValueError, match=match):

@@ -24,18 +24,18 @@ def tiny_causal_lm(arch: str = "llama", *, vocab_size: int = 96, seed: int = 0, 
     """A tiny random model. A large ``init_std`` gives peaked next-token distributions, so greedy outputs
     have no near-ties that rounding could flip."""
     config_cls, model_cls = ARCHITECTURES[arch]
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        initializer_range=init_std,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    kwargs = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+        "initializer_range": init_std,
+        "tie_word_embeddings": False,
+        "attn_implementation": "sdpa",
+    }
     if arch == "mistral":
         kwargs["sliding_window"] = None
     kwargs.update(overrides)
