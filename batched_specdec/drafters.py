@@ -109,6 +109,7 @@ class ModelDrafter:
         self.model = model
         self.vocab_size = model.config.vocab_size
         self.cache = None
+        self._generator: torch.Generator | None = None
 
     @property
     def device(self) -> torch.device:
@@ -118,6 +119,7 @@ class ModelDrafter:
         from batched_specdec.ragged_cache import RaggedKVCache
 
         batch, _ = token_buffer.shape
+        self._generator = None
         self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device)
         prefill = int(token_buffer.shape[1]) - 2
         if prefill > 0:
@@ -135,6 +137,7 @@ class ModelDrafter:
     ) -> DraftProposal:
         cache = self.cache
         device = self.device
+        generator = self._generator_on(device, generator)
         seq_lens = seq_lens.to(device)
         lens = (seq_lens - 2).clamp_min(0)
         cache.set_lens(lens)
@@ -158,3 +161,13 @@ class ModelDrafter:
 
     def keep_rows(self, rows: Tensor) -> None:
         self.cache.keep_rows(rows)
+
+    def _generator_on(self, device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
+        """The engine's generator lives on the target's device; a draft elsewhere gets its own generator, seeded
+        once from the engine's (one host read per call of the engine, not per step)."""
+        if generator is None or generator.device == device:
+            return generator
+        if self._generator is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            self._generator = torch.Generator(device=device).manual_seed(seed)
+        return self._generator
