@@ -158,6 +158,7 @@ class _RaggedBatch:
         self.host_finished = torch.zeros(batch, dtype=torch.bool)
         self.host_generated = 0
         self.prompt_lens_host = lens
+        self.steps = self.row_steps = self.compactions = 0
 
     @property
     def size(self) -> int:
@@ -199,6 +200,61 @@ class _RaggedBatch:
         if done == 0 or done == self.size or done < COMPACT_FRACTION * self.size:
             return None
         return torch.arange(self.size)[~self.host_finished].to(self.token_buffer.device)
+
+    def commit(self, out_tokens: Tensor, num_accepted: Tensor, cache: RaggedKVCache, eos: Tensor,
+               max_gen_len: int) -> None:
+        """Append each live row's emitted tokens, detect EOS / max length, and prune the target cache to
+        ``seq_lens - 1`` (lengths only: no KV bytes move)."""
+        commit_emitted_tokens(
+            out_tokens, num_accepted, self.token_buffer, self.seq_lens, self.gen_lens, self.finished, cache.lens,
+            eos, max_gen_len,
+        )
+        cache.set_lens(cache.lens)
+
+    def end_step(self, bar, *row_holders) -> bool:
+        """Count the step, do the step's one host sync, update the progress bar, and compact finished rows away
+        from this batch and every ``row_holders`` (caches, drafter) when enough have finished. True when done."""
+        self.steps += 1
+        self.row_steps += int((~self.host_finished).sum())
+        self.sync()
+        if bar is not None:
+            bar.update(self.host_generated - bar.n)
+        if self.all_finished:
+            if bar is not None:
+                bar.close()
+            return True
+        keep = self.rows_to_keep()
+        if keep is not None:
+            self.keep_rows(keep)
+            for holder in row_holders:
+                holder.keep_rows(keep)
+            self.compactions += 1
+        return False
+
+    def stats(self, t0: float, device: torch.device, accepted: list[int], proposed: list[int],
+              histogram: list[int], time_split: dict[str, float] | None) -> tuple[list[list[int]], GenerationStats]:
+        outputs = self.outputs()
+        wall = time.perf_counter() - t0
+        generated = [len(o) for o in outputs]
+        total = sum(generated)
+        peak, peak_kind = _peak_memory(device)
+        return outputs, GenerationStats(
+            accepted=accepted,
+            proposed=proposed,
+            generated=generated,
+            target_forwards=self.steps,
+            tokens_per_target_forward=total / max(self.row_steps, 1),
+            acceptance_histogram=histogram,
+            wall_time_s=wall,
+            generated_tokens=total,
+            tokens_per_s=total / wall if wall > 0 else 0.0,
+            acceptance_rate=sum(accepted) / max(sum(proposed), 1),
+            peak_memory_bytes=peak,
+            peak_memory_kind=peak_kind,
+            time_split=time_split,
+            steps=self.steps,
+            compactions=self.compactions,
+        )
 
     def outputs(self) -> list[list[int]]:
         self.flush()
@@ -344,13 +400,11 @@ def speculative_generate_batch(
     accepted = torch.zeros(n_rows, dtype=torch.int64, device=device)
     proposed = torch.zeros(n_rows, dtype=torch.int64, device=device)
     histogram = torch.zeros(gamma + 1, dtype=torch.int64, device=device)
-    row_steps = 0
 
     target_cache = RaggedKVCache(target_model.config, n_rows, capacity, device)
     _prefill_target(target_model, target_cache, batch)
     drafter.start(batch.token_buffer[:, : batch.max_prompt_len], batch.seq_lens, capacity)
     bar = _progress(progress, n_rows * max_gen_len, "speculative")
-    steps = compactions = 0
     while True:
         timer.start()
         max_len = batch.max_live_seq_len()
@@ -385,51 +439,15 @@ def speculative_generate_batch(
         accepted.index_add_(0, batch.row_ids, num_accepted * live)
         proposed.index_add_(0, batch.row_ids, (gamma if num_draft is None else num_draft) * live)
         histogram.index_add_(0, num_accepted, live.to(torch.int64))
-        commit_emitted_tokens(
-            out_tokens, num_accepted, batch.token_buffer, batch.seq_lens, batch.gen_lens, batch.finished,
-            target_cache.lens, eos_tensor, max_gen_len,
-        )
-        target_cache.set_lens(target_cache.lens)
-        steps += 1
-        row_steps += int((~batch.host_finished).sum())
-        batch.sync()
-        if bar is not None:
-            bar.update(batch.host_generated - bar.n)
+        batch.commit(out_tokens, num_accepted, target_cache, eos_tensor, max_gen_len)
+        done = batch.end_step(bar, target_cache, drafter)
         timer.lap("bookkeeping")
-        if batch.all_finished:
+        if done:
             break
-        keep = batch.rows_to_keep()
-        if keep is not None:
-            batch.keep_rows(keep)
-            target_cache.keep_rows(keep)
-            drafter.keep_rows(keep)
-            compactions += 1
-    if bar is not None:
-        bar.close()
 
-    outputs = batch.outputs()
-    wall = time.perf_counter() - t0
     acc, prop = accepted.tolist(), proposed.tolist()
-    generated = [len(o) for o in outputs]
-    total = sum(generated)
-    peak, peak_kind = _peak_memory(device)
-    stats = GenerationStats(
-        accepted=acc,
-        proposed=prop,
-        generated=generated,
-        target_forwards=steps,
-        tokens_per_target_forward=total / max(row_steps, 1),
-        acceptance_histogram=histogram.tolist(),
-        wall_time_s=wall,
-        generated_tokens=total,
-        tokens_per_s=total / wall if wall > 0 else 0.0,
-        acceptance_rate=sum(acc) / max(sum(prop), 1),
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
-        time_split=dict(timer.split) if collect_stats else None,
-        steps=steps,
-        compactions=compactions,
-    )
+    outputs, stats = batch.stats(t0, device, acc, prop, histogram.tolist(),
+                                 dict(timer.split) if collect_stats else None)
     alpha = [a / p if p else 0.0 for a, p in zip(acc, prop)]
     return outputs, alpha, stats
 
@@ -472,52 +490,16 @@ def autoregressive_generate_batch(
     _prefill_target(model, cache, batch)
     no_drafts = torch.zeros(len(rows), dtype=torch.int64, device=device)
     bar = _progress(progress, len(rows) * max_gen_len, "target-only")
-    steps = row_steps = compactions = 0
     while True:
         last = batch.token_buffer.gather(1, (batch.seq_lens - 1)[:, None])
         cache.set_span(batch.max_live_seq_len())
         logits = model_forward(model, cache, last, logits_to_keep=1)[:, 0].to(device)
         token, _ = logits_processor.sample(logits, generator)
-        commit_emitted_tokens(
-            token[:, None], no_drafts[: batch.size], batch.token_buffer, batch.seq_lens, batch.gen_lens,
-            batch.finished, cache.lens, eos_tensor, max_gen_len,
-        )
-        cache.set_lens(cache.lens)
-        steps += 1
-        row_steps += int((~batch.host_finished).sum())
-        batch.sync()
-        if bar is not None:
-            bar.update(batch.host_generated - bar.n)
-        if batch.all_finished:
+        batch.commit(token[:, None], no_drafts[: batch.size], cache, eos_tensor, max_gen_len)
+        if batch.end_step(bar, cache):
             break
-        keep = batch.rows_to_keep()
-        if keep is not None:
-            batch.keep_rows(keep)
-            cache.keep_rows(keep)
-            compactions += 1
-    if bar is not None:
-        bar.close()
-    outputs = batch.outputs()
     if not return_stats:
-        return outputs
-    wall = time.perf_counter() - t0
-    generated = [len(o) for o in outputs]
-    total = sum(generated)
-    peak, peak_kind = _peak_memory(device)
-    stats = GenerationStats(
-        accepted=[0] * len(rows),
-        proposed=[0] * len(rows),
-        generated=generated,
-        target_forwards=steps,
-        tokens_per_target_forward=total / max(row_steps, 1),
-        acceptance_histogram=[row_steps],
-        wall_time_s=wall,
-        generated_tokens=total,
-        tokens_per_s=total / wall if wall > 0 else 0.0,
-        acceptance_rate=0.0,
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
-        steps=steps,
-        compactions=compactions,
-    )
+        return batch.outputs()
+    zeros = [0] * len(rows)
+    outputs, stats = batch.stats(t0, device, zeros, zeros, [batch.row_steps], None)
     return outputs, stats
