@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=256,
                    help="training sequences to generate (prompts are cycled)")
     p.add_argument("--gen-len", type=int, default=160, help="tokens the target generates per training sequence")
+    p.add_argument("--data-budget-s", type=float, default=None,
+                   help="stop generating new data chunks after this many seconds and train on the chunks made so far "
+                        "(cached chunks are always used)")
     p.add_argument("--gen-batch-size", type=int, default=32, help="rows per batched generation call")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the data generation")
     p.add_argument("--teacher-top-k", type=int, default=32,
@@ -260,6 +263,10 @@ def generate_data(target, prompts: list[list[int]], args, data_dir: Path) -> lis
         if path.is_file():
             chunks.append(torch.load(path))
             continue
+        if chunks and args.data_budget_s is not None and time.perf_counter() - t0 >= args.data_budget_s:
+            print(f"data budget of {args.data_budget_s:.0f} s spent: training on {len(chunks)} of {n_chunks} chunks",
+                  file=sys.stderr, flush=True)
+            break
         proc = RecordingProcessor(args.temperature, args.teacher_top_k)
         gen = autoregressive_generate_batch(part, target, proc, max_gen_len=args.gen_len, eos_tokens_id=None,
                                             seed=args.seed * 100003 + c, progress=not args.no_progress)
@@ -571,7 +578,7 @@ def run(args) -> dict:
 
     summary: dict = {"eval_prompts": len(eval_prompts)}
     if "self" in sources:
-        sp_path = out_dir / "self_prompts.json"
+        sp_path = out_dir / f"self_prompts-{args.self_prompts}-seed{args.seed}.json"
         if sp_path.is_file():
             written = json.loads(sp_path.read_text())
         else:
@@ -592,7 +599,9 @@ def run(args) -> dict:
     chunks = generate_data(target, seqs, args, data_dir)
     summary["data_time_s"] = time.perf_counter() - t0
     summary["data_tokens"] = sum(int(ch["gen"].numel()) for ch in chunks)
-    print(f"data: {len(seqs)} sequences, {summary['data_tokens']} generated tokens in {data_dir}", file=sys.stderr)
+    summary["data_sequences"] = sum(len(ch["prompts"]) for ch in chunks)
+    print(f"data: {summary['data_sequences']} sequences, {summary['data_tokens']} generated tokens in {data_dir}",
+          file=sys.stderr)
     if args.data_only:
         return summary
 
@@ -620,7 +629,7 @@ def run(args) -> dict:
         return summary
     draft_dir = save_draft(draft, out_dir / "draft", storage_dtype=getattr(torch, args.storage_dtype), metadata={
         "target": args.target, "layers": args.layers, "init_layers": layer_ids, "steps": result["steps"],
-        "sequences": len(seqs), "gen_len": args.gen_len, "data_tokens": summary["data_tokens"],
+        "sequences": summary["data_sequences"], "gen_len": args.gen_len, "data_tokens": summary["data_tokens"],
         "loss_first": summary.get("loss_first"), "loss_last": summary.get("loss_last"),
     })
     print(f"draft saved to {draft_dir}")
