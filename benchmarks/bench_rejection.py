@@ -2,8 +2,12 @@
 
 Three implementations of one verification step (temperature 1, draft logits given, i.e. the sampling path):
 
-* ``fused_triton``: ``kernels.rejection_sample_from_logits(..., backend="triton")``, one launch. Needs CUDA; on a
-  CPU machine its rows are recorded as ``skipped-no-gpu`` (the Triton interpreter is not a timing).
+* ``fused_triton``: ``kernels.rejection_sample_from_logits(..., backend="triton")`` with its own dispatch (the
+  one-launch fused kernel, or the three-launch vocabulary-split path at small B). Needs CUDA; on a CPU machine
+  its rows are recorded as ``skipped-no-gpu`` (the Triton interpreter is not a timing).
+* ``triton_no_split`` / ``triton_vocab_split``: the same call with the path forced (``kernels._launch.FORCE_SPLITS``
+  = 1, or ``ceil(2 * SMs / B)`` splits), so one run shows where the split pays and whether the dispatch rule in
+  ``kernels._launch.rejection_sample_config`` picks the faster path. CUDA only.
 * ``torch_reference``: the same call with ``backend="torch"`` (bit-exact reference, shared Philox stream).
 * ``eager_pytorch``: :func:`eager_rejection_sample` below, written the way common implementations do it:
   softmax of both sides, gather p(d) and q(d), ratio, uniform draws, cumprod to find the first rejection,
@@ -35,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import KEY_FIELDS, append_rows, copy_bandwidth_gbs, cpu_note, do_bench, pick_device, run_key
 
+import kernels._launch as launch
 from kernels import rejection_sample_from_logits
 
 FIELDS = KEY_FIELDS + [
@@ -42,6 +47,8 @@ FIELDS = KEY_FIELDS + [
     "copy_GBps", "frac_copy_bw", "speedup_vs_eager", "goal", "note",
 ]  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRITON_METHODS = ["fused_triton", "triton_no_split", "triton_vocab_split"]
+METHODS = TRITON_METHODS + ["torch_reference", "eager_pytorch"]
 
 
 def eager_rejection_sample(draft_tokens, draft_logits, target_logits, generator=None):
@@ -89,11 +96,29 @@ def make_inputs(B, K, V, dtype, device, seed=0):
     return draft_tokens, draft, target.to(dtype)
 
 
+def _with_splits(splits: int, fn):
+    """``fn`` with the rejection sampler's vocabulary-split count forced to ``splits``."""
+    def call():
+        launch.FORCE_SPLITS = splits
+        try:
+            return fn()
+        finally:
+            launch.FORCE_SPLITS = None
+    return call
+
+
 def make_fns(draft_tokens, draft, target, seed, offset, gen) -> dict:
-    """The three timed calls on the same inputs (fixed seed/offset tensors: kernel cost only, no RNG draw)."""
+    """The timed calls on the same inputs (fixed seed/offset tensors: kernel cost only, no RNG draw)."""
+    def triton_call():
+        return rejection_sample_from_logits(draft_tokens, draft, target, 1.0, seed=seed, offset=offset,
+                                            backend="triton")
+
+    sms = torch.cuda.get_device_properties(draft_tokens.device).multi_processor_count \
+        if draft_tokens.device.type == "cuda" else 1
     return {
-        "fused_triton": lambda: rejection_sample_from_logits(
-            draft_tokens, draft, target, 1.0, seed=seed, offset=offset, backend="triton"),
+        "fused_triton": triton_call,
+        "triton_no_split": _with_splits(1, triton_call),
+        "triton_vocab_split": _with_splits(max(2, -(-2 * sms // draft_tokens.shape[0])), triton_call),
         "torch_reference": lambda: rejection_sample_from_logits(
             draft_tokens, draft, target, 1.0, seed=seed, offset=offset, backend="torch"),
         "eager_pytorch": lambda: eager_rejection_sample(draft_tokens, draft, target, gen),
@@ -111,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vocabulary sizes V (default: 32000 128256 151936 on CUDA, 32000 on CPU)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="logit dtypes (default: fp32 bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--methods", nargs="+", choices=["fused_triton", "torch_reference", "eager_pytorch"],
-                        default=None, help="implementations to time (default: all three; fused_triton is skipped "
-                        "without CUDA)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="implementations to time (default: all; the Triton ones are skipped without CUDA)")
     parser.add_argument("--quick", action="store_true", help="CI size: B 1, K 4, V 32000, fp32, few repeats")
     parser.add_argument("--repeats", type=int, default=15, help="timing samples on CPU (median and 20/80%% reported)")
     parser.add_argument("--threads", type=int, default=1,
@@ -133,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         vocabs = args.vocabs or ([32000, 128256, 151936] if gpu else [32000])
         dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
         repeats = args.repeats
-    methods = args.methods or ["fused_triton", "torch_reference", "eager_pytorch"]
+    methods = args.methods or (METHODS if gpu else ["fused_triton", "torch_reference", "eager_pytorch"])
 
     key = run_key(device)
     note = cpu_note(device)
@@ -160,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     for m in methods:
                         row = dict(key, method=m, batch=B, k=K, vocab=V, dtype=dname, bytes=nbytes,
                                    copy_GBps=copy_gbs, note=note)  # fmt: skip
-                        if m == "fused_triton" and not gpu:
+                        if m in TRITON_METHODS and not gpu:
                             row.update(status="skipped-no-gpu",
                                        note="Triton kernel needs CUDA; the interpreter is not timed")  # fmt: skip
                             rows.append(row)

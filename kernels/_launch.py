@@ -4,6 +4,7 @@ Keeping the policy in one place means a tuning change (tile sizes, warps) is one
 CPU/interpreter rules are the same for every op.
 """
 
+import functools
 import os
 
 import torch
@@ -50,18 +51,46 @@ def num_warps_for(tile_elements: int) -> int:
     return 2
 
 
-def rejection_sample_config(batch: int, vocab: int) -> dict:
-    """Tile over (rows, vocab) for the rejection sampler: a program owns BLOCK_B rows and loops over the vocab.
+def rejection_sample_config(batch: int, vocab: int, device: torch.device) -> dict:
+    """Launch config of the rejection sampler: tile over (rows, vocab) and the number of vocabulary splits.
 
-    Large vocabularies get one row per program (BLOCK_B = 1) and a wide vocab block; small vocabularies
-    pack several rows per program so tiny problems do not waste a program per row.
+    NUM_SPLITS == 1: the fused kernel, one program owns BLOCK_B rows and loops over the vocabulary (large
+    vocabularies get one row per program and a wide vocab block; small ones pack rows). It never reads a row's
+    positions past its first rejection.
+
+    NUM_SPLITS > 1: the vocabulary-split path, for batches too small to fill the GPU with one program per row:
+    each row's vocabulary is cut into NUM_SPLITS chunks handled by separate programs (three launches). It is
+    chosen when the fused kernel would run fewer programs than half the GPU's SMs and the vocabulary spans at
+    least two blocks; the splits aim at about two programs per SM. This threshold is a first guess that has not
+    been tuned on a GPU yet (benchmarks/bench_rejection.py measures both paths). Never on the interpreter, where
+    tests force it through :data:`FORCE_SPLITS`.
     """
     tile = _tile_elements()
     block_v = min(triton.next_power_of_2(vocab), tile // 2 if interpreting() else 2048)
+    if FORCE_SPLITS is not None and FORCE_SPLITS > 1:  # blocks small enough for that many chunks
+        block_v = max(16, min(block_v, triton.next_power_of_2(triton.cdiv(vocab, FORCE_SPLITS))))
     block_b = max(1, min(tile // block_v, triton.next_power_of_2(batch)))
     if not interpreting():
         block_b = min(block_b, 16)
-    return {"BLOCK_B": block_b, "BLOCK_V": block_v, "num_warps": num_warps_for(block_b * block_v)}
+    max_splits = triton.cdiv(vocab, block_v)
+    splits = 1
+    if FORCE_SPLITS is not None:
+        splits = max(1, min(FORCE_SPLITS, max_splits))
+    elif device.type == "cuda" and not interpreting() and vocab < 2**24:
+        sms = _sm_count(device)
+        if triton.cdiv(batch, block_b) < sms // 2 and max_splits >= 2:
+            splits = max(1, min(max_splits, triton.cdiv(2 * sms, batch)))
+    return {"BLOCK_B": block_b, "BLOCK_V": block_v, "num_warps": num_warps_for(block_b * block_v),
+            "NUM_SPLITS": splits}
+
+
+FORCE_SPLITS: int | None = None
+"""Tests and benchmarks set this to force the vocabulary-split path (an int >= 2) or the fused kernel (1)."""
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def row_block_config(batch: int, width: int) -> dict:

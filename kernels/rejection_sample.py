@@ -52,18 +52,21 @@ def _softmax_stats(
     stride_v,
     inv_t,  # [BLOCK_B] fp32, 1 / temperature (1 for greedy rows)
     mask_b,  # [BLOCK_B] rows to read
-    V,
+    v_start,
+    v_end,
     BLOCK_B: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Online max, sum of exp and first argmax of logits * inv_t over the vocabulary, in fp32."""
+    """Online max, sum of exp and first argmax of logits * inv_t over columns [v_start, v_end), in fp32.
+
+    Rows that read nothing get m = -FLT_MAX, s = 0 and argmax 0."""
     cols0 = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_B], -_FLT_MAX, tl.float32)
     s = tl.zeros([BLOCK_B], tl.float32)
     a = tl.zeros([BLOCK_B], tl.int64)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + cols0
-        mask = mask_b[:, None] & (cols < V)[None, :]
+        mask = mask_b[:, None] & (cols < v_end)[None, :]
         x = tl.load(base[:, None] + cols[None, :].to(tl.int64) * stride_v, mask=mask, other=-float("inf"))
         x = x.to(tl.float32) * inv_t[:, None]
         bmax, bidx = _block_max_first_index(x, cols, 2147483647)
@@ -72,6 +75,137 @@ def _softmax_stats(
         a = tl.where(bmax > m, bidx.to(tl.int64), a)
         m = m_new
     return m, s, a
+
+
+@triton.jit
+def _accept_at(
+    j,
+    rows,
+    verify,  # [BLOCK_B] rows with a real draft at j that are still verifying
+    greedy,
+    inv_t,
+    m_p, s_p, a_p, m_q, s_q,  # softmax statistics of position j (logits only)
+    draft_tokens_ptr, p_rows, q_rows,
+    stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv,
+    seed,
+    counter_row,
+    V,
+    IS_LOGITS: tl.constexpr,
+    HAS_DRAFT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Whether each row accepts its draft token at position j: ``u * q(d) < p(d)``, or ``d == argmax p`` when greedy."""
+    d = tl.load(draft_tokens_ptr + rows * stride_db + j * stride_dk, mask=verify, other=0)
+    p_d = tl.load(p_rows + j * stride_pk + d * stride_pv, mask=verify, other=0.0).to(tl.float32)
+    if IS_LOGITS:
+        # masked rows carry m = -FLT_MAX, s = 0: keep them out of exp/divide (no inf/nan, even unused)
+        p_d = tl.exp(tl.where(verify, p_d * inv_t - m_p, -float("inf"))) / tl.where(verify, s_p, 1.0)
+    if HAS_DRAFT:
+        q_d = tl.load(q_rows + j * stride_qk + d * stride_qv, mask=verify, other=0.0).to(tl.float32)
+        if IS_LOGITS:
+            q_ok = verify & (greedy == 0)
+            q_d = tl.exp(tl.where(q_ok, q_d * inv_t - m_q, -float("inf"))) / tl.where(q_ok, s_q, 1.0)
+    else:
+        q_d = tl.full([BLOCK_B], 1.0, tl.float32)
+    u = tl.rand(seed, counter_row + j * (V + 1) + V)
+    return verify & tl.where(greedy, d == a_p, u * q_d < p_d)
+
+
+@triton.jit
+def _race(
+    p_stop,  # [BLOCK_B] pointers to (b, stop, 0) of the target
+    q_stop,  # [BLOCK_B] pointers to (b, stop, 0) of the draft
+    stride_pv,
+    stride_qv,
+    inv_t,
+    m_p_stop, s_p_stop, m_q_stop, s_q_stop,  # softmax statistics at the stop position (logits only)
+    d_stop,  # [BLOCK_B] draft token at the stop position, -1 for bonus rows
+    has_q,  # [BLOCK_B] rows stopped by a rejection (not bonus)
+    sample,  # [BLOCK_B] rows that sample (not greedy, in range)
+    seed,
+    counter_stop,  # [BLOCK_B] Philox counter of column 0 at the stop position
+    v_start,
+    v_end,
+    IS_LOGITS: tl.constexpr,
+    HAS_DRAFT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Exponential race over columns [v_start, v_end) of the stop position, for r = max(0, p - q) and for the
+    fallback p at once with the same exponentials. Returns (best_r, tok_r, best_p, tok_p); best = -2 when no
+    column has weight (ties -> lowest column)."""
+    cols0 = tl.arange(0, BLOCK_V)
+    best_r = tl.full([BLOCK_B], -2.0, tl.float32)
+    best_p = tl.full([BLOCK_B], -2.0, tl.float32)
+    tok_r = tl.zeros([BLOCK_B], tl.int64)
+    tok_p = tl.zeros([BLOCK_B], tl.int64)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + cols0
+        cols64 = cols.to(tl.int64)
+        mask = sample[:, None] & (cols < v_end)[None, :]
+        if IS_LOGITS:
+            x = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=-float("inf"))
+            p = tl.exp(x.to(tl.float32) * inv_t[:, None] - m_p_stop[:, None]) / tl.where(sample, s_p_stop, 1.0)[:, None]
+        else:
+            p = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DRAFT:
+            mask_q = mask & has_q[:, None]
+            if IS_LOGITS:
+                xq = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=-float("inf"))
+                # bonus rows have no draft stats (s = 0): divide by 1 so q is 0, not 0/0 = nan
+                s_q_safe = tl.where(has_q & sample, s_q_stop, 1.0)
+                q = tl.exp(xq.to(tl.float32) * inv_t[:, None] - m_q_stop[:, None]) / s_q_safe[:, None]
+            else:
+                q = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=0.0).to(tl.float32)
+        else:
+            q = tl.where(cols64[None, :] == d_stop[:, None], 1.0, 0.0)
+        r = tl.maximum(p - q, 0.0)
+        uv = tl.rand(seed, counter_stop[:, None] + cols64[None, :])
+        e = -tl.log(uv)
+        score_r = tl.where(r > 0.0, r / e, -1.0)
+        score_p = tl.where(p > 0.0, p / e, -1.0)
+        br, ir = _block_max_first_index(score_r, cols, 2147483647)
+        bp, ip = _block_max_first_index(score_p, cols, 2147483647)
+        tok_r = tl.where(br > best_r, ir.to(tl.int64), tok_r)
+        best_r = tl.maximum(best_r, br)
+        tok_p = tl.where(bp > best_p, ip.to(tl.int64), tok_p)
+        best_p = tl.maximum(best_p, bp)
+    return best_r, tok_r, best_p, tok_p
+
+
+@triton.jit
+def _write_output(
+    draft_tokens_ptr, out_tokens_ptr, num_accepted_ptr,
+    rows, row_mask, stop, token,
+    stride_db, stride_dk, stride_ob, stride_ok,
+    K,
+    BLOCK_K1: tl.constexpr,
+):
+    """Row b of the output: drafts[:stop], token, then -1; and num_accepted[b] = stop."""
+    ks = tl.arange(0, BLOCK_K1).to(tl.int64)
+    out_mask = row_mask[:, None] & (ks < K + 1)[None, :]
+    drafts = tl.load(
+        draft_tokens_ptr + rows[:, None] * stride_db + ks[None, :] * stride_dk,
+        mask=row_mask[:, None] & (ks[None, :] < stop[:, None]),
+        other=-1,
+    )
+    out = tl.where(ks[None, :] < stop[:, None], drafts, tl.where(ks[None, :] == stop[:, None], token[:, None], -1))
+    tl.store(out_tokens_ptr + rows[:, None] * stride_ob + ks[None, :] * stride_ok, out, mask=out_mask)
+    tl.store(num_accepted_ptr + rows, stop, mask=row_mask)
+
+
+@triton.jit
+def _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(n, greedy, inv_t) of each row: real draft slots, temperature-0 flag, 1 / temperature (1 when greedy)."""
+    n = tl.load(num_draft_ptr + rows, mask=row_mask, other=0)
+    if IS_LOGITS:
+        t = tl.load(temperature_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)
+        greedy = t == 0.0
+        inv_t = 1.0 / tl.where(greedy, 1.0, t)
+    else:
+        greedy = rows < 0
+        inv_t = tl.full([BLOCK_B], 1.0, tl.float32)
+    return n, greedy, inv_t
 
 
 @triton.jit
@@ -108,19 +242,13 @@ def _rejection_sample_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K1: tl.constexpr,
 ):
+    """One program verifies BLOCK_B rows end to end; a row's later positions are never read once it rejected."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
-    n = tl.load(num_draft_ptr + rows, mask=row_mask, other=0)
+    n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, BLOCK_B)
     seed = tl.load(seed_ptr)
     offset = tl.load(offset_ptr)
-    if IS_LOGITS:
-        t = tl.load(temperature_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)
-        greedy = t == 0.0
-        inv_t = 1.0 / tl.where(greedy, 1.0, t)
-    else:
-        greedy = rows < 0
-        inv_t = tl.full([BLOCK_B], 1.0, tl.float32)
     counter_row = offset + rows * (K + 1) * (V + 1)
     p_rows = target_ptr + rows * stride_pb
     q_rows = draft_ptr + rows * stride_qb
@@ -144,25 +272,18 @@ def _rejection_sample_kernel(
         if IS_LOGITS:  # noqa: SIM102
             # Rows that stopped earlier are masked out, so position j is never read for them.
             if tl.sum(live.to(tl.int32), axis=0) > 0:
-                m_p, s_p, a_p = _softmax_stats(p_rows + j * stride_pk, stride_pv, inv_t, live, V, BLOCK_B, BLOCK_V)
+                m_p, s_p, a_p = _softmax_stats(
+                    p_rows + j * stride_pk, stride_pv, inv_t, live, 0, V, BLOCK_B, BLOCK_V
+                )
                 if HAS_DRAFT:
                     m_q, s_q, _ = _softmax_stats(
-                        q_rows + j * stride_qk, stride_qv, inv_t, verify & (greedy == 0), V, BLOCK_B, BLOCK_V
+                        q_rows + j * stride_qk, stride_qv, inv_t, verify & (greedy == 0), 0, V, BLOCK_B, BLOCK_V
                     )
-        d = tl.load(draft_tokens_ptr + rows * stride_db + j * stride_dk, mask=verify, other=0)
-        p_d = tl.load(p_rows + j * stride_pk + d * stride_pv, mask=verify, other=0.0).to(tl.float32)
-        if IS_LOGITS:
-            # masked rows carry m = -FLT_MAX, s = 0: keep them out of exp/divide (no inf/nan, even unused)
-            p_d = tl.exp(tl.where(verify, p_d * inv_t - m_p, -float("inf"))) / tl.where(verify, s_p, 1.0)
-        if HAS_DRAFT:
-            q_d = tl.load(q_rows + j * stride_qk + d * stride_qv, mask=verify, other=0.0).to(tl.float32)
-            if IS_LOGITS:
-                q_ok = verify & (greedy == 0)
-                q_d = tl.exp(tl.where(q_ok, q_d * inv_t - m_q, -float("inf"))) / tl.where(q_ok, s_q, 1.0)
-        else:
-            q_d = tl.full([BLOCK_B], 1.0, tl.float32)
-        u = tl.rand(seed, counter_row + j * (V + 1) + V)
-        accept = verify & tl.where(greedy, d == a_p, u * q_d < p_d)
+        accept = _accept_at(
+            j, rows, verify, greedy, inv_t, m_p, s_p, a_p, m_q, s_q, draft_tokens_ptr, p_rows, q_rows,
+            stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, V,
+            IS_LOGITS, HAS_DRAFT, BLOCK_B,
+        )  # fmt: skip
         stop_now = live & (accept == 0)
         m_p_stop = tl.where(stop_now, m_p, m_p_stop)
         s_p_stop = tl.where(stop_now, s_p, s_p_stop)
@@ -172,63 +293,197 @@ def _rejection_sample_kernel(
         num_acc += accept.to(tl.int64)
         live = accept
 
-    # Recovered (stop < n) or bonus (stop == n) token at the stop position: exponential race over the vocab,
-    # run for r = max(0, p - q) and for the fallback p at once with the same exponentials.
+    # Recovered (stop < n) or bonus (stop == n) token at the stop position.
     stop = num_acc
-    is_bonus = stop == n
-    has_q = row_mask & (is_bonus == 0)
+    has_q = row_mask & (stop != n)
     d_stop = tl.load(draft_tokens_ptr + rows * stride_db + stop * stride_dk, mask=has_q, other=-1)
-    sample = row_mask & (greedy == 0)
-    p_stop = p_rows + stop * stride_pk
-    q_stop = q_rows + stop * stride_qk
-    cols0 = tl.arange(0, BLOCK_V)
-    best_r = tl.full([BLOCK_B], -2.0, tl.float32)
-    best_p = tl.full([BLOCK_B], -2.0, tl.float32)
-    tok_r = tl.zeros([BLOCK_B], tl.int64)
-    tok_p = tl.zeros([BLOCK_B], tl.int64)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + cols0
-        cols64 = cols.to(tl.int64)
-        mask = sample[:, None] & (cols < V)[None, :]
-        if IS_LOGITS:
-            x = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=-float("inf"))
-            p = tl.exp(x.to(tl.float32) * inv_t[:, None] - m_p_stop[:, None]) / tl.where(sample, s_p_stop, 1.0)[:, None]
-        else:
-            p = tl.load(p_stop[:, None] + cols64[None, :] * stride_pv, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DRAFT:
-            mask_q = mask & has_q[:, None]
-            if IS_LOGITS:
-                xq = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=-float("inf"))
-                # bonus rows have no draft stats (s = 0): divide by 1 so q is 0, not 0/0 = nan
-                s_q_safe = tl.where(has_q & sample, s_q_stop, 1.0)
-                q = tl.exp(xq.to(tl.float32) * inv_t[:, None] - m_q_stop[:, None]) / s_q_safe[:, None]
-            else:
-                q = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=0.0).to(tl.float32)
-        else:
-            q = tl.where(cols64[None, :] == d_stop[:, None], 1.0, 0.0)
-        r = tl.maximum(p - q, 0.0)
-        uv = tl.rand(seed, counter_row[:, None] + stop[:, None] * (V + 1) + cols64[None, :])
-        e = -tl.log(uv)
-        score_r = tl.where(r > 0.0, r / e, -1.0)
-        score_p = tl.where(p > 0.0, p / e, -1.0)
-        br, ir = _block_max_first_index(score_r, cols, 2147483647)
-        bp, ip = _block_max_first_index(score_p, cols, 2147483647)
-        tok_r = tl.where(br > best_r, ir.to(tl.int64), tok_r)
-        best_r = tl.maximum(best_r, br)
-        tok_p = tl.where(bp > best_p, ip.to(tl.int64), tok_p)
-        best_p = tl.maximum(best_p, bp)
+    best_r, tok_r, _, tok_p = _race(
+        p_rows + stop * stride_pk, q_rows + stop * stride_qk, stride_pv, stride_qv, inv_t,
+        m_p_stop, s_p_stop, m_q_stop, s_q_stop, d_stop, has_q, row_mask & (greedy == 0),
+        seed, counter_row + stop * (V + 1), 0, V, IS_LOGITS, HAS_DRAFT, BLOCK_B, BLOCK_V,
+    )  # fmt: skip
     token = tl.where(greedy, a_p_stop, tl.where(best_r >= 0.0, tok_r, tok_p))
+    _write_output(
+        draft_tokens_ptr, out_tokens_ptr, num_accepted_ptr, rows, row_mask, stop, token,
+        stride_db, stride_dk, stride_ob, stride_ok, K, BLOCK_K1,
+    )  # fmt: skip
 
-    ks = tl.arange(0, BLOCK_K1).to(tl.int64)
-    out_mask = row_mask[:, None] & (ks < K + 1)[None, :]
-    drafts = tl.load(
-        draft_tokens_ptr + rows[:, None] * stride_db + ks[None, :] * stride_dk,
-        mask=row_mask[:, None] & (ks[None, :] < stop[:, None]),
-        other=-1,
-    )
-    out = tl.where(ks[None, :] < stop[:, None], drafts, tl.where(ks[None, :] == stop[:, None], token[:, None], -1))
-    tl.store(out_tokens_ptr + rows[:, None] * stride_ob + ks[None, :] * stride_ok, out, mask=out_mask)
-    tl.store(num_accepted_ptr + rows, num_acc, mask=row_mask)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary-split path for small batches: the vocabulary of every row is cut into NUM_SPLITS chunks, one program
+# each, so that a handful of rows still spreads over the whole GPU. Three launches:
+#   1. (logits only) per-chunk softmax statistics of every position a row can reach (j <= n);
+#   2. per (row, chunk): merge the statistics, make the accept decisions (every chunk program makes the same
+#      ones), then run the exponential race over its chunk of the stop position;
+#   3. per row: merge the chunk winners and write the outputs.
+# Same Philox counters as the fused kernel, so both paths make the same decisions from the same seed/offset.
+# Unlike the fused kernel it reads every reachable position's logits, also past a rejection.
+
+
+@triton.jit
+def _split_stats_kernel(
+    draft_ptr, target_ptr, num_draft_ptr, temperature_ptr,
+    p_stats_ptr,  # [B, K + 1, NUM_SPLITS, 3] fp32: max, sum of exp, argmax (as float, exact below 2**24)
+    q_stats_ptr,  # [B, K, NUM_SPLITS, 2] fp32: max, sum of exp
+    stride_qb, stride_qk, stride_qv, stride_pb, stride_pk, stride_pv,
+    K, V, CHUNK, NUM_SPLITS,
+    HAS_DRAFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    b = pid // (K + 1)
+    j = pid % (K + 1)
+    rows = b + tl.arange(0, 1).to(tl.int64)
+    n, greedy, inv_t = _row_setup(rows, rows >= 0, num_draft_ptr, temperature_ptr, True, 1)
+    reach = j <= n  # positions past n are never a stop position
+    v_start = split * CHUNK
+    v_end = tl.minimum(v_start + CHUNK, V)
+    m, s, a = _softmax_stats(target_ptr + rows * stride_pb + j * stride_pk, stride_pv, inv_t, reach,
+                             v_start, v_end, 1, BLOCK_V)
+    base = ((b * (K + 1) + j) * NUM_SPLITS + split) * 3
+    tl.store(p_stats_ptr + base + tl.arange(0, 1), m)
+    tl.store(p_stats_ptr + base + 1 + tl.arange(0, 1), s)
+    tl.store(p_stats_ptr + base + 2 + tl.arange(0, 1), a.to(tl.float32))
+    if HAS_DRAFT:  # noqa: SIM102  (compile-time branch around a runtime one)
+        if j < K:
+            mq, sq, _ = _softmax_stats(draft_ptr + rows * stride_qb + j * stride_qk, stride_qv, inv_t,
+                                       (j < n) & (greedy == 0), v_start, v_end, 1, BLOCK_V)
+            qbase = ((b * K + j) * NUM_SPLITS + split) * 2
+            tl.store(q_stats_ptr + qbase + tl.arange(0, 1), mq)
+            tl.store(q_stats_ptr + qbase + 1 + tl.arange(0, 1), sq)
+
+
+@triton.jit
+def _merge_stats(ptr, base, stride_split, NUM_SPLITS, HAS_ARGMAX: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge per-chunk (max, sum of exp[, argmax]) into [1]-shaped row statistics."""
+    sidx = tl.arange(0, BLOCK_S).to(tl.int64)
+    smask = sidx < NUM_SPLITS
+    m_i = tl.load(ptr + base + sidx[None, :] * stride_split, mask=smask[None, :], other=-_FLT_MAX)
+    s_i = tl.load(ptr + base + sidx[None, :] * stride_split + 1, mask=smask[None, :], other=0.0)
+    m = tl.max(m_i, axis=1)
+    s = tl.sum(s_i * tl.exp(m_i - m[:, None]), axis=1)
+    a = tl.zeros([1], tl.int64)
+    if HAS_ARGMAX:
+        a_i = tl.load(ptr + base + sidx[None, :] * stride_split + 2, mask=smask[None, :], other=0.0)
+        # chunks are in column order and each holds its lowest argmax: the lowest winner is torch.argmax's
+        a = tl.min(tl.where(m_i == m[:, None], a_i, 3.0e38), axis=1).to(tl.int64)
+    return m, s, a
+
+
+@triton.jit
+def _split_race_kernel(
+    draft_tokens_ptr, draft_ptr, target_ptr, num_draft_ptr, temperature_ptr, seed_ptr, offset_ptr,
+    p_stats_ptr, q_stats_ptr,
+    race_ptr,  # [B, NUM_SPLITS, 2] fp32: best_r, best_p of the chunk
+    race_tok_ptr,  # [B, NUM_SPLITS, 2] int64: tok_r, tok_p of the chunk
+    stop_ptr,  # [B] int64: num accepted
+    greedy_tok_ptr,  # [B] int64: argmax of the target at the stop position (logits only)
+    stride_db, stride_dk, stride_qb, stride_qk, stride_qv, stride_pb, stride_pk, stride_pv,
+    K, V, CHUNK, NUM_SPLITS,
+    IS_LOGITS: tl.constexpr,
+    HAS_DRAFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    rows = b + tl.arange(0, 1).to(tl.int64)
+    row_mask = rows >= 0
+    n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, 1)
+    seed = tl.load(seed_ptr)
+    offset = tl.load(offset_ptr)
+    counter_row = offset + rows * (K + 1) * (V + 1)
+    p_rows = target_ptr + rows * stride_pb
+    q_rows = draft_ptr + rows * stride_qb
+
+    live = row_mask
+    num_acc = tl.zeros([1], tl.int64)
+    m_p_stop = tl.zeros([1], tl.float32)
+    s_p_stop = tl.full([1], 1.0, tl.float32)
+    a_p_stop = tl.zeros([1], tl.int64)
+    m_q_stop = tl.zeros([1], tl.float32)
+    s_q_stop = tl.full([1], 1.0, tl.float32)
+    for j in range(K + 1):
+        verify = live & (j < n)
+        m_p = tl.zeros([1], tl.float32)
+        s_p = tl.full([1], 1.0, tl.float32)
+        a_p = tl.zeros([1], tl.int64)
+        m_q = tl.zeros([1], tl.float32)
+        s_q = tl.full([1], 1.0, tl.float32)
+        if IS_LOGITS:  # noqa: SIM102
+            if tl.sum(live.to(tl.int32), axis=0) > 0:
+                m_p, s_p, a_p = _merge_stats(p_stats_ptr, (b * (K + 1) + j) * NUM_SPLITS * 3, 3, NUM_SPLITS,
+                                             True, BLOCK_S)
+                if HAS_DRAFT:  # noqa: SIM102  (compile-time branch around a runtime one)
+                    if j < K:
+                        m_q, s_q, _ = _merge_stats(q_stats_ptr, (b * K + j) * NUM_SPLITS * 2, 2, NUM_SPLITS,
+                                                   False, BLOCK_S)
+        accept = _accept_at(
+            j, rows, verify, greedy, inv_t, m_p, s_p, a_p, m_q, s_q, draft_tokens_ptr, p_rows, q_rows,
+            stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, V,
+            IS_LOGITS, HAS_DRAFT, 1,
+        )  # fmt: skip
+        stop_now = live & (accept == 0)
+        m_p_stop = tl.where(stop_now, m_p, m_p_stop)
+        s_p_stop = tl.where(stop_now, s_p, s_p_stop)
+        a_p_stop = tl.where(stop_now, a_p, a_p_stop)
+        m_q_stop = tl.where(stop_now, m_q, m_q_stop)
+        s_q_stop = tl.where(stop_now, s_q, s_q_stop)
+        num_acc += accept.to(tl.int64)
+        live = accept
+
+    stop = num_acc
+    has_q = row_mask & (stop != n)
+    d_stop = tl.load(draft_tokens_ptr + rows * stride_db + stop * stride_dk, mask=has_q, other=-1)
+    v_start = split * CHUNK
+    best_r, tok_r, best_p, tok_p = _race(
+        p_rows + stop * stride_pk, q_rows + stop * stride_qk, stride_pv, stride_qv, inv_t,
+        m_p_stop, s_p_stop, m_q_stop, s_q_stop, d_stop, has_q, row_mask & (greedy == 0),
+        seed, counter_row + stop * (V + 1), v_start, tl.minimum(v_start + CHUNK, V),
+        IS_LOGITS, HAS_DRAFT, 1, BLOCK_V,
+    )  # fmt: skip
+    base = (b * NUM_SPLITS + split) * 2 + tl.arange(0, 1)
+    tl.store(race_ptr + base, best_r)
+    tl.store(race_ptr + base + 1, best_p)
+    tl.store(race_tok_ptr + base, tok_r)
+    tl.store(race_tok_ptr + base + 1, tok_p)
+    if split == 0:
+        tl.store(stop_ptr + rows, stop)
+        tl.store(greedy_tok_ptr + rows, tl.where(greedy, a_p_stop, -1))
+
+
+@triton.jit
+def _split_finish_kernel(
+    draft_tokens_ptr, race_ptr, race_tok_ptr, stop_ptr, greedy_tok_ptr, out_tokens_ptr, num_accepted_ptr,
+    stride_db, stride_dk, stride_ob, stride_ok,
+    B, K, NUM_SPLITS,
+    BLOCK_B: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K1: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_mask = rows < B
+    sidx = tl.arange(0, BLOCK_S).to(tl.int64)
+    mask = row_mask[:, None] & (sidx < NUM_SPLITS)[None, :]
+    base = (rows[:, None] * NUM_SPLITS + sidx[None, :]) * 2
+    best_r_i = tl.load(race_ptr + base, mask=mask, other=-3.0)
+    best_p_i = tl.load(race_ptr + base + 1, mask=mask, other=-3.0)
+    tok_r_i = tl.load(race_tok_ptr + base, mask=mask, other=0)
+    tok_p_i = tl.load(race_tok_ptr + base + 1, mask=mask, other=0)
+    # the winner is the lowest column attaining the best score (chunks are in column order)
+    best_r = tl.max(best_r_i, axis=1)
+    tok_r = tl.min(tl.where(best_r_i == best_r[:, None], tok_r_i, 9223372036854775807), axis=1)
+    best_p = tl.max(best_p_i, axis=1)
+    tok_p = tl.min(tl.where(best_p_i == best_p[:, None], tok_p_i, 9223372036854775807), axis=1)
+    stop = tl.load(stop_ptr + rows, mask=row_mask, other=0)
+    greedy_tok = tl.load(greedy_tok_ptr + rows, mask=row_mask, other=-1)
+    token = tl.where(greedy_tok >= 0, greedy_tok, tl.where(best_r >= 0.0, tok_r, tok_p))
+    _write_output(
+        draft_tokens_ptr, out_tokens_ptr, num_accepted_ptr, rows, row_mask, stop, token,
+        stride_db, stride_dk, stride_ob, stride_ok, K, BLOCK_K1,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,12 +754,17 @@ def _greedy_reference_impl(draft_tokens, target_logits, num_draft):
 def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits):
     B, K = draft_tokens.shape
     V = target.shape[2]
-    out = torch.empty((B, K + 1), dtype=torch.int64, device=draft_tokens.device)
-    num_acc = torch.empty((B,), dtype=torch.int64, device=draft_tokens.device)
-    cfg = rejection_sample_config(B, V)
+    device = draft_tokens.device
+    out = torch.empty((B, K + 1), dtype=torch.int64, device=device)
+    num_acc = torch.empty((B,), dtype=torch.int64, device=device)
+    cfg = rejection_sample_config(B, V, device)
     q = draft if draft is not None else target  # placeholder pointer, never read when HAS_DRAFT is False
     q_strides = draft.stride() if draft is not None else (0, 0, 0)
     t = temperature if temperature is not None else num_draft  # placeholder, never read for probs
+    if cfg["NUM_SPLITS"] > 1:
+        _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, is_logits,
+                           draft is not None, out, num_acc, cfg)
+        return out, num_acc
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     _rejection_sample_kernel[grid](
         draft_tokens, q, target, num_draft, t, seed, offset, out, num_acc,
@@ -521,6 +781,44 @@ def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offs
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, num_acc
+
+
+def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, is_logits, has_draft,
+                       out, num_acc, cfg):
+    """The three launches of the vocabulary-split path (see the kernels above); fills ``out`` and ``num_acc``."""
+    B, K = draft_tokens.shape
+    V = target.shape[2]
+    device = draft_tokens.device
+    block_v = cfg["BLOCK_V"]
+    chunk = triton.cdiv(triton.cdiv(V, cfg["NUM_SPLITS"]), block_v) * block_v
+    splits = triton.cdiv(V, chunk)  # every chunk holds at least one column
+    block_s = triton.next_power_of_2(splits)
+    p_stats = torch.empty((B, K + 1, splits, 3), dtype=torch.float32, device=device)
+    q_stats = torch.empty((B, K, splits, 2) if has_draft else (1,), dtype=torch.float32, device=device)
+    if is_logits:
+        _split_stats_kernel[(B * (K + 1), splits)](
+            q, target, num_draft, t, p_stats, q_stats,
+            *q_strides, *target.stride(),
+            K, V, chunk, splits,
+            HAS_DRAFT=has_draft, BLOCK_V=block_v, num_warps=cfg["num_warps"],
+        )  # fmt: skip
+    race = torch.empty((B, splits, 2), dtype=torch.float32, device=device)
+    race_tok = torch.empty((B, splits, 2), dtype=torch.int64, device=device)
+    greedy_tok = torch.empty((B,), dtype=torch.int64, device=device)
+    _split_race_kernel[(B, splits)](
+        draft_tokens, q, target, num_draft, t, seed, offset, p_stats, q_stats,
+        race, race_tok, num_acc, greedy_tok,
+        draft_tokens.stride(0), draft_tokens.stride(1), *q_strides, *target.stride(),
+        K, V, chunk, splits,
+        IS_LOGITS=is_logits, HAS_DRAFT=has_draft, BLOCK_V=block_v, BLOCK_S=block_s, num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    block_b = max(1, min(triton.next_power_of_2(B), 4096 // block_s))
+    _split_finish_kernel[(triton.cdiv(B, block_b),)](
+        draft_tokens, race, race_tok, num_acc, greedy_tok, out, num_acc,
+        draft_tokens.stride(0), draft_tokens.stride(1), out.stride(0), out.stride(1),
+        B, K, splits,
+        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K1=triton.next_power_of_2(K + 1),
+    )  # fmt: skip
 
 
 def _run(backend, draft_tokens, draft, target, num_draft, temperature, generator, seed, offset, is_logits):

@@ -8,6 +8,7 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kernels._launch as launch
 import kernels.rejection_sample as rs
 from kernels import (
     PLACEHOLDER_TOKEN_ID,
@@ -20,6 +21,17 @@ from kernels import (
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+BACKENDS = ["torch", "triton", "triton-split"]
+
+
+def _use(backend, monkeypatch, splits=4):
+    """The backend argument for ``backend``; "triton-split" forces the vocabulary-split Triton path."""
+    if backend == "triton-split":
+        monkeypatch.setattr(launch, "FORCE_SPLITS", splits)
+        return "triton"
+    return backend
 
 
 def check_invariants(out, num_acc, num_draft, draft_tokens, V):
@@ -102,6 +114,41 @@ def test_logits_triton_matches_reference(B, K, V, dtype):
         check_invariants(out_t, acc_t, num_draft, draft_tokens, V)
 
 
+# (B, K, V, dtype, splits) for the vocabulary-split path: chunks of one and of several vocab blocks, a
+# last chunk shorter than the others, and more splits than blocks. Bit-equality with the reference, whose
+# distribution the hypothesis tests below check, carries the distribution over (a Monte Carlo run of the split
+# path itself would mean ~10^5 one-row programs, too slow for the interpreter).
+SPLIT_CASES = [
+    (1, 3, 1000, torch.float32, 8),
+    (1, 8, 1000, torch.bfloat16, 3),
+    (7, 3, 111, torch.bfloat16, 7),
+    (3, 4, 4099, torch.float16, 5),
+]
+
+
+@pytest.mark.parametrize("B,K,V,dtype,splits", SPLIT_CASES)
+def test_vocab_split_matches_reference(B, K, V, dtype, splits, monkeypatch):
+    monkeypatch.setattr(launch, "FORCE_SPLITS", splits)
+    assert launch.rejection_sample_config(B, V, torch.device("cpu"))["NUM_SPLITS"] > 1
+    target_logits, draft_logits, draft_tokens, num_draft = _random_problem(B, K, V, dtype, seed=B * 5 + K + V)
+    temperature = torch.rand(B, generator=_gen(V)) + 0.3
+    temperature[::3] = 0.0
+    seed, offset = torch.tensor(4242), torch.tensor(2**33 + 1)
+    for draft_arg, temp in ((draft_logits, temperature), (None, temperature), (draft_logits, 0.7)):
+        kw = {"num_draft_tokens": num_draft, "seed": seed, "offset": offset}
+        out_t, acc_t = rejection_sample_from_logits(draft_tokens, draft_arg, target_logits, temp, backend="triton", **kw)
+        out_r, acc_r = rejection_sample_from_logits_reference(draft_tokens, draft_arg, target_logits, temp, **kw)
+        assert torch.equal(acc_t, acc_r) and torch.equal(out_t, out_r)
+        check_invariants(out_t, acc_t, num_draft, draft_tokens, V)
+    p = torch.softmax(target_logits.float(), -1).to(dtype)
+    q = torch.softmax(draft_logits.float(), -1).to(dtype)
+    for q_arg in (q, None):
+        kw = {"num_draft_tokens": num_draft, "seed": seed, "offset": offset}
+        out_t, acc_t = rejection_sample_from_probs(draft_tokens, q_arg, p, backend="triton", **kw)
+        out_r, acc_r = rejection_sample_from_probs_reference(draft_tokens, q_arg, p, **kw)
+        assert torch.equal(acc_t, acc_r) and torch.equal(out_t, out_r)
+
+
 def test_reproducible_from_generator_and_default_rng():
     _, draft_logits, draft_tokens, _ = _random_problem(7, 3, 111, torch.float32, seed=5)
     p = torch.softmax(torch.randn(7, 4, 111, generator=_gen(2)), -1)
@@ -113,9 +160,10 @@ def test_reproducible_from_generator_and_default_rng():
     check_invariants(out, acc, torch.full((7,), 3), draft_tokens, 111)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_q", [True, False])
-def test_one_hot_targets_reproduce_exactly(backend, with_q):
+def test_one_hot_targets_reproduce_exactly(backend, with_q, monkeypatch):
+    backend = _use(backend, monkeypatch)
     B, K, V = 7, 3, 111
     g = _gen(11)
     target = torch.randint(0, V, (B, K + 1), generator=g)
@@ -132,8 +180,9 @@ def test_one_hot_targets_reproduce_exactly(backend, with_q):
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_zero_probability_draft_never_accepted(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_probability_draft_never_accepted(backend, monkeypatch):
+    backend = _use(backend, monkeypatch)
     B, K, V = 33, 3, 111
     g = _gen(4)
     p = torch.softmax(torch.randn(B, K + 1, V, generator=g), -1)
@@ -160,13 +209,15 @@ def test_zero_probability_draft_never_accepted_with_zero_uniform(monkeypatch):
         check_invariants(out, acc, torch.full((B,), K), draft, V)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_greedy_exact_with_ties(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_exact_with_ties(backend, monkeypatch):
+    backend = _use(backend, monkeypatch)  # split: 16-column chunks, so the 3/23 tie crosses chunks
     B, K, V = 7, 3, 50
     g = _gen(8)
     logits = torch.randint(-3, 3, (B, K + 1, V), generator=g).float()  # many ties
     logits[:, :, 7] = 10.0
-    logits[:, :, 3] = 10.0  # tie between 3 and 7 -> 3
+    logits[:, :, 23] = 10.0
+    logits[:, :, 3] = 10.0  # tie between 3, 7 and 23 -> 3
     logits[1, 2, 40] = 11.0
     logits[2, :, 5] = float("-inf")
     expected_argmax = logits.argmax(-1)
