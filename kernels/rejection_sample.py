@@ -14,6 +14,12 @@ pure-torch Philox (same uint32 -> float conversion), so both backends make the s
 seed/offset. A call consumes ``B * (K + 1) * (V + 1)`` counters: advance ``offset`` by that much between calls.
 With ``generator=`` the seed and offset are drawn from it with torch on the device (no host sync).
 
+Parallelism. The fused kernel (one launch) gives each program BLOCK_B rows and walks their positions in order,
+never reading a row's logits past its first rejection. When the batch is too small to fill the GPU that way,
+``kernels._launch.rejection_sample_config`` switches to the vocabulary-split path (three launches: per-chunk softmax
+statistics, per-chunk decisions and race, merge), which reads every reachable position but spreads each row over
+many programs. Both paths draw the same Philox numbers and make the same decisions.
+
 Exactness caveat: ``-log(u)`` and (for logits) ``exp``/the softmax sums are computed by different libraries in
 the two backends and can differ in the last bit; a decision can then differ only when two race scores (or
 ``u * q`` and ``p``) are within ~1e-7 relative of each other.
