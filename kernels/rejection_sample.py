@@ -215,6 +215,75 @@ def _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS: tl.con
 
 
 @triton.jit
+def _verify_positions(
+    rows, row_mask, n, greedy, inv_t,
+    draft_tokens_ptr, p_rows, q_rows,
+    stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv,
+    seed, counter_row, K, V,
+    p_stats_ptr, q_stats_ptr, NUM_SPLITS,  # per-chunk statistics (FROM_PARTIALS only)
+    IS_LOGITS: tl.constexpr,
+    HAS_DRAFT: tl.constexpr,
+    FROM_PARTIALS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Walk positions 0..K of BLOCK_B rows in order until each row rejects or reaches n.
+
+    Softmax statistics (logits only) come from a pass over the vocabulary, or, with FROM_PARTIALS (one row,
+    BLOCK_B = 1), from merging the vocabulary-split path's per-chunk statistics. A row's position is never
+    touched once the row has stopped. Returns (num_accepted, then m_p, s_p, argmax_p, m_q, s_q at the stop
+    position)."""
+    live = row_mask  # still verifying: not yet stopped by a rejection or by reaching n
+    num_acc = tl.zeros([BLOCK_B], tl.int64)
+    m_p_stop = tl.zeros([BLOCK_B], tl.float32)
+    s_p_stop = tl.full([BLOCK_B], 1.0, tl.float32)
+    a_p_stop = tl.zeros([BLOCK_B], tl.int64)
+    m_q_stop = tl.zeros([BLOCK_B], tl.float32)
+    s_q_stop = tl.full([BLOCK_B], 1.0, tl.float32)
+    b = tl.sum(rows, axis=0)  # the row, when FROM_PARTIALS
+    for j in range(K + 1):
+        verify = live & (j < n)
+        m_p = tl.zeros([BLOCK_B], tl.float32)
+        s_p = tl.full([BLOCK_B], 1.0, tl.float32)
+        a_p = tl.zeros([BLOCK_B], tl.int64)
+        m_q = tl.zeros([BLOCK_B], tl.float32)
+        s_q = tl.full([BLOCK_B], 1.0, tl.float32)
+        # compile-time branches around runtime ones: they cannot be merged
+        if IS_LOGITS:  # noqa: SIM102
+            if tl.sum(live.to(tl.int32), axis=0) > 0:
+                if FROM_PARTIALS:
+                    m_p, s_p, a_p = _merge_stats(p_stats_ptr, (b * (K + 1) + j) * NUM_SPLITS * 3, 3, NUM_SPLITS,
+                                                 True, BLOCK_S)
+                    if HAS_DRAFT:  # noqa: SIM102
+                        if j < K:
+                            m_q, s_q, _ = _merge_stats(q_stats_ptr, (b * K + j) * NUM_SPLITS * 2, 2, NUM_SPLITS,
+                                                       False, BLOCK_S)
+                else:
+                    m_p, s_p, a_p = _softmax_stats(
+                        p_rows + j * stride_pk, stride_pv, inv_t, live, 0, V, BLOCK_B, BLOCK_V
+                    )
+                    if HAS_DRAFT:
+                        m_q, s_q, _ = _softmax_stats(
+                            q_rows + j * stride_qk, stride_qv, inv_t, verify & (greedy == 0), 0, V, BLOCK_B, BLOCK_V
+                        )
+        accept = _accept_at(
+            j, rows, verify, greedy, inv_t, m_p, s_p, a_p, m_q, s_q, draft_tokens_ptr, p_rows, q_rows,
+            stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, V,
+            IS_LOGITS, HAS_DRAFT, BLOCK_B,
+        )  # fmt: skip
+        stop_now = live & (accept == 0)
+        m_p_stop = tl.where(stop_now, m_p, m_p_stop)
+        s_p_stop = tl.where(stop_now, s_p, s_p_stop)
+        a_p_stop = tl.where(stop_now, a_p, a_p_stop)
+        m_q_stop = tl.where(stop_now, m_q, m_q_stop)
+        s_q_stop = tl.where(stop_now, s_q, s_q_stop)
+        num_acc += accept.to(tl.int64)
+        live = accept
+    return num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop
+
+
+@triton.jit
 def _rejection_sample_kernel(
     # pointers
     draft_tokens_ptr,  # [B, K] int64
@@ -259,45 +328,12 @@ def _rejection_sample_kernel(
     p_rows = target_ptr + rows * stride_pb
     q_rows = draft_ptr + rows * stride_qb
 
-    live = row_mask  # still verifying: not yet stopped by a rejection or by reaching n
-    num_acc = tl.zeros([BLOCK_B], tl.int64)
-    # softmax statistics of the stop position (logits only)
-    m_p_stop = tl.zeros([BLOCK_B], tl.float32)
-    s_p_stop = tl.full([BLOCK_B], 1.0, tl.float32)
-    a_p_stop = tl.zeros([BLOCK_B], tl.int64)
-    m_q_stop = tl.zeros([BLOCK_B], tl.float32)
-    s_q_stop = tl.full([BLOCK_B], 1.0, tl.float32)
-    for j in range(K + 1):
-        verify = live & (j < n)
-        m_p = tl.zeros([BLOCK_B], tl.float32)
-        s_p = tl.full([BLOCK_B], 1.0, tl.float32)
-        a_p = tl.zeros([BLOCK_B], tl.int64)
-        m_q = tl.zeros([BLOCK_B], tl.float32)
-        s_q = tl.full([BLOCK_B], 1.0, tl.float32)
-        # a compile-time branch around a runtime one: they cannot be merged
-        if IS_LOGITS:  # noqa: SIM102
-            # Rows that stopped earlier are masked out, so position j is never read for them.
-            if tl.sum(live.to(tl.int32), axis=0) > 0:
-                m_p, s_p, a_p = _softmax_stats(
-                    p_rows + j * stride_pk, stride_pv, inv_t, live, 0, V, BLOCK_B, BLOCK_V
-                )
-                if HAS_DRAFT:
-                    m_q, s_q, _ = _softmax_stats(
-                        q_rows + j * stride_qk, stride_qv, inv_t, verify & (greedy == 0), 0, V, BLOCK_B, BLOCK_V
-                    )
-        accept = _accept_at(
-            j, rows, verify, greedy, inv_t, m_p, s_p, a_p, m_q, s_q, draft_tokens_ptr, p_rows, q_rows,
-            stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, V,
-            IS_LOGITS, HAS_DRAFT, BLOCK_B,
-        )  # fmt: skip
-        stop_now = live & (accept == 0)
-        m_p_stop = tl.where(stop_now, m_p, m_p_stop)
-        s_p_stop = tl.where(stop_now, s_p, s_p_stop)
-        a_p_stop = tl.where(stop_now, a_p, a_p_stop)
-        m_q_stop = tl.where(stop_now, m_q, m_q_stop)
-        s_q_stop = tl.where(stop_now, s_q, s_q_stop)
-        num_acc += accept.to(tl.int64)
-        live = accept
+    num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
+        rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
+        stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, K, V,
+        seed_ptr, seed_ptr, 1,  # no partial statistics
+        IS_LOGITS, HAS_DRAFT, False, BLOCK_B, BLOCK_V, 1,
+    )  # fmt: skip
 
     # Recovered (stop < n) or bonus (stop == n) token at the stop position.
     stop = num_acc
@@ -403,42 +439,12 @@ def _split_race_kernel(
     p_rows = target_ptr + rows * stride_pb
     q_rows = draft_ptr + rows * stride_qb
 
-    live = row_mask
-    num_acc = tl.zeros([1], tl.int64)
-    m_p_stop = tl.zeros([1], tl.float32)
-    s_p_stop = tl.full([1], 1.0, tl.float32)
-    a_p_stop = tl.zeros([1], tl.int64)
-    m_q_stop = tl.zeros([1], tl.float32)
-    s_q_stop = tl.full([1], 1.0, tl.float32)
-    for j in range(K + 1):
-        verify = live & (j < n)
-        m_p = tl.zeros([1], tl.float32)
-        s_p = tl.full([1], 1.0, tl.float32)
-        a_p = tl.zeros([1], tl.int64)
-        m_q = tl.zeros([1], tl.float32)
-        s_q = tl.full([1], 1.0, tl.float32)
-        if IS_LOGITS:  # noqa: SIM102
-            if tl.sum(live.to(tl.int32), axis=0) > 0:
-                m_p, s_p, a_p = _merge_stats(p_stats_ptr, (b * (K + 1) + j) * NUM_SPLITS * 3, 3, NUM_SPLITS,
-                                             True, BLOCK_S)
-                if HAS_DRAFT:  # noqa: SIM102  (compile-time branch around a runtime one)
-                    if j < K:
-                        m_q, s_q, _ = _merge_stats(q_stats_ptr, (b * K + j) * NUM_SPLITS * 2, 2, NUM_SPLITS,
-                                                   False, BLOCK_S)
-        accept = _accept_at(
-            j, rows, verify, greedy, inv_t, m_p, s_p, a_p, m_q, s_q, draft_tokens_ptr, p_rows, q_rows,
-            stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, V,
-            IS_LOGITS, HAS_DRAFT, 1,
-        )  # fmt: skip
-        stop_now = live & (accept == 0)
-        m_p_stop = tl.where(stop_now, m_p, m_p_stop)
-        s_p_stop = tl.where(stop_now, s_p, s_p_stop)
-        a_p_stop = tl.where(stop_now, a_p, a_p_stop)
-        m_q_stop = tl.where(stop_now, m_q, m_q_stop)
-        s_q_stop = tl.where(stop_now, s_q, s_q_stop)
-        num_acc += accept.to(tl.int64)
-        live = accept
-
+    num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
+        rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
+        stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, K, V,
+        p_stats_ptr, q_stats_ptr, NUM_SPLITS,
+        IS_LOGITS, HAS_DRAFT, True, 1, BLOCK_V, BLOCK_S,
+    )  # fmt: skip
     stop = num_acc
     has_q = row_mask & (stop != n)
     d_stop = tl.load(draft_tokens_ptr + rows * stride_db + stop * stride_dk, mask=has_q, other=-1)
