@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 class RunConfig:
     target: str = "embedded"
     draft: str = "ngram"
+    ngram_max: int = 3
+    ngram_min: int = 1
     gamma: int = 5
     batch_size: int = 4
     max_new_tokens: int = 64
@@ -136,3 +138,13 @@ def validate(config: RunConfig) -> None:
     )
     need(bool(config.target), "target must not be empty")
     need(bool(config.draft), "draft must not be empty")
+    need(config.ngram_min >= 1, f"ngram_min must be >= 1, got {config.ngram_min}")
+    need(
+        config.ngram_max >= config.ngram_min,
+        f"ngram_max must be >= ngram_min ({config.ngram_min}), got {config.ngram_max}",
+    )
+    need(
+        config.draft.lower() == "ngram"
+        or (config.ngram_max, config.ngram_min) == (RunConfig.ngram_max, RunConfig.ngram_min),
+        f"ngram_max/ngram_min apply to --draft ngram only, but the draft is {config.draft!r}",
+    )

@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"draft: ngram (model-free, prompt lookup) or a model spec like --target that "
         f"shares the target's vocabulary [default: {d.draft}]",
     )
+    p.add_argument(
+        "--ngram-max",
+        type=int,
+        help=f"--draft ngram: longest n-gram looked up first [default: {d.ngram_max}]",
+    )
+    p.add_argument(
+        "--ngram-min",
+        type=int,
+        help=f"--draft ngram: shortest n-gram tried; larger proposes less often but more accurately "
+        f"[default: {d.ngram_min}]",
+    )
     p.add_argument("--gamma", type=int, help=f"draft tokens proposed per row per step (>= 1) [default: {d.gamma}]")
     p.add_argument("--batch-size", type=int, help=f"prompts decoded together in one batch [default: {d.batch_size}]")
     p.add_argument(
@@ -297,7 +308,9 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     console.print(f"Loading target [bold]{config.target}[/] on {device} ({str(dtype).replace('torch.', '')}) ...")
     t0 = time.perf_counter()
     model, tokenizer = load_target(config.target, device=device, dtype=dtype)
-    draft = load_draft(config.draft, model, device=device, dtype=dtype)
+    draft = load_draft(
+        config.draft, model, device=device, dtype=dtype, max_ngram=config.ngram_max, min_ngram=config.ngram_min
+    )
     load_s = time.perf_counter() - t0
     eos = eos_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer, eos)
@@ -321,7 +334,9 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
         base_out: list[list[int] | None] = [None] * len(shard)
         spec_out: list[list[int] | None] = [None] * len(shard)
         alphas: list[float | None] = [None] * len(shard)
-        batches = [list(range(i, min(i + config.batch_size, len(shard)))) for i in range(0, len(shard), config.batch_size)]
+        batches = [
+            list(range(i, min(i + config.batch_size, len(shard)))) for i in range(0, len(shard), config.batch_size)
+        ]
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -341,7 +356,11 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
                     _sync(device)
                     t = time.perf_counter()
                     result = autoregressive_generate_batch(
-                        batch_prompts, model, max_gen_len=config.max_new_tokens, seed=seed, return_stats=True,
+                        batch_prompts,
+                        model,
+                        max_gen_len=config.max_new_tokens,
+                        seed=seed,
+                        return_stats=True,
                         **common,
                     )
                     _sync(device)
@@ -498,8 +517,13 @@ def _print_processes(console, processes: list[dict]) -> None:
         table.add_column(name, justify="right")
     for p in processes:
         base = p["baseline_tokens_per_s"]
-        table.add_row(str(p["process_index"]), str(p["num_prompts"]), "-" if base is None else f"{base:.1f}",
-                      f"{p['speculative_tokens_per_s']:.1f}", f"{p['speculative_wall_time_s']:.2f} s")
+        table.add_row(
+            str(p["process_index"]),
+            str(p["num_prompts"]),
+            "-" if base is None else f"{base:.1f}",
+            f"{p['speculative_tokens_per_s']:.1f}",
+            f"{p['speculative_wall_time_s']:.2f} s",
+        )
     console.print(table)
 
 

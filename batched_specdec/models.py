@@ -269,8 +269,12 @@ def load_draft(
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     quiet: bool = False,
+    max_ngram: int = 3,
+    min_ngram: int = 1,
 ):
     """Load a draft: ``"ngram"`` (the default, model-free) or a model spec as in :func:`load_target`.
+
+    ``max_ngram``/``min_ngram`` configure the n-gram drafter and are ignored for a model draft.
 
     A draft model must share the target's vocabulary; a size mismatch is reported here, before any compute.
     Returns an :class:`~batched_specdec.ngram.NGramDrafter` or an HF causal LM.
@@ -279,7 +283,7 @@ def load_draft(
     if spec.lower() == "ngram":
         from batched_specdec.ngram import NGramDrafter
 
-        return NGramDrafter()
+        return NGramDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
     dev = resolve_device(device)
     model_dir = _resolve_model_dir(spec, quiet=quiet)
     model = _load_model(model_dir, spec, dev, resolve_dtype(dtype, dev), attn_implementation)

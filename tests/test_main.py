@@ -9,6 +9,7 @@ import pytest
 
 from batched_specdec.config import VALID_KEYS, ConfigError, RunConfig, build_config, read_config_file
 from batched_specdec.main import build_parser, main, parse_config
+from batched_specdec.models import load_draft
 from batched_specdec.prompts import (
     PromptFileError,
     builtin_prompts,
@@ -84,6 +85,15 @@ def test_config_validation():
         build_config({}, {"gamma": 0})
     with pytest.raises(ConfigError, match="top_k/top_p need sampling"):
         build_config({"top_k": 5})
+    with pytest.raises(ConfigError, match="ngram_min must be >= 1, got 0"):
+        build_config({}, {"ngram_min": 0})
+    with pytest.raises(ConfigError, match=r"ngram_max must be >= ngram_min \(3\), got 2"):
+        build_config({}, {"ngram_min": 3, "ngram_max": 2})
+    with pytest.raises(ConfigError, match="apply to --draft ngram only, but the draft is 'some/model'"):
+        build_config({"draft": "some/model"}, {"ngram_max": 5})
+    config = build_config({"ngram_max": 5}, {"ngram_min": 2})
+    drafter = load_draft(config.draft, max_ngram=config.ngram_max, min_ngram=config.ngram_min)
+    assert (drafter.max_ngram, drafter.min_ngram) == (5, 2)
 
 
 def test_config_file_types(tmp_path):
@@ -198,7 +208,7 @@ def test_end_to_end_greedy(tiny_dir, tmp_path, capsys, draft):
         "--target",
         tiny_dir,
         "--draft",
-        tiny_dir if draft == "target" else "ngram",
+        *([tiny_dir] if draft == "target" else ["ngram", "--ngram-max", "4", "--ngram-min", "2"]),
         "--prompts",
         str(prompts),
         "--num-prompts",
