@@ -201,8 +201,9 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise DraftLoadError(f"draft directory {str(path)!r} has no {CONFIG_NAME} and {WEIGHTS_NAME}")
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
+    if missing:
+        raise DraftLoadError(f"draft directory {str(path)!r} has no {' and no '.join(missing)}")
     try:
         meta = json.loads((path / CONFIG_NAME).read_text())
     except ValueError as exc:

@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--draft",
-        help=f"draft: ngram (model-free, prompt lookup) or a model spec like --target that "
-        f"shares the target's vocabulary [default: {d.draft}]",
+        help=f"draft: ngram (model-free, prompt lookup), a draft directory written by "
+        f"python -m batched_specdec.distill, or a model spec like --target that shares the target's vocabulary "
+        f"[default: {d.draft}]",
     )
     p.add_argument(
         "--ngram-max",

