@@ -495,7 +495,7 @@ def evaluate(draft, target, prompts: list[list[int]], args, eos_ids: list[int]) 
     results = {}
     for bs in sorted({1, min(args.eval_batch_size, len(prompts))}):
         ar_time = sd_time = 0.0
-        ar_tok = sd_tok = acc = prop = 0
+        ar_tok = sd_tok = acc = prop = rejections = 0
         exact = True
         for i in range(0, len(prompts), bs):
             part = prompts[i:i + bs]
@@ -508,8 +508,12 @@ def evaluate(draft, target, prompts: list[list[int]], args, eos_ids: list[int]) 
             sd_tok += sd_stats.generated_tokens
             acc += sum(sd_stats.accepted)
             prop += sum(sd_stats.proposed)
+            rejections += sum(sd_stats.acceptance_histogram[: args.gamma])  # row-steps that stopped at a rejection
         results[bs] = {
             "acceptance_rate": acc / max(prop, 1),
+            # Leviathan et al.'s alpha, estimated: the chance that a draft token that gets verified is accepted.
+            # acceptance_rate also counts drafts after a rejection, which are never verified, so it is lower.
+            "per_position_acceptance": acc / max(acc + rejections, 1),
             "target_only_tokens_per_s": ar_tok / ar_time,
             "speculative_tokens_per_s": sd_tok / sd_time,
             "speedup": (sd_tok / sd_time) / (ar_tok / ar_time),
@@ -523,7 +527,8 @@ def print_eval(results: dict, n_prompts: int, args) -> None:
     print(f"held-out evaluation: {n_prompts} prompts never used for training, greedy, gamma={args.gamma}, "
           f"{args.eval_gen_len} new tokens per prompt")
     for bs, r in results.items():
-        print(f"  batch {bs}: acceptance {r['acceptance_rate']:.3f} per draft token, speculative "
+        print(f"  batch {bs}: acceptance {r['acceptance_rate']:.3f} per draft token (per verified position "
+              f"{r['per_position_acceptance']:.3f}), speculative "
               f"{r['speculative_tokens_per_s']:.2f} tok/s vs target-only {r['target_only_tokens_per_s']:.2f} tok/s "
               f"-> speedup {r['speedup']:.2f}x, outputs identical to target-only: {r['exact']}")
 
