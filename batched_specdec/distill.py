@@ -11,7 +11,8 @@ Pipeline (every stage is cached under ``--output-dir``, so an interrupted run re
    steps; past the end of a turn the target keeps writing further chat turns, which is still its own text.
 3. Vocabulary subset: the ``--vocab-subset`` ids the target emits or ranks first most often in that data.
 4. Training: a :class:`~batched_specdec.draft_model.SubsetHeadDraft` (``--layers`` decoder layers initialised
-   from target layers, final norm, subset head over the target's output embedding), loss
+   from target layers, or of a narrower ``--width`` with random initialisation and projections to and from the
+   target's width; final norm, subset head over the target's output embedding), loss
    ``KL(p_target || q_draft)`` where ``p_target`` is the recorded top-k distribution restricted to the subset and
    renormalised, and ``q_draft`` the draft's softmax over the subset. AdamW, linear warm-up, cosine decay.
 5. Evaluation on the held-out prompts: greedy speculative decoding with the draft (``--gamma``), its acceptance
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-top-k", type=int, default=32,
                    help="teacher log-probabilities recorded per position (the loss uses these, renormalised)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the draft")
+    p.add_argument("--width", type=int, default=0,
+                   help="hidden size of the draft's layers (0: the target's); a narrower draft gets trained "
+                        "projections to and from the target's width and needs --init random")
     p.add_argument("--init", default="even",
                    help="draft layer initialisation: even (evenly spaced target layers, first and last included), "
                         "first (the first N layers), random, or a comma-separated list of N target layer indices")
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    for name in ("steps", "self_prompts", "eval_prompts", "vocab_subset", "checkpoint_every", "threads"):
+    for name in ("steps", "self_prompts", "eval_prompts", "vocab_subset", "checkpoint_every", "threads", "width"):
         if getattr(args, name) < 0:
             raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("sequences", "gen_len", "gen_batch_size", "teacher_top_k", "layers", "batch_size", "seq_len",
@@ -376,14 +380,27 @@ def init_layers(spec: str, num_layers: int, target_layers: int) -> list[int] | N
     return ids
 
 
+def draft_plan(target, args):
+    """The draft's Llama config and the target layers it copies (None: random), checked against the target."""
+    from batched_specdec.draft_model import draft_config_from_target
+
+    layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
+    width = args.width or int(target.config.hidden_size)
+    if width != int(target.config.hidden_size) and layer_ids is not None:
+        raise DistillError(f"--width {width} differs from the target's hidden size {target.config.hidden_size}, so "
+                           f"--init {args.init} cannot copy target layers; use --init random")
+    try:
+        return draft_config_from_target(target.config, args.layers, width), layer_ids
+    except ValueError as exc:
+        raise DistillError(f"--width: {exc}") from exc
+
+
 def build_draft(target, args, vocab_ids: torch.Tensor):
-    from batched_specdec.draft_model import SubsetHeadDraft, draft_config_from_target, init_from_target
+    from batched_specdec.draft_model import SubsetHeadDraft, init_from_target
 
     if getattr(target.config, "model_type", None) not in ("llama",) and not hasattr(target, "model"):
         raise DistillError("the draft is built from Llama-style decoder layers; the target must be a Llama-like LM")
-    n_target = int(target.config.num_hidden_layers)
-    layer_ids = init_layers(args.init, args.layers, n_target)
-    config = draft_config_from_target(target.config, args.layers)
+    config, layer_ids = draft_plan(target, args)
     draft = SubsetHeadDraft(config, target, vocab_ids)
     try:
         init_from_target(draft, target, layer_ids)
@@ -564,6 +581,8 @@ def run(args) -> dict:
         if isinstance(end, int) and end >= 0 and end != getattr(tokenizer, "unk_token_id", None) and end not in eos_ids:
             eos_ids.append(end)
 
+    if not args.eval_only:
+        draft_plan(target, args)  # bad --layers/--width/--init fail here, before any generation
     pool = base_prompts(sources, tokenizer)
     rng = random.Random(args.seed)
     shuffled = pool[:]
@@ -633,7 +652,8 @@ def run(args) -> dict:
         print(f"interrupted at step {result['steps']}; rerun with --resume to continue", file=sys.stderr)
         return summary
     draft_dir = save_draft(draft, out_dir / "draft", storage_dtype=getattr(torch, args.storage_dtype), metadata={
-        "target": args.target, "layers": args.layers, "init_layers": layer_ids, "steps": result["steps"],
+        "target": args.target, "layers": args.layers, "width": draft.config.hidden_size, "init_layers": layer_ids,
+        "steps": result["steps"],
         "sequences": summary["data_sequences"], "gen_len": args.gen_len, "data_tokens": summary["data_tokens"],
         "loss_first": summary.get("loss_first"), "loss_last": summary.get("loss_last"),
     })

@@ -4,7 +4,9 @@ On CPU at batch 1 a draft with the full output head pays for a ``V x hidden`` ma
 for SmolLM2-135M, a fifth of the target's own forward). This draft keeps:
 
 * the target's token embedding module, shared at run time (not stored);
-* ``N`` Llama decoder layers of the target's width (trained; stored) and a final norm (stored);
+* ``N`` Llama decoder layers (trained; stored) and a final norm (stored), of the target's width or narrower; a
+  narrower draft adds two trained projections (target width -> draft width after the embedding, and back before
+  the head);
 * an output head restricted to ``K`` frequent token ids: the target's output-embedding rows for those ids,
   gathered once at load time (not stored), plus a trained per-token bias (stored).
 
@@ -40,11 +42,28 @@ class DraftLoadError(ValueError):
     """A draft directory that cannot be loaded for this target; the message is one line."""
 
 
-def draft_config_from_target(target_config, num_layers: int) -> LlamaConfig:
-    """The Llama config of an ``num_layers``-layer draft of the target's width and attention geometry."""
+def draft_config_from_target(target_config, num_layers: int, width: int | None = None) -> LlamaConfig:
+    """The Llama config of a ``num_layers``-layer draft with the target's attention geometry.
+
+    ``width`` (default: the target's hidden size) must be a multiple of the target's head dimension; a narrower
+    draft keeps the head dimension and the query/KV head ratio and scales the MLP with the width."""
     kwargs = {k: getattr(target_config, k) for k in _LAYER_KEYS if getattr(target_config, k, None) is not None}
     if "head_dim" not in kwargs:
         kwargs["head_dim"] = target_config.hidden_size // target_config.num_attention_heads
+    target_width = int(target_config.hidden_size)
+    if width is not None and int(width) != target_width:
+        head_dim = int(kwargs["head_dim"])
+        if width < head_dim or width % head_dim:
+            raise ValueError(f"draft width {width} must be a positive multiple of the target's head dimension "
+                             f"{head_dim}")
+        heads = width // head_dim
+        group = max(1, int(target_config.num_attention_heads) // int(target_config.num_key_value_heads))
+        kwargs.update(
+            hidden_size=int(width),
+            num_attention_heads=heads,
+            num_key_value_heads=heads // group if heads % group == 0 else heads,
+            intermediate_size=round(int(target_config.intermediate_size) * width / target_width),
+        )
     config = LlamaConfig(
         vocab_size=int(target_config.vocab_size),
         num_hidden_layers=int(num_layers),
@@ -55,6 +74,7 @@ def draft_config_from_target(target_config, num_layers: int) -> LlamaConfig:
         **kwargs,
     )
     config._attn_implementation = getattr(target_config, "_attn_implementation", None) or "sdpa"
+    config.target_hidden_size = target_width
     return config
 
 
@@ -85,7 +105,13 @@ class SubsetHeadDraft(nn.Module):
         self.model = LlamaModel(inner)
         # A plain attribute outside the module tree: not a parameter of the draft, not saved, never trained.
         self.__dict__["_target_embed"] = target.get_input_embeddings()
-        self.model.embed_tokens = _SharedEmbedding(self._target_embed)
+        target_width = int(target.config.hidden_size)
+        if config.hidden_size != target_width:
+            self.in_proj = nn.Linear(target_width, config.hidden_size, bias=False)
+            self.out_proj = nn.Linear(config.hidden_size, target_width, bias=False)
+        else:
+            self.in_proj = self.out_proj = None
+        self.model.embed_tokens = _SharedEmbedding(self._target_embed, self.in_proj)
         vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.int64)
         self.register_buffer("vocab_ids", vocab_ids.clone(), persistent=False)
         head = target.get_output_embeddings().weight.detach()
@@ -105,11 +131,13 @@ class SubsetHeadDraft(nn.Module):
         return self._target_embed
 
     def subset_logits(self, hidden: Tensor) -> Tensor:
-        """``(..., K)`` logits over the subset from final hidden states ``(..., hidden)``."""
+        """``(..., K)`` logits over the subset from the hidden states ``(..., target width)`` of :meth:`hidden_states`."""
         return nn.functional.linear(hidden, self.head_weight, self.head_bias)
 
     def hidden_states(self, input_ids: Tensor, **kwargs) -> Tensor:
-        return self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        """Final hidden states in the target's width (the draft's, projected back when it is narrower)."""
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        return hidden if self.out_proj is None else self.out_proj(hidden)
 
     def forward(
         self,
@@ -121,13 +149,13 @@ class SubsetHeadDraft(nn.Module):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        hidden = self.model(
-            input_ids=input_ids,
+        hidden = self.hidden_states(
+            input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
-        ).last_hidden_state
+        )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         sub = self.subset_logits(hidden)
@@ -139,12 +167,14 @@ class SubsetHeadDraft(nn.Module):
 class _SharedEmbedding(nn.Module):
     """Calls the target's embedding without registering its weight as a draft parameter."""
 
-    def __init__(self, embed: nn.Module) -> None:
+    def __init__(self, embed: nn.Module, proj: nn.Module | None) -> None:
         super().__init__()
         self.__dict__["_embed"] = embed
+        self.__dict__["_proj"] = proj  # owned (and saved) by the draft, not by this wrapper
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self._embed(input_ids)
+        x = self._embed(input_ids)
+        return x if self._proj is None else self._proj(x)
 
 
 def init_from_target(draft: SubsetHeadDraft, target, layer_ids: list[int] | None) -> None:
@@ -152,6 +182,11 @@ def init_from_target(draft: SubsetHeadDraft, target, layer_ids: list[int] | None
 
     ``None`` keeps the random initialisation of the layers (the norm is still copied)."""
     tmodel = target.model
+    if draft.in_proj is not None:
+        if layer_ids is not None:
+            raise ValueError(f"a draft of width {draft.config.hidden_size} cannot copy layers of the target's width "
+                             f"{target.config.hidden_size}; initialise it randomly")
+        return
     if layer_ids is not None:
         if len(layer_ids) != len(draft.model.layers):
             raise ValueError(f"{len(layer_ids)} init layers given for a {len(draft.model.layers)}-layer draft")
@@ -162,11 +197,11 @@ def init_from_target(draft: SubsetHeadDraft, target, layer_ids: list[int] | None
 
 def _check_target(config: dict, target) -> None:
     tcfg = target.config
-    if int(config["vocab_size"]) != int(tcfg.vocab_size) or int(config["hidden_size"]) != int(tcfg.hidden_size):
+    hidden = int(config.get("target_hidden_size", config["hidden_size"]))
+    if int(config["vocab_size"]) != int(tcfg.vocab_size) or hidden != int(tcfg.hidden_size):
         raise DraftLoadError(
             f"draft was trained for a target with vocab_size={config['vocab_size']} and hidden_size="
-            f"{config['hidden_size']}, but this target has vocab_size={tcfg.vocab_size} and hidden_size="
-            f"{tcfg.hidden_size}"
+            f"{hidden}, but this target has vocab_size={tcfg.vocab_size} and hidden_size={tcfg.hidden_size}"
         )
 
 
@@ -180,10 +215,14 @@ def save_draft(draft: SubsetHeadDraft, path: str | Path, *, storage_dtype: torch
     tensors = {f"model.{k}": v.detach().to("cpu", storage_dtype).contiguous()
                for k, v in draft.model.state_dict().items() if not k.startswith("embed_tokens")}
     tensors["head_bias"] = draft.head_bias.detach().to("cpu", storage_dtype).contiguous()
+    if draft.in_proj is not None:
+        tensors["in_proj"] = draft.in_proj.weight.detach().to("cpu", storage_dtype).contiguous()
+        tensors["out_proj"] = draft.out_proj.weight.detach().to("cpu", storage_dtype).contiguous()
     tensors["vocab_ids"] = draft.vocab_ids.detach().to("cpu", torch.int32).contiguous()
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": str(FORMAT_VERSION)})
     config = {"format": FORMAT_VERSION, "llama_config": draft.config.to_dict(), "subset_size": len(draft.vocab_ids),
-              "vocab_size": draft.config.vocab_size, "hidden_size": draft.config.hidden_size}
+              "vocab_size": draft.config.vocab_size, "hidden_size": draft.config.hidden_size,
+              "target_hidden_size": int(draft._target_embed.weight.shape[1])}
     if metadata:
         config["metadata"] = metadata
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -222,8 +261,14 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
     if missing or unexpected:
         raise DraftLoadError(f"draft {str(path)!r} does not match its config: missing {missing}, unexpected "
                              f"{unexpected}")
+    if (draft.in_proj is not None) != ("in_proj" in tensors):
+        raise DraftLoadError(f"draft {str(path)!r} does not match its config: projection weights "
+                             f"{'missing' if draft.in_proj is not None else 'unexpected'}")
     with torch.no_grad():
         draft.head_bias.copy_(tensors["head_bias"])
+        if draft.in_proj is not None:
+            draft.in_proj.weight.copy_(tensors["in_proj"])
+            draft.out_proj.weight.copy_(tensors["out_proj"])
     draft.eval()
     draft.requires_grad_(False)
     return draft

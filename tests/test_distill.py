@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from batched_specdec import GreedyProcessor, autoregressive_generate_batch, speculative_generate_batch
-from batched_specdec.distill import build_parser, main, run
+from batched_specdec.distill import DistillError, build_parser, main, run
 from batched_specdec.draft_model import DEFAULT_DRAFT_DIR, DraftLoadError, SubsetHeadDraft, load_distilled_draft
 from batched_specdec.models import ModelLoadError, load_draft
 from tests.tiny_models import tiny_causal_lm
@@ -69,6 +69,26 @@ def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
     assert isinstance(via_cli, SubsetHeadDraft) and torch.equal(via_cli.vocab_ids, draft.vocab_ids)
     with pytest.raises(ModelLoadError, match="needs the target model"):
         load_draft(str(out / "draft"), None)
+
+
+def test_distill_narrower_draft(tiny_target_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DistillError, match="--init random"):
+        run(_args(tiny_target_dir, out, "--width", "16", "--steps", "1"))
+    summary = run(_args(tiny_target_dir, out, "--width", "16", "--init", "random", "--steps", "60", "--lr", "1e-2",
+                        "--checkpoint-every", "0", "--eval-prompts", "1"))
+    assert summary["loss_last"] < 0.8 * summary["loss_first"]
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=3, init_std=0.3)
+    draft = load_distilled_draft(target, out / "draft")
+    assert draft.config.hidden_size == 16 and draft.in_proj.weight.shape == (16, 32)
+    assert torch.count_nonzero(draft.out_proj.weight) > 0
+    prompts = [[5, 17, 33], [60]]
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=12, eos_tokens_id=None)
+    got, _, _ = speculative_generate_batch(prompts, draft, target, gamma=3, logits_processor=GreedyProcessor(),
+                                           max_gen_len=12, eos_tokens_id=None)
+    assert got == expected
+    with pytest.raises(DistillError, match="multiple of the target's head dimension"):
+        run(_args(tiny_target_dir, tmp_path / "bad", "--width", "12", "--init", "random", "--steps", "1"))
 
 
 def test_distill_resume_reuses_data_and_continues(tiny_target_dir, tmp_path):
