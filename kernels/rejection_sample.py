@@ -35,6 +35,7 @@ from kernels._launch import rejection_sample_config, resolve_backend
 PLACEHOLDER_TOKEN_ID = -1
 
 _FLT_MAX = 3.4028234663852886e38
+_NEG_FLT_MAX = tl.constexpr(-_FLT_MAX)  # kernels may only read constexpr globals
 
 # Philox4x32-10 constants, as in triton/language/random.py.
 _PHILOX_KEY_A = 0x9E3779B9
@@ -67,7 +68,7 @@ def _softmax_stats(
 
     Rows that read nothing get m = -FLT_MAX, s = 0 and argmax 0."""
     cols0 = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_B], -_FLT_MAX, tl.float32)
+    m = tl.full([BLOCK_B], _NEG_FLT_MAX, tl.float32)
     s = tl.zeros([BLOCK_B], tl.float32)
     a = tl.zeros([BLOCK_B], tl.int64)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -401,7 +402,7 @@ def _merge_stats(ptr, base, stride_split, NUM_SPLITS, HAS_ARGMAX: tl.constexpr, 
     """Merge per-chunk (max, sum of exp[, argmax]) into [1]-shaped row statistics."""
     sidx = tl.arange(0, BLOCK_S).to(tl.int64)
     smask = sidx < NUM_SPLITS
-    m_i = tl.load(ptr + base + sidx[None, :] * stride_split, mask=smask[None, :], other=-_FLT_MAX)
+    m_i = tl.load(ptr + base + sidx[None, :] * stride_split, mask=smask[None, :], other=_NEG_FLT_MAX)
     s_i = tl.load(ptr + base + sidx[None, :] * stride_split + 1, mask=smask[None, :], other=0.0)
     m = tl.max(m_i, axis=1)
     s = tl.sum(s_i * tl.exp(m_i - m[:, None]), axis=1)
