@@ -202,6 +202,14 @@ def _write_output(
 
 
 @triton.jit
+def _row_streams(rows, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb, stride_qb, K, V):
+    """(seed, first Philox counter of each row, pointers to each row's target and draft distributions)."""
+    seed = tl.load(seed_ptr)
+    counter_row = tl.load(offset_ptr) + rows * (K + 1) * (V + 1)
+    return seed, counter_row, target_ptr + rows * stride_pb, draft_ptr + rows * stride_qb
+
+
+@triton.jit
 def _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS: tl.constexpr, BLOCK_B: tl.constexpr):
     """(n, greedy, inv_t) of each row: real draft slots, temperature-0 flag, 1 / temperature (1 when greedy)."""
     n = tl.load(num_draft_ptr + rows, mask=row_mask, other=0)
@@ -323,11 +331,8 @@ def _rejection_sample_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, BLOCK_B)
-    seed = tl.load(seed_ptr)
-    offset = tl.load(offset_ptr)
-    counter_row = offset + rows * (K + 1) * (V + 1)
-    p_rows = target_ptr + rows * stride_pb
-    q_rows = draft_ptr + rows * stride_qb
+    seed, counter_row, p_rows, q_rows = _row_streams(rows, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb,
+                                                     stride_qb, K, V)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
         rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
@@ -434,11 +439,8 @@ def _split_race_kernel(
     rows = b + tl.arange(0, 1).to(tl.int64)
     row_mask = rows >= 0
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, 1)
-    seed = tl.load(seed_ptr)
-    offset = tl.load(offset_ptr)
-    counter_row = offset + rows * (K + 1) * (V + 1)
-    p_rows = target_ptr + rows * stride_pb
-    q_rows = draft_ptr + rows * stride_qb
+    seed, counter_row, p_rows, q_rows = _row_streams(rows, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb,
+                                                     stride_qb, K, V)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
         rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
