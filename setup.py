@@ -13,7 +13,8 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=["batched_specdec", "kernels"],
-    package_data={"batched_specdec": ["data/*.jsonl"]},
+    # drafts/: distilled drafts shipped for built-in targets (draft_config.json, draft.safetensors, card)
+    package_data={"batched_specdec": ["data/*.jsonl", "drafts/*/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
