@@ -5,9 +5,8 @@ runs ``gamma`` one-token forwards per step; this script times ONE such forward (
 length S) so that the two are compared at the same batch size and context length: a model-draft step costs about
 ``gamma`` times the reported forward.
 
-Timing: ``triton.testing.do_bench`` medians (quantiles 0.5, 0.2, 0.8, warm-up excluded) on CUDA; on CPU a
-``timeit`` median over repeats. Rows are appended to ``benchmarks/results/ngram.csv`` keyed by device, versions,
-commit and date.
+Timing: ``common.do_bench`` (as in every benchmark here). Rows are appended to ``benchmarks/results/ngram.csv``
+keyed by device, versions, commit and date (``common.run_key``, ``common.append_rows``).
 
     python benchmarks/bench_ngram.py                      # CPU: small sizes
     python benchmarks/bench_ngram.py --batch-sizes 1 8 64 --seq-lens 512 2048   # the GPU sweep (default on CUDA)
@@ -16,69 +15,20 @@ commit and date.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import timeit
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import KEY_FIELDS, append_rows, do_bench, pick_device, run_key
 
 from batched_specdec.ngram import ngram_lookup
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ngram.csv")
-FIELDS = [
-    "date", "commit", "device", "torch", "triton", "transformers", "method", "batch", "seq_len", "gamma",
-    "max_ngram", "median_ms", "p20_ms", "p80_ms", "note",
+FIELDS = KEY_FIELDS + [
+    "method", "batch", "seq_len", "gamma", "max_ngram", "median_ms", "p20_ms", "p80_ms", "note",
 ]  # fmt: skip
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "cpu: " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu: " + (platform.processor() or platform.machine())
-
-
-def git_commit() -> str:
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return "absent"
-
-
-def bench(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds per call."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
-    fn()  # warm-up
-    number = 5
-    times = [t / number * 1e3 for t in timeit.repeat(fn, number=number, repeat=repeats)]
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return statistics.median(times), q[1], q[7]
 
 
 def make_draft_model(vocab: int, hidden: int, layers: int, max_pos: int, device: torch.device):
@@ -117,11 +67,8 @@ def model_step_fn(model, batch: int, seq_len: int, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--device", default="cuda" if cuda else "cpu", help="device to run on (default: cuda if available)"
-    )
+    parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=None, help="batch sizes B (default: 1 8 64 on CUDA, 1 8 on CPU)"
     )
@@ -151,27 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true", help="skip the model-draft forward comparison")
     parser.add_argument("--repeats", type=int, default=7, help="timeit repeats on CPU (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the CPU machines are shared)")
-    parser.add_argument("--no-save", action="store_true", help=f"do not append rows to {os.path.relpath(RESULTS)}")
+    parser.add_argument("--no-save", action="store_true", help="do not append rows to benchmarks/results/ngram.csv")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = pick_device(args.device, parser)
     on_gpu = device.type == "cuda"
-    if on_gpu and not cuda:
-        parser.error(f"--device {args.device!r} requested but CUDA is not available")
     torch.set_num_threads(args.threads)
     batch_sizes = args.batch_sizes or ([1, 8, 64] if on_gpu else [1, 8])
     seq_lens = args.seq_lens or ([512, 2048] if on_gpu else [512])
     hidden = args.draft_hidden or (768 if on_gpu else 128)
     layers = args.draft_layers or (12 if on_gpu else 2)
 
-    key = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": git_commit(),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "transformers": version("transformers"),
-    }
+    key = run_key(device)
     print(f"{key['device']} | torch {key['torch']} | triton {key['triton']} | commit {key['commit']}")
 
     rows = []
@@ -192,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             def lookup(buf=buf, lens=lens):
                 return ngram_lookup(buf, lens, args.gamma, args.max_ngram, args.min_ngram)
 
-            med, lo, hi = bench(lookup, device, args.repeats)
+            med, lo, hi = do_bench(lookup, device, repeats=args.repeats)
             rows.append(
                 dict(
                     key,
@@ -208,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             if model is not None:
-                med, lo, hi = bench(model_step_fn(model, batch, seq_len, device), device, args.repeats)
+                med, lo, hi = do_bench(model_step_fn(model, batch, seq_len, device), device, repeats=args.repeats)
                 rows.append(
                     dict(
                         key,
@@ -234,15 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model_draft_forward = {model_note}; a model-draft step runs gamma={args.gamma} of them.")
 
     if not args.no_save:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        new = not os.path.exists(RESULTS)
-        with open(RESULTS, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            for r in rows:
-                writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
-        print(f"appended {len(rows)} rows to {os.path.relpath(RESULTS)}")
+        path = append_rows("ngram", FIELDS, rows)
+        print(f"appended {len(rows)} rows to {os.path.relpath(path)}")
     return 0
 
 
