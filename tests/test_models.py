@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
 from batched_specdec import models
 from batched_specdec.models import ModelLoadError, load_draft, load_target, resolve_device, resolve_dtype
@@ -40,7 +41,7 @@ def make_tiny_model_dir(path, *, vocab_extra: int = 0, seed: int = 0) -> str:
     """Save a tiny random-weight Llama and a whitespace word-level tokenizer to ``path``; return it as str."""
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2}
     for word in WORDS:
@@ -50,22 +51,9 @@ def make_tiny_model_dir(path, *, vocab_extra: int = 0, seed: int = 0) -> str:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
     )
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(vocab) + vocab_extra,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.5,
-        eos_token_id=1,
-        pad_token_id=2,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = tiny_causal_lm("llama", vocab_size=len(vocab) + vocab_extra, seed=seed, eos_token_id=1, pad_token_id=2,
+                           bos_token_id=None)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

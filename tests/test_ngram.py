@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_causal_lm
 
 from batched_specdec.drafters import Drafter
 from batched_specdec.ngram import NGramDrafter, ngram_lookup
@@ -205,20 +206,7 @@ def test_lookup_with_int32_lens_and_batch_33():
 
 
 def tiny_llama(vocab: int, seed: int, initializer_range: float = 0.1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=initializer_range,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("llama", vocab_size=vocab, seed=seed, init_std=initializer_range)
 
 
 def cycling_llama(vocab: int, successor: dict[int, int], strength: float, seed: int, noise: float = 0.3):
