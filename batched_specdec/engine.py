@@ -184,22 +184,22 @@ class _RaggedBatch:
         self.final_tokens.index_copy_(0, self.row_ids, self.token_buffer)
         self.final_seq_lens.index_copy_(0, self.row_ids, self.seq_lens)
 
-    def keep_rows(self, rows: Tensor) -> None:
+    def keep_rows(self, rows: Tensor, host_rows: Tensor) -> None:
+        """Keep ``rows`` (on the device) of the batch; ``host_rows`` is the same index on the host."""
         self.flush()
         self.token_buffer, self.prompt_lens, self.seq_lens, self.gen_lens, self.finished, self.row_ids = (
             self.token_buffer[rows], self.prompt_lens[rows], self.seq_lens[rows], self.gen_lens[rows],
             self.finished[rows], self.row_ids[rows],
         )
-        host_rows = rows.cpu()
         self.host_finished = self.host_finished[host_rows]
         self.host_seq_lens = self.host_seq_lens[host_rows]
 
     def rows_to_keep(self) -> Tensor | None:
-        """Indices of live rows if enough rows finished to pay for a compaction, else None."""
+        """Indices (on the host) of live rows if enough rows finished to pay for a compaction, else None."""
         done = int(self.host_finished.sum())
         if done == 0 or done == self.size or done < COMPACT_FRACTION * self.size:
             return None
-        return torch.arange(self.size)[~self.host_finished].to(self.token_buffer.device)
+        return torch.arange(self.size)[~self.host_finished]
 
     def commit(self, out_tokens: Tensor, num_accepted: Tensor, cache: RaggedKVCache, eos: Tensor,
                max_gen_len: int) -> None:
@@ -223,9 +223,11 @@ class _RaggedBatch:
             if bar is not None:
                 bar.close()
             return True
-        keep = self.rows_to_keep()
-        if keep is not None:
-            self.keep_rows(keep)
+        host_keep = self.rows_to_keep()
+        if host_keep is not None:
+            # built on the host from the step's one sync, copied to the device: no device-to-host read here
+            keep = host_keep.to(self.token_buffer.device)
+            self.keep_rows(keep, host_keep)
             for holder in row_holders:
                 holder.keep_rows(keep)
             self.compactions += 1
