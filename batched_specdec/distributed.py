@@ -12,9 +12,11 @@ loaded with ``device_map="auto"``: the ragged cache keeps each layer's buffers o
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from accelerate import PartialState
@@ -34,7 +36,46 @@ def process_state() -> PartialState:
             "across N CPU processes use `accelerate launch --multi_gpu --num_processes N` or `torchrun`",
             stacklevel=2,
         )
-    return PartialState(cpu=use_cpu)
+    state = PartialState(cpu=use_cpu)
+    if _process_group_initialized():
+        # A user script that never tears the group down must still exit cleanly: gloo's threads outliving the
+        # interpreter abort the process (SIGABRT, "terminate called without an active exception").
+        atexit.unregister(shutdown_process_group)  # once, however often this is called
+        atexit.register(shutdown_process_group, wait=False)
+    return state
+
+
+def _process_group_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def shutdown_process_group(wait: bool = True) -> None:
+    """Destroy the default process group if one exists; a no-op otherwise (single process, or already done).
+
+    ``wait=True`` first waits for every process (the normal end of a run: no rank leaves while another still
+    talks to it). A rank on its error path passes ``wait=False``: the others may be inside a different collective,
+    so it must not join a barrier; it tears its side down and exits, and the launcher ends the rest.
+    """
+    if not _process_group_initialized():
+        return
+    if wait:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def process_group_torn_down() -> Iterator[None]:
+    """Run the body, then tear the default process group down: after a barrier on success, at once on error.
+
+    Wrap the whole multi-process part of a script in it (the CLI and the test worker do); the exception, if any,
+    still propagates, so a failing rank ends the launch with a non-zero exit code.
+    """
+    try:
+        yield
+    except BaseException:
+        shutdown_process_group(wait=False)
+        raise
+    shutdown_process_group(wait=True)
 
 
 def run_on_prompt_shards(

@@ -552,9 +552,12 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(exc))
     from batched_specdec.models import ModelLoadError
 
+    from batched_specdec.distributed import process_group_torn_down
+
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        run(config, command=" ".join([PROG, *argv]))
+        with process_group_torn_down():  # under accelerate launch: every rank leaves the group before exiting
+            run(config, command=" ".join([PROG, *argv]))
     except (ConfigError, PromptFileError, ModelLoadError) as exc:
         _fail(str(exc))
     except ValueError as exc:  # bad values the engine rejects before any compute (e.g. prompt + tokens too long)

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny_models import tiny_causal_lm
 
-from batched_specdec.distributed import process_state, speculative_generate_distributed
+from batched_specdec.distributed import process_group_torn_down, process_state, speculative_generate_distributed
 
 
 def main() -> None:
@@ -19,7 +19,11 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=5, help="prompts in the set")
     parser.add_argument("--fail-on-process", type=int, default=-1, help="raise in this process index (test only)")
     args = parser.parse_args()
+    with process_group_torn_down():
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     state = process_state()
     if state.process_index == args.fail_on_process:
         raise RuntimeError(f"deliberate failure in process {state.process_index}")

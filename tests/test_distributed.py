@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,20 @@ from batched_specdec import speculative_generate_batch
 from batched_specdec.distributed import run_on_prompt_shards, speculative_generate_distributed
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+GROUP_WORKER = Path(__file__).with_name("process_group_worker.py")
+
+
+def _free_port() -> int:
+    """A port nobody listens on now, so that launches running at the same time do not collide."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _accelerate_launch(*args: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *args]
 
 
 def _single_process_reference(num_prompts: int) -> list[list[int]]:
@@ -30,9 +45,7 @@ def _launch(tmp_path: Path, *extra: str, num_prompts: int = 5) -> tuple[subproce
     out = tmp_path / "results.json"
     # `--multi_gpu` picks accelerate's torchrun launcher; without CUDA its processes join a gloo group on the CPU.
     # (`--cpu --num_processes 2` would start one process: accelerate needs mpirun for more.)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
-           "--out", str(out), "--num-prompts", str(num_prompts), *extra]
+    cmd = _accelerate_launch(str(WORKER), "--out", str(out), "--num-prompts", str(num_prompts), *extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     return proc, out
@@ -68,6 +81,18 @@ def test_two_processes_match_single_process_in_order(tmp_path, num_prompts):
     assert shards == ([3, 2] if num_prompts == 5 else [1, 0])
 
 
+@pytest.mark.parametrize("mode", ["context", "script"])
+def test_repeated_launches_always_exit_cleanly(mode):
+    """Regression (issue 18): without a teardown of the gloo group, about half of these launches ended with a
+    rank killed by SIGABRT after its work was done. Five launches per mode, about 3 s each; any failure fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for launch in range(5):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(GROUP_WORKER), "--mode", mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+        assert proc.returncode == 0, f"launch {launch} ({mode}) exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+
+
 def test_failure_in_one_process_fails_the_launch_without_results(tmp_path):
     proc, out = _launch(tmp_path, "--fail-on-process", "1")
     assert proc.returncode != 0
@@ -91,9 +116,7 @@ def test_main_job_under_accelerate_matches_single_process(tmp_path):
     (single_file,) = (tmp_path / "single").glob("results_*.json")
     single = json.loads(single_file.read_text())
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "batched_specdec.main",
-           *args, "--output-dir", str(tmp_path / "multi")]
+    cmd = _accelerate_launch("-m", "batched_specdec.main", *args, "--output-dir", str(tmp_path / "multi"))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
