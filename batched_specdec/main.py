@@ -550,9 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
     except ConfigError as exc:
         _fail(str(exc))
-    from batched_specdec.models import ModelLoadError
-
     from batched_specdec.distributed import process_group_torn_down
+    from batched_specdec.models import ModelLoadError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
