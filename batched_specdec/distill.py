@@ -213,7 +213,7 @@ def self_prompts(target, tokenizer, n: int, seed: int, progress: bool) -> list[l
     end_ids = [t for t in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
                if isinstance(t, int) and t >= 0]
     gens = autoregressive_generate_batch(starts, target, MultinomialProcessor(1.0), max_gen_len=48,
-                                         eos_tokens_id=end_ids or None, seed=seed, progress=progress)
+                                         eos_tokens_id=end_ids, seed=seed, progress=progress)
     users = []
     for opener, gen in zip(openers, gens):
         body = tokenizer.decode([t for t in gen if t not in end_ids], skip_special_tokens=True).strip()
@@ -272,7 +272,7 @@ def generate_data(target, prompts: list[list[int]], args, data_dir: Path) -> lis
                   file=sys.stderr, flush=True)
             break
         proc = RecordingProcessor(args.temperature, args.teacher_top_k)
-        gen = autoregressive_generate_batch(part, target, proc, max_gen_len=args.gen_len, eos_tokens_id=None,
+        gen = autoregressive_generate_batch(part, target, proc, max_gen_len=args.gen_len, eos_tokens_id=[],
                                             seed=args.seed * 100003 + c, progress=not args.no_progress)
         chunk = {
             "prompts": part,
@@ -504,11 +504,11 @@ def evaluate(draft, target, prompts: list[list[int]], args, eos_ids: list[int]) 
     from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
 
     common = {"logits_processor": GreedyProcessor(), "max_gen_len": args.eval_gen_len,
-              "eos_tokens_id": eos_ids or None}
+              "eos_tokens_id": eos_ids}
     # warm-up (allocator, first-call overheads) excluded from timings
     speculative_generate_batch(prompts[:1], draft, target, gamma=args.gamma, logits_processor=GreedyProcessor(),
-                               max_gen_len=4, eos_tokens_id=None)
-    autoregressive_generate_batch(prompts[:1], target, GreedyProcessor(), max_gen_len=4, eos_tokens_id=None)
+                               max_gen_len=4, eos_tokens_id=[])
+    autoregressive_generate_batch(prompts[:1], target, GreedyProcessor(), max_gen_len=4, eos_tokens_id=[])
     results = {}
     for bs in sorted({1, min(args.eval_batch_size, len(prompts))}):
         ar_time = sd_time = 0.0

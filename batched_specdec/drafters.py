@@ -46,7 +46,9 @@ class Drafter(Protocol):
     The engine owns the committed tokens: ``token_buffer`` is ``(B, S)`` int64 and row ``b``'s committed tokens
     (prompt + emitted) are ``token_buffer[b, :seq_lens[b]]``; entries past ``seq_lens[b]`` are stale. ``seq_lens``
     is ``(B,)`` int64 on the same device. Every method is called with the engine's current (possibly compacted)
-    batch.
+    batch. With ``gamma="auto"`` the engine asks for a different ``gamma`` (1..gamma_max) each step, may verify
+    only a prefix of a proposal, and runs steps with no drafts without calling ``propose``; a drafter whose state
+    follows the steps may define ``note_target_only_step()`` to hear of those (``ModelDrafter`` does).
     """
 
     vocab_size: int | None
@@ -102,7 +104,7 @@ class ModelDrafter:
     Parameters
     ----------
     model : PreTrainedModel
-        A causal LM that shares the target's vocabulary.
+        A causal LM whose vocabulary is the target's or a prefix of it.
     """
 
     def __init__(self, model) -> None:
@@ -110,6 +112,7 @@ class ModelDrafter:
         self.vocab_size = model.config.vocab_size
         self.cache = None
         self._generator: torch.Generator | None = None
+        self._target_only_steps = 0
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +123,7 @@ class ModelDrafter:
 
         batch, _ = token_buffer.shape
         self._generator = None
+        self._target_only_steps = 0
         self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device)
         prefill = int(token_buffer.shape[1]) - 2
         if prefill > 0:
@@ -139,13 +143,17 @@ class ModelDrafter:
         device = self.device
         generator = self._generator_on(device, generator)
         seq_lens = seq_lens.to(device)
-        lens = (seq_lens - 2).clamp_min(0)
+        # After a draft step the cache holds at least s[:-2]; each target-only step since then adds one token the
+        # cache has not seen. Re-feeding the last `width` committed tokens covers both (rewrites are identical).
+        width = 2 + self._target_only_steps
+        self._target_only_steps = 0
+        lens = (seq_lens - width).clamp_min(0)
         cache.set_lens(lens)
         cache.set_span(max_seq_len + gamma)
-        num_first = seq_lens - lens  # 2, or 1 for a row that is still a one-token prompt
-        first_idx = torch.stack([lens, torch.minimum(lens + 1, seq_lens - 1)], dim=1)
+        num_first = seq_lens - lens  # `width`, or fewer for a row shorter than that
+        first_idx = torch.minimum(lens[:, None] + torch.arange(width, device=device)[None, :], seq_lens[:, None] - 1)
         input_ids = token_buffer.to(device).gather(1, first_idx)
-        logits = model_forward(self.model, cache, input_ids, logits_to_keep=2)
+        logits = model_forward(self.model, cache, input_ids, logits_to_keep=width)
         logits = logits.gather(1, (num_first - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
         cache.advance(num_first)
         tokens, probs = [], []
@@ -158,6 +166,10 @@ class ModelDrafter:
                 cache.advance(1)
         draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
         return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=draft_probs)
+
+    def note_target_only_step(self) -> None:
+        """The engine ran a step without drafts (adaptive draft length 0): one more token to catch up on."""
+        self._target_only_steps += 1
 
     def keep_rows(self, rows: Tensor) -> None:
         self.cache.keep_rows(rows)

@@ -604,9 +604,13 @@ def _check_tokens_and_sizes(draft_tokens, target, draft, num_draft_tokens, what)
     if target.device != device:
         raise ValueError(f"target_{what} is on {target.device} but draft_tokens is on {device}")
     if draft is not None:
-        if not isinstance(draft, torch.Tensor) or tuple(draft.shape) != (B, K, V):
+        if not isinstance(draft, torch.Tensor) or draft.dim() != 3 or tuple(draft.shape[:2]) != (B, K):
             got = tuple(draft.shape) if isinstance(draft, torch.Tensor) else draft
-            raise ValueError(f"draft_{what} must have shape (B, K, V) = ({B}, {K}, {V}) or be None, got {got}")
+            raise ValueError(f"draft_{what} must have shape (B, K, V_draft) = ({B}, {K}, <= {V}) or be None, "
+                             f"got {got}")
+        if draft.shape[2] > V:
+            raise ValueError(f"draft_{what} has a vocabulary of {draft.shape[2]}, larger than the target's {V}: "
+                             "the draft's vocabulary must be a prefix of the target's (V_draft <= V)")
         if draft.dtype not in floats:
             raise ValueError(f"draft_{what} must be float32, bfloat16 or float16, got {draft.dtype}")
         if draft.device != device:
@@ -626,6 +630,14 @@ def _check_tokens_and_sizes(draft_tokens, target, draft, num_draft_tokens, what)
         )
         raise ValueError(f"num_draft_tokens must be None or a ({B},) int64 tensor on {device}, got {got}")
     return B, K, V, num_draft_tokens
+
+
+def _pad_draft_vocab(draft, V, is_logits):
+    """A draft over a prefix of the target's vocabulary gives q = 0 to the target-only ids (logits -inf)."""
+    if draft is None or draft.shape[2] == V:
+        return draft
+    fill = float("-inf") if is_logits else 0.0
+    return torch.nn.functional.pad(draft, (0, V - draft.shape[2]), value=fill)
 
 
 def _seed_offset(generator, seed, offset, device):
@@ -866,8 +878,9 @@ def rejection_sample_from_probs(
     draft_tokens : torch.Tensor
         (B, K) int64 draft tokens, each in [0, V) for the real slots.
     draft_probs : torch.Tensor or None
-        (B, K, V) float32/bfloat16/float16, the exact distribution each draft token was drawn from.
-        None means a deterministic drafter (q one-hot at the draft token).
+        (B, K, V_draft) float32/bfloat16/float16, the exact distribution each draft token was drawn from, with
+        V_draft <= V: a draft whose vocabulary is a prefix of the target's has q = 0 on the other ids (the
+        wrapper pads a copy). None means a deterministic drafter (q one-hot at the draft token).
     target_probs : torch.Tensor
         (B, K + 1, V) float32/bfloat16/float16 target distributions; position K is the bonus distribution.
     num_draft_tokens : torch.Tensor, optional
@@ -888,7 +901,8 @@ def rejection_sample_from_probs(
     num_accepted : torch.Tensor
         (B,) int64 in [0, num_draft_tokens[b]].
     """
-    _, _, _, num_draft = _check_tokens_and_sizes(draft_tokens, target_probs, draft_probs, num_draft_tokens, "probs")
+    _, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_probs, draft_probs, num_draft_tokens, "probs")
+    draft_probs = _pad_draft_vocab(draft_probs, V, is_logits=False)
     return _run(backend, draft_tokens, draft_probs, target_probs, num_draft, None, generator, seed, offset, False)
 
 
@@ -929,7 +943,8 @@ def rejection_sample_from_logits(
     draft_tokens : torch.Tensor
         (B, K) int64 draft tokens.
     draft_logits : torch.Tensor or None
-        (B, K, V) float32/bfloat16/float16 draft logits (filtered entries -inf); None = deterministic drafter.
+        (B, K, V_draft) float32/bfloat16/float16 draft logits (filtered entries -inf), V_draft <= V (the missing
+        ids get -inf); None = deterministic drafter.
     target_logits : torch.Tensor
         (B, K + 1, V) float32/bfloat16/float16 target logits (filtered entries -inf).
     temperature : float or torch.Tensor
@@ -946,7 +961,8 @@ def rejection_sample_from_logits(
     num_accepted : torch.Tensor
         (B,) int64 in [0, num_draft_tokens[b]].
     """
-    B, _, _, num_draft = _check_tokens_and_sizes(draft_tokens, target_logits, draft_logits, num_draft_tokens, "logits")
+    B, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_logits, draft_logits, num_draft_tokens, "logits")
+    draft_logits = _pad_draft_vocab(draft_logits, V, is_logits=True)
     t = _temperature_tensor(temperature, B, draft_tokens.device)
     all_greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     if all_greedy and resolve_backend(backend, draft_tokens.device) == "torch":

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(96) for _ in range(rng.randint(1, 20))] for _ in range(args.num_prompts)]
     outputs, alpha, per_process = speculative_generate_distributed(
-        prompts, draft, target, batch_size=2, gamma=3, max_gen_len=12, eos_tokens_id=None
+        prompts, draft, target, batch_size=2, gamma=3, max_gen_len=12, eos_tokens_id=[]
     )
     if state.is_main_process:
         tmp = args.out + ".tmp"

@@ -54,9 +54,9 @@ def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
     assert draft.config.vocab_size == VOCAB and len(draft.vocab_ids) == 64
     assert "embed_tokens" not in " ".join(n for n, _ in draft.named_parameters())
     prompts = [[5, 17, 33], [9, 2, 40, 41, 77, 12, 8], [60]]
-    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=20, eos_tokens_id=None)
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=20, eos_tokens_id=[])
     got, _, stats = speculative_generate_batch(prompts, draft, target, gamma=4, logits_processor=GreedyProcessor(),
-                                               max_gen_len=20, eos_tokens_id=None)
+                                               max_gen_len=20, eos_tokens_id=[])
     assert got == expected
     assert sum(stats.proposed) > 0
     logits = draft(input_ids=torch.tensor([[5, 6]]), use_cache=False).logits
@@ -83,9 +83,9 @@ def test_distill_narrower_draft(tiny_target_dir, tmp_path):
     assert draft.config.hidden_size == 16 and draft.in_proj.weight.shape == (16, 32)
     assert torch.count_nonzero(draft.out_proj.weight) > 0
     prompts = [[5, 17, 33], [60]]
-    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=12, eos_tokens_id=None)
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=12, eos_tokens_id=[])
     got, _, _ = speculative_generate_batch(prompts, draft, target, gamma=3, logits_processor=GreedyProcessor(),
-                                           max_gen_len=12, eos_tokens_id=None)
+                                           max_gen_len=12, eos_tokens_id=[])
     assert got == expected
     with pytest.raises(DistillError, match="multiple of the target's head dimension"):
         run(_args(tiny_target_dir, tmp_path / "bad", "--width", "12", "--init", "random", "--steps", "1"))
@@ -130,7 +130,7 @@ def test_shipped_draft_is_exact_with_embedded_target():
     draft = load_distilled_draft(target)
     assert draft.dtype == torch.float32
     prompts = encode_prompts(tokenizer, builtin_prompts()[:2])
-    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=16, eos_tokens_id=None)
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=16, eos_tokens_id=[])
     got, _, _ = speculative_generate_batch(prompts, draft, target, gamma=4, logits_processor=GreedyProcessor(),
-                                           max_gen_len=16, eos_tokens_id=None)
+                                           max_gen_len=16, eos_tokens_id=[])
     assert got == expected

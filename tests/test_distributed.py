@@ -38,7 +38,7 @@ def _single_process_reference(num_prompts: int) -> list[list[int]]:
     draft = tiny_causal_lm("llama", seed=1, layers=1)
     rng = random.Random(0)
     prompts = [[rng.randrange(96) for _ in range(rng.randint(1, 20))] for _ in range(num_prompts)]
-    return speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=12, eos_tokens_id=None)[0]
+    return speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=12, eos_tokens_id=[])[0]
 
 
 def _launch(tmp_path: Path, *extra: str, num_prompts: int = 5) -> tuple[subprocess.CompletedProcess, Path]:
@@ -64,8 +64,8 @@ def test_single_process_distributed_equals_batch_call():
     draft = tiny_causal_lm("llama", seed=1, layers=1)
     prompts = [[1, 2, 3], [4], [5, 6]]
     outputs, alpha, per_process = speculative_generate_distributed(prompts, draft, target, batch_size=2,
-                                                                   max_gen_len=6, eos_tokens_id=None)
-    assert outputs == speculative_generate_batch(prompts, draft, target, max_gen_len=6, eos_tokens_id=None)[0]
+                                                                   max_gen_len=6, eos_tokens_id=[])
+    assert outputs == speculative_generate_batch(prompts, draft, target, max_gen_len=6, eos_tokens_id=[])[0]
     assert len(alpha) == 3 and per_process[0]["generated_tokens"] == 18
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         speculative_generate_distributed(prompts, draft, target, batch_size=0)

@@ -55,8 +55,8 @@ def test_greedy_matches_reference_loop_bad_draft_and_self_draft(llama_pair, gamm
 def test_greedy_bad_draft_accepts_little_and_self_draft_accepts_all(llama_pair):
     target, bad_draft = llama_pair
     prompts = _ragged_prompts(5, 96, 20, seed=3)
-    _, _, bad = speculative_generate_batch(prompts, bad_draft, target, gamma=4, max_gen_len=30, eos_tokens_id=None)
-    _, _, good = speculative_generate_batch(prompts, target, target, gamma=4, max_gen_len=30, eos_tokens_id=None)
+    _, _, bad = speculative_generate_batch(prompts, bad_draft, target, gamma=4, max_gen_len=30, eos_tokens_id=[])
+    _, _, good = speculative_generate_batch(prompts, target, target, gamma=4, max_gen_len=30, eos_tokens_id=[])
     assert bad.acceptance_rate < 0.5
     assert good.acceptance_rate == 1.0
     assert good.tokens_per_target_forward > bad.tokens_per_target_forward
@@ -93,7 +93,7 @@ def test_mistral_sliding_window_matches_reference():
     draft = tiny_causal_lm("mistral", seed=5, layers=1, sliding_window=8)
     prompts = _ragged_prompts(4, 96, 20, seed=6)
     expected = [greedy_reference(target, p, 12, []) for p in prompts]
-    outputs, _, _ = speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=12, eos_tokens_id=None)
+    outputs, _, _ = speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=12, eos_tokens_id=[])
     assert outputs == expected
 
 
@@ -178,7 +178,7 @@ def test_sampled_first_two_tokens_follow_target_distribution(processor):
     n = 6000
     exact = _exact_first_two(target, prompt, processor)
     outputs, _, stats = speculative_generate_batch(
-        [prompt] * n, draft, target, gamma=2, logits_processor=processor, max_gen_len=2, eos_tokens_id=None, seed=123
+        [prompt] * n, draft, target, gamma=2, logits_processor=processor, max_gen_len=2, eos_tokens_id=[], seed=123
     )
     pairs = torch.tensor([o[:2] for o in outputs])
     counts = torch.zeros(8, 8)
@@ -193,7 +193,7 @@ def test_sampled_distribution_check_detects_a_wrong_distribution():
     target = tiny_causal_lm("llama", vocab_size=8, seed=20, init_std=0.15)
     draft = tiny_causal_lm("llama", vocab_size=8, seed=21, init_std=0.15, layers=1)
     prompt = [1, 4, 2]
-    outputs = autoregressive_generate_batch([prompt] * 6000, draft, processor, max_gen_len=2, eos_tokens_id=None,
+    outputs = autoregressive_generate_batch([prompt] * 6000, draft, processor, max_gen_len=2, eos_tokens_id=[],
                                             seed=123)
     pairs = torch.tensor([o[:2] for o in outputs])
     counts = torch.zeros(8, 8)
@@ -205,7 +205,7 @@ def test_baseline_sampling_follows_target_distribution():
     processor = MultinomialProcessor(0.7)
     target = tiny_causal_lm("llama", vocab_size=8, seed=20, init_std=0.15)
     prompt = [3]
-    outputs = autoregressive_generate_batch([prompt] * 4000, target, processor, max_gen_len=2, eos_tokens_id=None,
+    outputs = autoregressive_generate_batch([prompt] * 4000, target, processor, max_gen_len=2, eos_tokens_id=[],
                                             seed=7)
     pairs = torch.tensor(outputs)
     counts = torch.zeros(8, 8)
@@ -225,7 +225,7 @@ def test_stats_are_consistent(llama_pair):
     target, draft = llama_pair
     prompts = _ragged_prompts(5, 96, 12, seed=2)
     outputs, alpha, stats = speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=10,
-                                                       eos_tokens_id=None, collect_stats=True)
+                                                       eos_tokens_id=[], collect_stats=True)
     assert stats.generated == [len(o) for o in outputs] == [10] * 5
     assert stats.generated_tokens == 50
     assert len(stats.acceptance_histogram) == 4
@@ -265,7 +265,7 @@ def test_bad_input_raises_before_compute(llama_pair, kwargs, match):
 def test_vocabulary_mismatch_is_an_error(llama_pair):
     target, _ = llama_pair
     other = tiny_causal_lm("llama", vocab_size=100, seed=3)
-    with pytest.raises(ValueError, match="draft vocabulary size 100 differs from the target's 96"):
+    with pytest.raises(ValueError, match="draft vocabulary size 100 is larger than the target's 96"):
         speculative_generate_batch([[1, 2]], other, target)
 
 
@@ -273,5 +273,5 @@ def test_greedy_processor_is_default_and_prompts_may_be_tensors(llama_pair):
     target, draft = llama_pair
     prompts = [torch.tensor([4, 5, 6]), torch.tensor([9])]
     outputs, _, _ = speculative_generate_batch(prompts, draft, target, logits_processor=GreedyProcessor(),
-                                               max_gen_len=6, eos_tokens_id=None)
+                                               max_gen_len=6, eos_tokens_id=[])
     assert outputs == [greedy_reference(target, p.tolist(), 6, []) for p in prompts]

@@ -1,0 +1,281 @@
+"""How many draft tokens a step asks for: a fixed ``gamma``, or an adaptive controller (``gamma="auto"``).
+
+The adaptive controller picks, before each step, the step's draft length ``k`` (0 .. ``gamma_max``) and each row's
+draft budget, to maximise expected tokens per second:
+
+* each row's per-position acceptance ``a_b`` is estimated online from the row's own verified drafts (a prior for
+  new rows; old evidence decays, so a row that stopped drafting is tried again later). A row proposing ``j``
+  drafts emits ``E_b(j) = 1 + a_b + ... + a_b^j`` tokens in expectation (Leviathan et al. 2023);
+* a cost model, fitted online from the step timings the engine already takes: verify seconds as a line in the
+  number of verified tokens (rows x width), seconds per draft forward, and a fixed per-step overhead. On CPU the
+  phases are timed with ``perf_counter`` (CPU ops are synchronous); on CUDA with events read after the step's one
+  host sync, so timing adds no synchronisation.
+
+A row's budget is the draft count that would maximise throughput if every row were like it; the step's draft
+length maximises ``sum_b E_b(min(k, budget_b)) / cost(k)``. Draft length 0 is a plain target step. When the
+drafter's proposal lengths are known on the host without a sync (a model drafter always proposes ``k``; the n-gram
+drafter's lengths live on the CPU when it runs there), the verify width is then cut to what was proposed within
+budget, so a batch with nothing worth verifying costs a one-token step.
+
+Lossless by construction: every choice for a step depends only on earlier steps (acceptance, timings) and on the
+step's proposal lengths, never on the step's own random draws, so each emitted token is still distributed as the
+target's whatever the draft length (rows with no draft emit one target token).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ACCEPTANCE_PRIOR = 0.6
+"""Prior per-position acceptance of a row with no evidence (worth one verified position)."""
+PRIOR_WEIGHT = 1.0
+EVIDENCE_DECAY = 0.95
+"""Per step, old evidence about a row's acceptance keeps this weight (half-life about 14 steps)."""
+COST_DECAY = 0.97
+"""Per step, old timing observations keep this weight in the cost fits."""
+
+
+@dataclass
+class StepPlan:
+    """What a step asks for: ``draft_len`` drafts per row at most, and per-row ``budgets`` (host ``(B,)`` int64,
+    ``None`` meaning ``draft_len`` for every row)."""
+
+    draft_len: int
+    budgets: Tensor | None = None
+
+
+class StaticSpeculation:
+    """A fixed draft length: every step asks every row for ``gamma`` drafts and verifies ``gamma + 1`` tokens."""
+
+    adaptive = False
+
+    def __init__(self, gamma: int) -> None:
+        self.gamma_max = gamma
+
+    def plan(self, row_ids: Tensor, live: Tensor) -> StepPlan:
+        return StepPlan(self.gamma_max)
+
+    def start_step(self) -> None:
+        pass
+
+    def mark(self, phase: str) -> None:
+        pass
+
+    def choose_width(self, plan: StepPlan, lengths: Tensor | None, row_ids: Tensor, live: Tensor) -> int:
+        return plan.draft_len
+
+    def observe(self, *args, **kwargs) -> None:
+        pass
+
+    def summary(self) -> dict | None:
+        return None
+
+
+class LinearFit:
+    """Weighted least squares ``y = c0 + c1 * x`` with exponential forgetting; a flat prior until two x differ."""
+
+    def __init__(self, decay: float = COST_DECAY) -> None:
+        self.decay = decay
+        self.s = [0.0] * 5  # sums of w, w*x, w*y, w*x*x, w*x*y
+
+    def add(self, x: float, y: float) -> None:
+        self.s = [v * self.decay for v in self.s]
+        for i, v in enumerate((1.0, x, y, x * x, x * y)):
+            self.s[i] += v
+
+    @property
+    def empty(self) -> bool:
+        return self.s[0] == 0.0
+
+    def coefficients(self) -> tuple[float, float]:
+        w, sx, sy, sxx, sxy = self.s
+        if w == 0.0:
+            return 0.0, 0.0
+        var = sxx * w - sx * sx
+        if var <= 1e-9 * max(sxx * w, 1e-30):  # one x seen so far: assume flat (optimistic, so wider gets tried)
+            return sy / w, 0.0
+        slope = max((sxy * w - sx * sy) / var, 0.0)
+        return max((sy - slope * sx) / w, 0.0), slope
+
+    def __call__(self, x: float) -> float:
+        c0, c1 = self.coefficients()
+        return c0 + c1 * x
+
+
+class CostModel:
+    """Predicted seconds of a step with ``rows`` rows, ``k`` draft forwards and verify width ``width``."""
+
+    def __init__(self) -> None:
+        self.verify = LinearFit()  # seconds against verified tokens (rows * width)
+        self.draft_per_forward = LinearFit()  # seconds per draft forward against rows
+        self.overhead = LinearFit()  # everything else, against rows
+
+    @property
+    def ready(self) -> bool:
+        return not self.verify.empty
+
+    def draft_s(self, rows: int, k: int) -> float:
+        return k * self.draft_per_forward(rows) if k else 0.0
+
+    def verify_s(self, rows: int, width: int) -> float:
+        return self.verify(rows * width)
+
+    def step_s(self, rows: int, k: int, width: int) -> float:
+        return self.draft_s(rows, k) + self.verify_s(rows, width) + self.overhead(rows)
+
+
+class _StepClock:
+    """Phase times of one step without extra host syncs: CUDA events read after the step's sync, or perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, object] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def seconds(self, a: str, b: str) -> float:
+        if a not in self.marks or b not in self.marks:
+            return 0.0
+        if self.cuda:
+            return self.marks[a].elapsed_time(self.marks[b]) / 1e3
+        return self.marks[b] - self.marks[a]
+
+
+def expected_tokens(acceptance: Tensor, max_drafts: int) -> Tensor:
+    """``(B, max_drafts + 1)``: expected emitted tokens of each row for ``j = 0..max_drafts`` drafts."""
+    powers = acceptance[:, None] ** torch.arange(max_drafts + 1, dtype=acceptance.dtype)[None, :]
+    return powers.cumsum(dim=1)
+
+
+class AdaptiveSpeculation:
+    """Per-step draft length and row budgets from online acceptance estimates and an online cost model.
+
+    Parameters
+    ----------
+    gamma_max : int
+        Largest draft length a step may ask for.
+    num_rows : int
+        Rows of the batch (estimates are kept per original row, so compaction keeps them).
+    device : torch.device
+        The target's device (chooses the step clock).
+    cost_model : CostModel, optional
+        A model to start from (tests pass one whose numbers they control, see ``frozen_costs``).
+    frozen_costs : bool
+        Never update the cost model from timings (tests, reproducible benchmarks of the policy).
+    """
+
+    adaptive = True
+
+    def __init__(self, gamma_max: int, num_rows: int, device: torch.device, *, cost_model: CostModel | None = None,
+                 frozen_costs: bool = False) -> None:
+        self.gamma_max = gamma_max
+        self.costs = cost_model or CostModel()
+        self.frozen_costs = frozen_costs
+        self.successes = torch.zeros(num_rows, dtype=torch.float64)
+        self.trials = torch.zeros(num_rows, dtype=torch.float64)
+        self.clock = _StepClock(device)
+        self.draft_histogram = [0] * (gamma_max + 1)
+        self.width_histogram = [0] * (gamma_max + 1)
+        self.predicted_s = self.measured_s = 0.0
+        self.steps = 0
+        self._step_t0 = 0.0
+        self._pending: tuple[int, int, int, float] | None = None
+
+    # --- estimates -------------------------------------------------------------------------------------------
+
+    def acceptance(self, row_ids: Tensor) -> Tensor:
+        """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids``."""
+        return (self.successes[row_ids] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (self.trials[row_ids] + PRIOR_WEIGHT)
+
+    def _costs(self, rows: int, n: int, with_draft: bool) -> Tensor:
+        """``(n + 1,)`` predicted seconds of a step with ``j = 0..n`` drafts per row (verify width ``j + 1``)."""
+        return torch.tensor([self.costs.step_s(rows, j if with_draft else 0, j + 1) for j in range(n + 1)],
+                            dtype=torch.float64).clamp_min(1e-9)
+
+    # --- the engine's hooks ----------------------------------------------------------------------------------
+
+    def start_step(self) -> None:
+        self._step_t0 = time.perf_counter()
+        self.clock.marks.clear()
+        self.clock.mark("start")
+
+    def mark(self, phase: str) -> None:
+        self.clock.mark(phase)
+
+    def plan(self, row_ids: Tensor, live: Tensor) -> StepPlan:
+        """Draft length and budgets (``(B,)``, 0 for finished rows) of the next step. ``row_ids`` (host ``(B,)``)
+        are the original ids of the batch's rows, ``live`` (host ``(B,)`` bool) marks the unfinished ones."""
+        rows = row_ids.shape[0]
+        if not self.costs.ready:
+            return StepPlan(self.gamma_max)  # first step: propose and verify fully, so every cost gets measured
+        cost = self._costs(rows, self.gamma_max, with_draft=True)
+        gains = expected_tokens(self.acceptance(row_ids[live]), self.gamma_max)  # (N, G + 1)
+        own_best = (gains / cost[None, :]).argmax(dim=1)  # what each row would pick if every row were like it
+        ks = torch.arange(self.gamma_max + 1)
+        totals = gains.gather(1, torch.minimum(own_best[:, None], ks[None, :])).sum(dim=0)
+        k = int((totals / cost).argmax())
+        budgets = torch.zeros(rows, dtype=torch.int64)
+        budgets[live] = own_best.clamp_max(k)
+        return StepPlan(k, budgets)
+
+    def choose_width(self, plan: StepPlan, lengths: Tensor | None, row_ids: Tensor, live: Tensor) -> int:
+        """Drafts per row to verify once the proposal lengths within budget are known (``lengths``, host ``(B,)``);
+        the draft is already paid for, so only the verify cost counts. ``None`` keeps the planned length."""
+        if lengths is None or plan.draft_len == 0 or not self.costs.ready:
+            return plan.draft_len
+        lengths = lengths[live]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if longest == 0:
+            return 0
+        ws = torch.arange(longest + 1)
+        gains = expected_tokens(self.acceptance(row_ids[live]), longest)
+        totals = gains.gather(1, torch.minimum(lengths[:, None], ws[None, :])).sum(dim=0)
+        return int((totals / self._costs(row_ids.shape[0], longest, with_draft=False)).argmax())
+
+    def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
+                width: int) -> None:
+        """After the step's host sync: per-row proposed/accepted counts (host ``(B,)``) and the step's timings."""
+        self.successes *= EVIDENCE_DECAY
+        self.trials *= EVIDENCE_DECAY
+        seen = live & (proposed > 0)
+        ids = row_ids[seen]
+        self.successes.index_add_(0, ids, accepted[seen].double())
+        self.trials.index_add_(0, ids, torch.minimum(accepted[seen] + 1, proposed[seen]).double())
+        total = time.perf_counter() - self._step_t0
+        draft = self.clock.seconds("start", "draft") if k else 0.0
+        verify = self.clock.seconds("draft" if k else "start", "verify")
+        predicted = self.costs.step_s(rows, k, width + 1) if self.costs.ready else math.nan
+        if not self.frozen_costs:
+            if k:
+                self.costs.draft_per_forward.add(rows, draft / k)
+            self.costs.verify.add(rows * (width + 1), verify)
+            self.costs.overhead.add(rows, max(total - draft - verify, 0.0))
+        self.draft_histogram[k] += 1
+        self.width_histogram[width] += 1
+        if not math.isnan(predicted):
+            self.predicted_s += predicted
+            self.measured_s += total
+            self.steps += 1
+
+    def summary(self) -> dict:
+        v0, v1 = self.costs.verify.coefficients()
+        d0, d1 = self.costs.draft_per_forward.coefficients()
+        return {
+            "draft_length_histogram": list(self.draft_histogram),
+            "verify_width_histogram": list(self.width_histogram),
+            "predicted_step_s_mean": self.predicted_s / self.steps if self.steps else None,
+            "measured_step_s_mean": self.measured_s / self.steps if self.steps else None,
+            "cost_model": {"verify_s": [v0, v1], "draft_forward_s": [d0, d1],
+                           "overhead_s": list(self.costs.overhead.coefficients())},
+        }

@@ -1,0 +1,265 @@
+"""Per-row decoding state shared by the speculative engine and the target-only baseline.
+
+Every row keeps its committed tokens ``s_b`` (prompt + emitted) in ``token_buffer[b, :seq_lens[b]]``. Rows finish
+at their own EOS or generation budget and are compacted away once enough of the batch is done. The host reads one
+small tensor per step (:meth:`RaggedBatch.sync`); everything else stays on the device.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from batched_specdec.ragged_cache import RaggedKVCache
+from kernels import commit_emitted_tokens
+
+COMPACT_FRACTION = 0.25
+"""Drop finished rows from the batch once at least this fraction of it is finished."""
+
+
+@dataclass
+class GenerationStats:
+    """What a generation call measured. Per-row lists are in prompt order.
+
+    ``tokens_per_target_forward`` is the mean number of tokens a live row gained per target forward
+    (accepted drafts + 1 for speculative decoding, 1 for the baseline). ``acceptance_histogram[j]`` counts the
+    (row, step) pairs that accepted exactly ``j`` drafts. ``peak_memory_bytes`` is the peak CUDA memory
+    allocated on CUDA, and the process' peak resident memory on CPU (``peak_memory_kind`` says which).
+    ``time_split`` (seconds in draft, verify, sampling and bookkeeping) is measured only with
+    ``collect_stats=True``, which synchronises the device between phases. ``logprobs[i]`` (with
+    ``return_logprobs=True``) holds, for every token of output ``i``, the target's log-probability of it under the
+    processed distribution it was sampled from. ``controller`` (with ``gamma="auto"``) says which draft lengths
+    the controller chose and what it predicted and measured.
+    """
+
+    accepted: list[int]
+    proposed: list[int]
+    generated: list[int]
+    target_forwards: int
+    tokens_per_target_forward: float
+    acceptance_histogram: list[int]
+    wall_time_s: float
+    generated_tokens: int
+    tokens_per_s: float
+    acceptance_rate: float
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str = ""
+    time_split: dict[str, float] | None = None
+    steps: int = 0
+    compactions: int = 0
+    logprobs: list[list[float]] | None = None
+    controller: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class RaggedBatch:
+    """Per-row decoding state on the target's input device; rows may be dropped (compacted) as they finish.
+
+    Per-row generation budgets share the one scalar limit of the commit kernel: row ``b`` starts with
+    ``gen_lens[b] = max(max_gen_lens) - max_gen_lens[b]``, so it reaches the limit after its own budget.
+    """
+
+    def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], capacity: int, pad_token_id: int,
+                 device: torch.device, *, logprobs: bool = False) -> None:
+        batch = len(prompts)
+        lens = [len(p) for p in prompts]
+        self.max_prompt_len = max(lens)
+        self.max_gen_len = max(max_gen_lens)
+        self.capacity = capacity
+        padded = torch.full((batch, capacity), pad_token_id, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        self.token_buffer = padded.to(device)
+        self.logprob_buffer = torch.zeros(batch, capacity, device=device) if logprobs else None
+        self.prompt_lens = torch.tensor(lens, dtype=torch.int64, device=device)
+        self.seq_lens = self.prompt_lens.clone()
+        self.gen_lens = torch.tensor([self.max_gen_len - m for m in max_gen_lens], dtype=torch.int64, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.row_ids = torch.arange(batch, device=device)
+        self.host_row_ids = torch.arange(batch)
+        # Results of every original row, filled when rows are compacted away and at the end.
+        self.final_tokens = torch.empty_like(self.token_buffer)
+        self.final_logprobs = None if self.logprob_buffer is None else torch.empty_like(self.logprob_buffer)
+        self.final_seq_lens = torch.empty_like(self.seq_lens)
+        self.host_seq_lens = torch.tensor(lens)
+        self.host_finished = torch.zeros(batch, dtype=torch.bool)
+        self.host_generated = 0
+        self.host_prompt_lens = torch.tensor(lens)
+        self.dropped_generated = 0  # tokens of rows compacted away
+        self.host_extra = torch.zeros(0, dtype=torch.int64)
+        self.prompt_lens_host = lens
+        self.steps = self.row_steps = self.compactions = 0
+
+    @property
+    def size(self) -> int:
+        return self.token_buffer.shape[0]
+
+    def sync(self, extra: list[Tensor] = ()) -> None:
+        """The one host synchronisation per step: done flags, lengths, generated counts, and any ``extra``
+        ``(B,)`` int64 tensors (read back into :attr:`host_extra`, one row each)."""
+        host = torch.cat([self.finished.to(torch.int64), self.seq_lens, *extra]).cpu()
+        b = self.size
+        self.host_finished = host[:b].bool()
+        self.host_seq_lens = host[b : 2 * b]
+        self.host_generated = int((self.host_seq_lens - self.host_prompt_lens).sum()) + self.dropped_generated
+        self.host_extra = host[2 * b :].view(len(extra), b)
+
+    @property
+    def all_finished(self) -> bool:
+        return bool(self.host_finished.all())
+
+    def max_live_seq_len(self) -> int:
+        live = self.host_seq_lens[~self.host_finished]
+        return int(live.max()) if live.numel() else int(self.host_seq_lens.max())
+
+    def flush(self) -> None:
+        self.final_tokens.index_copy_(0, self.row_ids, self.token_buffer)
+        self.final_seq_lens.index_copy_(0, self.row_ids, self.seq_lens)
+        if self.logprob_buffer is not None:
+            self.final_logprobs.index_copy_(0, self.row_ids, self.logprob_buffer)
+
+    def keep_rows(self, rows: Tensor, host_rows: Tensor) -> None:
+        """Keep ``rows`` (on the device) of the batch; ``host_rows`` is the same index on the host."""
+        self.flush()
+        self.token_buffer, self.prompt_lens, self.seq_lens, self.gen_lens, self.finished, self.row_ids = (
+            self.token_buffer[rows], self.prompt_lens[rows], self.seq_lens[rows], self.gen_lens[rows],
+            self.finished[rows], self.row_ids[rows],
+        )
+        if self.logprob_buffer is not None:
+            self.logprob_buffer = self.logprob_buffer[rows]
+        kept = torch.zeros(self.host_seq_lens.shape[0], dtype=torch.bool)
+        kept[host_rows] = True
+        self.dropped_generated += int((self.host_seq_lens - self.host_prompt_lens)[~kept].sum())
+        self.host_finished = self.host_finished[host_rows]
+        self.host_seq_lens = self.host_seq_lens[host_rows]
+        self.host_prompt_lens = self.host_prompt_lens[host_rows]
+        self.host_row_ids = self.host_row_ids[host_rows]
+
+    def rows_to_keep(self) -> Tensor | None:
+        """Indices (on the host) of live rows if enough rows finished to pay for a compaction, else None."""
+        done = int(self.host_finished.sum())
+        if done == 0 or done == self.size or done < COMPACT_FRACTION * self.size:
+            return None
+        return torch.arange(self.size)[~self.host_finished]
+
+    def commit(self, out_tokens: Tensor, num_accepted: Tensor, cache: RaggedKVCache, eos: Tensor,
+               logprobs: Tensor | None = None) -> Tensor:
+        """Append each live row's emitted tokens (and their ``(B, W)`` log-probabilities), detect EOS / budget,
+        and prune the target cache to ``seq_lens - 1`` (lengths only: no KV bytes move). Returns the ``(B,)``
+        tokens committed per row."""
+        start = self.seq_lens.clone() if logprobs is not None else None
+        committed = commit_emitted_tokens(
+            out_tokens, num_accepted, self.token_buffer, self.seq_lens, self.gen_lens, self.finished, cache.lens,
+            eos, self.max_gen_len,
+        )
+        cache.set_lens(cache.lens)
+        if logprobs is not None and self.logprob_buffer is not None:
+            # Slots past a row's committed count land past its length (stale, never read); capacity has room.
+            cols = start[:, None] + torch.arange(logprobs.shape[1], device=start.device)[None, :]
+            self.logprob_buffer.scatter_(1, cols, logprobs.float())
+        return committed
+
+    def end_step(self, bar, *row_holders, extra: list[Tensor] = ()) -> bool:
+        """Count the step, do the step's one host sync, update the progress bar, and compact finished rows away
+        from this batch and every ``row_holders`` (caches, drafter) when enough have finished. True when done."""
+        self.steps += 1
+        self.row_steps += int((~self.host_finished).sum())
+        self.sync(extra)
+        if bar is not None:
+            bar.update(self.host_generated - bar.n)
+        if self.all_finished:
+            if bar is not None:
+                bar.close()
+            return True
+        host_keep = self.rows_to_keep()
+        if host_keep is not None:
+            # built on the host from the step's one sync, copied to the device: no device-to-host read here
+            keep = host_keep.to(self.token_buffer.device)
+            self.keep_rows(keep, host_keep)
+            for holder in row_holders:
+                holder.keep_rows(keep)
+            self.compactions += 1
+        return False
+
+    def stats(self, t0: float, device: torch.device, accepted: list[int], proposed: list[int],
+              histogram: list[int], time_split: dict[str, float] | None) -> tuple[list[list[int]], GenerationStats]:
+        outputs = self.outputs()
+        wall = time.perf_counter() - t0
+        generated = [len(o) for o in outputs]
+        total = sum(generated)
+        peak, peak_kind = peak_memory(device)
+        return outputs, GenerationStats(
+            accepted=accepted,
+            proposed=proposed,
+            generated=generated,
+            target_forwards=self.steps,
+            tokens_per_target_forward=total / max(self.row_steps, 1),
+            acceptance_histogram=histogram,
+            wall_time_s=wall,
+            generated_tokens=total,
+            tokens_per_s=total / wall if wall > 0 else 0.0,
+            acceptance_rate=sum(accepted) / max(sum(proposed), 1),
+            peak_memory_bytes=peak,
+            peak_memory_kind=peak_kind,
+            time_split=time_split,
+            steps=self.steps,
+            compactions=self.compactions,
+            logprobs=self.output_logprobs(),
+        )
+
+    def outputs(self) -> list[list[int]]:
+        self.flush()
+        tokens = self.final_tokens.cpu()
+        seq = self.final_seq_lens.cpu().tolist()
+        starts = self.prompt_lens_host
+        return [tokens[i, starts[i] : seq[i]].tolist() for i in range(tokens.shape[0])]
+
+    def output_logprobs(self) -> list[list[float]] | None:
+        if self.final_logprobs is None:
+            return None
+        values = self.final_logprobs.cpu()
+        seq = self.final_seq_lens.cpu().tolist()
+        starts = self.prompt_lens_host
+        return [values[i, starts[i] : seq[i]].tolist() for i in range(values.shape[0])]
+
+
+class PhaseTimer:
+    """Seconds per phase of a step, measured only when enabled (it synchronises CUDA between phases)."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.split = {"draft": 0.0, "verify": 0.0, "sampling": 0.0, "bookkeeping": 0.0}
+        self._t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.enabled:
+            if self.cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.split[phase] += now - self._t
+            self._t = now
+
+
+def progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", leave=False)
+
+
+def peak_memory(device: torch.device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
