@@ -22,7 +22,8 @@ class RunConfig:
     draft: str = "ngram"
     ngram_max: int = 3
     ngram_min: int = 1
-    gamma: int = 5
+    gamma: int | str = "auto"
+    gamma_max: int = 8
     batch_size: int = 4
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -48,6 +49,8 @@ VALID_KEYS = tuple(FIELD_TYPES)
 
 def _coerce(key: str, value: Any) -> Any:
     kind = FIELD_TYPES[key]
+    if key == "gamma":
+        return parse_gamma(value)
     if value is None:
         if "None" in kind:
             return None
@@ -66,6 +69,17 @@ def _coerce(key: str, value: Any) -> Any:
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    return value
+
+
+def parse_gamma(value: Any) -> int | str:
+    """``"auto"`` or an integer (given as an int or a string of digits)."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"gamma must be an integer >= 1 or 'auto', got {value!r}")
     return value
 
 
@@ -111,6 +125,7 @@ def build_config(file_values: dict[str, Any] | None = None, cli_values: dict[str
     merged = RunConfig().as_dict()
     merged.update(file_values or {})
     merged.update({k: v for k, v in (cli_values or {}).items() if v is not None})
+    merged["gamma"] = parse_gamma(merged["gamma"])
     config = RunConfig(**merged)
     validate(config)
     return config
@@ -121,7 +136,12 @@ def validate(config: RunConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(config.gamma >= 1, f"gamma must be >= 1, got {config.gamma}")
+    need(config.gamma == "auto" or config.gamma >= 1, f"gamma must be >= 1 or 'auto', got {config.gamma}")
+    need(config.gamma_max >= 1, f"gamma_max must be >= 1, got {config.gamma_max}")
+    need(
+        config.gamma == "auto" or config.gamma_max == RunConfig.gamma_max,
+        f"gamma_max applies to gamma 'auto' only, but gamma is {config.gamma}",
+    )
     need(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
     need(config.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
     need(config.num_prompts >= 1, f"num_prompts must be >= 1, got {config.num_prompts}")

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 ACCEPTANCE_PRIOR = 0.6
-"""Prior per-position acceptance of a row with no evidence (worth one verified position)."""
-PRIOR_WEIGHT = 1.0
+"""Prior per-position acceptance of a row with no evidence."""
+PRIOR_WEIGHT = 0.5
+"""The prior counts as this many verified positions: three rejections in a row bring a row's estimate under 0.1."""
 EVIDENCE_DECAY = 0.95
 """Per step, old evidence about a row's acceptance keeps this weight (half-life about 14 steps)."""
 COST_DECAY = 0.97
@@ -88,6 +89,14 @@ class LinearFit:
         for i, v in enumerate((1.0, x, y, x * x, x * y)):
             self.s[i] += v
 
+    @classmethod
+    def line(cls, c0: float, c1: float = 0.0) -> LinearFit:
+        """A fit that is exactly ``c0 + c1 * x`` (for fixed cost models)."""
+        fit = cls(decay=1.0)
+        fit.add(0.0, c0)
+        fit.add(1.0, c0 + c1)
+        return fit
+
     @property
     def empty(self) -> bool:
         return self.s[0] == 0.0
@@ -114,6 +123,16 @@ class CostModel:
         self.verify = LinearFit()  # seconds against verified tokens (rows * width)
         self.draft_per_forward = LinearFit()  # seconds per draft forward against rows
         self.overhead = LinearFit()  # everything else, against rows
+
+    @classmethod
+    def fixed(cls, verify_s: tuple[float, float], draft_forward_s: tuple[float, float] = (0.0, 0.0),
+              overhead_s: tuple[float, float] = (0.0, 0.0)) -> CostModel:
+        """A cost model with given ``(intercept, slope)`` lines: verify seconds against verified tokens, seconds per
+        draft forward and per-step overhead against rows. Use with ``frozen_costs=True``."""
+        model = cls()
+        model.verify, model.draft_per_forward, model.overhead = (
+            LinearFit.line(*verify_s), LinearFit.line(*draft_forward_s), LinearFit.line(*overhead_s))
+        return model
 
     @property
     def ready(self) -> bool:
@@ -186,6 +205,7 @@ class AdaptiveSpeculation:
         self.trials = torch.zeros(num_rows, dtype=torch.float64)
         self.clock = _StepClock(device)
         self.draft_histogram = [0] * (gamma_max + 1)
+        self.draft_lengths: list[int] = []
         self.width_histogram = [0] * (gamma_max + 1)
         self.predicted_s = self.measured_s = 0.0
         self.steps = 0
@@ -262,6 +282,7 @@ class AdaptiveSpeculation:
             self.costs.verify.add(rows * (width + 1), verify)
             self.costs.overhead.add(rows, max(total - draft - verify, 0.0))
         self.draft_histogram[k] += 1
+        self.draft_lengths.append(k)
         self.width_histogram[width] += 1
         if not math.isnan(predicted):
             self.predicted_s += predicted
@@ -273,6 +294,7 @@ class AdaptiveSpeculation:
         d0, d1 = self.costs.draft_per_forward.coefficients()
         return {
             "draft_length_histogram": list(self.draft_histogram),
+            "draft_length_per_step": list(self.draft_lengths),
             "verify_width_histogram": list(self.width_histogram),
             "predicted_step_s_mean": self.predicted_s / self.steps if self.steps else None,
             "measured_step_s_mean": self.measured_s / self.steps if self.steps else None,

@@ -21,8 +21,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from batched_specdec.config import VALID_KEYS, ConfigError, RunConfig, build_config, read_config_file
+from batched_specdec.config import VALID_KEYS, ConfigError, RunConfig, build_config, parse_gamma, read_config_file
 from batched_specdec.prompts import PromptFileError, builtin_prompts, read_prompts_file, select_prompts
+from batched_specdec.report import Totals, device_name, print_outputs, print_processes, print_report
 
 PROG = "python -m batched_specdec.main"
 
@@ -30,6 +31,13 @@ PROG = "python -m batched_specdec.main"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block
         self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def _gamma_flag(value: str) -> int | str:
+    try:
+        return parse_gamma(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"--draft ngram: shortest n-gram tried; larger proposes less often but more accurately "
         f"[default: {d.ngram_min}]",
     )
-    p.add_argument("--gamma", type=int, help=f"draft tokens proposed per row per step (>= 1) [default: {d.gamma}]")
+    p.add_argument(
+        "--gamma",
+        type=_gamma_flag,
+        help="draft tokens proposed per row per step (an integer >= 1), or auto: an adaptive controller picks each "
+        "step's draft length (0 = a plain target step) and per-row budgets from the acceptance and step timings "
+        f"seen so far, so speculation never costs more than it gains (lossless either way) [default: {d.gamma}]",
+    )
+    p.add_argument(
+        "--gamma-max",
+        type=int,
+        help=f"--gamma auto: the longest draft a step may ask for [default: {d.gamma_max}]",
+    )
     p.add_argument("--batch-size", type=int, help=f"prompts decoded together in one batch [default: {d.batch_size}]")
     p.add_argument(
         "--max-new-tokens",
@@ -166,111 +185,11 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return (
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-        f"{torch.get_num_threads()} torch threads)"
-    )
-
-
 def _sync(device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / 2**20:,.0f} MiB"
-
-
-class _Totals:
-    """Sums of per-batch measurements for one method."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.wall = 0.0
-        self.target_forwards = 0
-        self.accepted = 0
-        self.proposed = 0
-        self.histogram: list[int] = []
-        self.row_steps = 0
-        self.tpf_weighted = 0.0
-        self.peak_memory: int | None = None
-        self.peak_memory_kind = ""
-        self.time_split: dict[str, float] = {}
-
-    def add_stats(self, stats) -> None:
-        self.target_forwards += int(getattr(stats, "target_forwards", 0) or 0)
-        self.accepted += sum(getattr(stats, "accepted", []) or [])
-        self.proposed += sum(getattr(stats, "proposed", []) or [])
-        hist = list(getattr(stats, "acceptance_histogram", []) or [])
-        if len(hist) > len(self.histogram):
-            self.histogram += [0] * (len(hist) - len(self.histogram))
-        for j, n in enumerate(hist):
-            self.histogram[j] += int(n)
-        weight = sum(hist) or int(getattr(stats, "target_forwards", 0) or 0)
-        self.row_steps += weight
-        self.tpf_weighted += weight * float(getattr(stats, "tokens_per_target_forward", 0.0) or 0.0)
-        peak = getattr(stats, "peak_memory_bytes", None)
-        if peak is not None:
-            self.peak_memory = max(self.peak_memory or 0, int(peak))
-            self.peak_memory_kind = getattr(stats, "peak_memory_kind", "") or self.peak_memory_kind
-        for key, value in (getattr(stats, "time_split", None) or {}).items():
-            self.time_split[key] = self.time_split.get(key, 0.0) + float(value)
-
-    @classmethod
-    def merged(cls, parts: list[_Totals]) -> _Totals:
-        """Totals of processes that ran at the same time: sums, except wall time and peak memory (the maximum)."""
-        total = cls()
-        for part in parts:
-            total.tokens += part.tokens
-            total.wall = max(total.wall, part.wall)
-            total.target_forwards += part.target_forwards
-            total.accepted += part.accepted
-            total.proposed += part.proposed
-            if len(part.histogram) > len(total.histogram):
-                total.histogram += [0] * (len(part.histogram) - len(total.histogram))
-            for j, n in enumerate(part.histogram):
-                total.histogram[j] += n
-            total.row_steps += part.row_steps
-            total.tpf_weighted += part.tpf_weighted
-            if part.peak_memory is not None:
-                total.peak_memory = max(total.peak_memory or 0, part.peak_memory)
-                total.peak_memory_kind = part.peak_memory_kind
-            for key, value in part.time_split.items():
-                total.time_split[key] = total.time_split.get(key, 0.0) + value
-        return total
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall if self.wall > 0 else 0.0
-
-    @property
-    def tokens_per_target_forward(self) -> float | None:
-        return self.tpf_weighted / self.row_steps if self.row_steps else None
-
-    def as_dict(self) -> dict:
-        return {
-            "generated_tokens": self.tokens,
-            "wall_time_s": self.wall,
-            "tokens_per_s": self.tokens_per_s,
-            "target_forwards": self.target_forwards,
-            "tokens_per_target_forward": self.tokens_per_target_forward,
-            "accepted": self.accepted,
-            "proposed": self.proposed,
-            "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
-            "acceptance_histogram": self.histogram,
-            "peak_memory_bytes": self.peak_memory,
-            "peak_memory_kind": self.peak_memory_kind,
-            "time_split_s": self.time_split or None,
-        }
 
 
 def run(config: RunConfig, console=None, command: str | None = None) -> dict:
@@ -324,14 +243,15 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     )
 
     common = {"logits_processor": processor, "eos_tokens_id": eos, "pad_token_id": pad}
+    spec_kwargs = {"gamma": config.gamma, **({"gamma_max": config.gamma_max} if config.gamma == "auto" else {})}
     # Warm-up (one short row through both paths) so one-time costs do not land in the first timed batch.
     warm = [prompts[0]]
     autoregressive_generate_batch(warm, model, max_gen_len=2, seed=config.seed, **common)
-    speculative_generate_batch(warm, draft, model, gamma=config.gamma, max_gen_len=2, seed=config.seed, **common)
+    speculative_generate_batch(warm, draft, model, max_gen_len=2, seed=config.seed, **common, **spec_kwargs)
 
     def decode_shard(shard: list[list[int]], shard_rows: list[int]) -> tuple[dict[str, list], dict]:
         """This process' prompts: both methods, batch by batch. Batch ids (and seeds) are global."""
-        base, spec = _Totals(), _Totals()
+        base, spec = Totals(), Totals()
         base_out: list[list[int] | None] = [None] * len(shard)
         spec_out: list[list[int] | None] = [None] * len(shard)
         alphas: list[float | None] = [None] * len(shard)
@@ -380,7 +300,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
                     batch_prompts,
                     draft,
                     model,
-                    gamma=config.gamma,
+                    **spec_kwargs,
                     max_gen_len=config.max_new_tokens,
                     seed=seed,
                     collect_stats=config.time_split,
@@ -399,8 +319,8 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     # processes when the share is a multiple of the batch size) and the main process reports on all of them.
     merged, per_process = run_on_prompt_shards(prompts, decode_shard)
     base_out, spec_out, alphas = merged["base_out"], merged["spec_out"], merged["alphas"]
-    base = _Totals.merged([p["base"] for p in per_process])
-    spec = _Totals.merged([p["spec"] for p in per_process])
+    base = Totals.merged([p["base"] for p in per_process])
+    spec = Totals.merged([p["spec"] for p in per_process])
     if not state.is_main_process:
         return {}
 
@@ -408,7 +328,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     if greedy and not config.no_baseline:
         identical = sum(base_out[i] == spec_out[i] for i in range(len(prompts)))
     speedup = spec.tokens_per_s / base.tokens_per_s if not config.no_baseline and base.tokens_per_s > 0 else None
-    _print_report(console, config, base, spec, speedup, identical, len(prompts), device)
+    print_report(console, config, base, spec, speedup, identical, len(prompts), device)
     processes = [
         {
             "process_index": p["process_index"],
@@ -420,15 +340,15 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
         for p in per_process
     ]
     if len(processes) > 1:
-        _print_processes(console, processes)
+        print_processes(console, processes)
     if config.show_output:
-        _print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, config.no_baseline)
+        print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, config.no_baseline)
 
     results = {
         "command": command,
         "config": config.as_dict(),
         "environment": {
-            "device": _device_name(device),
+            "device": device_name(device),
             "dtype": str(dtype).replace("torch.", ""),
             "commit": _git_commit(),
             "python": platform.python_version(),
@@ -468,80 +388,6 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     console.print(f"Results written to {path}")
     results["path"] = str(path)
     return results
-
-
-def _print_report(console, config, base, spec, speedup, identical, n_rows, device) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"Speculative decoding vs target-only on {_device_name(device)}")
-    table.add_column("metric")
-    if not config.no_baseline:
-        table.add_column("target-only", justify="right")
-    table.add_column(f"speculative ({config.draft}, gamma={config.gamma})", justify="right")
-
-    def row(name, b, s):
-        table.add_row(name, *([b] if not config.no_baseline else []), s)
-
-    row("generated tokens", f"{base.tokens}", f"{spec.tokens}")
-    row("wall time", f"{base.wall:.2f} s", f"{spec.wall:.2f} s")
-    row("tokens/s", f"{base.tokens_per_s:.1f}", f"{spec.tokens_per_s:.1f}")
-    row("speedup", "1.00x", f"{speedup:.2f}x" if speedup is not None else "n/a (--no-baseline)")
-    row("target forwards", f"{base.target_forwards}", f"{spec.target_forwards}")
-    tpf = spec.tokens_per_target_forward
-    row("tokens per target forward (per row)", "1.00", f"{tpf:.2f}" if tpf is not None else "n/a")
-    rate = spec.accepted / spec.proposed if spec.proposed else None
-    row("acceptance rate", "-", f"{rate:.1%} ({spec.accepted}/{spec.proposed})" if rate is not None else "n/a")
-    kind = spec.peak_memory_kind or base.peak_memory_kind
-    row(f"peak memory ({kind or 'n/a'})", _fmt_bytes(base.peak_memory), _fmt_bytes(spec.peak_memory))
-    if spec.time_split:
-        split = ", ".join(f"{k} {v:.2f} s" for k, v in spec.time_split.items())
-        row("time split", "-", split)
-    console.print(table)
-
-    if spec.histogram:
-        hist = Table(title="Acceptance histogram: (row, step) pairs that accepted j draft tokens")
-        total = sum(spec.histogram) or 1
-        for j in range(len(spec.histogram)):
-            hist.add_column(f"j={j}", justify="right")
-        hist.add_row(*(f"{n} ({n / total:.0%})" for n in spec.histogram))
-        console.print(hist)
-    if identical is not None:
-        verdict = "[green]identical[/]" if identical == n_rows else "[red]DIFFERENT[/]"
-        console.print(f"Greedy outputs {verdict} to target-only decoding for {identical}/{n_rows} prompts.")
-
-
-def _print_processes(console, processes: list[dict]) -> None:
-    from rich.table import Table
-
-    table = Table(title="Per process (accelerate)")
-    for name in ("process", "prompts", "target-only tokens/s", "speculative tokens/s", "speculative wall time"):
-        table.add_column(name, justify="right")
-    for p in processes:
-        base = p["baseline_tokens_per_s"]
-        table.add_row(
-            str(p["process_index"]),
-            str(p["num_prompts"]),
-            "-" if base is None else f"{base:.1f}",
-            f"{p['speculative_tokens_per_s']:.1f}",
-            f"{p['speculative_wall_time_s']:.2f} s",
-        )
-    console.print(table)
-
-
-def _print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, no_baseline) -> None:
-    from rich.markup import escape
-    from rich.panel import Panel
-
-    for i, text in enumerate(texts):
-        generated = tokenizer.decode(spec_out[i], skip_special_tokens=True)
-        title = f"prompt {i}: acceptance {alphas[i]:.0%}"
-        if greedy and not no_baseline:
-            same = base_out[i] == spec_out[i]
-            title += ", identical to target-only" if same else ", DIFFERS from target-only"
-        body = f"[bold]{escape(text)}[/]\n\n{escape(generated)}"
-        if not no_baseline and (not greedy or base_out[i] != spec_out[i]):
-            body += f"\n\n[dim]target-only:[/] {escape(tokenizer.decode(base_out[i], skip_special_tokens=True))}"
-        console.print(Panel(body, title=title, title_align="left"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,203 @@
+"""gamma="auto": the adaptive controller's policy, and exactness while the draft length changes from step to step.
+
+CPU, float32, tiny random-weight models. Plans are forced where the test is about the engine (any plan must stay
+lossless), and fixed cost models are used where the test is about the policy (so timings cannot change the
+outcome).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import GOF_ALPHA, _chi_square_pvalue, _exact_first_two, _ragged_prompts
+from tiny_models import tiny_causal_lm
+
+from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.controller import AdaptiveSpeculation, CostModel, StepPlan, expected_tokens
+from batched_specdec.drafters import DraftProposal
+from batched_specdec.ngram import NGramDrafter
+
+CPU = torch.device("cpu")
+
+
+class ScheduledPlans(AdaptiveSpeculation):
+    """Draft lengths from a fixed schedule, and row budgets that differ between rows (row id mod (k + 1))."""
+
+    def __init__(self, schedule: list[int], num_rows: int, budgets: bool = True) -> None:
+        super().__init__(max(schedule), num_rows, CPU, cost_model=CostModel.fixed((1.0, 0.0)), frozen_costs=True)
+        self.schedule, self.budgets, self.step = schedule, budgets, 0
+
+    def plan(self, row_ids, live) -> StepPlan:
+        k = self.schedule[self.step % len(self.schedule)]
+        self.step += 1
+        budgets = torch.where(live, row_ids % (k + 1), 0) if self.budgets else None
+        return StepPlan(k, budgets)
+
+    def choose_width(self, plan, lengths, row_ids, live) -> int:
+        return plan.draft_len
+
+
+class SwitchingCosts(AdaptiveSpeculation):
+    """The real policy over a cost model whose numbers change every three steps: drafting is free, then dear."""
+
+    def __init__(self, gamma_max: int, num_rows: int) -> None:
+        self.models = [CostModel.fixed((1.0, 0.0), (0.0, 0.0)), CostModel.fixed((1.0, 0.2), (5.0, 0.0))]
+        super().__init__(gamma_max, num_rows, CPU, cost_model=self.models[0], frozen_costs=True)
+        self.step = 0
+
+    def plan(self, row_ids, live) -> StepPlan:
+        self.costs = self.models[(self.step // 3) % 2]
+        self.step += 1
+        return super().plan(row_ids, live)
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    return tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1, layers=1)
+
+
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_greedy_identical_while_draft_lengths_switch(llama_pair, drafter):
+    target, draft = llama_pair
+    draft = draft if drafter == "model" else NGramDrafter()
+    prompts = _ragged_prompts(7, 96, 24, seed=5)
+    expected = autoregressive_generate_batch(prompts, target, max_gen_len=30, eos_tokens_id=[])
+    for controller in (ScheduledPlans([0, 3, 0, 0, 5, 1, 2], len(prompts)), SwitchingCosts(6, len(prompts))):
+        outputs, _, stats = speculative_generate_batch(prompts, draft, target, gamma=controller, max_gen_len=30,
+                                                       eos_tokens_id=[])
+        assert outputs == expected
+        used = [k for k, n in enumerate(stats.controller["draft_length_histogram"]) if n]
+        assert len(used) >= 2 and 0 in used, used  # the run really switched, including target-only steps
+
+
+def test_self_draft_accepts_everything_across_target_only_steps():
+    """The model drafter catches its cache up after steps without drafts: a draft identical to the target must
+    still accept every draft (a stale draft cache would propose other tokens)."""
+    target = tiny_causal_lm("llama", seed=0)
+    twin = tiny_causal_lm("llama", seed=0)
+    prompts = _ragged_prompts(5, 96, 16, seed=2)
+    expected = autoregressive_generate_batch(prompts, target, max_gen_len=40, eos_tokens_id=[])
+    controller = ScheduledPlans([3, 0, 0, 0, 4, 0, 2, 1], len(prompts), budgets=False)
+    outputs, _, stats = speculative_generate_batch(prompts, twin, target, gamma=controller, max_gen_len=40,
+                                                   eos_tokens_id=[])
+    assert outputs == expected
+    assert stats.acceptance_rate == 1.0 and sum(stats.proposed) > 0
+
+
+@pytest.mark.parametrize("schedule", [[0, 2], [2, 0], [1, 3]], ids=["0-then-2", "2-then-0", "1-then-3"])
+def test_sampled_first_two_tokens_follow_target_with_switching_plans(schedule):
+    """The joint distribution of the first two tokens equals the target's whatever the plan of each step and the
+    row budgets (rows differ in budget). Rejects at p < GOF_ALPHA (1e-4 per test, fixed seeds)."""
+    processor = MultinomialProcessor(1.0)
+    target = tiny_causal_lm("llama", vocab_size=8, seed=20, init_std=0.15)
+    draft = tiny_causal_lm("llama", vocab_size=8, seed=21, init_std=0.15, layers=1)
+    prompt, n = [1, 4, 2], 6000
+    controller = ScheduledPlans(schedule, n)
+    outputs, _, stats = speculative_generate_batch([prompt] * n, draft, target, gamma=controller,
+                                                   logits_processor=processor, max_gen_len=2, eos_tokens_id=[],
+                                                   seed=321)
+    pairs = torch.tensor([o[:2] for o in outputs])
+    counts = torch.zeros(8, 8)
+    counts.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(n), accumulate=True)
+    if max(schedule) > 0:
+        assert 0.0 < stats.acceptance_rate < 1.0
+    assert _chi_square_pvalue(counts, _exact_first_two(target, prompt, processor)) > GOF_ALPHA
+
+
+class ConstantDrafter:
+    """Proposes the same token everywhere: one the target never emits in the test, so never accepted."""
+
+    vocab_size = None
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def start(self, token_buffer, seq_lens, max_seq_len) -> None:
+        pass
+
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len) -> DraftProposal:
+        return DraftProposal(tokens=torch.full((token_buffer.shape[0], gamma), self.token, dtype=torch.int64))
+
+    def keep_rows(self, rows) -> None:
+        pass
+
+
+def test_never_accepted_draft_goes_to_target_only_steps(llama_pair):
+    """Drafting is nearly free but verifying wider costs; a draft that is never accepted is dropped after the
+    first step or two and the run continues at draft length 0."""
+    target, _ = llama_pair
+    prompts = _ragged_prompts(6, 96, 12, seed=3)
+    expected = autoregressive_generate_batch(prompts, target, max_gen_len=40, eos_tokens_id=[])
+    never = min(set(range(96)) - {t for row in expected for t in row})
+    costs = CostModel.fixed(verify_s=(1.0, 0.02), draft_forward_s=(0.01, 0.0))
+    controller = AdaptiveSpeculation(8, len(prompts), CPU, cost_model=costs, frozen_costs=True)
+    outputs, _, stats = speculative_generate_batch(prompts, ConstantDrafter(never), target, gamma=controller,
+                                                   max_gen_len=40, eos_tokens_id=[])
+    assert outputs == expected
+    per_step = stats.controller["draft_length_per_step"]
+    assert sum(stats.accepted) == 0 and sum(stats.proposed) > 0
+    assert 0 in per_step[:4], per_step  # draft length 0 within a few steps
+    assert sum(k > 0 for k in per_step) <= 0.2 * len(per_step), per_step  # and drafting stays rare after that
+
+
+def test_perfect_cheap_draft_goes_to_gamma_max():
+    target = tiny_causal_lm("llama", seed=0)
+    twin = tiny_causal_lm("llama", seed=0)
+    prompts = _ragged_prompts(4, 96, 12, seed=4)
+    costs = CostModel.fixed(verify_s=(1.0, 0.001), draft_forward_s=(0.02, 0.0))
+    controller = AdaptiveSpeculation(6, len(prompts), CPU, cost_model=costs, frozen_costs=True)
+    _, _, stats = speculative_generate_batch(prompts, twin, target, gamma=controller, max_gen_len=60,
+                                             eos_tokens_id=[])
+    histogram = stats.controller["draft_length_histogram"]
+    assert histogram[6] >= sum(histogram) - 2, histogram
+    assert stats.acceptance_rate == 1.0
+
+
+def test_rows_with_low_acceptance_get_smaller_budgets():
+    controller = AdaptiveSpeculation(6, 3, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
+                                     frozen_costs=True)
+    controller.successes[:] = torch.tensor([0.0, 8.0, 50.0])  # acceptance about 0.06, 0.5, 0.98
+    controller.trials[:] = torch.tensor([10.0, 16.0, 50.0])
+    plan = controller.plan(torch.arange(3), torch.tensor([True, True, True]))
+    budgets = plan.budgets.tolist()
+    assert budgets[0] < budgets[1] < budgets[2] == plan.draft_len
+    assert budgets[0] == 0
+    # finished rows get no budget, and the verify width follows what was proposed within budget
+    plan = controller.plan(torch.arange(3), torch.tensor([True, True, False]))
+    assert plan.budgets[2] == 0
+    assert controller.choose_width(plan, torch.zeros(3, dtype=torch.int64), torch.arange(3),
+                                   torch.tensor([True, True, False])) == 0
+
+
+def test_expected_tokens_matches_the_closed_form():
+    a = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    e = expected_tokens(a, 3)
+    assert e[0].tolist() == [1, 1, 1, 1]
+    assert e[1].tolist() == [1, 1.5, 1.75, 1.875]
+    assert e[2].tolist() == [1, 2, 3, 4]
+
+
+def test_auto_is_the_same_call_with_timings_and_stats(llama_pair):
+    target, draft = llama_pair
+    prompts = _ragged_prompts(5, 96, 10, seed=9)
+    outputs, _, stats = speculative_generate_batch(prompts, draft, target, gamma="auto", gamma_max=4,
+                                                       max_gen_len=20, eos_tokens_id=[])
+    assert outputs == autoregressive_generate_batch(prompts, target, max_gen_len=20, eos_tokens_id=[])
+    summary = stats.controller
+    assert len(summary["draft_length_histogram"]) == 5 and sum(summary["draft_length_histogram"]) == stats.steps
+    assert summary["measured_step_s_mean"] > 0 and summary["predicted_step_s_mean"] > 0
+    assert len(stats.acceptance_histogram) == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"gamma": "fast"}, "gamma must be an int >= 1 or 'auto', got 'fast'"),
+        ({"gamma": 3, "gamma_max": 4}, "gamma_max=4 only applies with gamma='auto', got gamma=3"),
+        ({"gamma": "auto", "gamma_max": 0}, "gamma_max must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_gamma_settings_raise(llama_pair, kwargs, match):
+    target, draft = llama_pair
+    with pytest.raises(ValueError, match=match):
+        speculative_generate_batch([[1, 2]], draft, target, **kwargs)
