@@ -37,6 +37,8 @@ PRIOR_WEIGHT = 0.5
 """The prior counts as this many verified positions: three rejections in a row bring a row's estimate under 0.1."""
 EVIDENCE_DECAY = 0.95
 """Per step, old evidence about a row's acceptance keeps this weight (half-life about 14 steps)."""
+FIRST_DRAFT_LEN = 3
+"""Draft length of the first step, before anything has been measured."""
 COST_DECAY = 0.97
 """Per step, old timing observations keep this weight in the cost fits."""
 
@@ -237,8 +239,8 @@ class AdaptiveSpeculation:
         """Draft length and budgets (``(B,)``, 0 for finished rows) of the next step. ``row_ids`` (host ``(B,)``)
         are the original ids of the batch's rows, ``live`` (host ``(B,)`` bool) marks the unfinished ones."""
         rows = row_ids.shape[0]
-        if not self.costs.ready:
-            return StepPlan(self.gamma_max)  # first step: propose and verify fully, so every cost gets measured
+        if not self.costs.ready:  # first step: a modest draft, so that drafting and verifying both get measured
+            return StepPlan(min(self.gamma_max, FIRST_DRAFT_LEN))
         cost = self._costs(rows, self.gamma_max, with_draft=True)
         gains = expected_tokens(self.acceptance(row_ids[live]), self.gamma_max)  # (N, G + 1)
         own_best = (gains / cost[None, :]).argmax(dim=1)  # what each row would pick if every row were like it
