@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
+"""Attention implementations the ragged KV cache works with: both take its ready-made 4D additive masks (flash
+kernels take none). ``auto`` picks per model (``batched_specdec.models.resolve_attn_implementation``)."""
+
 
 class ConfigError(ValueError):
     """A user error in the configuration; the message is one line that names the bad value."""
@@ -32,6 +36,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    attn_implementation: str = "auto"
     num_prompts: int = 8
     prompts: str | None = None
     output_dir: str = "outputs"
@@ -155,6 +160,11 @@ def validate(config: RunConfig) -> None:
     need(
         config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
         f"unknown device {config.device!r}: expected auto, cpu, cuda or cuda:N",
+    )
+    need(
+        config.attn_implementation in ATTN_IMPLEMENTATIONS,
+        f"unknown attn_implementation {config.attn_implementation!r}: expected one of "
+        f"{', '.join(ATTN_IMPLEMENTATIONS)}",
     )
     need(bool(config.target), "target must not be empty")
     need(bool(config.draft), "draft must not be empty")

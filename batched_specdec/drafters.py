@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from batched_specdec.inputs import vocab_size
+
 
 @dataclass
 class DraftProposal:
@@ -109,7 +111,10 @@ class ModelDrafter:
 
     def __init__(self, model) -> None:
         self.model = model
-        self.vocab_size = model.config.vocab_size
+        self.vocab_size = vocab_size(model)
+        # With a prefix vocabulary the target may commit ids the draft cannot embed. Feeding the draft a stand-in
+        # for them keeps decoding lossless (verification is exact whatever the draft proposes).
+        self._max_input_id = model.get_input_embeddings().weight.shape[0] - 1
         self.cache = None
         self._generator: torch.Generator | None = None
         self._target_only_steps = 0
@@ -128,7 +133,8 @@ class ModelDrafter:
         prefill = int(token_buffer.shape[1]) - 2
         if prefill > 0:
             self.cache.set_span(prefill)
-            model_forward(self.model, self.cache, token_buffer[:, :prefill].to(self.device), logits_to_keep=1)
+            ids = token_buffer[:, :prefill].to(self.device).clamp_max(self._max_input_id)
+            model_forward(self.model, self.cache, ids, logits_to_keep=1)
 
     def propose(
         self,
@@ -152,7 +158,7 @@ class ModelDrafter:
         cache.set_span(max_seq_len + gamma)
         num_first = seq_lens - lens  # `width`, or fewer for a row shorter than that
         first_idx = torch.minimum(lens[:, None] + torch.arange(width, device=device)[None, :], seq_lens[:, None] - 1)
-        input_ids = token_buffer.to(device).gather(1, first_idx)
+        input_ids = token_buffer.to(device).gather(1, first_idx).clamp_max(self._max_input_id)
         logits = model_forward(self.model, cache, input_ids, logits_to_keep=width)
         logits = logits.gather(1, (num_first - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
         cache.advance(num_first)

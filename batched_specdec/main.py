@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", help=f"auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16 [default: {d.dtype}]"
     )
     p.add_argument(
+        "--attn-implementation",
+        help="attention of the target and a model draft: auto (sdpa where the model supports it, else eager, "
+        "e.g. for Gemma-2, whose soft-capped attention sdpa cannot do), sdpa or eager "
+        f"[default: {d.attn_implementation}]",
+    )
+    p.add_argument(
         "--num-prompts",
         type=int,
         help=f"how many prompts to decode (the list is cycled if shorter) [default: {d.num_prompts}]",
@@ -227,10 +233,10 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
 
     console.print(f"Loading target [bold]{config.target}[/] on {device} ({str(dtype).replace('torch.', '')}) ...")
     t0 = time.perf_counter()
-    model, tokenizer = load_target(config.target, device=device, dtype=dtype)
-    draft = load_draft(
-        config.draft, model, device=device, dtype=dtype, max_ngram=config.ngram_max, min_ngram=config.ngram_min
-    )
+    attn = config.attn_implementation
+    model, tokenizer = load_target(config.target, device=device, dtype=dtype, attn_implementation=attn)
+    draft = load_draft(config.draft, model, device=device, dtype=dtype, attn_implementation=attn,
+                       max_ngram=config.ngram_max, min_ngram=config.ngram_min)
     load_s = time.perf_counter() - t0
     eos = eos_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer, eos)

