@@ -3,9 +3,9 @@
 A drafter sees the committed tokens of every row and proposes up to ``gamma`` draft tokens per row. The engine
 verifies them with the target; nothing a drafter does can change the output distribution, only the speed.
 
-* :class:`ModelDrafter` wraps a small HF causal LM whose vocabulary is the target's or a prefix of it. It keeps
-  its own ragged KV cache and samples each draft token from the processed draft distribution ``q``, which it returns so that
-  verification uses exactly the distribution each token was drawn from.
+* :class:`ModelDrafter` wraps a small HF causal LM whose vocabulary is the target's or a prefix of it. It
+  keeps its own ragged KV cache and samples each draft token from the processed draft distribution ``q``, which
+  it returns so that verification uses exactly the distribution each token was drawn from.
 * Model-free drafters (``batched_specdec.ngram.NGramDrafter``) return deterministic proposals (``probs=None``,
   q one-hot) and may propose fewer than ``gamma`` tokens for some rows (``num_tokens``).
 """
