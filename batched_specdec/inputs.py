@@ -71,7 +71,7 @@ def check_tokenizer(tokenizer) -> None:
     """The seed API takes ``tokenizer`` 4th, so ``speculative_generate_batch(p, d, t, 5)`` is a likely slip."""
     if tokenizer is None:
         return
-    if isinstance(tokenizer, (bool, numbers.Number)):
+    if isinstance(tokenizer, (bool, numbers.Number)) or isinstance(tokenizer, str) and tokenizer == "auto":
         raise TypeError(f"tokenizer must be a tokenizer or None, got {type(tokenizer).__name__} {tokenizer!r}; "
                         f"did you mean gamma={tokenizer!r}? (pass gamma by keyword)")
     if not hasattr(tokenizer, "eos_token_id"):

@@ -330,6 +330,8 @@ def test_tokenizer_passed_as_the_fourth_argument_suggests_gamma(target, draft):
     """The seed API had gamma 4th; now it is the tokenizer, so the likely slip names gamma=."""
     with pytest.raises(TypeError, match=r"did you mean gamma=5\? \(pass gamma by keyword\)"):
         speculative_generate_batch([[1, 2]], draft, target, 5)
+    with pytest.raises(TypeError, match=r"got str 'auto'; did you mean gamma='auto'\?"):
+        speculative_generate_batch([[1, 2]], draft, target, "auto")
     with pytest.raises(TypeError, match="logits_processor must be a LogitsProcessor, got int"):
         autoregressive_generate_batch([[1, 2]], target, 5)
 
