@@ -13,6 +13,7 @@ loaded with ``device_map="auto"``: the ragged cache keeps each layer's buffers o
 from __future__ import annotations
 
 import atexit
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -118,24 +119,57 @@ def run_on_prompt_shards(
     return merged, per_process
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection on 64-bit integers that spreads every input bit over the output."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def batch_seed(seed: int, first_prompt_index: int) -> int:
+    """The seed of the batch whose first prompt is ``first_prompt_index`` in the whole prompt set.
+
+    ``(seed, index)`` is packed into 64 bits (seed in the high half, index in the low half), which is injective for
+    seeds and indices in ``[0, 2**32)``, then mixed by a bijection. So seed ``s`` batch ``i`` never gets the stream of
+    seed ``s + 1`` batch ``j`` (as ``seed + i`` would), and neighbouring seeds or batches get unrelated streams.
+    Seeds outside ``[0, 2**32)`` are first hashed into it. (torch's CPU generator keeps only the low 32 bits of
+    a seed, so there distinct derived seeds coincide with chance 2**-32 per pair; CUDA's keeps all 64.)
+    """
+    seed = int(seed)
+    if not 0 <= seed < 1 << 32:
+        seed = _mix64(seed & _MASK64) >> 32
+    return _mix64((seed << 32) | (int(first_prompt_index) & 0xFFFFFFFF))
+
+
 def speculative_generate_distributed(prompts: Sequence, draft_model, target_model, *, batch_size: int = 16,
                                      **kwargs) -> tuple[list[list[int]], list[float], list[dict]]:
     """:func:`~batched_specdec.speculative_generate_batch` over a prompt set split across processes.
 
     Every process must load the models (on ``process_state().device``) and call this with the same prompts.
     Returns the outputs and per-row acceptance in prompt order, and per-process summaries (tokens, wall time,
-    tokens/s) ordered by process index.
+    tokens/s) ordered by process index. With ``seed=s`` each batch samples from its own stream,
+    ``batch_seed(s, index of its first prompt)``: batches are not correlated, and a run is reproducible for the same
+    prompts, ``batch_size`` and number of processes.
     """
     from batched_specdec.engine import speculative_generate_batch
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
-    def run_shard(shard: list, _indices: list[int]) -> dict:
+    seed = kwargs.pop("seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+    def run_shard(shard: list, indices: list[int]) -> dict:
         outputs, alpha, wall, tokens = [], [], 0.0, 0
         for start in range(0, len(shard), batch_size):
+            # One seed for every batch would give identical prompts in different batches identical samples.
+            batch_kwargs = kwargs if seed is None else {**kwargs, "seed": batch_seed(seed, indices[start])}
             out, a, stats = speculative_generate_batch(shard[start : start + batch_size], draft_model, target_model,
-                                                       **kwargs)
+                                                       **batch_kwargs)
             outputs += out
             alpha += a
             wall += stats.wall_time_s

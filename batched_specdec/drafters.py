@@ -3,9 +3,9 @@
 A drafter sees the committed tokens of every row and proposes up to ``gamma`` draft tokens per row. The engine
 verifies them with the target; nothing a drafter does can change the output distribution, only the speed.
 
-* :class:`ModelDrafter` wraps a small HF causal LM that shares the target's vocabulary. It keeps its own ragged
-  KV cache and samples each draft token from the processed draft distribution ``q``, which it returns so that
-  verification uses exactly the distribution each token was drawn from.
+* :class:`ModelDrafter` wraps a small HF causal LM whose vocabulary is the target's or a prefix of it. It
+  keeps its own ragged KV cache and samples each draft token from the processed draft distribution ``q``, which
+  it returns so that verification uses exactly the distribution each token was drawn from.
 * Model-free drafters (``batched_specdec.ngram.NGramDrafter``) return deterministic proposals (``probs=None``,
   q one-hot) and may propose fewer than ``gamma`` tokens for some rows (``num_tokens``).
 """
@@ -111,10 +111,9 @@ class ModelDrafter:
 
     def __init__(self, model) -> None:
         self.model = model
-        self.vocab_size = vocab_size(model)
-        # With a prefix vocabulary the target may commit ids the draft cannot embed. Feeding the draft a stand-in
-        # for them keeps decoding lossless (verification is exact whatever the draft proposes).
-        self._max_input_id = model.get_input_embeddings().weight.shape[0] - 1
+        self.vocab_size = vocab_size(model)  # the width of its logits, so of the q it returns
+        embeddings = model.get_input_embeddings()
+        self._max_input_id = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]) - 1
         self.cache = None
         self._generator: torch.Generator | None = None
         self._target_only_steps = 0
@@ -133,8 +132,7 @@ class ModelDrafter:
         prefill = int(token_buffer.shape[1]) - 2
         if prefill > 0:
             self.cache.set_span(prefill)
-            ids = token_buffer[:, :prefill].to(self.device).clamp_max(self._max_input_id)
-            model_forward(self.model, self.cache, ids, logits_to_keep=1)
+            model_forward(self.model, self.cache, self._draft_ids(token_buffer[:, :prefill]), logits_to_keep=1)
 
     def propose(
         self,
@@ -158,7 +156,7 @@ class ModelDrafter:
         cache.set_span(max_seq_len + gamma)
         num_first = seq_lens - lens  # `width`, or fewer for a row shorter than that
         first_idx = torch.minimum(lens[:, None] + torch.arange(width, device=device)[None, :], seq_lens[:, None] - 1)
-        input_ids = token_buffer.to(device).gather(1, first_idx).clamp_max(self._max_input_id)
+        input_ids = self._draft_ids(token_buffer.to(device).gather(1, first_idx))
         logits = model_forward(self.model, cache, input_ids, logits_to_keep=width)
         logits = logits.gather(1, (num_first - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
         cache.advance(num_first)
@@ -172,6 +170,12 @@ class ModelDrafter:
                 cache.advance(1)
         draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
         return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=draft_probs)
+
+    def _draft_ids(self, ids: Tensor) -> Tensor:
+        """Committed ids as draft inputs. A draft over a prefix of the target's vocabulary has no embedding for
+        the target-only ids the target may emit; any in-range id stands in for them (it only shapes the proposals,
+        which verification corrects). Draft tokens themselves are always in range."""
+        return ids.to(self.device).clamp_max(self._max_input_id)
 
     def note_target_only_step(self) -> None:
         """The engine ran a step without drafts (adaptive draft length 0): one more token to catch up on."""

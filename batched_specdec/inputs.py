@@ -71,7 +71,7 @@ def check_tokenizer(tokenizer) -> None:
     """The seed API takes ``tokenizer`` 4th, so ``speculative_generate_batch(p, d, t, 5)`` is a likely slip."""
     if tokenizer is None:
         return
-    if isinstance(tokenizer, (bool, numbers.Number)):
+    if isinstance(tokenizer, (bool, numbers.Number)) or isinstance(tokenizer, str) and tokenizer == "auto":
         raise TypeError(f"tokenizer must be a tokenizer or None, got {type(tokenizer).__name__} {tokenizer!r}; "
                         f"did you mean gamma={tokenizer!r}? (pass gamma by keyword)")
     if not hasattr(tokenizer, "eos_token_id"):
@@ -130,20 +130,25 @@ def expand_max_gen_len(max_gen_len, num_prompts: int) -> list[int]:
 def _as_id_list(value) -> list:
     if value is None:
         return []
+    if isinstance(value, Tensor) or hasattr(value, "ndim") and hasattr(value, "tolist"):  # torch / numpy ids
+        value = value.tolist()
     return list(value) if isinstance(value, (list, tuple, set)) else [value]
 
 
 def resolve_eos(eos_tokens_id, model, tokenizer, vocab: int) -> list[int]:
     """``None`` means the model's ``generation_config.eos_token_id`` (an int or a list), else the tokenizer's;
     ``[]`` means no EOS (every row runs to its ``max_gen_len``)."""
+    source = "eos_tokens_id"
     if eos_tokens_id is None:
         eos_tokens_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        source = "eos_tokens_id (from the target's generation_config.eos_token_id)"
         if eos_tokens_id is None and tokenizer is not None:
             eos_tokens_id = tokenizer.eos_token_id
+            source = "eos_tokens_id (from tokenizer.eos_token_id)"
     ids = []
     for t in _as_id_list(eos_tokens_id):
         if not _is_token_id(t) or not 0 <= t < vocab:
-            raise ValueError(f"eos_tokens_id has {t!r}, expected ints in [0, {vocab})")
+            raise ValueError(f"{source} has {t!r}, expected ints in [0, {vocab})")
         if int(t) not in ids:
             ids.append(int(t))
     return ids

@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="nucleus sampling: keep the smallest set of tokens with this total probability [default: off]",
     )
-    p.add_argument("--seed", type=int, help=f"random seed for sampling (batch i uses seed + i) [default: {d.seed}]")
+    p.add_argument(
+        "--seed", type=int,
+        help=f"random seed for sampling (each batch derives its own stream from it) [default: {d.seed}]",
+    )
     p.add_argument("--device", help=f"auto (cuda if available, else cpu), cpu, cuda or cuda:N [default: {d.device}]")
     p.add_argument(
         "--dtype", help=f"auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16 [default: {d.dtype}]"
@@ -205,7 +208,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
-    from batched_specdec.distributed import process_state, run_on_prompt_shards
+    from batched_specdec.distributed import batch_seed, process_state, run_on_prompt_shards
     from batched_specdec.models import (
         eos_token_ids,
         load_draft,
@@ -276,7 +279,8 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
             spec_task = progress.add_task("speculative", total=len(batches))
             for rows in batches:
                 batch_prompts = [shard[i] for i in rows]
-                seed = config.seed + shard_rows[rows[0]] // config.batch_size
+                # seed + batch id would give seed s batch i+1 the stream of seed s+1 batch i
+                seed = batch_seed(config.seed, shard_rows[rows[0]])
                 if base_task is not None:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_causal_lm
 
-from batched_specdec import speculative_generate_batch
-from batched_specdec.distributed import run_on_prompt_shards, speculative_generate_distributed
+from batched_specdec import MultinomialProcessor, speculative_generate_batch
+from batched_specdec.distributed import batch_seed, run_on_prompt_shards, speculative_generate_distributed
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 GROUP_WORKER = Path(__file__).with_name("process_group_worker.py")
@@ -69,6 +69,37 @@ def test_single_process_distributed_equals_batch_call():
     assert len(alpha) == 3 and per_process[0]["generated_tokens"] == 18
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         speculative_generate_distributed(prompts, draft, target, batch_size=0)
+
+
+def test_each_batch_samples_from_its_own_stream():
+    """Identical prompts in different batches under one seed get different samples, the same ones every run, and
+    each batch's stream is ``batch_seed(seed, index of its first prompt)``."""
+    target = tiny_causal_lm("llama", seed=0, init_std=0.15)  # flat distributions: samples of 12 tokens differ
+    draft = tiny_causal_lm("llama", seed=1, layers=1, init_std=0.15)
+    prompts = [[1, 2, 3]] * 3
+    kwargs = {"batch_size": 1, "gamma": 3, "logits_processor": MultinomialProcessor(1.0), "max_gen_len": 12,
+              "eos_tokens_id": []}
+    first, _, _ = speculative_generate_distributed(prompts, draft, target, seed=7, **kwargs)
+    again, _, _ = speculative_generate_distributed(prompts, draft, target, seed=7, **kwargs)
+    assert again == first
+    assert len({tuple(o) for o in first}) == 3
+    for i in range(3):
+        single = speculative_generate_batch(prompts[:1], draft, target, seed=batch_seed(7, i),
+                                            **{k: v for k, v in kwargs.items() if k != "batch_size"})[0]
+        assert single == [first[i]]
+    with pytest.raises(ValueError, match="seed must be an int, got 'x'"):
+        speculative_generate_distributed(prompts, draft, target, seed="x")
+
+
+def test_batch_seeds_differ_across_seeds_and_batches():
+    """Not seed + index: seed s batch i + 1 and seed s + 1 batch i get different streams. Distinct in the low 32
+    bits too, which is all torch's CPU generator keeps of a seed."""
+    grid = [(s, i) for s in [*range(64), 2**32 - 1] for i in range(64)]
+    seeds = [batch_seed(s, i) for s, i in grid]
+    assert len(set(seeds)) == len(grid)
+    assert len({x & 0xFFFFFFFF for x in seeds}) == len(grid)
+    assert all(0 <= x < 2**64 for x in seeds)
+    assert batch_seed(2**40, 0) != batch_seed(2**40 + 1, 0) and 0 <= batch_seed(-5, 3) < 2**64
 
 
 @pytest.mark.parametrize("num_prompts", [5, 1])  # uneven split; fewer prompts than processes

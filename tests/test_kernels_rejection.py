@@ -281,9 +281,10 @@ def test_philox_reference_matches_tl_rand():
 # Distribution tests.
 #
 # False-positive rate: every goodness-of-fit assertion uses ALPHA = 1e-6. The suite makes at most
-# 2 * (8 + 4) + 2 = 26 such assertions, so with independent randomness the family-wise false-positive rate is
-# below 26 * 1e-6 < 3e-5 (Bonferroni). Seeds are fixed and hypothesis is derandomized, so the outcome is
-# deterministic: the test never flakes; it fails only if the sampler's distribution is wrong.
+# 2 * (8 + 4) + 2 + 2 * 2 = 30 such assertions (the last four for prefix-vocabulary drafts), so with independent
+# randomness the family-wise false-positive rate is at most 30 * 1e-6 = 3e-5 (Bonferroni). Seeds are fixed and
+# hypothesis is derandomized, so the outcome is deterministic: the test never flakes; it fails only if the
+# sampler's distribution is wrong.
 
 ALPHA = 1e-6
 
@@ -451,3 +452,63 @@ def test_philox_numpy_words_equal_torch_words():
         s = torch.tensor(seed)
         expected = _philox_round_words_torch(s, counters)
         assert torch.equal(torch.from_numpy(_philox_round_words_numpy(s.numpy(), counters.numpy())), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A draft over a prefix of the target's vocabulary (V_draft < V): q is 0 on the ids the draft lacks (logits -inf).
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("B,K,V,V_draft,dtype", [(7, 3, 111, 64, torch.float32), (1, 2, 2, 1, torch.float32),
+                                                 (33, 4, 1000, 999, torch.bfloat16)])
+def test_prefix_vocab_draft_equals_zero_padded_draft(backend, B, K, V, V_draft, dtype):
+    target_logits, draft_logits, _, num_draft = _random_problem(B, K, V, dtype, seed=V + V_draft)
+    draft_logits = draft_logits[..., :V_draft].contiguous()  # column 0 is never filtered: q > 0 somewhere
+    q = torch.softmax(draft_logits.float(), -1)
+    draft_tokens = torch.multinomial(q.reshape(-1, V_draft), 1, generator=_gen(B)).reshape(B, K)
+    p = torch.softmax(target_logits.float(), -1).to(dtype)
+    q = q.to(dtype)
+    seed, offset = torch.tensor(77), torch.tensor(2**35 + 5)
+    kw = {"num_draft_tokens": num_draft, "seed": seed, "offset": offset}
+    out, acc = rejection_sample_from_probs(draft_tokens, q, p, backend=backend, **kw)
+    padded = torch.nn.functional.pad(q, (0, V - V_draft), value=0.0)
+    out_r, acc_r = rejection_sample_from_probs_reference(draft_tokens, padded, p, **kw)
+    assert torch.equal(acc, acc_r) and torch.equal(out, out_r)
+    check_invariants(out, acc, num_draft, draft_tokens, V)
+    temperature = torch.rand(B, generator=_gen(3)) + 0.3
+    temperature[::3] = 0.0
+    out, acc = rejection_sample_from_logits(draft_tokens, draft_logits, target_logits, temperature, backend=backend,
+                                            **kw)
+    padded = torch.nn.functional.pad(draft_logits, (0, V - V_draft), value=float("-inf"))
+    out_r, acc_r = rejection_sample_from_logits_reference(draft_tokens, padded, target_logits, temperature, **kw)
+    assert torch.equal(acc, acc_r) and torch.equal(out, out_r)
+    check_invariants(out, acc, num_draft, draft_tokens, V)
+
+
+@pytest.mark.parametrize(("backend", "N"), [("torch", 50_000), ("triton", 20_000)])
+def test_prefix_vocab_draft_distribution(backend, N):
+    """p has real mass on ids 7..11, which a draft over ids 0..6 never proposes; they come only from recovered and
+    bonus tokens. Two GOF assertions at ALPHA, fixed seeds."""
+    V, V_draft, K = 12, 7, 2
+    g = _gen(31)
+    p = torch.stack([_dist("random", V, g) for _ in range(K + 1)])
+    q = torch.stack([_dist("random", V_draft, g) for _ in range(K)])
+    assert (p[:, V_draft:].sum(-1) > 0.2).all()
+    drafts = torch.stack([torch.multinomial(q[j], N, replacement=True, generator=g) for j in range(K)], 1)
+    out, acc = rejection_sample_from_probs(drafts, q[None].expand(N, K, V_draft), p[None].expand(N, K + 1, V),
+                                           generator=_gen(32), backend=backend)
+    assert (out[:, 0] >= V_draft).any()
+    assert gof_pvalue(out[:, 0], p[0]) > ALPHA
+    assert gof_pvalue(out[:, 1][acc >= 1], p[1]) > ALPHA
+
+
+def test_draft_vocab_larger_than_target_is_an_error():
+    d = torch.zeros(2, 3, dtype=torch.int64)
+    p = torch.full((2, 4, 5), 0.2)
+    with pytest.raises(ValueError, match=r"draft_probs has a vocabulary of 6, larger than the target's 5: the draft's "
+                                         r"vocabulary must be a prefix of the target's \(V_draft <= V\)"):
+        rejection_sample_from_probs(d, torch.full((2, 3, 6), 1 / 6), p)
+    with pytest.raises(ValueError, match="draft_logits has a vocabulary of 6, larger than the target's 5"):
+        rejection_sample_from_logits(d, torch.zeros(2, 3, 6), p, 1.0)
+    with pytest.raises(ValueError, match=r"draft_probs must have shape \(B, K, V_draft\) = \(2, 3, <= 5\)"):
+        rejection_sample_from_probs(d, torch.full((2, 2, 5), 0.2), p)
