@@ -2,6 +2,7 @@
 
 from batched_specdec.drafters import Drafter, DraftProposal, ModelDrafter
 from batched_specdec.engine import GenerationStats, autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.generation import GenerationResult, generate
 from batched_specdec.processors import (
     GreedyProcessor,
     LogitsProcessor,
@@ -15,6 +16,7 @@ from batched_specdec.processors import (
 __all__ = [
     "DraftProposal",
     "Drafter",
+    "GenerationResult",
     "GenerationStats",
     "GreedyProcessor",
     "LogitsProcessor",
@@ -24,6 +26,7 @@ __all__ = [
     "TopKNucleusProcessor",
     "TopKProcessor",
     "autoregressive_generate_batch",
+    "generate",
     "make_processor",
     "speculative_generate_batch",
 ]

@@ -1,0 +1,507 @@
+"""Text in, text out: :func:`generate` takes strings (or token ids) and a transformers ``GenerationConfig``.
+
+It resolves the sampling settings the way ``model.generate`` does (keyword overrides, then the caller's
+``GenerationConfig``, then the target's own ``generation_config``, then transformers' global defaults), refuses every
+setting that would make the output differ from what the target would have produced, encodes the prompts (chat
+template applied when the tokenizer has one), decodes them in internal batches with
+:func:`~batched_specdec.speculative_generate_batch` (or :func:`~batched_specdec.autoregressive_generate_batch` with
+``draft=None``), and returns texts and token ids in prompt order.
+
+The module is ``generation`` rather than ``generate`` so that the package attribute ``batched_specdec.generate`` is
+the function: importing a submodule of the same name would rebind it to the module.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from batched_specdec.controller import AdaptiveSpeculation
+from batched_specdec.engine import (
+    _as_drafter,
+    _make_controller,
+    autoregressive_generate_batch,
+    speculative_generate_batch,
+)
+from batched_specdec.inputs import (
+    check_positive_int,
+    check_tokenizer,
+    input_device,
+    normalise_prompts,
+    resolve_eos,
+    text_config,
+    vocab_size,
+)
+from batched_specdec.processors import GreedyProcessor, LogitsProcessor, make_processor
+from batched_specdec.prompts import encode_prompts
+from batched_specdec.ragged_batch import GenerationStats
+
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationResult", "SamplingSettings", "generate", "resolve_sampling"]
+
+DEFAULT_MAX_NEW_TOKENS = 256
+"""New tokens per prompt when neither the caller nor the target's generation config sets ``max_new_tokens`` (the
+default of transformers' text-generation pipeline; ``model.generate``'s ``max_length=20`` counts the prompt, which
+leaves nothing for a chat prompt)."""
+
+HONOURED = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length", "eos_token_id")
+"""GenerationConfig fields that :func:`generate` applies."""
+
+TRANSFORMERS_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+"""transformers' global defaults of the honoured sampling fields (``GenerationConfig._get_default_generation_params``):
+with ``do_sample=True`` and nothing else set, ``model.generate`` samples with top-k 50, and so does :func:`generate`."""
+
+NO_EFFECT = frozenset({
+    # ids and switches that never change which tokens come out (pad is internal to the engine)
+    "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "renormalize_logits",
+    # outputs and caching: the ragged cache replaces transformers' caches
+    "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+    "cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size", "compile_config",
+    "disable_compile", "continuous_batching_config", "low_memory",
+    # beam-search-only knobs (num_beams > 1 is refused)
+    "early_stopping", "length_penalty",
+    # transformers' own assisted decoding, which is lossless like ours (the lossy ensemble weight is refused)
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_lookbehind", "target_lookbehind", "prompt_lookup_num_tokens", "max_matching_ngram_size",
+    "assistant_early_exit", "is_assistant", "speculation_type",
+})
+"""GenerationConfig fields accepted whatever their value, because they cannot change the generated tokens."""
+
+NEUTRAL = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "num_beams": 1, "num_beam_groups": 1,
+    "diversity_penalty": 0.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0,
+    "min_new_tokens": 0, "num_return_sequences": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "guidance_scale": 1.0, "remove_invalid_values": False, "token_healing": False, "use_mtp": False,
+}
+"""Values at which a field :func:`generate` does not implement changes nothing (transformers applies no processor).
+Any other value of any other field is refused."""
+
+SAMPLING_ONLY = frozenset({"min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"})
+"""Fields transformers applies only when sampling; with greedy decoding they change nothing."""
+
+
+@dataclass
+class SamplingSettings:
+    """The resolved decoding settings of a :func:`generate` call.
+
+    ``max_new_tokens`` is None when the caller gave ``max_length`` instead (then each prompt gets
+    ``max_length - len(prompt)``); with both None each prompt gets :data:`DEFAULT_MAX_NEW_TOKENS`, capped to what
+    fits the model's ``max_position_embeddings``. ``eos_token_id`` None leaves the choice to the engine (the
+    tokenizer's EOS).
+    ``sources`` names where each field's value came from.
+    """
+
+    processor: LogitsProcessor
+    max_new_tokens: int | None
+    max_length: int | None
+    eos_token_id: int | list[int] | None
+    sources: dict[str, str]
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` returns; every per-prompt list is in prompt order.
+
+    Attributes
+    ----------
+    texts : list of str or None
+        Each prompt's continuation decoded with special tokens skipped; None when no tokenizer was given.
+    token_ids : list of list of int
+        Each prompt's continuation (prompt excluded), ending after its first EOS or at its token budget.
+    stats : GenerationStats
+        All batches merged: per-row lists (``accepted``, ``proposed``, ``generated``, ``logprobs``) in prompt order,
+        counts and times summed over batches (they run one after another), ``tokens_per_s`` over the summed decode
+        time, histograms summed, peak memory the largest; see :func:`merge_stats`.
+    batch_stats : list of GenerationStats
+        Each internal batch's own stats, in the order the batches ran.
+    batches : list of list of int
+        The prompt indices of each internal batch (its rows, in row order).
+    logprobs : list of list of float or None
+        With ``return_logprobs=True``: per emitted token, the target's log-probability under the processed
+        distribution it was sampled from (aligned with ``token_ids``).
+    """
+
+    texts: list[str] | None
+    token_ids: list[list[int]]
+    stats: GenerationStats
+    batch_stats: list[GenerationStats]
+    batches: list[list[int]]
+    logprobs: list[list[float]] | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _generation_config_fields() -> dict:
+    """Every field of a fresh ``GenerationConfig`` with its default value (all None in transformers >= 5.2x)."""
+    from transformers import GenerationConfig
+
+    return {k: v for k, v in GenerationConfig().to_dict().items() if not k.startswith("_")}
+
+
+def _set_fields(config, name: str, *, strict: bool) -> dict:
+    """The fields of ``config`` that differ from a fresh ``GenerationConfig``. Entries that are not GenerationConfig
+    fields are an error in the caller's config (``strict``) and ignored in a model's (hub configs carry extras)."""
+    if config is None:
+        return {}
+    from transformers import GenerationConfig
+
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"{name} must be a transformers.GenerationConfig or None, got {type(config).__name__}")
+    known = _generation_config_fields()
+    fields = {}
+    for key, value in config.to_diff_dict().items():
+        if key.startswith("_") or key == "transformers_version" or value is None:
+            continue
+        if key not in known:
+            if strict:
+                raise ValueError(f"{name} has {key}={value!r}, which is not a GenerationConfig field")
+            continue
+        fields[key] = value
+    return fields
+
+
+def _is_neutral(name: str, value) -> bool:
+    if value is None or (isinstance(value, (list, tuple, dict)) and len(value) == 0):
+        return True
+    if name in NEUTRAL and value == NEUTRAL[name]:
+        return True
+    default = _generation_config_fields().get(name)
+    return default is not None and value == default
+
+
+def _refuse_unsupported(effective: dict, sources: dict, do_sample: bool) -> None:
+    for name, value in effective.items():
+        if name in HONOURED or name in NO_EFFECT or (name in SAMPLING_ONLY and not do_sample):
+            continue
+        if _is_neutral(name, value):
+            continue
+        hint = ""
+        if name in NEUTRAL and sources[name] != "a keyword argument":
+            hint = f"; pass {name}={NEUTRAL[name]!r} to generate() to decode without it"
+        raise ValueError(
+            f"{name}={value!r} (from {sources[name]}) is not supported: generate() applies only "
+            f"{', '.join(HONOURED)}, and ignoring {name} would change the output{hint}"
+        )
+
+
+def _sampling_processor(effective: dict) -> LogitsProcessor:
+    """The processor ``model.generate`` would apply: temperature, then top-k (0 is off), then top-p (1.0 is off)."""
+    if not bool(effective.get("do_sample", TRANSFORMERS_DEFAULTS["do_sample"])):
+        return GreedyProcessor()
+    temperature = effective.get("temperature", TRANSFORMERS_DEFAULTS["temperature"])
+    top_k = effective.get("top_k", TRANSFORMERS_DEFAULTS["top_k"])
+    top_p = effective.get("top_p", TRANSFORMERS_DEFAULTS["top_p"])
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} with do_sample=True: expected a float > 0 "
+                         "(use do_sample=False for greedy decoding)")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r}: expected an int >= 0 (0 turns top-k off)")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}: expected a float in (0, 1] (1.0 turns top-p off)")
+    return make_processor(float(temperature), int(top_k) if top_k else None, float(top_p) if top_p < 1 else None)
+
+
+def resolve_sampling(target, generation_config=None, **overrides) -> SamplingSettings:
+    """Resolve the decoding settings as ``model.generate`` does, and refuse what cannot be honoured exactly.
+
+    A field's value comes from the first of: the keyword ``overrides``, ``generation_config``, the target's
+    ``generation_config``, transformers' global defaults (:data:`TRANSFORMERS_DEFAULTS`). So a model whose
+    ``generation_config.json`` sets ``do_sample=True`` samples by default, as ``model.generate`` would; pass
+    ``do_sample=False`` for greedy decoding. Two deliberate differences: ``max_length`` counts only when the caller
+    sets it (a model's ``max_length`` is usually its context size, not a wish), and with neither
+    ``max_new_tokens`` nor ``max_length`` set each prompt gets :data:`DEFAULT_MAX_NEW_TOKENS` new tokens (fewer
+    where the model's context ends sooner).
+
+    Raises
+    ------
+    TypeError
+        An override that is not a GenerationConfig field, or a ``generation_config`` of the wrong type.
+    ValueError
+        A set field that would change the output (repetition penalty, beams, min length, ...), named with its value
+        and where it came from, or a bad value of an honoured field.
+    """
+    known = _generation_config_fields()
+    for key in overrides:
+        if key not in known:
+            raise TypeError(f"generate() got an unexpected keyword argument {key!r}; generation settings are "
+                            f"GenerationConfig fields: {', '.join(HONOURED)} (others are refused)")
+    model_config = getattr(target, "generation_config", None)
+    layers = [
+        ("a keyword argument", {k: v for k, v in overrides.items() if v is not None}),
+        ("generation_config", _set_fields(generation_config, "generation_config", strict=True)),
+        ("the target's generation_config", _set_fields(model_config, "target.generation_config", strict=False)),
+    ]
+    effective, sources = {}, {}
+    for source, fields in reversed(layers):  # lowest precedence first, so each higher layer overwrites
+        for key, value in fields.items():
+            effective[key], sources[key] = value, source
+    do_sample = bool(effective.get("do_sample", False))
+    _refuse_unsupported(effective, sources, do_sample)
+    processor = _sampling_processor(effective)
+    max_new = effective.get("max_new_tokens")
+    if max_new is not None:
+        max_new = check_positive_int("max_new_tokens", max_new)
+    max_length = effective.get("max_length") if sources.get("max_length") != layers[2][0] else None
+    if max_length is not None:
+        max_length = check_positive_int("max_length", max_length)
+    return SamplingSettings(processor, max_new, None if max_new is not None else max_length,
+                            effective.get("eos_token_id"), sources)
+
+
+def _encode(prompts, tokenizer, chat_template: bool | None) -> list:
+    """Token ids of every prompt: strings through the tokenizer (and chat template), id sequences as they are."""
+    if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__} "
+                        "(wrap a single prompt in a list)")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: expected at least one prompt")
+    if chat_template not in (None, True, False):
+        raise ValueError(f"chat_template must be None (apply when the tokenizer has one), True or False, "
+                         f"got {chat_template!r}")
+    is_text = [isinstance(p, str) for p in prompts]
+    if not any(is_text):
+        if chat_template:
+            raise ValueError("chat_template=True needs string prompts; token-id prompts are used as they are")
+        return list(prompts)
+    if not all(is_text):
+        first_ids = is_text.index(False)
+        raise ValueError(f"prompts mix strings and token ids (prompt {is_text.index(True)} is a string, prompt "
+                         f"{first_ids} is {type(prompts[first_ids]).__name__}): pass all strings or all token ids")
+    if tokenizer is None:
+        raise ValueError("string prompts need a tokenizer: pass tokenizer= (load_target returns one), "
+                         "or pass token-id lists")
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=False "
+                         "to encode the prompts as plain text")
+    return encode_prompts(tokenizer, list(prompts), chat_template=chat_template)
+
+
+def _resolve_draft(draft, target):
+    """A drafter for ``draft`` (None: target-only decoding), checked before any compute."""
+    if draft is None:
+        return None
+    if isinstance(draft, str):
+        from batched_specdec.models import load_draft
+
+        draft = load_draft(draft, target, device=input_device(target), dtype=target.dtype, quiet=True)
+    return _as_drafter(draft, vocab_size(target))
+
+
+def _max_gen_lens(rows: list[list[int]], settings: SamplingSettings, max_positions: int | None) -> list[int]:
+    """Each prompt's token budget: ``max_new_tokens``, else what ``max_length`` leaves, else the default (capped to
+    the model's context; a prompt that fills it is left to the engine's position check)."""
+    if settings.max_new_tokens is not None:
+        return [settings.max_new_tokens] * len(rows)
+    if settings.max_length is None:
+        cap = [DEFAULT_MAX_NEW_TOKENS if max_positions is None else max_positions - len(r) for r in rows]
+        return [max(1, min(DEFAULT_MAX_NEW_TOKENS, c)) for c in cap]
+    lens = []
+    for i, row in enumerate(rows):
+        room = settings.max_length - len(row)
+        if room < 1:
+            raise ValueError(f"max_length={settings.max_length} leaves no room to generate for prompt {i} "
+                             f"({len(row)} tokens); raise max_length or set max_new_tokens")
+        lens.append(room)
+    return lens
+
+
+def _batch_seeds(seed: int | None, num_batches: int) -> list[int | None]:
+    """Independent seeds per batch, drawn from ``seed`` (``seed + i`` would give overlapping-looking streams and
+    would repeat across calls with nearby seeds)."""
+    if seed is None:
+        return [None] * num_batches
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, 2**62, (num_batches,), generator=gen).tolist()
+
+
+def _length_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped into batches of similar prompt length: a batch's attention spans and buffers follow
+    its longest row, so mixing lengths across batches wastes less. Results are put back in prompt order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _sum_histograms(histograms: list[list[int]]) -> list[int]:
+    total = [0] * max((len(h) for h in histograms), default=0)
+    for h in histograms:
+        for j, v in enumerate(h):
+            total[j] += v
+    return total
+
+
+def _merge_controllers(summaries: list[dict | None]) -> dict | None:
+    """Draft-length and width histograms summed, step-cost means weighted by steps, the last batch's cost model."""
+    summaries = [s for s in summaries if s]
+    if not summaries:
+        return None
+    steps = [sum(s["draft_length_histogram"]) for s in summaries]
+
+    def mean(key: str) -> float | None:
+        pairs = [(s[key], n) for s, n in zip(summaries, steps) if s[key] is not None]
+        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs and sum(n for _, n in pairs) else None
+
+    return {
+        "draft_length_histogram": _sum_histograms([s["draft_length_histogram"] for s in summaries]),
+        "verify_width_histogram": _sum_histograms([s["verify_width_histogram"] for s in summaries]),
+        "predicted_step_s_mean": mean("predicted_step_s_mean"),
+        "measured_step_s_mean": mean("measured_step_s_mean"),
+        "cost_model": summaries[-1]["cost_model"],
+    }
+
+
+def _in_prompt_order(per_batch: list[list], batches: list[list[int]], num_prompts: int) -> list:
+    out = [None] * num_prompts
+    for values, indices in zip(per_batch, batches):
+        for i, v in zip(indices, values):
+            out[i] = v
+    return out
+
+
+def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], num_prompts: int) -> GenerationStats:
+    """One :class:`GenerationStats` for batches that ran one after another.
+
+    Per-row lists are put in prompt order (``batches[j]`` holds the prompt indices of batch ``j``'s rows), counts,
+    steps and times are summed, ``tokens_per_target_forward`` and the rates are recomputed from the sums, histograms
+    are summed, the peak memory is the largest, and ``extra["batches"]`` is the number of batches.
+    """
+    generated_tokens = sum(s.generated_tokens for s in batch_stats)
+    wall = sum(s.wall_time_s for s in batch_stats)
+    # tokens_per_target_forward = tokens / (row, step) pairs, so the pairs of each batch are tokens / that ratio
+    row_steps = sum(s.generated_tokens / s.tokens_per_target_forward for s in batch_stats
+                    if s.tokens_per_target_forward > 0)
+    accepted = _in_prompt_order([s.accepted for s in batch_stats], batches, num_prompts)
+    proposed = _in_prompt_order([s.proposed for s in batch_stats], batches, num_prompts)
+    splits = [s.time_split for s in batch_stats if s.time_split]
+    peaks = [s.peak_memory_bytes for s in batch_stats if s.peak_memory_bytes is not None]
+    has_logprobs = all(s.logprobs is not None for s in batch_stats)
+    return GenerationStats(
+        accepted=accepted,
+        proposed=proposed,
+        generated=_in_prompt_order([s.generated for s in batch_stats], batches, num_prompts),
+        target_forwards=sum(s.target_forwards for s in batch_stats),
+        tokens_per_target_forward=generated_tokens / row_steps if row_steps else 0.0,
+        acceptance_histogram=_sum_histograms([s.acceptance_histogram for s in batch_stats]),
+        wall_time_s=wall,
+        generated_tokens=generated_tokens,
+        tokens_per_s=generated_tokens / wall if wall > 0 else 0.0,
+        acceptance_rate=sum(accepted) / max(sum(proposed), 1),
+        peak_memory_bytes=max(peaks) if peaks else None,
+        peak_memory_kind=batch_stats[0].peak_memory_kind if batch_stats else "",
+        time_split={k: sum(s[k] for s in splits) for k in splits[0]} if splits else None,
+        steps=sum(s.steps for s in batch_stats),
+        compactions=sum(s.compactions for s in batch_stats),
+        logprobs=_in_prompt_order([s.logprobs for s in batch_stats], batches, num_prompts) if has_logprobs else None,
+        controller=_merge_controllers([s.controller for s in batch_stats]),
+        extra={"batches": len(batch_stats)},
+    )
+
+
+def _run_batch(rows, max_gen_lens, drafter, target, settings, eos, gamma, shared, seed, progress, return_logprobs):
+    """Decode one internal batch; returns ``(outputs, stats)``. ``shared`` is the call's controller: with
+    ``gamma="auto"`` its cost model is the one every batch's controller reads and updates."""
+    common = {"logits_processor": settings.processor, "max_gen_len": max_gen_lens, "eos_tokens_id": eos, "seed": seed,
+              "progress": progress, "return_logprobs": return_logprobs}
+    if drafter is None:
+        return autoregressive_generate_batch(rows, target, return_stats=True, **common)
+    if gamma == "auto":
+        # Each batch starts from the step costs measured in the batches before it, not from the flat prior.
+        gamma = AdaptiveSpeculation(shared.gamma_max, len(rows), input_device(target), cost_model=shared.costs)
+    outputs, _, stats = speculative_generate_batch(rows, drafter, target, gamma=gamma, **common)
+    return outputs, stats
+
+
+def generate(
+    prompts,
+    target,
+    draft="ngram",
+    tokenizer=None,
+    generation_config=None,
+    *,
+    batch_size: int = 16,
+    chat_template: bool | None = None,
+    gamma: int | str = "auto",
+    gamma_max: int | None = None,
+    seed: int | None = None,
+    return_logprobs: bool = False,
+    progress: bool = False,
+    **overrides,
+) -> GenerationResult:
+    """Generate continuations of text (or token-id) prompts with lossless speculative decoding.
+
+    Parameters
+    ----------
+    prompts : list of str, or list of token-id sequences
+        Strings are encoded with ``tokenizer`` (as one user turn of its chat template when it has one); token-id
+        prompts (lists of ints, 1-D int tensors or arrays) are used as they are. Mixing the two is an error.
+    target : PreTrainedModel
+        The causal LM whose output is reproduced exactly.
+    draft : "ngram", str, PreTrainedModel, Drafter or None
+        ``"ngram"`` (model-free prompt lookup, the default), another spec for
+        :func:`~batched_specdec.models.load_draft` (loaded on every call: load it once for repeated calls), a
+        loaded draft model whose vocabulary is the target's or a prefix of it, a drafter instance, or None for
+        target-only decoding (:func:`~batched_specdec.autoregressive_generate_batch`).
+    tokenizer : optional
+        Needed for string prompts and for ``.texts``; also the EOS fallback when no config names one.
+    generation_config : transformers.GenerationConfig, optional
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``max_new_tokens`` (or ``max_length``, counting the
+        prompt) and ``eos_token_id`` are honoured; fields that cannot change the tokens (pad id, cache and output
+        options, assisted-decoding knobs) are ignored; any other field set to a value that would change the output
+        (repetition penalty, beams, min length, bad words, ...) is a ValueError before any compute. Resolution
+        follows ``model.generate`` (see :func:`resolve_sampling`): unset fields come from the target's own
+        ``generation_config``, then transformers' defaults (greedy; top-k 50 when sampling); new tokens default to
+        :data:`DEFAULT_MAX_NEW_TOKENS`.
+    batch_size : int
+        Prompts decoded together. Batches group prompts of similar length; results come back in prompt order.
+    chat_template : bool or None
+        None applies the tokenizer's chat template when it has one, False never, True requires one.
+    gamma, gamma_max :
+        As in :func:`~batched_specdec.speculative_generate_batch`; with ``"auto"`` each batch's controller starts
+        from the step costs measured in the batches before it.
+    seed : int, optional
+        Seeds sampling; each batch gets its own seed drawn from it, so batches are not correlated. Seeded samples
+        are reproducible with an integer ``gamma`` or ``draft=None``; with ``gamma="auto"`` the draft lengths
+        follow measured timings, so samples differ between runs (each correctly distributed).
+    return_logprobs : bool
+        Fill ``.logprobs`` (and ``.stats.logprobs``).
+    progress : bool
+        A progress bar per batch.
+    **overrides
+        GenerationConfig fields by name (``max_new_tokens=32``, ``do_sample=True``, ...); they take precedence
+        over ``generation_config``. A name that is not a GenerationConfig field is a TypeError.
+
+    Returns
+    -------
+    GenerationResult
+        ``.texts``, ``.token_ids``, ``.stats`` (all batches merged, see :func:`merge_stats`), ``.batch_stats``,
+        ``.batches`` and ``.logprobs``.
+    """
+    settings = resolve_sampling(target, generation_config, **overrides)
+    check_tokenizer(tokenizer)
+    batch_size = check_positive_int("batch_size", batch_size)
+    controller = _make_controller(gamma, gamma_max, 1, input_device(target))  # checks gamma / gamma_max
+    ids = _encode(prompts, tokenizer, chat_template)
+    vocab = vocab_size(target)
+    max_positions = getattr(text_config(target), "max_position_embeddings", None)
+    rows = normalise_prompts(ids, vocab, [0] * len(ids), None)
+    max_gen_lens = _max_gen_lens(rows, settings, max_positions)
+    normalise_prompts(rows, vocab, max_gen_lens, max_positions)
+    eos = resolve_eos(settings.eos_token_id, target, tokenizer, vocab)
+    batches = _length_sorted_batches(rows, batch_size)
+    seeds = _batch_seeds(seed, len(batches))
+    drafter = _resolve_draft(draft, target)
+
+    outputs, batch_stats = [], []
+    for indices, batch_seed in zip(batches, seeds):
+        out, stats = _run_batch([rows[i] for i in indices], [max_gen_lens[i] for i in indices], drafter, target,
+                                settings, eos, gamma, controller, batch_seed, progress, return_logprobs)
+        outputs.append(out)
+        batch_stats.append(stats)
+    token_ids = _in_prompt_order(outputs, batches, len(rows))
+    merged = merge_stats(batch_stats, batches, len(rows))
+    texts = None if tokenizer is None else tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    return GenerationResult(texts=texts, token_ids=token_ids, stats=merged, batch_stats=batch_stats, batches=batches,
+                            logprobs=merged.logprobs)
