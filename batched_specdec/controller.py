@@ -35,12 +35,19 @@ ACCEPTANCE_PRIOR = 0.6
 """Prior per-position acceptance of a row with no evidence."""
 PRIOR_WEIGHT = 0.5
 """The prior counts as this many verified positions: three rejections in a row bring a row's estimate under 0.1."""
-EVIDENCE_DECAY = 0.95
-"""Per step, old evidence about a row's acceptance keeps this weight (half-life about 14 steps)."""
-FIRST_DRAFT_LEN = 3
+EVIDENCE_DECAY = (0.99, 0.8)
+"""Per step, old evidence keeps these weights in a row's long-run and recent estimates. The long-run estimate is
+the prior of the recent one: acceptance is bursty (a drafter wrong a moment ago may be right now), so a row whose
+drafts were often accepted is tried again soon after a few misses, while one that is rarely accepted stays off."""
+FIRST_DRAFT_LEN = 1
 """Draft length of the first step, before anything has been measured."""
 COST_DECAY = 0.97
 """Per step, old timing observations keep this weight in the cost fits."""
+RIDGE = 0.05
+"""Shrinkage of the cost slopes towards 0, relative to the mean x (see :class:`LinearFit`)."""
+MIN_GAIN = 0.05
+"""Speculate only when the predicted tokens per second beat a plain target step by this fraction: near
+break-even, prediction errors would otherwise make speculation slower than not speculating."""
 
 
 @dataclass
@@ -80,7 +87,13 @@ class StaticSpeculation:
 
 
 class LinearFit:
-    """Weighted least squares ``y = c0 + c1 * x`` with exponential forgetting; a flat prior until two x differ."""
+    """Weighted least squares ``y = c0 + c1 * x`` with exponential forgetting, the slope shrunk towards 0.
+
+    The shrinkage (a ridge of ``RIDGE * mean(x)**2`` on the slope) makes the fit optimistic where data is thin:
+    with one x seen the line is flat, and as old observations at other x fade, wider steps look cheaper again
+    until one is tried and measured. A one-off slow step (first use of a new shape) therefore cannot stop
+    speculation for the rest of a run.
+    """
 
     def __init__(self, decay: float = COST_DECAY) -> None:
         self.decay = decay
@@ -91,10 +104,13 @@ class LinearFit:
         for i, v in enumerate((1.0, x, y, x * x, x * y)):
             self.s[i] += v
 
+    ridge = RIDGE
+
     @classmethod
     def line(cls, c0: float, c1: float = 0.0) -> LinearFit:
         """A fit that is exactly ``c0 + c1 * x`` (for fixed cost models)."""
         fit = cls(decay=1.0)
+        fit.ridge = 0.0
         fit.add(0.0, c0)
         fit.add(1.0, c0 + c1)
         return fit
@@ -107,10 +123,9 @@ class LinearFit:
         w, sx, sy, sxx, sxy = self.s
         if w == 0.0:
             return 0.0, 0.0
-        var = sxx * w - sx * sx
-        if var <= 1e-9 * max(sxx * w, 1e-30):  # one x seen so far: assume flat (optimistic, so wider gets tried)
-            return sy / w, 0.0
-        slope = max((sxy * w - sx * sy) / var, 0.0)
+        spread = max(sxx - sx * sx / w, 0.0)  # weighted sum of squared deviations of x
+        ridge = self.ridge * (sx / w) ** 2
+        slope = max((sxy - sx * sy / w) / (spread + ridge), 0.0) if spread + ridge > 0 else 0.0
         return max((sy - slope * sx) / w, 0.0), slope
 
     def __call__(self, x: float) -> float:
@@ -173,6 +188,12 @@ class _StepClock:
         return self.marks[b] - self.marks[a]
 
 
+def _best_length(throughput: Tensor) -> int:
+    """The draft length of the highest predicted throughput, if it beats draft length 0 by ``MIN_GAIN``."""
+    best = int(throughput.argmax())
+    return best if throughput[best] > (1.0 + MIN_GAIN) * throughput[0] else 0
+
+
 def expected_tokens(acceptance: Tensor, max_drafts: int) -> Tensor:
     """``(B, max_drafts + 1)``: expected emitted tokens of each row for ``j = 0..max_drafts`` drafts."""
     powers = acceptance[:, None] ** torch.arange(max_drafts + 1, dtype=acceptance.dtype)[None, :]
@@ -203,11 +224,13 @@ class AdaptiveSpeculation:
         self.gamma_max = gamma_max
         self.costs = cost_model or CostModel()
         self.frozen_costs = frozen_costs
-        self.successes = torch.zeros(num_rows, dtype=torch.float64)
-        self.trials = torch.zeros(num_rows, dtype=torch.float64)
+        # [0]: long-run, [1]: recent; per original row
+        self.successes = torch.zeros(2, num_rows, dtype=torch.float64)
+        self.trials = torch.zeros(2, num_rows, dtype=torch.float64)
         self.clock = _StepClock(device)
         self.draft_histogram = [0] * (gamma_max + 1)
         self.draft_lengths: list[int] = []
+        self.widest = 0  # widest verify (in drafts per row) measured so far
         self.width_histogram = [0] * (gamma_max + 1)
         self.predicted_s = self.measured_s = 0.0
         self.steps = 0
@@ -218,7 +241,9 @@ class AdaptiveSpeculation:
 
     def acceptance(self, row_ids: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids``."""
-        return (self.successes[row_ids] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (self.trials[row_ids] + PRIOR_WEIGHT)
+        s, t = self.successes[:, row_ids], self.trials[:, row_ids]
+        long_run = (s[0] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t[0] + PRIOR_WEIGHT)
+        return (s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)
 
     def _costs(self, rows: int, n: int, with_draft: bool) -> Tensor:
         """``(n + 1,)`` predicted seconds of a step with ``j = 0..n`` drafts per row (verify width ``j + 1``)."""
@@ -239,14 +264,16 @@ class AdaptiveSpeculation:
         """Draft length and budgets (``(B,)``, 0 for finished rows) of the next step. ``row_ids`` (host ``(B,)``)
         are the original ids of the batch's rows, ``live`` (host ``(B,)`` bool) marks the unfinished ones."""
         rows = row_ids.shape[0]
-        if not self.costs.ready:  # first step: a modest draft, so that drafting and verifying both get measured
+        if not self.costs.ready:  # first step: one draft per row, so that drafting and verifying get measured cheaply
             return StepPlan(min(self.gamma_max, FIRST_DRAFT_LEN))
-        cost = self._costs(rows, self.gamma_max, with_draft=True)
-        gains = expected_tokens(self.acceptance(row_ids[live]), self.gamma_max)  # (N, G + 1)
+        # Widths grow at most twofold past the widest one measured, so an optimistic cost model probes gradually.
+        longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.widest))
+        cost = self._costs(rows, longest, with_draft=True)
+        gains = expected_tokens(self.acceptance(row_ids[live]), longest)  # (N, longest + 1)
         own_best = (gains / cost[None, :]).argmax(dim=1)  # what each row would pick if every row were like it
-        ks = torch.arange(self.gamma_max + 1)
+        ks = torch.arange(longest + 1)
         totals = gains.gather(1, torch.minimum(own_best[:, None], ks[None, :])).sum(dim=0)
-        k = int((totals / cost).argmax())
+        k = _best_length(totals / cost)
         budgets = torch.zeros(rows, dtype=torch.int64)
         budgets[live] = own_best.clamp_max(k)
         return StepPlan(k, budgets)
@@ -263,17 +290,18 @@ class AdaptiveSpeculation:
         ws = torch.arange(longest + 1)
         gains = expected_tokens(self.acceptance(row_ids[live]), longest)
         totals = gains.gather(1, torch.minimum(lengths[:, None], ws[None, :])).sum(dim=0)
-        return int((totals / self._costs(row_ids.shape[0], longest, with_draft=False)).argmax())
+        return _best_length(totals / self._costs(row_ids.shape[0], longest, with_draft=False))
 
     def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
                 width: int) -> None:
         """After the step's host sync: per-row proposed/accepted counts (host ``(B,)``) and the step's timings."""
-        self.successes *= EVIDENCE_DECAY
-        self.trials *= EVIDENCE_DECAY
+        decay = torch.tensor(EVIDENCE_DECAY, dtype=torch.float64)[:, None]
+        self.successes *= decay
+        self.trials *= decay
         seen = live & (proposed > 0)
         ids = row_ids[seen]
-        self.successes.index_add_(0, ids, accepted[seen].double())
-        self.trials.index_add_(0, ids, torch.minimum(accepted[seen] + 1, proposed[seen]).double())
+        self.successes.index_add_(1, ids, accepted[seen].double().expand(2, -1))
+        self.trials.index_add_(1, ids, torch.minimum(accepted[seen] + 1, proposed[seen]).double().expand(2, -1))
         total = time.perf_counter() - self._step_t0
         draft = self.clock.seconds("start", "draft") if k else 0.0
         verify = self.clock.seconds("draft" if k else "start", "verify")
@@ -283,6 +311,7 @@ class AdaptiveSpeculation:
                 self.costs.draft_per_forward.add(rows, draft / k)
             self.costs.verify.add(rows * (width + 1), verify)
             self.costs.overhead.add(rows, max(total - draft - verify, 0.0))
+        self.widest = max(self.widest, width)
         self.draft_histogram[k] += 1
         self.draft_lengths.append(k)
         self.width_histogram[width] += 1
