@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from batched_specdec.inputs import check_positive_int
+
 ACCEPTANCE_PRIOR = 0.6
 """Prior per-position acceptance of a row with no evidence."""
 PRIOR_WEIGHT = 0.5
@@ -140,6 +142,7 @@ class CostModel:
         self.verify = LinearFit()  # seconds against verified tokens (rows * width)
         self.draft_per_forward = LinearFit()  # seconds per draft forward against rows
         self.overhead = LinearFit()  # everything else, against rows
+        self.widest = 0  # widest verify (drafts per row) measured so far
 
     @classmethod
     def fixed(cls, verify_s: tuple[float, float], draft_forward_s: tuple[float, float] = (0.0, 0.0),
@@ -222,6 +225,7 @@ class AdaptiveSpeculation:
     def __init__(self, gamma_max: int, num_rows: int, device: torch.device, *, cost_model: CostModel | None = None,
                  frozen_costs: bool = False) -> None:
         self.gamma_max = gamma_max
+        self.num_rows = num_rows
         self.costs = cost_model or CostModel()
         self.frozen_costs = frozen_costs
         # [0]: long-run, [1]: recent; per original row
@@ -230,7 +234,6 @@ class AdaptiveSpeculation:
         self.clock = _StepClock(device)
         self.draft_histogram = [0] * (gamma_max + 1)
         self.draft_lengths: list[int] = []
-        self.widest = 0  # widest verify (in drafts per row) measured so far
         self.width_histogram = [0] * (gamma_max + 1)
         self.predicted_s = self.measured_s = 0.0
         self.steps = 0
@@ -267,7 +270,7 @@ class AdaptiveSpeculation:
         if not self.costs.ready:  # first step: one draft per row, so that drafting and verifying get measured cheaply
             return StepPlan(min(self.gamma_max, FIRST_DRAFT_LEN))
         # Widths grow at most twofold past the widest one measured, so an optimistic cost model probes gradually.
-        longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.widest))
+        longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.costs.widest))
         cost = self._costs(rows, longest, with_draft=True)
         gains = expected_tokens(self.acceptance(row_ids[live]), longest)  # (N, longest + 1)
         own_best = (gains / cost[None, :]).argmax(dim=1)  # what each row would pick if every row were like it
@@ -279,8 +282,9 @@ class AdaptiveSpeculation:
         return StepPlan(k, budgets)
 
     def choose_width(self, plan: StepPlan, lengths: Tensor | None, row_ids: Tensor, live: Tensor) -> int:
-        """Drafts per row to verify once the proposal lengths within budget are known (``lengths``, host ``(B,)``);
-        the draft is already paid for, so only the verify cost counts. ``None`` keeps the planned length."""
+        """Drafts per row to verify once the proposal lengths within budget are known (``lengths``, host ``(B,)``,
+        from a drafter that may propose fewer than asked); ``None`` keeps the planned length. The draft forwards
+        already ran, so their time is the same for every width but still part of this step's time."""
         if lengths is None or plan.draft_len == 0 or not self.costs.ready:
             return plan.draft_len
         lengths = lengths[live]
@@ -290,11 +294,15 @@ class AdaptiveSpeculation:
         ws = torch.arange(longest + 1)
         gains = expected_tokens(self.acceptance(row_ids[live]), longest)
         totals = gains.gather(1, torch.minimum(lengths[:, None], ws[None, :])).sum(dim=0)
-        return _best_length(totals / self._costs(row_ids.shape[0], longest, with_draft=False))
+        rows = row_ids.shape[0]
+        cost = self._costs(rows, longest, with_draft=False) + self.costs.draft_s(rows, plan.draft_len)
+        return _best_length(totals / cost)
 
     def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
-                width: int) -> None:
-        """After the step's host sync: per-row proposed/accepted counts (host ``(B,)``) and the step's timings."""
+                width: int, *, draft_timing_usable: bool = True) -> None:
+        """After the step's host sync: per-row proposed/accepted counts (host ``(B,)``) and the step's timings.
+        ``draft_timing_usable=False`` keeps a draft time that includes one-off work (a model drafter catching up
+        after target-only steps) out of the per-forward draft cost."""
         decay = torch.tensor(EVIDENCE_DECAY, dtype=torch.float64)[:, None]
         self.successes *= decay
         self.trials *= decay
@@ -307,11 +315,11 @@ class AdaptiveSpeculation:
         verify = self.clock.seconds("draft" if k else "start", "verify")
         predicted = self.costs.step_s(rows, k, width + 1) if self.costs.ready else math.nan
         if not self.frozen_costs:
-            if k:
+            if k and draft_timing_usable:
                 self.costs.draft_per_forward.add(rows, draft / k)
             self.costs.verify.add(rows * (width + 1), verify)
             self.costs.overhead.add(rows, max(total - draft - verify, 0.0))
-        self.widest = max(self.widest, width)
+        self.costs.widest = max(self.costs.widest, width)
         self.draft_histogram[k] += 1
         self.draft_lengths.append(k)
         self.width_histogram[width] += 1
@@ -329,6 +337,28 @@ class AdaptiveSpeculation:
             "verify_width_histogram": list(self.width_histogram),
             "predicted_step_s_mean": self.predicted_s / self.steps if self.steps else None,
             "measured_step_s_mean": self.measured_s / self.steps if self.steps else None,
+            "predicted_steps": self.steps,
             "cost_model": {"verify_s": [v0, v1], "draft_forward_s": [d0, d1],
                            "overhead_s": list(self.costs.overhead.coefficients())},
         }
+
+
+def make_controller(gamma, gamma_max, num_rows: int, device: torch.device):
+    """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default 8), or a
+    controller instance built by the caller for ``num_rows`` rows (tests, benchmarks of the policy)."""
+    if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
+        if gamma_max is not None:
+            raise ValueError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
+        rows = getattr(gamma, "num_rows", num_rows)
+        if rows != num_rows:
+            raise ValueError(f"the controller passed as gamma was built for {rows} rows, but there are {num_rows} "
+                             "prompts")
+        return gamma
+    if gamma == "auto":
+        gamma_max = 8 if gamma_max is None else check_positive_int("gamma_max", gamma_max)
+        return AdaptiveSpeculation(gamma_max, num_rows, device)
+    if gamma_max is not None:
+        raise ValueError(f"gamma_max={gamma_max!r} only applies with gamma='auto', got gamma={gamma!r}")
+    if isinstance(gamma, str):
+        raise ValueError(f"gamma must be an int >= 1 or 'auto', got {gamma!r}")  # noqa: TRY004 (a bad value)
+    return StaticSpeculation(check_positive_int("gamma", gamma))

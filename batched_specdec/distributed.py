@@ -23,6 +23,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
+from batched_specdec.inputs import batch_seed
+
 
 def process_state() -> PartialState:
     """accelerate's process state (rank, world size, device); a single process when not launched.
@@ -117,31 +119,6 @@ def run_on_prompt_shards(
                 slot[i] = v
         per_process.append({"process_index": process_index, "num_prompts": len(shard), **summary})
     return merged, per_process
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a bijection on 64-bit integers that spreads every input bit over the output."""
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
-    return x ^ (x >> 31)
-
-
-def batch_seed(seed: int, first_prompt_index: int) -> int:
-    """The seed of the batch whose first prompt is ``first_prompt_index`` in the whole prompt set.
-
-    ``(seed, index)`` is packed into 64 bits (seed in the high half, index in the low half), which is injective for
-    seeds and indices in ``[0, 2**32)``, then mixed by a bijection. So seed ``s`` batch ``i`` never gets the stream of
-    seed ``s + 1`` batch ``j`` (as ``seed + i`` would), and neighbouring seeds or batches get unrelated streams.
-    Seeds outside ``[0, 2**32)`` are first hashed into it. (torch's CPU generator keeps only the low 32 bits of
-    a seed, so there distinct derived seeds coincide with chance 2**-32 per pair; CUDA's keeps all 64.)
-    """
-    seed = int(seed)
-    if not 0 <= seed < 1 << 32:
-        seed = _mix64(seed & _MASK64) >> 32
-    return _mix64((seed << 32) | (int(first_prompt_index) & 0xFFFFFFFF))
 
 
 def speculative_generate_distributed(prompts: Sequence, draft_model, target_model, *, batch_size: int = 16,

@@ -51,6 +51,10 @@ class Drafter(Protocol):
     batch. With ``gamma="auto"`` the engine asks for a different ``gamma`` (1..gamma_max) each step, may verify
     only a prefix of a proposal, and runs steps with no drafts without calling ``propose``; a drafter whose state
     follows the steps may define ``note_target_only_step()`` to hear of those (``ModelDrafter`` does).
+
+    Losslessness needs one rule from a drafter that proposes fewer tokens than asked: a row's proposal length may
+    depend on committed tokens and on the drafter's own state, never on the draft tokens it sampled in this step
+    (the engine may cut a proposal to a width chosen from the lengths). Both built-in drafters keep it.
     """
 
     vocab_size: int | None
@@ -147,17 +151,16 @@ class ModelDrafter:
         device = self.device
         generator = self._generator_on(device, generator)
         seq_lens = seq_lens.to(device)
-        # After a draft step the cache holds at least s[:-2]; each target-only step since then adds one token the
-        # cache has not seen. Re-feeding the last `width` committed tokens covers both (rewrites are identical).
-        width = 2 + self._target_only_steps
-        self._target_only_steps = 0
-        lens = (seq_lens - width).clamp_min(0)
-        cache.set_lens(lens)
         cache.set_span(max_seq_len + gamma)
-        num_first = seq_lens - lens  # `width`, or fewer for a row shorter than that
-        first_idx = torch.minimum(lens[:, None] + torch.arange(width, device=device)[None, :], seq_lens[:, None] - 1)
-        input_ids = self._draft_ids(token_buffer.to(device).gather(1, first_idx))
-        logits = model_forward(self.model, cache, input_ids, logits_to_keep=width)
+        if self._target_only_steps:
+            # After a draft step the cache holds at least s[:-2]; each target-only step since then added a token it
+            # has not seen. Feed those first, keeping one logit row (rewrites of cached entries are identical).
+            self._feed(token_buffer, seq_lens - 2, self._target_only_steps)
+            self._target_only_steps = 0
+        # Then the last two committed tokens (one for a one-token row); the draft continues from the last one.
+        lens = (seq_lens - 2).clamp_min(0)
+        num_first = seq_lens - lens
+        logits = self._feed(token_buffer, seq_lens, 2)
         logits = logits.gather(1, (num_first - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
         cache.advance(num_first)
         tokens, probs = [], []
@@ -170,6 +173,18 @@ class ModelDrafter:
                 cache.advance(1)
         draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
         return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=draft_probs)
+
+    def _feed(self, token_buffer: Tensor, ends: Tensor, width: int) -> Tensor:
+        """Write committed tokens ``[ends - width, ends)`` of every row (from 0 for shorter rows; positions past a
+        row's end repeat its last token and lie beyond what is kept) at their positions; returns the ``(B, 2, V)``
+        logits of the last two fed positions when ``width == 2``, else of the last one."""
+        device = self.device
+        ends = ends.clamp_min(1)
+        lens = (ends - width).clamp_min(0)
+        self.cache.set_lens(lens)
+        idx = torch.minimum(lens[:, None] + torch.arange(width, device=device)[None, :], ends[:, None] - 1)
+        ids = self._draft_ids(token_buffer.to(device).gather(1, idx))
+        return model_forward(self.model, self.cache, ids, logits_to_keep=min(width, 2))
 
     def _draft_ids(self, ids: Tensor) -> Tensor:
         """Committed ids as draft inputs. A draft over a prefix of the target's vocabulary has no embedding for
@@ -193,3 +208,20 @@ class ModelDrafter:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             self._generator = torch.Generator(device=device).manual_seed(seed)
         return self._generator
+
+
+def as_drafter(draft_model, target_vocab: int) -> Drafter:
+    """A drafter for ``draft_model``; its vocabulary must be a prefix of the target's (``V_draft <= V_target``)."""
+    if isinstance(draft_model, Drafter) and not hasattr(draft_model, "config"):
+        drafter = draft_model
+    elif hasattr(draft_model, "config") and hasattr(draft_model, "get_input_embeddings"):
+        drafter = ModelDrafter(draft_model)
+    else:
+        raise TypeError(f"draft_model must be an HF causal LM or a Drafter, got {type(draft_model).__name__}")
+    draft_vocab = getattr(drafter, "vocab_size", None)
+    if draft_vocab is not None and draft_vocab > target_vocab:
+        raise ValueError(
+            f"draft vocabulary size {draft_vocab} is larger than the target's {target_vocab}; the draft's vocabulary "
+            "must be the target's or a prefix of it (ids the draft lacks get draft probability 0)"
+        )
+    return drafter

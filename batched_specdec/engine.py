@@ -16,9 +16,9 @@ import time
 import torch
 from torch import Tensor
 
-from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, StepPlan
-from batched_specdec.drafters import Drafter, DraftProposal, ModelDrafter, model_forward
-from batched_specdec.inputs import check_positive_int, resolve_request, vocab_size
+from batched_specdec.controller import StepPlan, make_controller
+from batched_specdec.drafters import DraftProposal, as_drafter, model_forward
+from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
 from batched_specdec.ragged_batch import GenerationStats, PhaseTimer, RaggedBatch, progress_bar
 from batched_specdec.ragged_cache import RaggedKVCache
@@ -39,34 +39,8 @@ def _prefill_target(model, cache: RaggedKVCache, batch: RaggedBatch) -> None:
     cache.set_lens(batch.seq_lens - 1)
 
 
-def _as_drafter(draft_model, target_vocab: int) -> Drafter:
-    """A drafter for ``draft_model``; its vocabulary must be a prefix of the target's (``V_draft <= V_target``)."""
-    if isinstance(draft_model, Drafter) and not hasattr(draft_model, "config"):
-        drafter = draft_model
-    elif hasattr(draft_model, "config") and hasattr(draft_model, "get_input_embeddings"):
-        drafter = ModelDrafter(draft_model)
-    else:
-        raise TypeError(f"draft_model must be an HF causal LM or a Drafter, got {type(draft_model).__name__}")
-    draft_vocab = getattr(drafter, "vocab_size", None)
-    if draft_vocab is not None and draft_vocab > target_vocab:
-        raise ValueError(
-            f"draft vocabulary size {draft_vocab} is larger than the target's {target_vocab}; the draft's vocabulary "
-            "must be the target's or a prefix of it (ids the draft lacks get draft probability 0)"
-        )
-    return drafter
-
-
-def _make_controller(gamma, gamma_max, num_rows: int, device: torch.device):
-    if gamma == "auto":
-        gamma_max = 8 if gamma_max is None else check_positive_int("gamma_max", gamma_max)
-        return AdaptiveSpeculation(gamma_max, num_rows, device)
-    if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
-        return gamma  # a controller built by the caller (tests, benchmarks of the policy)
-    if gamma_max is not None:
-        raise ValueError(f"gamma_max={gamma_max!r} only applies with gamma='auto', got gamma={gamma!r}")
-    if isinstance(gamma, str):
-        raise ValueError(f"gamma must be an int >= 1 or 'auto', got {gamma!r}")  # noqa: TRY004 (a bad value)
-    return StaticSpeculation(check_positive_int("gamma", gamma))
+def _no_drafts(rows: int, device: torch.device) -> tuple[Tensor, None, None]:
+    return torch.zeros(rows, 0, dtype=torch.int64, device=device), None, None
 
 
 def _emitted_logprobs(logits: Tensor, out_tokens: Tensor, processor: LogitsProcessor) -> Tensor:
@@ -83,16 +57,14 @@ def _propose(drafter, batch: RaggedBatch, plan: StepPlan, controller, processor,
     tokens = proposal.tokens.to(device)
     probs = None if proposal.probs is None else proposal.probs.to(device)
     num = proposal.num_tokens
-    lengths = None  # proposal lengths within budget, when the host knows them without a sync
+    # Proposal lengths within budget, when the drafter may propose fewer than asked and the host knows the lengths
+    # without a sync (a drafter that always proposes k adds nothing to what the plan already weighed).
+    lengths = torch.minimum(num, plan.budgets) if plan.budgets is not None and num is not None and \
+        num.device.type == "cpu" else None
     if plan.budgets is not None:
-        if num is None:
-            lengths = plan.budgets.clone()
-        elif num.device.type == "cpu":
-            lengths = torch.minimum(num, plan.budgets)
         budgets = plan.budgets.to(device, non_blocking=True)
         num = budgets if num is None else torch.minimum(num.to(device), budgets)
     width = controller.choose_width(plan, lengths, batch.host_row_ids, ~batch.host_finished)
-    num = None if num is None else num.to(device)
     if width < k:
         tokens = tokens[:, :width]
         probs = None if probs is None else probs[:, :width]
@@ -157,7 +129,8 @@ def speculative_generate_batch(
         Show a progress bar over generated tokens.
     return_logprobs : bool
         Fill ``stats.logprobs``: per emitted token, the target's log-probability under the processed
-        distribution it was sampled from (the same values target-only decoding reports for the same tokens).
+        distribution it was sampled from (temperature, top-k, top-p applied; with greedy decoding, the plain
+        ``log_softmax`` of the logits). Target-only decoding reports the same values for the same tokens.
 
     Returns
     -------
@@ -170,9 +143,9 @@ def speculative_generate_batch(
     req = resolve_request(prompts, target_model, tokenizer=tokenizer, logits_processor=logits_processor,
                           max_gen_len=max_gen_len, eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, seed=seed,
                           generator=generator)
-    drafter = _as_drafter(draft_model, vocab_size(target_model))
+    drafter = as_drafter(draft_model, vocab_size(target_model))
     n_rows, device = len(req.rows), req.device
-    controller = _make_controller(gamma, gamma_max, n_rows, device)
+    controller = make_controller(gamma, gamma_max, n_rows, device)
     g_max = controller.gamma_max
     timer = PhaseTimer(collect_stats, device)
     if device.type == "cuda":
@@ -191,18 +164,22 @@ def speculative_generate_batch(
     drafter.start(batch.token_buffer[:, : batch.max_prompt_len], batch.seq_lens, capacity)
     bar = progress_bar(progress, sum(req.max_gen_lens), "speculative")
     processor, gen = logits_processor, req.generator
+    catching_up = False  # the drafter has target-only steps to catch up on in its next propose
     while True:
         timer.start()
         controller.start_step()
         max_len = batch.max_live_seq_len()
         plan = controller.plan(batch.host_row_ids, ~batch.host_finished)
+        draft_timing_usable = not catching_up
         if plan.draft_len > 0:
             draft_tokens, draft_probs, num_draft = _propose(drafter, batch, plan, controller, processor, gen, max_len,
                                                             device)
+            catching_up = False
         else:
-            draft_tokens, draft_probs, num_draft = torch.zeros(batch.size, 0, dtype=torch.int64, device=device), None, None
+            draft_tokens, draft_probs, num_draft = _no_drafts(batch.size, device)
             if hasattr(drafter, "note_target_only_step"):
                 drafter.note_target_only_step()
+                catching_up = True
         k = draft_tokens.shape[1]
         controller.mark("draft")
         timer.lap("draft")
@@ -240,7 +217,8 @@ def speculative_generate_batch(
         done = batch.end_step(bar, target_cache, drafter, extra=extra)
         if controller.adaptive:
             step_props, step_accs = batch.host_extra
-            controller.observe(host_rows, step_props, step_accs, host_live, rows, plan.draft_len, k)
+            controller.observe(host_rows, step_props, step_accs, host_live, rows, plan.draft_len, k,
+                               draft_timing_usable=draft_timing_usable)
         timer.lap("bookkeeping")
         if done:
             break

@@ -20,14 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from batched_specdec.controller import AdaptiveSpeculation
-from batched_specdec.engine import (
-    _as_drafter,
-    _make_controller,
-    autoregressive_generate_batch,
-    speculative_generate_batch,
-)
+from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, make_controller
+from batched_specdec.drafters import as_drafter
+from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.inputs import (
+    batch_seed,
     check_positive_int,
     check_tokenizer,
     input_device,
@@ -286,7 +283,7 @@ def _resolve_draft(draft, target):
         from batched_specdec.models import load_draft
 
         draft = load_draft(draft, target, device=input_device(target), dtype=target.dtype, quiet=True)
-    return _as_drafter(draft, vocab_size(target))
+    return as_drafter(draft, vocab_size(target))
 
 
 def _max_gen_lens(rows: list[list[int]], settings: SamplingSettings, max_positions: int | None) -> list[int]:
@@ -308,14 +305,12 @@ def _max_gen_lens(rows: list[list[int]], settings: SamplingSettings, max_positio
 
 
 def _batch_seeds(seed: int | None, num_batches: int) -> list[int | None]:
-    """Independent seeds per batch, drawn from ``seed`` (``seed + i`` would give overlapping-looking streams and
-    would repeat across calls with nearby seeds)."""
+    """One seed per internal batch, derived from ``seed`` and the batch index by :func:`inputs.batch_seed`."""
     if seed is None:
         return [None] * num_batches
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randint(0, 2**62, (num_batches,), generator=gen).tolist()
+    return [batch_seed(int(seed), i) for i in range(num_batches)]
 
 
 def _length_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -338,7 +333,7 @@ def _merge_controllers(summaries: list[dict | None]) -> dict | None:
     summaries = [s for s in summaries if s]
     if not summaries:
         return None
-    steps = [sum(s["draft_length_histogram"]) for s in summaries]
+    steps = [s["predicted_steps"] for s in summaries]  # the steps each batch's means are over
 
     def mean(key: str) -> float | None:
         pairs = [(s[key], n) for s, n in zip(summaries, steps) if s[key] is not None]
@@ -349,6 +344,8 @@ def _merge_controllers(summaries: list[dict | None]) -> dict | None:
         "verify_width_histogram": _sum_histograms([s["verify_width_histogram"] for s in summaries]),
         "predicted_step_s_mean": mean("predicted_step_s_mean"),
         "measured_step_s_mean": mean("measured_step_s_mean"),
+        "predicted_steps": sum(steps),
+        "draft_length_per_step": [k for s in summaries for k in s["draft_length_per_step"]],
         "cost_model": summaries[-1]["cost_model"],
     }
 
@@ -482,7 +479,10 @@ def generate(
     settings = resolve_sampling(target, generation_config, **overrides)
     check_tokenizer(tokenizer)
     batch_size = check_positive_int("batch_size", batch_size)
-    controller = _make_controller(gamma, gamma_max, 1, input_device(target))  # checks gamma / gamma_max
+    if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
+        raise TypeError("generate() takes gamma as an int or 'auto'; a controller instance (built for one batch's "
+                        "rows) goes to speculative_generate_batch")
+    controller = make_controller(gamma, gamma_max, 1, input_device(target))  # checks gamma / gamma_max
     ids = _encode(prompts, tokenizer, chat_template)
     vocab = vocab_size(target)
     max_positions = getattr(text_config(target), "max_position_embeddings", None)
@@ -495,9 +495,9 @@ def generate(
     drafter = _resolve_draft(draft, target)
 
     outputs, batch_stats = [], []
-    for indices, batch_seed in zip(batches, seeds):
+    for indices, seed_of_batch in zip(batches, seeds):
         out, stats = _run_batch([rows[i] for i in indices], [max_gen_lens[i] for i in indices], drafter, target,
-                                settings, eos, gamma, controller, batch_seed, progress, return_logprobs)
+                                settings, eos, gamma, controller, seed_of_batch, progress, return_logprobs)
         outputs.append(out)
         batch_stats.append(stats)
     token_ids = _in_prompt_order(outputs, batches, len(rows))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
+from batched_specdec.inputs import decoder_config
 from kernels import compact_rows, scatter_kv_at_offsets
 
 SPAN_BUCKET = 64
@@ -31,12 +32,6 @@ def bucketed_span(max_len: int, capacity: int) -> int:
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 """Layer types whose attention the cache's 4D masks express; anything else (chunked, linear, ...) is refused."""
-
-
-def _text_config(config):
-    """The decoder's config: composite (multimodal) configs keep layers, windows and layer types in it."""
-    getter = getattr(config, "get_text_config", None)
-    return getter() if callable(getter) else config
 
 
 def _layer_windows(config) -> list[int | None]:
@@ -78,7 +73,7 @@ class RaggedKVCache(Cache):
     ----------
     config : PretrainedConfig
         The model's config (number of layers, sliding windows, layer types); for a composite (multimodal) config,
-        its ``get_text_config()`` is read.
+        its ``getdecoder_config()`` is read.
     batch_size : int
         Rows ``B``.
     capacity : int
@@ -89,7 +84,7 @@ class RaggedKVCache(Cache):
 
     def __init__(self, config, batch_size: int, capacity: int, device: torch.device) -> None:
         super().__init__(layers=[])
-        config = _text_config(config)
+        config = decoder_config(config)
         self._windows = _layer_windows(config)  # first: an unsupported layer type fails before any allocation
         self.config = config
         self.capacity = capacity

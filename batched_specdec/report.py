@@ -67,7 +67,7 @@ class Totals:
             return
         add_counts(self.draft_lengths, summary["draft_length_histogram"])
         if summary["predicted_step_s_mean"] is not None:
-            n = sum(summary["draft_length_histogram"]) - 1  # the first step has no prediction
+            n = summary["predicted_steps"]
             self.controller_steps += n
             self.predicted_s += n * summary["predicted_step_s_mean"]
             self.measured_s += n * summary["measured_step_s_mean"]

@@ -156,7 +156,7 @@ def test_perfect_cheap_draft_goes_to_gamma_max():
 def test_rows_with_low_acceptance_get_smaller_budgets():
     controller = AdaptiveSpeculation(6, 3, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
                                      frozen_costs=True)
-    controller.widest = 6  # as if every width had been measured already (no ramp)
+    controller.costs.widest = 6  # as if every width had been measured already (no ramp)
     controller.successes[:] = torch.tensor([0.0, 8.0, 50.0])  # acceptance about 0.06, 0.5, 0.98 (both horizons)
     controller.trials[:] = torch.tensor([10.0, 16.0, 50.0])
     plan = controller.plan(torch.arange(3), torch.tensor([True, True, True]))
