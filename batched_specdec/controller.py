@@ -37,6 +37,9 @@ ACCEPTANCE_PRIOR = 0.6
 """Prior per-position acceptance of a row with no evidence."""
 PRIOR_WEIGHT = 0.5
 """The prior counts as this many verified positions: three rejections in a row bring a row's estimate under 0.1."""
+ACCEPTANCE_CAP = 0.9
+"""Estimates are capped here: a few accepted steps push an estimate past 0.95, and a long draft priced on it loses a
+whole step at the first miss (measured with a bf16 copy of the target as draft)."""
 EVIDENCE_DECAY = (0.99, 0.8)
 """Per step, old evidence keeps these weights in a row's long-run and recent estimates. The long-run estimate is
 the prior of the recent one: acceptance is bursty (a drafter wrong a moment ago may be right now), so a row whose
@@ -136,9 +139,14 @@ class LinearFit:
 
 
 class CostModel:
-    """Predicted seconds of a step with ``rows`` rows, ``k`` draft forwards and verify width ``width``."""
+    """Predicted seconds of a step with ``rows`` rows, ``k`` draft forwards and verify width ``width``.
 
-    def __init__(self) -> None:
+    ``draft_ratio`` (a model draft's parameters over the target's) prices a draft forward as that share of a
+    one-token verify until draft forwards have been measured, so a draft as large as the target is never tried.
+    """
+
+    def __init__(self, draft_ratio: float | None = None) -> None:
+        self.draft_ratio = draft_ratio
         self.verify = LinearFit()  # seconds against verified tokens (rows * width)
         self.draft_per_forward = LinearFit()  # seconds per draft forward against rows
         self.overhead = LinearFit()  # everything else, against rows
@@ -159,7 +167,11 @@ class CostModel:
         return not self.verify.empty
 
     def draft_s(self, rows: int, k: int) -> float:
-        return k * self.draft_per_forward(rows) if k else 0.0
+        if not k:
+            return 0.0
+        if self.draft_per_forward.empty and self.draft_ratio is not None:
+            return k * self.draft_ratio * self.verify(rows)
+        return k * self.draft_per_forward(rows)
 
     def verify_s(self, rows: int, width: int) -> float:
         return self.verify(rows * width)
@@ -246,7 +258,7 @@ class AdaptiveSpeculation:
         """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids``."""
         s, t = self.successes[:, row_ids], self.trials[:, row_ids]
         long_run = (s[0] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t[0] + PRIOR_WEIGHT)
-        return (s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)
+        return ((s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)).clamp_max(ACCEPTANCE_CAP)
 
     def _costs(self, rows: int, n: int, with_draft: bool) -> Tensor:
         """``(n + 1,)`` predicted seconds of a step with ``j = 0..n`` drafts per row (verify width ``j + 1``)."""
@@ -267,8 +279,8 @@ class AdaptiveSpeculation:
         """Draft length and budgets (``(B,)``, 0 for finished rows) of the next step. ``row_ids`` (host ``(B,)``)
         are the original ids of the batch's rows, ``live`` (host ``(B,)`` bool) marks the unfinished ones."""
         rows = row_ids.shape[0]
-        if not self.costs.ready:  # first step: one draft per row, so that drafting and verifying get measured cheaply
-            return StepPlan(min(self.gamma_max, FIRST_DRAFT_LEN))
+        if not self.costs.ready:  # first step: one draft per row (a model draft: none, its cost has a prior)
+            return StepPlan(0 if self.costs.draft_ratio is not None else min(self.gamma_max, FIRST_DRAFT_LEN))
         # Widths grow at most twofold past the widest one measured, so an optimistic cost model probes gradually.
         longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.costs.widest))
         cost = self._costs(rows, longest, with_draft=True)
@@ -343,9 +355,10 @@ class AdaptiveSpeculation:
         }
 
 
-def make_controller(gamma, gamma_max, num_rows: int, device: torch.device):
-    """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default 8), or a
-    controller instance built by the caller for ``num_rows`` rows (tests, benchmarks of the policy)."""
+def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None):
+    """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default 8, draft costs
+    priced by ``draft_ratio`` until measured, see :class:`CostModel`), or a controller instance built by the caller
+    for ``num_rows`` rows (tests, benchmarks of the policy)."""
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         if gamma_max is not None:
             raise ValueError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
@@ -356,7 +369,7 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device):
         return gamma
     if gamma == "auto":
         gamma_max = 8 if gamma_max is None else check_positive_int("gamma_max", gamma_max)
-        return AdaptiveSpeculation(gamma_max, num_rows, device)
+        return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=CostModel(draft_ratio))
     if gamma_max is not None:
         raise ValueError(f"gamma_max={gamma_max!r} only applies with gamma='auto', got gamma={gamma!r}")
     if isinstance(gamma, str):

@@ -131,12 +131,10 @@ class ModelDrafter:
 
         batch, _ = token_buffer.shape
         self._generator = None
-        self._target_only_steps = 0
+        # The prompts are fed lazily, by the first propose: a run where the engine never drafts (gamma auto on a
+        # workload where drafting cannot pay) never pays the draft's prefill.
+        self._target_only_steps = max(int(token_buffer.shape[1]) - 2, 0)
         self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device)
-        prefill = int(token_buffer.shape[1]) - 2
-        if prefill > 0:
-            self.cache.set_span(prefill)
-            model_forward(self.model, self.cache, self._draft_ids(token_buffer[:, :prefill]), logits_to_keep=1)
 
     def propose(
         self,
@@ -153,8 +151,9 @@ class ModelDrafter:
         seq_lens = seq_lens.to(device)
         cache.set_span(max_seq_len + gamma)
         if self._target_only_steps:
-            # After a draft step the cache holds at least s[:-2]; each target-only step since then added a token it
-            # has not seen. Feed those first, keeping one logit row (rewrites of cached entries are identical).
+            # The cache holds at least s[:-2] minus one token per target-only step since the last draft step (and
+            # nothing but the prompts' s[:-2] before the first). Feed the missing tokens first, keeping one logit
+            # row (rewrites of cached entries are identical).
             self._feed(token_buffer, seq_lens - 2, self._target_only_steps)
             self._target_only_steps = 0
         # Then the last two committed tokens (one for a one-token row); the draft continues from the last one.
@@ -225,3 +224,11 @@ def as_drafter(draft_model, target_vocab: int) -> Drafter:
             "must be the target's or a prefix of it (ids the draft lacks get draft probability 0)"
         )
     return drafter
+
+
+def draft_cost_ratio(drafter, target_model) -> float | None:
+    """A model draft's parameter count over the target's (a prior for its cost); None for model-free drafters."""
+    model = getattr(drafter, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    return sum(p.numel() for p in model.parameters()) / max(sum(p.numel() for p in target_model.parameters()), 1)

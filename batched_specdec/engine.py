@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from batched_specdec.controller import StepPlan, make_controller
-from batched_specdec.drafters import DraftProposal, as_drafter, model_forward
+from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio, model_forward
 from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
 from batched_specdec.ragged_batch import GenerationStats, PhaseTimer, RaggedBatch, progress_bar
@@ -145,7 +145,7 @@ def speculative_generate_batch(
                           generator=generator)
     drafter = as_drafter(draft_model, vocab_size(target_model))
     n_rows, device = len(req.rows), req.device
-    controller = make_controller(gamma, gamma_max, n_rows, device)
+    controller = make_controller(gamma, gamma_max, n_rows, device, draft_cost_ratio(drafter, target_model))
     g_max = controller.gamma_max
     timer = PhaseTimer(collect_stats, device)
     if device.type == "cuda":
@@ -164,7 +164,7 @@ def speculative_generate_batch(
     drafter.start(batch.token_buffer[:, : batch.max_prompt_len], batch.seq_lens, capacity)
     bar = progress_bar(progress, sum(req.max_gen_lens), "speculative")
     processor, gen = logits_processor, req.generator
-    catching_up = False  # the drafter has target-only steps to catch up on in its next propose
+    catching_up = True  # the drafter's next propose also feeds what it missed (the prompts, target-only steps)
     while True:
         timer.start()
         controller.start_step()

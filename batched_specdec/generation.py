@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, make_controller
-from batched_specdec.drafters import as_drafter
+from batched_specdec.drafters import as_drafter, draft_cost_ratio
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.inputs import (
     batch_seed,
@@ -482,7 +482,9 @@ def generate(
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         raise TypeError("generate() takes gamma as an int or 'auto'; a controller instance (built for one batch's "
                         "rows) goes to speculative_generate_batch")
-    controller = make_controller(gamma, gamma_max, 1, input_device(target))  # checks gamma / gamma_max
+    drafter = _resolve_draft(draft, target)
+    # checks gamma / gamma_max; with gamma="auto" its cost model is shared by every batch's controller
+    controller = make_controller(gamma, gamma_max, 1, input_device(target), draft_cost_ratio(drafter, target))
     ids = _encode(prompts, tokenizer, chat_template)
     vocab = vocab_size(target)
     max_positions = getattr(text_config(target), "max_position_embeddings", None)
@@ -492,8 +494,6 @@ def generate(
     eos = resolve_eos(settings.eos_token_id, target, tokenizer, vocab)
     batches = _length_sorted_batches(rows, batch_size)
     seeds = _batch_seeds(seed, len(batches))
-    drafter = _resolve_draft(draft, target)
-
     outputs, batch_stats = [], []
     for indices, seed_of_batch in zip(batches, seeds):
         out, stats = _run_batch([rows[i] for i in indices], [max_gen_lens[i] for i in indices], drafter, target,

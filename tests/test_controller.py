@@ -202,3 +202,28 @@ def test_bad_gamma_settings_raise(llama_pair, kwargs, match):
     target, draft = llama_pair
     with pytest.raises(ValueError, match=match):
         speculative_generate_batch([[1, 2]], draft, target, **kwargs)
+
+
+def test_a_run_that_never_drafts_never_runs_the_draft_model(llama_pair):
+    """The draft's prefill is lazy: with draft length 0 throughout, the draft model is never called."""
+    target, draft = llama_pair
+    prompts = _ragged_prompts(4, 96, 12, seed=8)
+    calls = []
+    hook = draft.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        outputs, _, stats = speculative_generate_batch(prompts, draft, target, gamma=ScheduledPlans([0], len(prompts)),
+                                                       max_gen_len=10, eos_tokens_id=[])
+    finally:
+        hook.remove()
+    assert outputs == autoregressive_generate_batch(prompts, target, max_gen_len=10, eos_tokens_id=[])
+    assert calls == [] and sum(stats.proposed) == 0
+
+
+def test_a_draft_as_large_as_the_target_is_not_tried():
+    """gamma auto prices a model draft by its parameter count until measured: a draft the size of the target
+    costs as much as a verify per draft token, so the controller never drafts (and never pays its prefill)."""
+    target = tiny_causal_lm("llama", seed=0)
+    twin = tiny_causal_lm("llama", seed=0)
+    prompts = _ragged_prompts(4, 96, 12, seed=6)
+    _, _, stats = speculative_generate_batch(prompts, twin, target, gamma="auto", max_gen_len=16, eos_tokens_id=[])
+    assert stats.controller["draft_length_histogram"][0] == stats.steps
