@@ -102,10 +102,12 @@ def model_forward(model, cache, input_ids: Tensor, logits_to_keep: int = 0) -> T
 class ModelDrafter:
     """A small HF causal LM as drafter, with its own ragged KV cache.
 
-    Cache invariant (DESIGN.md): at the start of a step the draft cache holds at least ``s_b[:-2]``, so the
-    first draft forward feeds the last two committed tokens (one for a one-token row) and each later forward
+    Cache invariant (DESIGN.md): at the start of a drafting step the draft cache holds at least ``s_b[:-2]``, so
+    the first draft forward feeds the last two committed tokens (one for a one-token row) and each later forward
     feeds the previous draft token. After verification the engine's ``seq_lens`` alone tells the next step where
-    the draft cache's valid entries end (``max(|s_b| - 2, 0)``): pruning moves no bytes.
+    the draft cache's valid entries end (``max(|s_b| - 2, 0)``): pruning moves no bytes. What the cache has not
+    seen (the prompts, before the first drafting step; one token per target-only step since the last one) is fed
+    in one forward at the start of the next drafting step, so a run that never drafts never runs the draft.
 
     Parameters
     ----------
