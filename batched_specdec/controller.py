@@ -244,7 +244,6 @@ class AdaptiveSpeculation:
         self.successes = torch.zeros(2, num_rows, dtype=torch.float64)
         self.trials = torch.zeros(2, num_rows, dtype=torch.float64)
         self.clock = _StepClock(device)
-        self.draft_histogram = [0] * (gamma_max + 1)
         self.draft_lengths: list[int] = []
         self.width_histogram = [0] * (gamma_max + 1)
         self.predicted_s = self.measured_s = 0.0
@@ -332,7 +331,6 @@ class AdaptiveSpeculation:
             self.costs.verify.add(rows * (width + 1), verify)
             self.costs.overhead.add(rows, max(total - draft - verify, 0.0))
         self.costs.widest = max(self.costs.widest, width)
-        self.draft_histogram[k] += 1
         self.draft_lengths.append(k)
         self.width_histogram[width] += 1
         if not math.isnan(predicted):
@@ -344,7 +342,8 @@ class AdaptiveSpeculation:
         v0, v1 = self.costs.verify.coefficients()
         d0, d1 = self.costs.draft_per_forward.coefficients()
         return {
-            "draft_length_histogram": list(self.draft_histogram),
+            "draft_length_histogram": torch.bincount(torch.tensor(self.draft_lengths, dtype=torch.int64),
+                                                     minlength=self.gamma_max + 1).tolist(),
             "draft_length_per_step": list(self.draft_lengths),
             "verify_width_histogram": list(self.width_histogram),
             "predicted_step_s_mean": self.predicted_s / self.steps if self.steps else None,

@@ -122,7 +122,7 @@ class ModelDrafter:
         self._max_input_id = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]) - 1
         self.cache = None
         self._generator: torch.Generator | None = None
-        self._target_only_steps = 0
+        self._tokens_behind = 0
 
     @property
     def device(self) -> torch.device:
@@ -135,7 +135,7 @@ class ModelDrafter:
         self._generator = None
         # The prompts are fed lazily, by the first propose: a run where the engine never drafts (gamma auto on a
         # workload where drafting cannot pay) never pays the draft's prefill.
-        self._target_only_steps = max(int(token_buffer.shape[1]) - 2, 0)
+        self._tokens_behind = max(int(token_buffer.shape[1]) - 2, 0)  # committed tokens before s[:-2] not yet fed
         self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device)
 
     def propose(
@@ -152,12 +152,12 @@ class ModelDrafter:
         generator = self._generator_on(device, generator)
         seq_lens = seq_lens.to(device)
         cache.set_span(max_seq_len + gamma)
-        if self._target_only_steps:
+        if self._tokens_behind:
             # The cache holds at least s[:-2] minus one token per target-only step since the last draft step (and
             # nothing but the prompts' s[:-2] before the first). Feed the missing tokens first, keeping one logit
             # row (rewrites of cached entries are identical).
-            self._feed(token_buffer, seq_lens - 2, self._target_only_steps)
-            self._target_only_steps = 0
+            self._feed(token_buffer, seq_lens - 2, self._tokens_behind)
+            self._tokens_behind = 0
         # Then the last two committed tokens (one for a one-token row); the draft continues from the last one.
         lens = (seq_lens - 2).clamp_min(0)
         num_first = seq_lens - lens
@@ -195,7 +195,7 @@ class ModelDrafter:
 
     def note_target_only_step(self) -> None:
         """The engine ran a step without drafts (adaptive draft length 0): one more token to catch up on."""
-        self._target_only_steps += 1
+        self._tokens_behind += 1
 
     def keep_rows(self, rows: Tensor) -> None:
         self.cache.keep_rows(rows)

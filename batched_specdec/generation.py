@@ -35,7 +35,7 @@ from batched_specdec.inputs import (
 )
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor, make_processor
 from batched_specdec.prompts import encode_prompts
-from batched_specdec.ragged_batch import GenerationStats
+from batched_specdec.ragged_batch import GenerationStats, add_counts
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationResult", "SamplingSettings", "generate", "resolve_sampling"]
 
@@ -321,10 +321,9 @@ def _length_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[
 
 
 def _sum_histograms(histograms: list[list[int]]) -> list[int]:
-    total = [0] * max((len(h) for h in histograms), default=0)
+    total: list[int] = []
     for h in histograms:
-        for j, v in enumerate(h):
-            total[j] += v
+        add_counts(total, h)
     return total
 
 

@@ -56,6 +56,15 @@ class GenerationStats:
     extra: dict = field(default_factory=dict)
 
 
+def add_counts(into: list[int], counts: list[int]) -> list[int]:
+    """Add histogram ``counts`` into ``into`` element-wise, growing it as needed; returns ``into``."""
+    if len(counts) > len(into):
+        into += [0] * (len(counts) - len(into))
+    for j, n in enumerate(counts):
+        into[j] += int(n)
+    return into
+
+
 class RaggedBatch:
     """Per-row decoding state on the target's input device; rows may be dropped (compacted) as they finish.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
+from batched_specdec.ragged_batch import add_counts
+
 
 def device_name(device) -> str:
     import torch
@@ -47,10 +49,7 @@ class Totals:
         self.accepted += sum(getattr(stats, "accepted", []) or [])
         self.proposed += sum(getattr(stats, "proposed", []) or [])
         hist = list(getattr(stats, "acceptance_histogram", []) or [])
-        if len(hist) > len(self.histogram):
-            self.histogram += [0] * (len(hist) - len(self.histogram))
-        for j, n in enumerate(hist):
-            self.histogram[j] += int(n)
+        add_counts(self.histogram, hist)
         weight = sum(hist) or int(getattr(stats, "target_forwards", 0) or 0)
         self.row_steps += weight
         self.tpf_weighted += weight * float(getattr(stats, "tokens_per_target_forward", 0.0) or 0.0)
@@ -82,10 +81,7 @@ class Totals:
             total.target_forwards += part.target_forwards
             total.accepted += part.accepted
             total.proposed += part.proposed
-            if len(part.histogram) > len(total.histogram):
-                total.histogram += [0] * (len(part.histogram) - len(total.histogram))
-            for j, n in enumerate(part.histogram):
-                total.histogram[j] += n
+            add_counts(total.histogram, part.histogram)
             total.row_steps += part.row_steps
             total.tpf_weighted += part.tpf_weighted
             if part.peak_memory is not None:
@@ -138,13 +134,6 @@ class Totals:
             line += (f"; step time predicted {1e3 * self.predicted_s / self.controller_steps:.1f} ms, measured "
                      f"{1e3 * self.measured_s / self.controller_steps:.1f} ms")
         return line
-
-
-def add_counts(into: list[int], counts: list[int]) -> None:
-    if len(counts) > len(into):
-        into += [0] * (len(counts) - len(into))
-    for j, n in enumerate(counts):
-        into[j] += int(n)
 
 
 def print_report(console, config, base, spec, speedup, identical, n_rows, device) -> None:
