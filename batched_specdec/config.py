@@ -37,6 +37,8 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     attn_implementation: str = "auto"
+    attention: str = "auto"
+    prefill_chunk: int = 512
     num_prompts: int = 8
     prompts: str | None = None
     output_dir: str = "outputs"
@@ -166,6 +168,11 @@ def validate(config: RunConfig) -> None:
         f"unknown attn_implementation {config.attn_implementation!r}: expected one of "
         f"{', '.join(ATTN_IMPLEMENTATIONS)}",
     )
+    need(
+        config.attention in ("auto", "sdpa", "flex", "dense"),
+        f"unknown attention backend {config.attention!r}: expected one of auto, sdpa, flex, dense",
+    )
+    need(config.prefill_chunk >= 1, f"prefill_chunk must be >= 1, got {config.prefill_chunk}")
     need(bool(config.target), "target must not be empty")
     need(bool(config.draft), "draft must not be empty")
     need(config.ngram_min >= 1, f"ngram_min must be >= 1, got {config.ngram_min}")

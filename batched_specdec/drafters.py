@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from batched_specdec.inputs import vocab_size
+from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward
 
 
 @dataclass
@@ -81,24 +82,6 @@ class Drafter(Protocol):
         """Drop finished rows: keep ``rows`` (``(N,)`` int64, ascending) of the current batch, in that order."""
 
 
-def model_forward(model, cache, input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
-    """One forward of an HF causal LM through a :class:`~batched_specdec.ragged_cache.RaggedKVCache`.
-
-    Row ``b``'s ``Q`` tokens go to positions ``cache.lens[b] .. cache.lens[b] + Q - 1``; the caller advances the
-    lengths afterwards. Returns float logits ``(B, Q', V)`` for the last ``logits_to_keep`` queries (all when 0).
-    """
-    positions, mask = cache.inputs(input_ids.shape[1], model.dtype)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-    )
-    return out.logits
-
-
 class ModelDrafter:
     """A small HF causal LM as drafter, with its own ragged KV cache.
 
@@ -113,10 +96,16 @@ class ModelDrafter:
     ----------
     model : PreTrainedModel
         A causal LM whose vocabulary is the target's or a prefix of it.
+    attention : str
+        Attention backend of its forwards (:mod:`batched_specdec.attention`).
+    prefill_chunk : int
+        Columns per forward when it catches up on many tokens at once (its lazy prompt prefill).
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.model = model
+        self.attention = attention
+        self.prefill_chunk = prefill_chunk
         self.vocab_size = vocab_size(model)  # the width of its logits, so of the q it returns
         embeddings = model.get_input_embeddings()
         self._max_input_id = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]) - 1
@@ -129,14 +118,12 @@ class ModelDrafter:
         return self.model.get_input_embeddings().weight.device
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
-        from batched_specdec.ragged_cache import RaggedKVCache
-
         batch, _ = token_buffer.shape
         self._generator = None
         # The prompts are fed lazily, by the first propose: a run where the engine never drafts (gamma auto on a
         # workload where drafting cannot pay) never pays the draft's prefill.
         self._tokens_behind = max(int(token_buffer.shape[1]) - 2, 0)  # committed tokens before s[:-2] not yet fed
-        self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device)
+        self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device, self.attention)
 
     def propose(
         self,
@@ -177,15 +164,20 @@ class ModelDrafter:
 
     def _feed(self, token_buffer: Tensor, ends: Tensor, width: int) -> Tensor:
         """Write committed tokens ``[ends - width, ends)`` of every row (from 0 for shorter rows; positions past a
-        row's end repeat its last token and lie beyond what is kept) at their positions; returns the ``(B, 2, V)``
-        logits of the last two fed positions when ``width == 2``, else of the last one."""
+        row's end repeat its last token and lie beyond what is kept) at their positions, at most
+        ``prefill_chunk`` columns per forward; returns the ``(B, 2, V)`` logits of the last two fed positions when
+        ``width == 2``, else of the last one."""
         device = self.device
         ends = ends.clamp_min(1)
-        lens = (ends - width).clamp_min(0)
-        self.cache.set_lens(lens)
-        idx = torch.minimum(lens[:, None] + torch.arange(width, device=device)[None, :], ends[:, None] - 1)
-        ids = self._draft_ids(token_buffer.to(device).gather(1, idx))
-        return model_forward(self.model, self.cache, ids, logits_to_keep=min(width, 2))
+        first = (ends - width).clamp_min(0)
+        for start in range(0, width, self.prefill_chunk):  # the span was set by propose: it covers every column
+            cols = min(self.prefill_chunk, width - start)
+            lens = first + start
+            self.cache.set_lens(lens)
+            idx = torch.minimum(lens[:, None] + torch.arange(cols, device=device)[None, :], ends[:, None] - 1)
+            ids = self._draft_ids(token_buffer.to(device).gather(1, idx))
+            logits = model_forward(self.model, self.cache, ids, logits_to_keep=min(cols, 2))
+        return logits
 
     def _draft_ids(self, ids: Tensor) -> Tensor:
         """Committed ids as draft inputs. A draft over a prefix of the target's vocabulary has no embedding for
@@ -211,12 +203,13 @@ class ModelDrafter:
         return self._generator
 
 
-def as_drafter(draft_model, target_vocab: int) -> Drafter:
-    """A drafter for ``draft_model``; its vocabulary must be a prefix of the target's (``V_draft <= V_target``)."""
+def as_drafter(draft_model, target_vocab: int, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> Drafter:
+    """A drafter for ``draft_model``; its vocabulary must be a prefix of the target's (``V_draft <= V_target``).
+    A model gets a :class:`ModelDrafter` with the engine's ``attention`` backend and ``prefill_chunk``."""
     if isinstance(draft_model, Drafter) and not hasattr(draft_model, "config"):
         drafter = draft_model
     elif hasattr(draft_model, "config") and hasattr(draft_model, "get_input_embeddings"):
-        drafter = ModelDrafter(draft_model)
+        drafter = ModelDrafter(draft_model, attention, prefill_chunk)
     else:
         raise TypeError(f"draft_model must be an HF causal LM or a Drafter, got {type(draft_model).__name__}")
     draft_vocab = getattr(drafter, "vocab_size", None)

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from batched_specdec.controller import StepPlan, make_controller
-from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio, model_forward
+from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio
 from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
 from batched_specdec.ragged_batch import GenerationStats, PhaseTimer, RaggedBatch, progress_bar
-from batched_specdec.ragged_cache import RaggedKVCache
+from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward, prefill
 from kernels import rejection_sample_from_logits, rejection_sample_from_probs
 
 __all__ = ["GenerationStats", "autoregressive_generate_batch", "speculative_generate_batch"]
@@ -30,13 +30,9 @@ GREEDY = GreedyProcessor()
 """The default processor (stateless, so one shared instance is safe)."""
 
 
-def _prefill_target(model, cache: RaggedKVCache, batch: RaggedBatch) -> None:
-    """Fill the target cache with ``s_b[:-1]`` for every row in one ragged forward."""
-    width = batch.max_prompt_len - 1
-    if width > 0:
-        cache.set_span(width)
-        model_forward(model, cache, batch.token_buffer[:, :width], logits_to_keep=1)
-    cache.set_lens(batch.seq_lens - 1)
+def _prefill_target(model, cache: RaggedKVCache, batch: RaggedBatch, chunk: int) -> None:
+    """Fill the target cache with ``s_b[:-1]`` for every row, in ragged chunks (``ragged_cache.prefill``)."""
+    prefill(model, cache, batch.token_buffer, batch.prefill_widths, chunk)
 
 
 def _no_drafts(rows: int, device: torch.device) -> tuple[Tensor, None, None]:
@@ -90,6 +86,8 @@ def speculative_generate_batch(
     collect_stats: bool = False,
     progress: bool = False,
     return_logprobs: bool = False,
+    attention: str = "auto",
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> tuple[list[list[int]], list[float], GenerationStats]:
     """Speculative decoding for a batch of unpadded prompts of different lengths; lossless.
 
@@ -131,6 +129,13 @@ def speculative_generate_batch(
         Fill ``stats.logprobs``: per emitted token, the target's log-probability under the processed
         distribution it was sampled from (temperature, top-k, top-p applied; with greedy decoding, the plain
         ``log_softmax`` of the logits). Target-only decoding reports the same values for the same tokens.
+    attention : {"auto", "sdpa", "flex", "dense"}
+        Attention backend of the target's and a model draft's forwards (:mod:`batched_specdec.attention`): each row
+        attends only to its own keys, read in place (no copy per query group); ``"dense"`` is the previous
+        dense-mask path, kept as a reference.
+    prefill_chunk : int
+        Prompt tokens per row per prefill forward (default 512): prompts are prefilled in chunks, each forward over
+        only the rows with prompt left, so prefill memory is bounded by rows x chunk, not by the longest prompt.
 
     Returns
     -------
@@ -142,8 +147,8 @@ def speculative_generate_batch(
     """
     req = resolve_request(prompts, target_model, tokenizer=tokenizer, logits_processor=logits_processor,
                           max_gen_len=max_gen_len, eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, seed=seed,
-                          generator=generator)
-    drafter = as_drafter(draft_model, vocab_size(target_model))
+                          generator=generator, attention=attention, prefill_chunk=prefill_chunk)
+    drafter = as_drafter(draft_model, vocab_size(target_model), attention=attention, prefill_chunk=prefill_chunk)
     n_rows, device = len(req.rows), req.device
     controller = make_controller(gamma, gamma_max, n_rows, device, draft_cost_ratio(drafter, target_model))
     g_max = controller.gamma_max
@@ -159,8 +164,8 @@ def speculative_generate_batch(
     proposed = torch.zeros(n_rows, dtype=torch.int64, device=device)
     histogram = torch.zeros(g_max + 1, dtype=torch.int64, device=device)
 
-    target_cache = RaggedKVCache(target_model.config, n_rows, capacity, device)
-    _prefill_target(target_model, target_cache, batch)
+    target_cache = RaggedKVCache(target_model.config, n_rows, capacity, device, attention)
+    _prefill_target(target_model, target_cache, batch, prefill_chunk)
     drafter.start(batch.token_buffer[:, : batch.max_prompt_len], batch.seq_lens, capacity)
     bar = progress_bar(progress, sum(req.max_gen_lens), "speculative")
     processor, gen = logits_processor, req.generator
@@ -246,6 +251,8 @@ def autoregressive_generate_batch(
     progress: bool = False,
     return_stats: bool = False,
     return_logprobs: bool = False,
+    attention: str = "auto",
+    prefill_chunk: int = PREFILL_CHUNK,
 ):
     """Target-only batched decoding through the same ragged cache: the fair baseline for every speedup.
 
@@ -255,7 +262,7 @@ def autoregressive_generate_batch(
     """
     req = resolve_request(prompts, model, tokenizer=tokenizer, logits_processor=logits_processor,
                           max_gen_len=max_gen_len, eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, seed=seed,
-                          generator=generator)
+                          generator=generator, attention=attention, prefill_chunk=prefill_chunk)
     device = req.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -264,8 +271,8 @@ def autoregressive_generate_batch(
     capacity = max(len(p) for p in req.rows) + req.max_gen_len + 2
     batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs)
     eos_tensor = torch.tensor(req.eos or [-1], dtype=torch.int64, device=device)
-    cache = RaggedKVCache(model.config, len(req.rows), capacity, device)
-    _prefill_target(model, cache, batch)
+    cache = RaggedKVCache(model.config, len(req.rows), capacity, device, attention)
+    _prefill_target(model, cache, batch, prefill_chunk)
     no_drafts = torch.zeros(len(req.rows), dtype=torch.int64, device=device)
     bar = progress_bar(progress, sum(req.max_gen_lens), "target-only")
     while True:

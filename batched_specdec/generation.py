@@ -25,6 +25,7 @@ from batched_specdec.drafters import as_drafter, draft_cost_ratio
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.inputs import (
     batch_seed,
+    check_attention_settings,
     check_positive_int,
     check_tokenizer,
     input_device,
@@ -36,6 +37,7 @@ from batched_specdec.inputs import (
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor, make_processor
 from batched_specdec.prompts import encode_prompts
 from batched_specdec.ragged_batch import GenerationStats, add_counts
+from batched_specdec.ragged_cache import PREFILL_CHUNK
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationResult", "SamplingSettings", "generate", "resolve_sampling"]
 
@@ -275,7 +277,7 @@ def _encode(prompts, tokenizer, chat_template: bool | None) -> list:
     return encode_prompts(tokenizer, list(prompts), chat_template=chat_template)
 
 
-def _resolve_draft(draft, target):
+def _resolve_draft(draft, target, attention: str, prefill_chunk: int):
     """A drafter for ``draft`` (None: target-only decoding), checked before any compute."""
     if draft is None:
         return None
@@ -283,7 +285,7 @@ def _resolve_draft(draft, target):
         from batched_specdec.models import load_draft
 
         draft = load_draft(draft, target, device=input_device(target), dtype=target.dtype, quiet=True)
-    return as_drafter(draft, vocab_size(target))
+    return as_drafter(draft, vocab_size(target), attention=attention, prefill_chunk=prefill_chunk)
 
 
 def _max_gen_lens(rows: list[list[int]], settings: SamplingSettings, max_positions: int | None) -> list[int]:
@@ -396,11 +398,11 @@ def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], nu
     )
 
 
-def _run_batch(rows, max_gen_lens, drafter, target, settings, eos, gamma, shared, seed, progress, return_logprobs):
+def _run_batch(rows, max_gen_lens, drafter, target, settings, eos, gamma, shared, seed, engine_kwargs):
     """Decode one internal batch; returns ``(outputs, stats)``. ``shared`` is the call's controller: with
     ``gamma="auto"`` its cost model is the one every batch's controller reads and updates."""
     common = {"logits_processor": settings.processor, "max_gen_len": max_gen_lens, "eos_tokens_id": eos, "seed": seed,
-              "progress": progress, "return_logprobs": return_logprobs}
+              **engine_kwargs}
     if drafter is None:
         return autoregressive_generate_batch(rows, target, return_stats=True, **common)
     if gamma == "auto":
@@ -424,6 +426,8 @@ def generate(
     seed: int | None = None,
     return_logprobs: bool = False,
     progress: bool = False,
+    attention: str = "auto",
+    prefill_chunk: int = PREFILL_CHUNK,
     **overrides,
 ) -> GenerationResult:
     """Generate continuations of text (or token-id) prompts with lossless speculative decoding.
@@ -465,6 +469,9 @@ def generate(
         Fill ``.logprobs`` (and ``.stats.logprobs``).
     progress : bool
         A progress bar per batch.
+    attention, prefill_chunk :
+        As in :func:`~batched_specdec.speculative_generate_batch`: the attention backend (default ``"auto"``) and
+        the prompt tokens per row per prefill forward.
     **overrides
         GenerationConfig fields by name (``max_new_tokens=32``, ``do_sample=True``, ...); they take precedence
         over ``generation_config``. A name that is not a GenerationConfig field is a TypeError.
@@ -478,10 +485,11 @@ def generate(
     settings = resolve_sampling(target, generation_config, **overrides)
     check_tokenizer(tokenizer)
     batch_size = check_positive_int("batch_size", batch_size)
+    check_attention_settings(attention, prefill_chunk)
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         raise TypeError("generate() takes gamma as an int or 'auto'; a controller instance (built for one batch's "
                         "rows) goes to speculative_generate_batch")
-    drafter = _resolve_draft(draft, target)
+    drafter = _resolve_draft(draft, target, attention, prefill_chunk)
     # checks gamma / gamma_max; with gamma="auto" its cost model is shared by every batch's controller
     controller = make_controller(gamma, gamma_max, 1, input_device(target), draft_cost_ratio(drafter, target))
     ids = _encode(prompts, tokenizer, chat_template)
@@ -493,10 +501,12 @@ def generate(
     eos = resolve_eos(settings.eos_token_id, target, tokenizer, vocab)
     batches = _length_sorted_batches(rows, batch_size)
     seeds = _batch_seeds(seed, len(batches))
+    engine_kwargs = {"progress": progress, "return_logprobs": return_logprobs, "attention": attention,
+                     "prefill_chunk": prefill_chunk}
     outputs, batch_stats = [], []
     for indices, seed_of_batch in zip(batches, seeds):
         out, stats = _run_batch([rows[i] for i in indices], [max_gen_lens[i] for i in indices], drafter, target,
-                                settings, eos, gamma, controller, seed_of_batch, progress, return_logprobs)
+                                settings, eos, gamma, controller, seed_of_batch, engine_kwargs)
         outputs.append(out)
         batch_stats.append(stats)
     token_ids = _in_prompt_order(outputs, batches, len(rows))

@@ -179,9 +179,21 @@ def make_generator(seed, generator, device: torch.device) -> torch.Generator | N
     return generator
 
 
+def check_attention_settings(attention, prefill_chunk) -> None:
+    """``attention`` must name a backend of :mod:`batched_specdec.attention`; ``prefill_chunk`` an int >= 1."""
+    from batched_specdec.attention import ATTENTION_BACKENDS
+
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per row per prefill forward), "
+                         f"got {prefill_chunk!r}")
+
+
 def resolve_request(prompts, model, *, tokenizer, logits_processor, max_gen_len, eos_tokens_id, pad_token_id, seed,
-                    generator) -> DecodeRequest:
+                    generator, attention="auto", prefill_chunk=512) -> DecodeRequest:
     """Check everything the two engines share and resolve the defaults that come from the model."""
+    check_attention_settings(attention, prefill_chunk)
     check_processor(logits_processor)
     check_tokenizer(tokenizer)
     if isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):

@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"[default: {d.attn_implementation}]",
     )
     p.add_argument(
+        "--attention",
+        help="attention backend of every forward through the ragged cache: auto (= sdpa), sdpa (query groups "
+        "folded, K/V read in place), flex (compiled flex_attention that skips key blocks past each row's length; "
+        "on CPU it compiles once per shape), dense (the previous dense-mask path, a reference) "
+        f"[default: {d.attention}]",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help=f"prompt tokens per row per prefill forward (bounds prefill memory) [default: {d.prefill_chunk}]",
+    )
+    p.add_argument(
         "--num-prompts",
         type=int,
         help=f"how many prompts to decode (the list is cycled if shorter) [default: {d.num_prompts}]",
@@ -251,7 +263,8 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
         f"{config.gamma}, {'greedy' if greedy else type(processor).__name__}, up to {config.max_new_tokens} new tokens."
     )
 
-    common = {"logits_processor": processor, "eos_tokens_id": eos, "pad_token_id": pad}
+    common = {"logits_processor": processor, "eos_tokens_id": eos, "pad_token_id": pad,
+              "attention": config.attention, "prefill_chunk": config.prefill_chunk}
     spec_kwargs = {"gamma": config.gamma, **({"gamma_max": config.gamma_max} if config.gamma == "auto" else {})}
     # Warm-up (one short row through both paths) so one-time costs do not land in the first timed batch.
     warm = [prompts[0]]

@@ -75,7 +75,14 @@ class RaggedBatch:
     def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], capacity: int, pad_token_id: int,
                  device: torch.device, *, logprobs: bool = False) -> None:
         batch = len(prompts)
+        self.prompt_lens_host = [len(p) for p in prompts]  # in prompt order, for the results
+        # Rows are held longest prompt first (row_ids maps them back), so the rows that still have prompt left in
+        # any prefill chunk are a prefix of the batch (ragged_cache.prefill).
+        order = sorted(range(batch), key=lambda i: -len(prompts[i]))
+        prompts = [prompts[i] for i in order]
+        max_gen_lens = [max_gen_lens[i] for i in order]
         lens = [len(p) for p in prompts]
+        self.prefill_widths = [n - 1 for n in lens]
         self.max_prompt_len = max(lens)
         self.max_gen_len = max(max_gen_lens)
         self.capacity = capacity
@@ -88,8 +95,8 @@ class RaggedBatch:
         self.seq_lens = self.prompt_lens.clone()
         self.gen_lens = torch.tensor([self.max_gen_len - m for m in max_gen_lens], dtype=torch.int64, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.row_ids = torch.arange(batch, device=device)
-        self.host_row_ids = torch.arange(batch)
+        self.row_ids = torch.tensor(order, dtype=torch.int64, device=device)
+        self.host_row_ids = torch.tensor(order, dtype=torch.int64)
         # Results of every original row, filled when rows are compacted away and at the end.
         self.final_tokens = torch.empty_like(self.token_buffer)
         self.final_logprobs = None if self.logprob_buffer is None else torch.empty_like(self.logprob_buffer)
@@ -100,7 +107,6 @@ class RaggedBatch:
         self.host_prompt_lens = torch.tensor(lens)
         self.dropped_generated = 0  # tokens of rows compacted away
         self.host_extra = torch.zeros(0, dtype=torch.int64)
-        self.prompt_lens_host = lens
         self.steps = self.row_steps = self.compactions = 0
 
     @property

@@ -8,21 +8,31 @@ see keys ``< lens[b] + j + 1``. Pruning rejected drafts is ``lens[b] = new lengt
 length are masked and overwritten by the next write. Attention only spans ``span`` columns, the bucketed
 maximum length that live rows can reach this step, not the whole buffer.
 
-The class plugs into transformers 5.x through the public ``Cache`` interface (``update``), a ready-made 4D mask
-(returned as-is by transformers' masking utilities) and explicit ``position_ids``; the model is not patched.
+The class plugs into transformers 5.x through the public ``Cache`` interface (``update``) and explicit
+``position_ids``; the model is not patched. Attention reads each row's positions, not a mask: :func:`model_forward`
+selects the ragged attention function of :mod:`batched_specdec.attention` for the duration of the forward (or, with
+``attention="dense"``, the reference path, passes a ready-made 4D mask that transformers' masking utilities return
+as-is). :func:`prefill` feeds prompts in bounded chunks, each over only the rows that still have prompt left.
 """
 
 from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
+from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, resolve_attention
 from batched_specdec.inputs import decoder_config
 from kernels import compact_rows, scatter_kv_at_offsets
 
 SPAN_BUCKET = 64
 """Attention spans are rounded up to a multiple of this, so that shapes change rarely."""
+
+PREFILL_CHUNK = 512
+"""Default prompt tokens per row per prefill forward (``prefill_chunk=``): bounds prefill activations and masks."""
 
 
 def bucketed_span(max_len: int, capacity: int) -> int:
@@ -73,23 +83,27 @@ class RaggedKVCache(Cache):
     ----------
     config : PretrainedConfig
         The model's config (number of layers, sliding windows, layer types); for a composite (multimodal) config,
-        its ``getdecoder_config()`` is read.
+        its decoder (text) config is read.
     batch_size : int
         Rows ``B``.
     capacity : int
         Positions ``S`` per row; no row may grow past it.
     device : torch.device
         Where the per-row lengths live (the model's input device). Buffers go where each layer runs.
+    attention : {"auto", "sdpa", "flex", "dense"}
+        The attention backend of forwards through this cache (:mod:`batched_specdec.attention`).
     """
 
-    def __init__(self, config, batch_size: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, config, batch_size: int, capacity: int, device: torch.device, attention: str = "auto") -> None:
         super().__init__(layers=[])
         config = decoder_config(config)
-        self._windows = _layer_windows(config)  # first: an unsupported layer type fails before any allocation
+        self.windows = _layer_windows(config)  # first: an unsupported layer type fails before any allocation
+        self.attention = resolve_attention(attention, torch.device(device))
         self.config = config
         self.capacity = capacity
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.span = min(capacity, SPAN_BUCKET)
+        self.rows: int | None = None  # forwards cover rows [:self.rows] only (ragged prefill); None: all rows
         self.key_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
         self.value_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
         self._lens_on: dict[torch.device, Tensor] = {}
@@ -104,11 +118,13 @@ class RaggedKVCache(Cache):
         """Write this forward's ``(B, H, Q, D)`` keys/values at each row's length; return the ``span`` columns."""
         kbuf = self.key_buffers[layer_idx]
         if kbuf is None:
-            b, h, _, d = key_states.shape
-            shape = (b, h, self.capacity, d)
+            _, h, _, d = key_states.shape
+            shape = (self.batch_size, h, self.capacity, d)
             kbuf = self.key_buffers[layer_idx] = key_states.new_zeros(shape)
             self.value_buffers[layer_idx] = value_states.new_zeros(shape)
         vbuf = self.value_buffers[layer_idx]
+        if self.rows is not None:
+            kbuf, vbuf = kbuf[: self.rows], vbuf[: self.rows]
         scatter_kv_at_offsets(kbuf, vbuf, key_states, value_states, self._lens_for(key_states.device))
         return kbuf[:, :, : self.span], vbuf[:, :, : self.span]
 
@@ -128,31 +144,39 @@ class RaggedKVCache(Cache):
     def _lens_for(self, device: torch.device) -> Tensor:
         lens = self._lens_on.get(device)
         if lens is None:
-            lens = self._lens_on[device] = self.lens.to(device, non_blocking=True)
+            lens = self.lens if self.rows is None else self.lens[: self.rows]
+            lens = self._lens_on[device] = lens.to(device, non_blocking=True)
         return lens
 
     def set_lens(self, lens: Tensor) -> None:
         """Set every row's valid length (``(B,)`` int64). Pruning rejected drafts is exactly this."""
         self.lens = lens
-        self._lens_on = {lens.device: lens}
+        self._lens_on = {}
+
+    def set_rows(self, rows: int | None) -> None:
+        """Let forwards cover only rows ``[:rows]`` (``None``: every row); the other rows are left untouched."""
+        self.rows = rows
+        self._lens_on = {}
 
     def set_span(self, max_len: int) -> None:
         """Let attention span the first ``bucketed(max_len)`` columns; ``max_len`` bounds every key position read."""
         self.span = bucketed_span(max_len, self.capacity)
 
-    def inputs(self, num_queries: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | dict[str, Tensor]]:
-        """Position ids ``(B, Q)`` and the 4D additive attention mask ``(B, 1, Q, span)`` of the next forward.
+    def positions(self, num_queries: int) -> Tensor:
+        """``(B, Q)`` int64 positions of the next forward's queries: ``lens[b] + j`` (rows ``[:rows]`` only)."""
+        lens = self._lens_for(self.lens.device)
+        return lens[:, None] + torch.arange(num_queries, device=lens.device)[None, :]
 
-        Query ``j`` of row ``b`` sits at position ``lens[b] + j`` and sees keys at positions ``<= lens[b] + j``
-        (and, for sliding-window layers, ``> lens[b] + j - window``, transformers' ``sliding_window_overlay``).
-        When every layer attends alike, one tensor: transformers' ``create_causal_mask`` and
-        ``create_sliding_window_causal_mask`` return a 4D mask as-is, so every layer uses it. When full and
-        sliding layers mix (Gemma-2, Gemma-3, Qwen2 with ``max_window_layers``), the mapping
-        ``{"full_attention": mask, "sliding_attention": mask}``: those models skip mask creation when given a dict
-        and give layer ``i`` the entry of ``config.layer_types[i]``.
+    def dense_mask(self, positions: Tensor, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+        """The reference path's 4D additive attention mask ``(B, 1, Q, span)`` for queries at ``positions``.
+
+        Query ``j`` of row ``b`` sees keys at positions ``<= positions[b, j]`` (and, for sliding-window layers,
+        ``> positions[b, j] - window``, transformers' ``sliding_window_overlay``). When every layer attends alike,
+        one tensor: transformers' ``create_causal_mask`` and ``create_sliding_window_causal_mask`` return a 4D mask
+        as-is. When full and sliding layers mix (Gemma-2, Gemma-3, Qwen2 with ``max_window_layers``), the mapping
+        ``{"full_attention": mask, "sliding_attention": mask}``, which those models hand to layers by layer type.
         """
-        device = self.lens.device
-        positions = self.lens[:, None] + torch.arange(num_queries, device=device)[None, :]
+        device = positions.device
         keys = torch.arange(self.span, device=device)[None, None, :]
         visible = keys <= positions[:, :, None]
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -162,27 +186,92 @@ class RaggedKVCache(Cache):
             allowed = visible if window is None else visible & (keys > positions[:, :, None] - window)
             return torch.where(allowed, zero, blocked)[:, None]
 
-        windows = set(self._windows)
+        windows = set(self.windows)
         if len(windows) == 1:
-            return positions, additive(windows.pop())
+            return additive(windows.pop())
         sliding = next(w for w in windows if w is not None)  # _layer_windows allows one window size besides None
-        return positions, {"full_attention": additive(None), "sliding_attention": additive(sliding)}
+        return {"full_attention": additive(None), "sliding_attention": additive(sliding)}
 
     def advance(self, num_new: Tensor | int) -> None:
         """Grow every row's length by ``num_new`` (int or ``(B,)``) after a forward."""
         self.set_lens(self.lens + num_new)
 
     def keep_rows(self, rows: Tensor) -> None:
-        """Keep only ``rows`` (``(N,)`` int64, ascending) of the batch, in that order, for every layer."""
-        allocated = [i for i, k in enumerate(self.key_buffers) if k is not None]
-        by_device: dict[torch.device, list[int]] = {}
-        for i in allocated:
-            by_device.setdefault(self.key_buffers[i].device, []).append(i)
-        for device, layer_ids in by_device.items():
-            idx = rows.to(device)
-            tensors = [self.key_buffers[i] for i in layer_ids] + [self.value_buffers[i] for i in layer_ids]
-            out = compact_rows(tensors, idx)
-            for j, i in enumerate(layer_ids):
-                self.key_buffers[i] = out[j]
-                self.value_buffers[i] = out[len(layer_ids) + j]
+        """Keep only ``rows`` (``(N,)`` int64, ascending) of the batch, in that order, for every layer.
+
+        One layer at a time, each old buffer released before the next layer's new one is allocated, so the peak is
+        the cache plus one layer, not two caches."""
+        for i, kbuf in enumerate(self.key_buffers):
+            if kbuf is None:
+                continue
+            idx = rows.to(kbuf.device)
+            self.key_buffers[i], self.value_buffers[i] = compact_rows([kbuf, self.value_buffers[i]], idx)
+            del kbuf
         self.set_lens(self.lens.index_select(0, rows.to(self.lens.device)))
+
+
+@contextmanager
+def _attention_selected(model, implementation: str | None):
+    """Let ``model``'s decoder layers dispatch to ``implementation`` for the duration (None: leave it)."""
+    if implementation is None:
+        yield
+        return
+    config = decoder_config(model.config)
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
+
+
+def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
+    """One forward of an HF causal LM through a :class:`RaggedKVCache`.
+
+    Row ``b``'s ``Q`` tokens go to positions ``cache.lens[b] .. cache.lens[b] + Q - 1`` (rows ``[:cache.rows]``
+    when set); the caller advances the lengths afterwards. Returns float logits ``(B, Q', V)`` for the last
+    ``logits_to_keep`` queries (all when 0).
+    """
+    positions = cache.positions(input_ids.shape[1])
+    if cache.attention == "dense":
+        extra, implementation = {"attention_mask": cache.dense_mask(positions, model.dtype)}, None
+    else:
+        ragged = RaggedAttentionInputs(positions, cache.span, cache.windows, cache.attention)
+        extra, implementation = {"ragged_attention": ragged}, RAGGED_ATTENTION
+    with _attention_selected(model, implementation):
+        out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                    logits_to_keep=logits_to_keep, **extra)
+    return out.logits
+
+
+def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chunk: int = PREFILL_CHUNK) -> None:
+    """Write ``tokens[b, :widths[b]]`` of every row into ``cache`` (positions ``0 .. widths[b] - 1``), ``chunk``
+    columns per forward, each forward over only the rows with tokens left; then set the lengths to ``widths``.
+
+    Rows must come longest first (``widths`` non-increasing), so that the rows of every chunk are a prefix of the
+    batch and the cache's buffers are sliced, not gathered. A forward is at most ``rows x chunk`` tokens wide; a
+    row shorter than its chunk's width writes placeholder entries past its length, which stay invisible.
+
+    Parameters
+    ----------
+    tokens : Tensor
+        ``(B, >= widths[0])`` int64 on the model's input device.
+    widths : list of int
+        Tokens per row to write (host values, >= 0), non-increasing.
+    chunk : int
+        Columns per forward (>= 1).
+    """
+    if any(a < b for a, b in itertools.pairwise(widths)):
+        raise ValueError(f"prefill needs rows ordered longest first, got widths {widths}")
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+    device = cache.lens.device
+    for start in range(0, widths[0] if widths else 0, chunk):
+        rows = sum(1 for w in widths if w > start)
+        width = min(chunk, widths[0] - start)
+        cache.set_rows(rows)
+        cache.set_lens(torch.full((cache.batch_size,), start, dtype=torch.int64, device=device))
+        cache.set_span(start + width)
+        model_forward(model, cache, tokens[:rows, start : start + width], logits_to_keep=1)
+    cache.set_rows(None)
+    cache.set_lens(torch.tensor(widths, dtype=torch.int64, device=device))

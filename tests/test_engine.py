@@ -18,8 +18,7 @@ from batched_specdec import (
     autoregressive_generate_batch,
     speculative_generate_batch,
 )
-from batched_specdec.drafters import model_forward
-from batched_specdec.ragged_cache import RaggedKVCache
+from batched_specdec.ragged_cache import RaggedKVCache, model_forward
 
 
 def _ragged_prompts(n: int, vocab: int, max_len: int, seed: int) -> list[list[int]]:

@@ -96,8 +96,8 @@ def test_composite_config_keeps_decoder_settings_in_the_text_config():
     text = target.config.get_text_config()
     assert {"sliding_attention", "full_attention"} == set(text.layer_types)
     cache = RaggedKVCache(target.config, 2, 16, torch.device("cpu"))
-    assert cache._windows == [8 if t == "sliding_attention" else None for t in text.layer_types]
-    _, mask = cache.inputs(1, torch.float32)
+    assert cache.windows == [8 if t == "sliding_attention" else None for t in text.layer_types]
+    mask = cache.dense_mask(cache.positions(1), torch.float32)
     assert set(mask) == {"full_attention", "sliding_attention"}
 
 
