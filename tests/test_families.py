@@ -70,8 +70,14 @@ def _mid_row_token(rows: list[list[int]], avoid: list[int]) -> int:
     raise AssertionError(f"no row emits a new token mid-row: {rows}")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_greedy_matches_generate_with_eos_from_generation_config(family):
+FLEX_FAMILIES = ["llama3", "gemma2", "gemma3"]
+"""Flex compiles once per shape on CPU: GQA, soft-capping with sliding windows, and mixed layer types suffice."""
+CASES = [(f, "auto") for f in FAMILIES] + [(f, "dense") for f in FAMILIES] + [(f, "flex") for f in FLEX_FAMILIES]
+
+
+@pytest.mark.parametrize("family, attention", CASES)
+def test_family_greedy_matches_generate_with_eos_from_generation_config(family, attention):
+    """Every attention backend: the ragged ones (auto = sdpa, flex) and the dense-mask reference."""
     target, draft = _family_pair(family)
     prompts = _ragged_prompts()
     defaults = _eos_ids(target.generation_config.eos_token_id)
@@ -83,10 +89,11 @@ def test_family_greedy_matches_generate_with_eos_from_generation_config(family):
     assert any(row[-1] == stop and len(row) < MAX_NEW for row in expected), "the EOS never ends a row early"
     assert any(len(row) == MAX_NEW for row in expected), "every row stopped early: nothing checks the long rows"
     for drafter in (draft, NGramDrafter()):
-        outputs, _, stats = speculative_generate_batch(prompts, drafter, target, gamma=3, max_gen_len=MAX_NEW)
+        outputs, _, stats = speculative_generate_batch(prompts, drafter, target, gamma=3, max_gen_len=MAX_NEW,
+                                                       attention=attention)
         assert outputs == expected, type(drafter).__name__
         assert sum(stats.proposed) > 0
-    assert autoregressive_generate_batch(prompts, target, max_gen_len=MAX_NEW) == expected
+    assert autoregressive_generate_batch(prompts, target, max_gen_len=MAX_NEW, attention=attention) == expected
 
 
 def test_composite_config_keeps_decoder_settings_in_the_text_config():
