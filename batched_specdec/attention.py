@@ -29,6 +29,7 @@ Backends (``attention=`` on the engines, ``--attention`` in the CLI):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -45,6 +46,9 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")
 
 FOLD_MAX_QUERIES = 64
 """On CPU, the sdpa backend folds query groups when ``n_rep * Q`` is at most this (see :func:`_sdpa`)."""
+
+FLEX_RECOMPILE_LIMIT = 256
+"""Compiled shapes the flex backend may hold (torch's default of 8 would soon drop it to eager flex on CPU)."""
 
 FLEX_BLOCK = 128
 """Query and key block size of the flex backend's block masks (flex_attention's default)."""
@@ -184,6 +188,17 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, inputs: RaggedAttentionInpu
 _compiled_flex = {}
 
 
+@functools.cache
+def _softcap_score_mod(softcap: float):
+    """flex's ``score_mod`` for ``softcap * tanh(score / softcap)``; one function per value, so compiled graphs are
+    reused across forwards."""
+
+    def score_mod(score, b_idx, h_idx, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
 def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float, softcap: float | None) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -192,12 +207,12 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float,
     if fn is None:
         # Static shapes on CPU: torch 2.13's inductor cannot compile dynamic-shape flex attention for the CPU.
         fn = _compiled_flex[device] = torch.compile(flex_attention, dynamic=False if device == "cpu" else None)
-    score_mod = None
-    if softcap is not None:
-        def score_mod(score, b_idx, h_idx, q_idx, kv_idx):
-            return torch.tanh(score / softcap) * softcap
-    return fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-              enable_gqa=key.shape[1] != query.shape[1])
+    score_mod = None if softcap is None else _softcap_score_mod(softcap)
+    # One compiled graph per shape on CPU: without a higher limit, torch would fall back to eager flex attention
+    # (dense and slow) after 8 shapes, which a run with a few batch sizes, widths and span buckets reaches quickly.
+    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        return fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                  enable_gqa=key.shape[1] != query.shape[1])
 
 
 def ragged_attention_forward(

@@ -191,7 +191,7 @@ def check_attention_settings(attention, prefill_chunk) -> None:
 
 
 def resolve_request(prompts, model, *, tokenizer, logits_processor, max_gen_len, eos_tokens_id, pad_token_id, seed,
-                    generator, attention="auto", prefill_chunk=512) -> DecodeRequest:
+                    generator, attention, prefill_chunk) -> DecodeRequest:
     """Check everything the two engines share and resolve the defaults that come from the model."""
     check_attention_settings(attention, prefill_chunk)
     check_processor(logits_processor)

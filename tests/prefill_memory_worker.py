@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import tiny_causal_lm
 
-from batched_specdec.ragged_cache import RaggedKVCache, prefill  # noqa: E402
+from batched_specdec.ragged_cache import RaggedKVCache, prefill
 
 ROWS, SHORTEST, LONGEST = 32, 5, 2000
 

@@ -21,8 +21,7 @@ from tiny_models import tiny_causal_lm
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import batched_specdec.ragged_cache as ragged_cache
-from batched_specdec import autoregressive_generate_batch, generate, speculative_generate_batch
+from batched_specdec import autoregressive_generate_batch, generate, ragged_cache, speculative_generate_batch
 from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, ragged_attention_forward
 from batched_specdec.ngram import NGramDrafter
 from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
