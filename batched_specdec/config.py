@@ -38,7 +38,7 @@ class RunConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     attention: str = "auto"
-    prefill_chunk: int = 256
+    prefill_chunk: int = 128
     num_prompts: int = 8
     prompts: str | None = None
     output_dir: str = "outputs"

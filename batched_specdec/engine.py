@@ -134,7 +134,7 @@ def speculative_generate_batch(
         attends only to its own keys, read in place (no copy per query group); ``"dense"`` is the previous
         dense-mask path, kept as a reference.
     prefill_chunk : int
-        Prompt tokens per row per prefill forward (default 256): prompts are prefilled in chunks, each forward over
+        Prompt tokens per row per prefill forward (default 128): prompts are prefilled in chunks, each forward over
         only the rows with prompt left, so prefill memory is bounded by rows x chunk, not by the longest prompt.
 
     Returns

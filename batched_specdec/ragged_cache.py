@@ -31,7 +31,7 @@ from kernels import compact_rows, scatter_kv_at_offsets
 SPAN_BUCKET = 64
 """Attention spans are rounded up to a multiple of this, so that shapes change rarely."""
 
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 128
 """Default prompt tokens per row per prefill forward (``prefill_chunk=``): bounds prefill activations and masks."""
 
 
