@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -354,10 +355,36 @@ class AdaptiveSpeculation:
         }
 
 
-def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None):
-    """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default 8, draft costs
-    priced by ``draft_ratio`` until measured, see :class:`CostModel`), or a controller instance built by the caller
-    for ``num_rows`` rows (tests, benchmarks of the policy)."""
+_SHARED_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: float | None = None) -> CostModel:
+    """The cost model every ``gamma="auto"`` call with this target, drafter and device reads and updates.
+
+    Step costs belong to the (target, drafter, device) triple, not to one call: a program that decodes batch after
+    batch (the CLI, an evaluation loop, :func:`~batched_specdec.generate`) measures them once and later calls start
+    from those measurements instead of from the prior (no first exploratory step, no width ramp to re-measure).
+    Entries go away with the target model. :func:`forget_cost_models` starts from the prior again.
+    """
+    draft = getattr(drafter, "model", None)
+    key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device))
+    models = _SHARED_COSTS.setdefault(target_model, {})
+    if key not in models:
+        models[key] = CostModel(draft_ratio)
+    return models[key]
+
+
+def forget_cost_models() -> None:
+    """Drop every shared cost model, so the next ``gamma="auto"`` calls start from the prior."""
+    _SHARED_COSTS.clear()
+
+
+def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None, *,
+                    cost_model: CostModel | None = None):
+    """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default 8, starting from
+    ``cost_model`` or else a new one with draft costs priced by ``draft_ratio`` until measured, see
+    :class:`CostModel`), or a controller instance built by the caller for ``num_rows`` rows (tests, benchmarks of
+    the policy)."""
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         if gamma_max is not None:
             raise ValueError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
@@ -368,7 +395,7 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft
         return gamma
     if gamma == "auto":
         gamma_max = 8 if gamma_max is None else check_positive_int("gamma_max", gamma_max)
-        return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=CostModel(draft_ratio))
+        return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=cost_model or CostModel(draft_ratio))
     if gamma_max is not None:
         raise ValueError(f"gamma_max={gamma_max!r} only applies with gamma='auto', got gamma={gamma!r}")
     if isinstance(gamma, str):

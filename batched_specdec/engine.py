@@ -16,7 +16,7 @@ import time
 import torch
 from torch import Tensor
 
-from batched_specdec.controller import StepPlan, make_controller
+from batched_specdec.controller import StepPlan, make_controller, shared_cost_model
 from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio
 from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
@@ -107,7 +107,8 @@ def speculative_generate_batch(
         (:mod:`batched_specdec.controller`) picks each step's draft length in ``0..gamma_max`` and per-row draft
         budgets from the acceptance and step timings seen so far. Auto stays lossless (a step's choice never
         depends on its own random draws), but its choices follow measured timings, so seeded sampled outputs are
-        reproducible only with an integer gamma.
+        reproducible only with an integer gamma. Step costs measured by earlier calls with the same target, drafter
+        and device are reused (:func:`batched_specdec.controller.shared_cost_model`).
     logits_processor : LogitsProcessor
         Greedy (exact argmax match) or a sampling processor; applied identically to draft and target.
     max_gen_len : int or list of int
@@ -150,7 +151,9 @@ def speculative_generate_batch(
                           generator=generator, attention=attention, prefill_chunk=prefill_chunk)
     drafter = as_drafter(draft_model, vocab_size(target_model), attention=attention, prefill_chunk=prefill_chunk)
     n_rows, device = len(req.rows), req.device
-    controller = make_controller(gamma, gamma_max, n_rows, device, draft_cost_ratio(drafter, target_model))
+    ratio = draft_cost_ratio(drafter, target_model)
+    costs = shared_cost_model(target_model, drafter, device, ratio) if gamma == "auto" else None
+    controller = make_controller(gamma, gamma_max, n_rows, device, ratio, cost_model=costs)
     g_max = controller.gamma_max
     timer = PhaseTimer(collect_stats, device)
     if device.type == "cuda":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, make_controller
+from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, make_controller, shared_cost_model
 from batched_specdec.drafters import as_drafter, draft_cost_ratio
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.inputs import (
@@ -460,7 +460,7 @@ def generate(
         None applies the tokenizer's chat template when it has one, False never, True requires one.
     gamma, gamma_max :
         As in :func:`~batched_specdec.speculative_generate_batch`; with ``"auto"`` each batch's controller starts
-        from the step costs measured in the batches before it.
+        from the step costs measured in the batches (and calls) before it.
     seed : int, optional
         Seeds sampling; each batch gets its own seed drawn from it, so batches are not correlated. Seeded samples
         are reproducible with an integer ``gamma`` or ``draft=None``; with ``gamma="auto"`` the draft lengths
@@ -491,7 +491,9 @@ def generate(
                         "rows) goes to speculative_generate_batch")
     drafter = _resolve_draft(draft, target, attention, prefill_chunk)
     # checks gamma / gamma_max; with gamma="auto" its cost model is shared by every batch's controller
-    controller = make_controller(gamma, gamma_max, 1, input_device(target), draft_cost_ratio(drafter, target))
+    device, ratio = input_device(target), draft_cost_ratio(drafter, target)
+    costs = shared_cost_model(target, drafter, device, ratio) if gamma == "auto" and drafter is not None else None
+    controller = make_controller(gamma, gamma_max, 1, device, ratio, cost_model=costs)
     ids = _encode(prompts, tokenizer, chat_template)
     vocab = vocab_size(target)
     max_positions = getattr(text_config(target), "max_position_embeddings", None)

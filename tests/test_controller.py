@@ -13,8 +13,15 @@ from test_engine import GOF_ALPHA, _chi_square_pvalue, _exact_first_two, _ragged
 from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, speculative_generate_batch
-from batched_specdec.controller import AdaptiveSpeculation, CostModel, StepPlan, expected_tokens
-from batched_specdec.drafters import DraftProposal
+from batched_specdec.controller import (
+    AdaptiveSpeculation,
+    CostModel,
+    StepPlan,
+    expected_tokens,
+    forget_cost_models,
+    shared_cost_model,
+)
+from batched_specdec.drafters import DraftProposal, ModelDrafter
 from batched_specdec.ngram import NGramDrafter
 
 CPU = torch.device("cpu")
@@ -227,3 +234,30 @@ def test_a_draft_as_large_as_the_target_is_not_tried():
     prompts = _ragged_prompts(4, 96, 12, seed=6)
     _, _, stats = speculative_generate_batch(prompts, twin, target, gamma="auto", max_gen_len=16, eos_tokens_id=[])
     assert stats.controller["draft_length_histogram"][0] == stats.steps
+
+
+def test_auto_calls_share_measured_step_costs_per_target_and_drafter():
+    """A second call with the same target and drafter starts from the first call's measured costs: every one of
+    its steps is planned from a cost model (a cold call's first step is an exploratory one with no prediction).
+    Another drafter, or forget_cost_models(), starts cold again."""
+    target = tiny_causal_lm("llama", seed=4)
+    prompts = _ragged_prompts(3, 96, 10, seed=5)
+    forget_cost_models()
+
+    def run(drafter):
+        _, _, stats = speculative_generate_batch(prompts, drafter, target, gamma="auto", max_gen_len=12,
+                                                 eos_tokens_id=[])
+        return stats.controller["predicted_steps"], stats.steps
+
+    ngram = NGramDrafter()
+    predicted, steps = run(ngram)
+    assert predicted == steps - 1  # cold: the first step measures
+    costs = shared_cost_model(target, NGramDrafter(), CPU)
+    assert costs.ready and shared_cost_model(target, ngram, CPU) is costs
+    predicted, steps = run(NGramDrafter())
+    assert predicted == steps  # warm: planned from the first call's timings
+    draft = tiny_causal_lm("llama", seed=6, layers=1)
+    assert shared_cost_model(target, ModelDrafter(draft), CPU) is not costs
+    forget_cost_models()
+    predicted, steps = run(ngram)
+    assert predicted == steps - 1
