@@ -16,7 +16,7 @@ import time
 import torch
 from torch import Tensor
 
-from batched_specdec.controller import StepPlan, make_controller, shared_cost_model
+from batched_specdec.controller import CPU_MIN_VERIFY_TOKENS, StepPlan, make_controller, shared_cost_model
 from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio
 from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
@@ -33,6 +33,20 @@ GREEDY = GreedyProcessor()
 def _prefill_target(model, cache: RaggedKVCache, batch: RaggedBatch, chunk: int) -> None:
     """Fill the target cache with ``s_b[:-1]`` for every row, in ragged chunks (``ragged_cache.prefill``)."""
     prefill(model, cache, batch.token_buffer, batch.prefill_widths, chunk)
+
+
+def _pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device):
+    """On CPU, widen a verify of fewer than :data:`CPU_MIN_VERIFY_TOKENS` tokens with padding drafts (copies of the
+    last draft, and of its q) past every row's ``num_draft``, which rejection sampling never accepts or reads."""
+    rows, k = tokens.shape
+    if k == 0 or device.type != "cpu" or rows * (k + 1) >= CPU_MIN_VERIFY_TOKENS:
+        return tokens, probs, num
+    extra = -(-CPU_MIN_VERIFY_TOKENS // rows) - 1 - k
+    num = torch.full((rows,), k, dtype=torch.int64, device=tokens.device) if num is None else num
+    tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1)
+    if probs is not None:
+        probs = torch.cat([probs, probs[:, -1:].expand(-1, extra, -1)], dim=1)
+    return tokens, probs, num
 
 
 def _no_drafts(rows: int, device: torch.device) -> tuple[Tensor, None, None]:
@@ -160,12 +174,12 @@ def speculative_generate_batch(
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
 
-    capacity = max(len(p) for p in req.rows) + req.max_gen_len + g_max + 2
+    capacity = max(len(p) for p in req.rows) + req.max_gen_len + max(g_max, CPU_MIN_VERIFY_TOKENS) + 2
     batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs)
     eos_tensor = torch.tensor(req.eos or [-1], dtype=torch.int64, device=device)
     accepted = torch.zeros(n_rows, dtype=torch.int64, device=device)
     proposed = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    histogram = torch.zeros(g_max + 1, dtype=torch.int64, device=device)
+    histogram = torch.zeros(g_max + 1, dtype=torch.int64, device=device)  # padding drafts are never accepted
 
     target_cache = RaggedKVCache(target_model.config, n_rows, capacity, device, attention)
     _prefill_target(target_model, target_cache, batch, prefill_chunk)
@@ -188,6 +202,7 @@ def speculative_generate_batch(
             if hasattr(drafter, "note_target_only_step"):
                 drafter.note_target_only_step()
                 catching_up = True
+        draft_tokens, draft_probs, num_draft = _pad_verify(draft_tokens, draft_probs, num_draft, device)
         k = draft_tokens.shape[1]
         controller.mark("draft")
         timer.lap("draft")

@@ -261,3 +261,29 @@ def test_auto_calls_share_measured_step_costs_per_target_and_drafter():
     forget_cost_models()
     predicted, steps = run(ngram)
     assert predicted == steps - 1
+
+
+def test_narrow_verify_on_cpu_is_padded_without_changing_outputs_or_counts(llama_pair, monkeypatch):
+    """At B = 1 a gamma-1 or gamma-2 verify is widened to engine.CPU_MIN_VERIFY_TOKENS tokens (torch's CPU linears
+    are slower at 2-3 tokens than at 4); the padding drafts are never accepted nor counted as proposed."""
+    from batched_specdec import engine
+
+    target, draft = llama_pair
+    widths = []
+    real_forward = engine.model_forward
+    monkeypatch.setattr(engine, "model_forward",
+                        lambda model, cache, ids, **kw: widths.append(ids.shape[1]) or real_forward(model, cache, ids,
+                                                                                                    **kw))
+    prompt = _ragged_prompts(1, 96, 9, seed=3)
+    expected = autoregressive_generate_batch(prompt, target, max_gen_len=12, eos_tokens_id=[])
+    for gamma in (1, 2):
+        widths.clear()
+        outputs, _, stats = speculative_generate_batch(prompt, draft, target, gamma=gamma, max_gen_len=12,
+                                                       eos_tokens_id=[])
+        assert outputs == expected
+        assert set(widths) == {4}
+        assert stats.proposed[0] <= gamma * stats.steps and len(stats.acceptance_histogram) == gamma + 1
+    # The target as its own draft, sampling: every real draft accepted, none of the padding.
+    _, alpha, stats = speculative_generate_batch(prompt, target, target, gamma=2, max_gen_len=12, eos_tokens_id=[],
+                                                 logits_processor=MultinomialProcessor(1.0), seed=0)
+    assert alpha == [1.0] and stats.proposed[0] == sum(stats.accepted) <= 2 * stats.steps
