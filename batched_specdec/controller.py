@@ -45,6 +45,10 @@ EVIDENCE_DECAY = (0.99, 0.8)
 """Per step, old evidence keeps these weights in a row's long-run and recent estimates. The long-run estimate is
 the prior of the recent one: acceptance is bursty (a drafter wrong a moment ago may be right now), so a row whose
 drafts were often accepted is tried again soon after a few misses, while one that is rarely accepted stays off."""
+EXPLORATION = 0.5
+"""How far a row's estimate is lifted back towards the prior, divided by the square root of its decaying long-run
+evidence: a row whose first drafts failed is tried again once that evidence has faded instead of never again (a
+model repeating a text often starts with words of its own, where the n-gram drafter's first proposals miss)."""
 FIRST_DRAFT_LEN = 1
 """Draft length of the first step, before anything has been measured."""
 COST_DECAY = 0.97
@@ -267,7 +271,10 @@ class AdaptiveSpeculation:
         """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids``."""
         s, t = self.successes[:, row_ids], self.trials[:, row_ids]
         long_run = (s[0] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t[0] + PRIOR_WEIGHT)
-        return ((s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)).clamp_max(ACCEPTANCE_CAP)
+        recent = (s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)
+        # Optimism towards the prior, fading with the evidence: never above the prior, zero for a row with none.
+        lift = (ACCEPTANCE_PRIOR - recent).clamp_min(0.0) * (EXPLORATION / torch.sqrt(t[0] + PRIOR_WEIGHT)).clamp_max(1)
+        return (recent + lift * (t[0] > 0)).clamp_max(ACCEPTANCE_CAP)
 
     def _costs(self, rows: int, n: int, with_draft: bool) -> Tensor:
         """``(n + 1,)`` predicted seconds of a step with ``j = 0..n`` drafts per row (verify width ``j + 1``)."""
