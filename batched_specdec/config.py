@@ -168,9 +168,11 @@ def validate(config: RunConfig) -> None:
         f"unknown attn_implementation {config.attn_implementation!r}: expected one of "
         f"{', '.join(ATTN_IMPLEMENTATIONS)}",
     )
+    from batched_specdec.attention import ATTENTION_BACKENDS
+
     need(
-        config.attention in ("auto", "sdpa", "flex", "dense"),
-        f"unknown attention backend {config.attention!r}: expected one of auto, sdpa, flex, dense",
+        config.attention in ATTENTION_BACKENDS,
+        f"unknown attention backend {config.attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}",
     )
     need(config.prefill_chunk >= 1, f"prefill_chunk must be >= 1, got {config.prefill_chunk}")
     need(bool(config.target), "target must not be empty")

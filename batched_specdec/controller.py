@@ -68,6 +68,11 @@ and 4-token forward took 40, 60, 75 and 58 ms; its 576 x 49152 output layer alon
 a narrower verify to 4 tokens costs nothing and saves up to a quarter of the step."""
 
 
+def min_verify_tokens(device) -> int:
+    """Fewest tokens a verify forward with drafts carries on ``device`` (the engine pads up to it)."""
+    return CPU_MIN_VERIFY_TOKENS if torch.device(device).type == "cpu" else 1
+
+
 @dataclass
 class StepPlan:
     """What a step asks for: ``draft_len`` drafts per row at most, and per-row ``budgets`` (host ``(B,)`` int64,
@@ -389,7 +394,7 @@ def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: 
     key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device))
     models = _SHARED_COSTS.setdefault(target_model, {})
     if key not in models:
-        models[key] = CostModel(draft_ratio, min_verify_tokens=CPU_MIN_VERIFY_TOKENS if torch.device(device).type == "cpu" else 1)
+        models[key] = CostModel(draft_ratio, min_verify_tokens=min_verify_tokens(device))
     return models[key]
 
 

@@ -168,6 +168,7 @@ class ModelDrafter:
         ``prefill_chunk`` columns per forward; returns the ``(B, 2, V)`` logits of the last two fed positions when
         ``width == 2``, else of the last one."""
         device = self.device
+        tokens = token_buffer.to(device)
         ends = ends.clamp_min(1)
         first = (ends - width).clamp_min(0)
         for start in range(0, width, self.prefill_chunk):  # the span was set by propose: it covers every column
@@ -175,7 +176,7 @@ class ModelDrafter:
             lens = first + start
             self.cache.set_lens(lens)
             idx = torch.minimum(lens[:, None] + torch.arange(cols, device=device)[None, :], ends[:, None] - 1)
-            ids = self._draft_ids(token_buffer.to(device).gather(1, idx))
+            ids = self._draft_ids(tokens.gather(1, idx))
             logits = model_forward(self.model, self.cache, ids, logits_to_keep=min(cols, 2))
         return logits
 

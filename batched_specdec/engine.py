@@ -16,7 +16,13 @@ import time
 import torch
 from torch import Tensor
 
-from batched_specdec.controller import CPU_MIN_VERIFY_TOKENS, StepPlan, make_controller, shared_cost_model
+from batched_specdec.controller import (
+    CPU_MIN_VERIFY_TOKENS,
+    StepPlan,
+    make_controller,
+    min_verify_tokens,
+    shared_cost_model,
+)
 from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio
 from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
@@ -36,12 +42,14 @@ def _prefill_target(model, cache: RaggedKVCache, batch: RaggedBatch, chunk: int)
 
 
 def _pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device):
-    """On CPU, widen a verify of fewer than :data:`CPU_MIN_VERIFY_TOKENS` tokens with padding drafts (copies of the
-    last draft, and of its q) past every row's ``num_draft``, which rejection sampling never accepts or reads."""
+    """Widen a verify of fewer than ``controller.min_verify_tokens(device)`` tokens (4 on CPU) with padding drafts
+    (copies of the last draft, and of its q) past every row's ``num_draft``, which rejection sampling never accepts
+    or reads."""
     rows, k = tokens.shape
-    if k == 0 or device.type != "cpu" or rows * (k + 1) >= CPU_MIN_VERIFY_TOKENS:
+    least = min_verify_tokens(device)
+    if k == 0 or rows * (k + 1) >= least:
         return tokens, probs, num
-    extra = -(-CPU_MIN_VERIFY_TOKENS // rows) - 1 - k
+    extra = -(-least // rows) - 1 - k
     num = torch.full((rows,), k, dtype=torch.int64, device=tokens.device) if num is None else num
     tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1)
     if probs is not None:

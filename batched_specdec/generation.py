@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, make_controller, shared_cost_model
-from batched_specdec.drafters import as_drafter, draft_cost_ratio
+from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, make_controller
+from batched_specdec.drafters import as_drafter
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.inputs import (
     batch_seed,
@@ -398,17 +398,14 @@ def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], nu
     )
 
 
-def _run_batch(rows, max_gen_lens, drafter, target, settings, eos, gamma, shared, seed, engine_kwargs):
-    """Decode one internal batch; returns ``(outputs, stats)``. ``shared`` is the call's controller: with
-    ``gamma="auto"`` its cost model is the one every batch's controller reads and updates."""
+def _run_batch(rows, max_gen_lens, drafter, target, settings, eos, gamma, gamma_max, seed, engine_kwargs):
+    """Decode one internal batch; returns ``(outputs, stats)``. With ``gamma="auto"`` every batch reads and updates
+    the same step costs (:func:`batched_specdec.controller.shared_cost_model`, keyed by target, drafter, device)."""
     common = {"logits_processor": settings.processor, "max_gen_len": max_gen_lens, "eos_tokens_id": eos, "seed": seed,
               **engine_kwargs}
     if drafter is None:
         return autoregressive_generate_batch(rows, target, return_stats=True, **common)
-    if gamma == "auto":
-        # Each batch starts from the step costs measured in the batches before it, not from the flat prior.
-        gamma = AdaptiveSpeculation(shared.gamma_max, len(rows), input_device(target), cost_model=shared.costs)
-    outputs, _, stats = speculative_generate_batch(rows, drafter, target, gamma=gamma, **common)
+    outputs, _, stats = speculative_generate_batch(rows, drafter, target, gamma=gamma, gamma_max=gamma_max, **common)
     return outputs, stats
 
 
@@ -490,10 +487,7 @@ def generate(
         raise TypeError("generate() takes gamma as an int or 'auto'; a controller instance (built for one batch's "
                         "rows) goes to speculative_generate_batch")
     drafter = _resolve_draft(draft, target, attention, prefill_chunk)
-    # checks gamma / gamma_max; with gamma="auto" its cost model is shared by every batch's controller
-    device, ratio = input_device(target), draft_cost_ratio(drafter, target)
-    costs = shared_cost_model(target, drafter, device, ratio) if gamma == "auto" and drafter is not None else None
-    controller = make_controller(gamma, gamma_max, 1, device, ratio, cost_model=costs)
+    make_controller(gamma, gamma_max, 1, input_device(target))  # checks gamma and gamma_max before any compute
     ids = _encode(prompts, tokenizer, chat_template)
     vocab = vocab_size(target)
     max_positions = getattr(text_config(target), "max_position_embeddings", None)
@@ -508,7 +502,7 @@ def generate(
     outputs, batch_stats = [], []
     for indices, seed_of_batch in zip(batches, seeds):
         out, stats = _run_batch([rows[i] for i in indices], [max_gen_lens[i] for i in indices], drafter, target,
-                                settings, eos, gamma, controller, seed_of_batch, engine_kwargs)
+                                settings, eos, gamma, gamma_max, seed_of_batch, engine_kwargs)
         outputs.append(out)
         batch_stats.append(stats)
     token_ids = _in_prompt_order(outputs, batches, len(rows))

@@ -181,10 +181,9 @@ def make_generator(seed, generator, device: torch.device) -> torch.Generator | N
 
 def check_attention_settings(attention, prefill_chunk) -> None:
     """``attention`` must name a backend of :mod:`batched_specdec.attention`; ``prefill_chunk`` an int >= 1."""
-    from batched_specdec.attention import ATTENTION_BACKENDS
+    from batched_specdec.attention import resolve_attention
 
-    if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    resolve_attention(attention, torch.device("cpu"))  # the ValueError for an unknown backend
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per row per prefill forward), "
                          f"got {prefill_chunk!r}")
