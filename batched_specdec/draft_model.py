@@ -130,6 +130,10 @@ class SubsetHeadDraft(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self._target_embed
 
+    def get_decoder(self) -> nn.Module:
+        """The decoder layers' model (its config is the one their attention reads)."""
+        return self.model
+
     def subset_logits(self, hidden: Tensor) -> Tensor:
         """``(..., K)`` logits over the subset from the hidden states ``(..., target width)`` of :meth:`hidden_states`."""
         return nn.functional.linear(hidden, self.head_weight, self.head_bias)
@@ -155,6 +159,7 @@ class SubsetHeadDraft(nn.Module):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            **kwargs,  # ragged_attention: each row's positions, for the ragged attention function
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

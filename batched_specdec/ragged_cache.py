@@ -216,13 +216,25 @@ def _attention_selected(model, implementation: str | None):
     if implementation is None:
         yield
         return
-    config = decoder_config(model.config)
-    previous = config._attn_implementation_internal
-    config._attn_implementation_internal = implementation
+    configs = {id(c): c for c in _attention_configs(model)}.values()
+    previous = [(c, c._attn_implementation_internal) for c in configs]
+    for config in configs:
+        config._attn_implementation_internal = implementation
     try:
         yield
     finally:
-        config._attn_implementation_internal = previous
+        for config, value in previous:
+            config._attn_implementation_internal = value
+
+
+def _attention_configs(model) -> list:
+    """The configs whose attention setting the decoder layers read: the model's decoder config and, for wrappers
+    that build their decoder from a config of their own (the distilled drafts), the decoder's."""
+    configs = [decoder_config(model.config)]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and getattr(decoder, "config", None) is not None:
+        configs.append(decoder_config(decoder.config))
+    return configs
 
 
 def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:

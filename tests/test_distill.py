@@ -134,3 +134,22 @@ def test_shipped_draft_is_exact_with_embedded_target():
     got, _, _ = speculative_generate_batch(prompts, draft, target, gamma=4, logits_processor=GreedyProcessor(),
                                            max_gen_len=16, eos_tokens_id=[])
     assert got == expected
+
+
+@pytest.mark.parametrize("attention", ["auto", "dense"])
+def test_a_distilled_draft_that_copies_every_target_layer_accepts_every_draft(attention):
+    """A subset-head draft holding all of the target's layers and its whole vocabulary is the target: on every
+    attention backend it must accept every draft (its inner decoder must attend through the ragged cache, not
+    through a causal mask of its own; that silently broke its proposals once)."""
+    from batched_specdec.draft_model import draft_config_from_target, init_from_target
+
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=2, hidden=32, seed=3, init_std=0.3)
+    draft = SubsetHeadDraft(draft_config_from_target(target.config, 2), target, torch.arange(VOCAB))
+    init_from_target(draft, target, [0, 1])
+    draft.eval()
+    prompts = [[5, 17, 33] * 7, [9, 2, 40, 41, 77, 12, 8], [60, 3]]
+    expected = autoregressive_generate_batch(prompts, target, max_gen_len=30, eos_tokens_id=[])
+    got, alpha, _ = speculative_generate_batch(prompts, draft, target, gamma=4, max_gen_len=30, eos_tokens_id=[],
+                                               attention=attention)
+    assert got == expected
+    assert min(alpha) > 0.95, alpha
