@@ -95,6 +95,9 @@ class SubsetHeadDraft(nn.Module):
         ``(K,)`` int64, distinct ids in ``0..V-1``.
     """
 
+    kind = "tokens"
+    """What the draft reads: ``"tokens"`` (token ids only) or ``"feature"`` (:class:`FeatureHeadDraft`)."""
+
     def __init__(self, config: LlamaConfig, target, vocab_ids: Tensor) -> None:
         super().__init__()
         self.config = config
@@ -143,6 +146,12 @@ class SubsetHeadDraft(nn.Module):
         hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
         return hidden if self.out_proj is None else self.out_proj(hidden)
 
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Trained tensors outside the decoder and the head bias, by file key (saved and loaded by name)."""
+        if self.in_proj is None:
+            return {}
+        return {"in_proj": self.in_proj.weight, "out_proj": self.out_proj.weight}
+
     def forward(
         self,
         input_ids: Tensor,
@@ -159,14 +168,18 @@ class SubsetHeadDraft(nn.Module):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            **kwargs,  # ragged_attention: each row's positions, for the ragged attention function
+            **kwargs,  # ragged_attention (each row's positions); a feature draft's features
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(logits=self.full_logits(hidden), past_key_values=past_key_values)
+
+    def full_logits(self, hidden: Tensor) -> Tensor:
+        """``(..., V)`` logits over the target's whole vocabulary, ``-inf`` outside the subset."""
         sub = self.subset_logits(hidden)
         full = sub.new_full((*sub.shape[:-1], self.config.vocab_size), float("-inf"))
         full.index_copy_(-1, self.vocab_ids, sub)
-        return CausalLMOutputWithPast(logits=full, past_key_values=past_key_values)
+        return full
 
 
 class _SharedEmbedding(nn.Module):
@@ -180,6 +193,44 @@ class _SharedEmbedding(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self._embed(input_ids)
         return x if self._proj is None else self._proj(x)
+
+
+class FeatureHeadDraft(SubsetHeadDraft):
+    """An EAGLE-style draft head: it reads the target's own final hidden states ("features").
+
+    Its input at position ``i`` is the pair ``(f_i, x_{i+1})``: the target's feature at position ``i`` (the
+    hidden state its head turned into the distribution of ``x_{i+1}``) and the embedding of the token that followed.
+    ``fc`` maps their concatenation ``(2H)`` to ``H``; ``N`` decoder layers (one, usually) and the final norm predict
+    ``f_{i+1}``; the subset head turns that into ``q(x_{i+2})``. Drafting continues on its own predicted features.
+    The target's embedding and output-head rows are shared, as in :class:`SubsetHeadDraft`; the width is the
+    target's.
+
+    Called like an HF causal LM with one more keyword argument, ``features`` ``(B, Q, H)``; its decoder's final
+    hidden states (``get_decoder()``'s ``last_hidden_state``) are the predicted features.
+    """
+
+    kind = "feature"
+
+    def __init__(self, config: LlamaConfig, target, vocab_ids: Tensor) -> None:
+        if int(config.hidden_size) != int(target.config.hidden_size):
+            raise ValueError(f"a feature draft has the target's width {target.config.hidden_size}, got "
+                             f"{config.hidden_size}")
+        super().__init__(config, target, vocab_ids)
+        width = int(config.hidden_size)
+        self.fc = nn.Linear(2 * width, width, bias=False, device=self.device, dtype=self.dtype)
+        with torch.no_grad():  # start from "embedding + feature"
+            self.fc.weight.copy_(torch.cat([torch.eye(width), torch.eye(width)], dim=1))
+
+    def hidden_states(self, input_ids: Tensor, features: Tensor | None = None, **kwargs) -> Tensor:
+        """Predicted features ``(B, Q, H)`` from token ids ``(B, Q)`` and the features ``(B, Q, H)`` before them."""
+        if features is None or features.shape[:2] != input_ids.shape or features.shape[-1] != self.fc.in_features // 2:
+            raise ValueError(f"a feature draft needs features of shape {(*input_ids.shape, self.fc.in_features // 2)}, "
+                             f"got {None if features is None else tuple(features.shape)}")
+        x = self.fc(torch.cat([self._target_embed(input_ids), features.to(self.dtype)], dim=-1))
+        return self.model(inputs_embeds=x, **kwargs).last_hidden_state
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        return {"fc": self.fc.weight}
 
 
 def init_from_target(draft: SubsetHeadDraft, target, layer_ids: list[int] | None) -> None:
@@ -220,14 +271,13 @@ def save_draft(draft: SubsetHeadDraft, path: str | Path, *, storage_dtype: torch
     tensors = {f"model.{k}": v.detach().to("cpu", storage_dtype).contiguous()
                for k, v in draft.model.state_dict().items() if not k.startswith("embed_tokens")}
     tensors["head_bias"] = draft.head_bias.detach().to("cpu", storage_dtype).contiguous()
-    if draft.in_proj is not None:
-        tensors["in_proj"] = draft.in_proj.weight.detach().to("cpu", storage_dtype).contiguous()
-        tensors["out_proj"] = draft.out_proj.weight.detach().to("cpu", storage_dtype).contiguous()
+    for key, value in draft.extra_tensors().items():
+        tensors[key] = value.detach().to("cpu", storage_dtype).contiguous()
     tensors["vocab_ids"] = draft.vocab_ids.detach().to("cpu", torch.int32).contiguous()
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": str(FORMAT_VERSION)})
     config = {"format": FORMAT_VERSION, "llama_config": draft.config.to_dict(), "subset_size": len(draft.vocab_ids),
               "vocab_size": draft.config.vocab_size, "hidden_size": draft.config.hidden_size,
-              "target_hidden_size": int(draft._target_embed.weight.shape[1])}
+              "target_hidden_size": int(draft._target_embed.weight.shape[1]), "kind": draft.kind}
     if metadata:
         config["metadata"] = metadata
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -235,7 +285,8 @@ def save_draft(draft: SubsetHeadDraft, path: str | Path, *, storage_dtype: torch
 
 
 def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> SubsetHeadDraft:
-    """Load a draft saved by :func:`save_draft` for ``target_model``, on its device in its dtype, in eval mode.
+    """Load a draft saved by :func:`save_draft` for ``target_model``, on its device in its dtype, in eval mode: a
+    :class:`SubsetHeadDraft`, or a :class:`FeatureHeadDraft` when its config says ``"kind": "feature"``.
 
     Raises
     ------
@@ -259,21 +310,26 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
     config = LlamaConfig.from_dict(config_dict)
     config._attn_implementation = getattr(target_model.config, "_attn_implementation", None) or "sdpa"
     tensors = load_file(str(path / WEIGHTS_NAME))
-    draft = SubsetHeadDraft(config, target_model, tensors["vocab_ids"].to(torch.int64))
+    kinds = {cls.kind: cls for cls in (SubsetHeadDraft, FeatureHeadDraft)}
+    kind = meta.get("kind", SubsetHeadDraft.kind)  # drafts saved before feature drafts existed have none
+    if kind not in kinds:
+        raise DraftLoadError(f"draft {str(path)!r} has kind {kind!r}, expected one of {sorted(kinds)}")
+    draft = kinds[kind](config, target_model, tensors["vocab_ids"].to(torch.int64))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = draft.model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("embed_tokens")]
     if missing or unexpected:
         raise DraftLoadError(f"draft {str(path)!r} does not match its config: missing {missing}, unexpected "
                              f"{unexpected}")
-    if (draft.in_proj is not None) != ("in_proj" in tensors):
-        raise DraftLoadError(f"draft {str(path)!r} does not match its config: projection weights "
-                             f"{'missing' if draft.in_proj is not None else 'unexpected'}")
+    extra = draft.extra_tensors()
+    known = {"head_bias", "vocab_ids"} | {k for k in tensors if k.startswith("model.")}
+    if set(extra) != set(tensors) - known:
+        raise DraftLoadError(f"draft {str(path)!r} does not match its config: expected tensors {sorted(extra)} "
+                             f"besides the layers, found {sorted(set(tensors) - known)}")
     with torch.no_grad():
         draft.head_bias.copy_(tensors["head_bias"])
-        if draft.in_proj is not None:
-            draft.in_proj.weight.copy_(tensors["in_proj"])
-            draft.out_proj.weight.copy_(tensors["out_proj"])
+        for key, value in extra.items():
+            value.copy_(tensors[key])
     draft.eval()
     draft.requires_grad_(False)
     return draft

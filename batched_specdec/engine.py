@@ -36,9 +36,21 @@ GREEDY = GreedyProcessor()
 """The default processor (stateless, so one shared instance is safe)."""
 
 
-def _prefill_target(model, cache: RaggedKVCache, batch: RaggedBatch, chunk: int) -> None:
-    """Fill the target cache with ``s_b[:-1]`` for every row, in ragged chunks (``ragged_cache.prefill``)."""
-    prefill(model, cache, batch.token_buffer, batch.prefill_widths, chunk)
+def _prefill_target(model, cache: RaggedKVCache, batch: RaggedBatch, chunk: int, on_hidden=None) -> None:
+    """Fill the target cache with ``s_b[:-1]`` for every row, in ragged chunks (``ragged_cache.prefill``), handing
+    each chunk's final hidden states to ``on_hidden`` (a feature drafter's) when given."""
+    prefill(model, cache, batch.token_buffer, batch.prefill_widths, chunk, on_hidden=on_hidden)
+
+
+def _verify_forward(model, cache: RaggedKVCache, inputs: Tensor, drafter, feeds_features: bool) -> Tensor:
+    """The target's verify forward over ``inputs`` ``(B, k + 1)``; a feature drafter receives the final hidden
+    states of all ``k + 1`` positions (it keeps only what rows commit: the rest is rewritten before it is read)."""
+    if not feeds_features:
+        return model_forward(model, cache, inputs)
+    logits, hidden = model_forward(model, cache, inputs, return_hidden=True)
+    drafter.observe_features(hidden, cache.lens)
+    drafter.note_verify(inputs.shape[1])
+    return logits
 
 
 def _pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device):
@@ -190,8 +202,10 @@ def speculative_generate_batch(
     histogram = torch.zeros(g_max + 1, dtype=torch.int64, device=device)  # padding drafts are never accepted
 
     target_cache = RaggedKVCache(target_model.config, n_rows, capacity, device, attention)
-    _prefill_target(target_model, target_cache, batch, prefill_chunk)
     drafter.start(batch.token_buffer[:, : batch.max_prompt_len], batch.seq_lens, capacity)
+    feeds_features = getattr(drafter, "uses_target_features", False)
+    _prefill_target(target_model, target_cache, batch, prefill_chunk,
+                    drafter.observe_prefill_features if feeds_features else None)
     bar = progress_bar(progress, sum(req.max_gen_lens), "speculative")
     processor, gen = logits_processor, req.generator
     catching_up = True  # the drafter's next propose also feeds what it missed (the prompts, target-only steps)
@@ -217,8 +231,8 @@ def speculative_generate_batch(
 
         last = batch.token_buffer.gather(1, (batch.seq_lens - 1)[:, None])
         target_cache.set_span(max_len + k)
-        logits = model_forward(target_model, target_cache, torch.cat([last, draft_tokens.to(device)], dim=1))
-        logits = logits.to(device)
+        verify_inputs = torch.cat([last, draft_tokens.to(device)], dim=1)
+        logits = _verify_forward(target_model, target_cache, verify_inputs, drafter, feeds_features).to(device)
         timer.lap("verify")
 
         if k == 0:  # a plain target step

@@ -237,12 +237,15 @@ def _attention_configs(model) -> list:
     return configs
 
 
-def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
+def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int = 0, *,
+                  return_hidden: bool = False, **model_inputs):
     """One forward of an HF causal LM through a :class:`RaggedKVCache`.
 
     Row ``b``'s ``Q`` tokens go to positions ``cache.lens[b] .. cache.lens[b] + Q - 1`` (rows ``[:cache.rows]``
     when set); the caller advances the lengths afterwards. Returns float logits ``(B, Q', V)`` for the last
-    ``logits_to_keep`` queries (all when 0).
+    ``logits_to_keep`` queries (all when 0), and with ``return_hidden=True`` also the decoder's final hidden states
+    ``(B, Q, H)`` of every query (what its output head reads: after the final norm), as ``(logits, hidden)``.
+    ``model_inputs`` go to the model as keyword arguments (a feature draft's ``features``).
     """
     positions = cache.positions(input_ids.shape[1])
     if cache.attention == "dense":
@@ -250,13 +253,37 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     else:
         ragged = RaggedAttentionInputs(positions, cache.span, cache.windows, cache.attention)
         extra, implementation = {"ragged_attention": ragged}, RAGGED_ATTENTION
-    with _attention_selected(model, implementation):
+    captured: list[Tensor] = []
+    with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
         out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                    logits_to_keep=logits_to_keep, **extra)
-    return out.logits
+                    logits_to_keep=logits_to_keep, **extra, **model_inputs)
+    if not return_hidden:
+        return out.logits
+    if len(captured) != 1:
+        raise RuntimeError(f"{type(model).__name__}'s decoder ran {len(captured)} times in one forward; expected once")
+    return out.logits, captured[0]
 
 
-def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chunk: int = PREFILL_CHUNK) -> None:
+@contextmanager
+def _last_hidden_captured(model, captured: list, enabled: bool):
+    """Append the decoder's ``last_hidden_state`` of each forward to ``captured`` (a forward hook on
+    ``model.get_decoder()``, removed on exit)."""
+    if not enabled:
+        yield
+        return
+
+    def hook(module, args, output) -> None:
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = model.get_decoder().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chunk: int = PREFILL_CHUNK,
+            on_hidden=None) -> None:
     """Write ``tokens[b, :widths[b]]`` of every row into ``cache`` (positions ``0 .. widths[b] - 1``), ``chunk``
     columns per forward, each forward over only the rows with tokens left; then set the lengths to ``widths``.
 
@@ -272,6 +299,9 @@ def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chun
         Tokens per row to write (host values, >= 0), non-increasing.
     chunk : int
         Columns per forward (>= 1).
+    on_hidden : callable, optional
+        ``on_hidden(rows, start, hidden)`` after each forward, with the decoder's final hidden states ``(rows, W, H)``
+        of the chunk's positions ``start .. start + W - 1`` of rows ``[:rows]`` (a feature drafter's input).
     """
     if any(a < b for a, b in itertools.pairwise(widths)):
         raise ValueError(f"prefill needs rows ordered longest first, got widths {widths}")
@@ -284,6 +314,9 @@ def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chun
         cache.set_rows(rows)
         cache.set_lens(torch.full((cache.batch_size,), start, dtype=torch.int64, device=device))
         cache.set_span(start + width)
-        model_forward(model, cache, tokens[:rows, start : start + width], logits_to_keep=1)
+        out = model_forward(model, cache, tokens[:rows, start : start + width], logits_to_keep=1,
+                            return_hidden=on_hidden is not None)
+        if on_hidden is not None:
+            on_hidden(rows, start, out[1])
     cache.set_rows(None)
     cache.set_lens(torch.tensor(widths, dtype=torch.int64, device=device))

@@ -1,0 +1,157 @@
+"""The feature drafter (EAGLE-style, reading the target's hidden states): exactness, its bookkeeping of features
+and of its own cache against a no-cache reference, and sampled distributions. CPU, tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import GOF_ALPHA, _chi_square_pvalue, _exact_first_two, _ragged_prompts
+from tiny_models import greedy_reference, tiny_causal_lm
+
+from batched_specdec import (
+    MultinomialProcessor,
+    autoregressive_generate_batch,
+    speculative_generate_batch,
+)
+from batched_specdec import engine
+from batched_specdec.controller import StaticSpeculation, StepPlan
+from batched_specdec.draft_model import FeatureHeadDraft, draft_config_from_target, init_from_target
+from batched_specdec.drafters import FeatureDrafter
+
+VOCAB = 96
+
+
+def feature_head(target, seed: int = 0, vocab_ids=None) -> FeatureHeadDraft:
+    """An untrained one-layer feature head for ``target`` (random layer, fc = embedding + feature)."""
+    torch.manual_seed(seed)
+    ids = torch.arange(target.config.vocab_size) if vocab_ids is None else vocab_ids
+    draft = FeatureHeadDraft(draft_config_from_target(target.config, 1), target, ids)
+    init_from_target(draft, target, None)
+    return draft.eval().requires_grad_(False)
+
+
+def bigram_pair(seed: int = 0):
+    """A one-layer target whose attention output is zeroed (its next token depends on the current token only),
+    and a feature head that is that target shifted by one position: at pair ``(f_i, x_{i+1})`` it reads only
+    ``x_{i+1}`` and computes exactly the target's feature at ``i + 1``. It should accept every draft."""
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=1, hidden=32, seed=seed, init_std=0.5)
+    with torch.no_grad():
+        target.model.layers[0].self_attn.o_proj.weight.zero_()
+    draft = feature_head(target)
+    init_from_target(draft, target, [0])
+    width = target.config.hidden_size
+    with torch.no_grad():
+        draft.fc.weight.copy_(torch.cat([torch.eye(width), torch.zeros(width, width)], dim=1))
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_causal_lm("llama", vocab_size=VOCAB, layers=2, hidden=32, seed=3, init_std=0.5)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+def test_untrained_head_is_exact_on_ragged_prompts(target, gamma):
+    prompts = _ragged_prompts(6, VOCAB, 24, seed=gamma)
+    expected = [greedy_reference(target, p, 20, eos=[]) for p in prompts]
+    got, alpha, stats = speculative_generate_batch(prompts, feature_head(target), target, gamma=gamma,
+                                                   max_gen_len=20, eos_tokens_id=[])
+    assert got == expected
+    assert sum(stats.proposed) > 0
+
+
+def test_copying_head_accepts_every_draft_and_stops_rows_at_eos():
+    target, draft = bigram_pair()
+    prompts = _ragged_prompts(5, VOCAB, 30, seed=4)
+    free = autoregressive_generate_batch(prompts, target, max_gen_len=40, eos_tokens_id=[])
+    eos = free[2][11]  # row 2 stops mid-way (others may too): rows finish at different steps, so rows compact
+    expected = autoregressive_generate_batch(prompts, target, max_gen_len=40, eos_tokens_id=[eos])
+    got, alpha, stats = speculative_generate_batch(prompts, draft, target, gamma=5, max_gen_len=40,
+                                                   eos_tokens_id=[eos])
+    assert got == expected
+    assert len(got[2]) <= 12 and len({len(g) for g in got}) > 1
+    # The one-token prompt (row 0) proposes nothing in its first step (no feature yet); every other draft lands.
+    assert stats.acceptance_rate > 0.97, alpha
+
+
+class CheckingFeatureDrafter(FeatureDrafter):
+    """Checks at every proposal that the features it holds are the target's no-cache hidden states of the
+    committed tokens, and that ``q`` of its first two drafts equals a no-cache draft forward over the real pairs
+    (then over its own predicted feature): its feature buffer and ragged cache are bookkept right."""
+
+    def __init__(self, model, target):
+        super().__init__(model)
+        self.target, self.checked = target, 0
+
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len):
+        proposal = super().propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len)
+        for b, n in enumerate(seq_lens.tolist()):
+            if n < 2:
+                continue
+            seq = token_buffer[b, :n][None]
+            out = self.target(seq, output_hidden_states=True)
+            real = out.hidden_states[-1][0, : n - 1]
+            torch.testing.assert_close(self.features[b, : n - 1], real, atol=1e-4, rtol=1e-4)
+            pos = torch.arange(n - 1)[None]
+            ref = self.model(input_ids=seq[:, 1:], features=real[None], position_ids=pos, use_cache=False)
+            q1 = logits_processor.probs(ref.logits[0, -1])
+            torch.testing.assert_close(proposal.probs[b, 0], q1, atol=1e-4, rtol=1e-4)
+            if gamma > 1:
+                hidden = self.model.hidden_states(seq[:, 1:], features=real[None], position_ids=pos, use_cache=False)
+                ids = torch.cat([seq[:, 1:], proposal.tokens[b, :1][None]], dim=1)
+                feats = torch.cat([real[None], hidden[:, -1:]], dim=1)
+                ref2 = self.model(input_ids=ids, features=feats, position_ids=torch.arange(n)[None], use_cache=False)
+                q2 = logits_processor.probs(ref2.logits[0, -1])
+                torch.testing.assert_close(proposal.probs[b, 1], q2, atol=1e-4, rtol=1e-4)
+            self.checked += 1
+        return proposal
+
+
+class AlternatingSpeculation(StaticSpeculation):
+    """Plans 3 drafts, then two steps without drafts (plain target steps), and so on."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.step = 0
+
+    def plan(self, row_ids, live):
+        self.step += 1
+        return StepPlan(3 if self.step % 3 == 1 else 0)
+
+
+@pytest.mark.parametrize("schedule", ["static", "with-target-only-steps"])
+def test_features_and_draft_cache_match_a_no_cache_reference(target, schedule, monkeypatch):
+    """Sampled (so q is returned), ragged prompts longer than the catch-up chunk, rows finishing at different
+    steps (compaction), and steps without drafts that the drafter must catch up on."""
+    if schedule != "static":
+        monkeypatch.setattr(engine, "make_controller", lambda *args, **kwargs: AlternatingSpeculation())
+    prompts = _ragged_prompts(5, VOCAB, 40, seed=9)
+    drafter = CheckingFeatureDrafter(feature_head(target, seed=1), target)
+    drafter.prefill_chunk = 16  # the prompt catch-up goes in several chunks
+    out, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=3, logits_processor=MultinomialProcessor(1.0),
+                                           max_gen_len=[12, 30, 5, 30, 18], eos_tokens_id=[], seed=0, prefill_chunk=16)
+    assert [len(o) for o in out] == [12, 30, 5, 30, 18]
+    assert drafter.checked > 10
+
+
+def test_sampled_first_two_tokens_follow_target_distribution():
+    processor = MultinomialProcessor(1.0)
+    target = tiny_causal_lm("llama", vocab_size=8, seed=20, init_std=0.15)
+    prompt = [1, 4, 2]
+    n = 6000
+    outputs, _, stats = speculative_generate_batch([prompt] * n, feature_head(target, seed=5), target, gamma=2,
+                                                   logits_processor=processor, max_gen_len=2, eos_tokens_id=[],
+                                                   seed=11)
+    pairs = torch.tensor([o[:2] for o in outputs])
+    counts = torch.zeros(8, 8)
+    counts.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(n), accumulate=True)
+    assert 0.0 < stats.acceptance_rate < 1.0
+    assert _chi_square_pvalue(counts, _exact_first_two(target, prompt, processor)) > GOF_ALPHA
+
+
+def test_feature_head_needs_features_of_the_right_shape(target):
+    draft = feature_head(target)
+    with pytest.raises(ValueError, match="needs features of shape"):
+        draft(input_ids=torch.tensor([[1, 2]]), use_cache=False)
+    with pytest.raises(ValueError, match="needs features of shape"):
+        draft(input_ids=torch.tensor([[1, 2]]), features=torch.zeros(1, 3, 32), use_cache=False)
