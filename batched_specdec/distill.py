@@ -73,13 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the data generation")
     p.add_argument("--teacher-top-k", type=int, default=32,
                    help="teacher log-probabilities recorded per position (the loss uses these, renormalised)")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers of the draft")
+    p.add_argument("--kind", default="tokens", choices=["tokens", "feature"],
+                   help="tokens: a small LM over token ids (SubsetHeadDraft); feature: an EAGLE-style head over the "
+                        "target's own final hidden states (FeatureHeadDraft, see batched_specdec.distill_feature)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of the draft (default: 2 for --kind tokens, 1 for --kind feature)")
     p.add_argument("--width", type=int, default=0,
                    help="hidden size of the draft's layers (0: the target's); a narrower draft gets trained "
                         "projections to and from the target's width and needs --init random")
     p.add_argument("--init", default="even",
                    help="draft layer initialisation: even (evenly spaced target layers, first and last included), "
                         "first (the first N layers), random, or a comma-separated list of N target layer indices")
+    p.add_argument("--feature-weight", type=float, default=1.0,
+                   help="--kind feature: weight of the feature regression (smooth L1) next to the KL term")
+    p.add_argument("--feature-noise", type=float, default=0.1,
+                   help="--kind feature: Gaussian noise on input features during training, relative to their RMS")
     p.add_argument("--vocab-subset", type=int, default=8192,
                    help="size of the draft's output vocabulary (most frequent ids in the data); 0 = full vocabulary")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -113,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
+    if args.layers is None:
+        args.layers = 1 if args.kind == "feature" else 2
+    if args.kind == "feature" and args.width:
+        raise DistillError(f"--kind feature drafts have the target's width; got --width {args.width}")
+    if args.feature_weight < 0 or args.feature_noise < 0:
+        raise DistillError(f"--feature-weight and --feature-noise must be >= 0, got {args.feature_weight} and "
+                           f"{args.feature_noise}")
     for name in ("steps", "self_prompts", "eval_prompts", "vocab_subset", "checkpoint_every", "threads", "width"):
         if getattr(args, name) < 0:
             raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -395,6 +410,22 @@ def draft_plan(target, args):
         raise DistillError(f"--width: {exc}") from exc
 
 
+def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path):
+    """A feature draft, its training set with the target's features (cached next to the data), and its loss."""
+    from batched_specdec.distill_feature import FeatureTrainSet, build_feature_draft, feature_loss
+
+    layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
+    draft = build_feature_draft(target, vocab_ids, args.layers, layer_ids)
+    train_set = FeatureTrainSet(chunks, args.seq_len)
+    cache = data_dir / f"features-{len(chunks)}chunks-len{args.seq_len}.pt"
+    train_set.attach_features(target, cache, progress=not args.no_progress)
+
+    def loss_fn(ids, feats, mask):
+        return feature_loss(draft, ids, feats, mask, feature_weight=args.feature_weight, noise=args.feature_noise)
+
+    return draft, layer_ids, train_set, loss_fn
+
+
 def build_draft(target, args, vocab_ids: torch.Tensor):
     from batched_specdec.draft_model import SubsetHeadDraft, init_from_target
 
@@ -420,8 +451,10 @@ def _lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def train(draft, train_set: TrainSet, vocab_ids, args, out_dir: Path, device) -> dict:
-    """Train ``draft`` in place; checkpoint every ``--checkpoint-every`` steps and on Ctrl-C. Returns a summary."""
+def train(draft, train_set, vocab_ids, args, out_dir: Path, device, loss_fn=None) -> dict:
+    """Train ``draft`` in place; checkpoint every ``--checkpoint-every`` steps and on Ctrl-C. Returns a summary.
+
+    ``loss_fn(*train_set.batch(indices, device))`` is the loss (default: :func:`kl_loss` of a token draft)."""
     ckpt_path = out_dir / "checkpoint.pt"
     draft.float().train()
     params = [p for p in draft.parameters() if p.requires_grad]
@@ -434,6 +467,9 @@ def train(draft, train_set: TrainSet, vocab_ids, args, out_dir: Path, device) ->
         if not torch.equal(ck["vocab_ids"].cpu(), vocab_ids.cpu()):
             raise DistillError(f"{ckpt_path} was trained with another vocabulary subset; remove it or change "
                                "--output-dir")
+        if ck.get("args", {}).get("kind", "tokens") != args.kind:
+            raise DistillError(f"{ckpt_path} is a checkpoint of a --kind {ck['args'].get('kind', 'tokens')} draft, "
+                               f"not --kind {args.kind}; remove it or change --output-dir")
         draft.load_state_dict(ck["draft"], strict=False)
         opt.load_state_dict(ck["optimizer"])
         step, losses, elapsed_before = ck["step"], ck["losses"], ck.get("elapsed_s", 0.0)
@@ -468,7 +504,8 @@ def train(draft, train_set: TrainSet, vocab_ids, args, out_dir: Path, device) ->
             idx, order = order[: args.batch_size], order[args.batch_size:]
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, args)
-            loss = kl_loss(draft, full_to_sub, *train_set.batch(idx, device))
+            batch = train_set.batch(idx, device)
+            loss = kl_loss(draft, full_to_sub, *batch) if loss_fn is None else loss_fn(*batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -636,11 +673,14 @@ def run(args) -> dict:
     summary["subset_coverage"] = float(covered[gen_all].float().mean())
     print(f"vocabulary subset: {len(vocab_ids)} ids cover {summary['subset_coverage']:.4f} of generated tokens",
           file=sys.stderr)
-    draft, layer_ids = build_draft(target, args, vocab_ids)
+    if args.kind == "feature":
+        draft, layer_ids, train_set, loss_fn = _feature_setup(target, chunks, vocab_ids, args, data_dir)
+    else:
+        draft, layer_ids = build_draft(target, args, vocab_ids)
+        train_set, loss_fn = TrainSet(chunks, args.seq_len), None
     draft.to(device)
     summary["init_layers"] = layer_ids
-    train_set = TrainSet(chunks, args.seq_len)
-    result = train(draft, train_set, vocab_ids, args, out_dir, device)
+    result = train(draft, train_set, vocab_ids, args, out_dir, device, loss_fn)
     summary.update({k: v for k, v in result.items() if k != "losses"})
     losses = result["losses"]
     if losses:
@@ -652,7 +692,7 @@ def run(args) -> dict:
         print(f"interrupted at step {result['steps']}; rerun with --resume to continue", file=sys.stderr)
         return summary
     draft_dir = save_draft(draft, out_dir / "draft", storage_dtype=getattr(torch, args.storage_dtype), metadata={
-        "target": args.target, "layers": args.layers, "width": draft.config.hidden_size, "init_layers": layer_ids,
+        "target": args.target, "kind": args.kind, "layers": args.layers, "width": draft.config.hidden_size, "init_layers": layer_ids,
         "steps": result["steps"],
         "sequences": summary["data_sequences"], "gen_len": args.gen_len, "data_tokens": summary["data_tokens"],
         "loss_first": summary.get("loss_first"), "loss_last": summary.get("loss_last"),

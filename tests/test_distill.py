@@ -91,6 +91,37 @@ def test_distill_narrower_draft(tiny_target_dir, tmp_path):
         run(_args(tiny_target_dir, tmp_path / "bad", "--width", "12", "--init", "random", "--steps", "1"))
 
 
+def test_distill_feature_draft_end_to_end(tiny_target_dir, tmp_path):
+    """--kind feature: loss falls, the head is saved and loads through the CLI's loader as a feature draft, the
+    engine drafts from the target's features with it, output exact; a resumed run keeps its kind."""
+    from batched_specdec.draft_model import FeatureHeadDraft
+    from batched_specdec.drafters import FeatureDrafter, as_drafter
+
+    out = tmp_path / "run"
+    summary = run(_args(tiny_target_dir, out, "--kind", "feature", "--layers", "1", "--steps", "60", "--checkpoint-every", "0",
+                        "--lr", "3e-3"))
+    assert summary["steps"] == 60
+    assert summary["loss_last"] < 0.8 * summary["loss_first"]
+    for r in summary["eval"].values():
+        assert r["exact"]
+        assert 0.0 <= r["acceptance_rate"] <= r["per_position_acceptance"] <= 1.0
+    assert sorted(out.glob("data-*/features-*.pt"))  # the target's features are cached with the data
+
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=3, init_std=0.3)
+    draft = load_draft(str(out / "draft"), target)
+    assert isinstance(draft, FeatureHeadDraft) and len(draft.model.layers) == 1
+    assert isinstance(as_drafter(draft, VOCAB), FeatureDrafter)
+    assert torch.count_nonzero(draft.fc.weight) > 0
+    prompts = [[5, 17, 33], [9, 2, 40, 41, 77, 12, 8], [60]]
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=20, eos_tokens_id=[])
+    got, _, stats = speculative_generate_batch(prompts, draft, target, gamma=4, max_gen_len=20, eos_tokens_id=[])
+    assert got == expected and sum(stats.proposed) > 0
+    with pytest.raises(DistillError, match="--kind feature drafts have the target's width"):
+        run(_args(tiny_target_dir, out, "--kind", "feature", "--width", "16", "--init", "random"))
+    with pytest.raises(DistillError, match="checkpoint of a --kind feature draft"):
+        run(_args(tiny_target_dir, out, "--steps", "61", "--resume", "--no-eval"))
+
+
 def test_distill_resume_reuses_data_and_continues(tiny_target_dir, tmp_path):
     out = tmp_path / "run"
     run(_args(tiny_target_dir, out, "--steps", "4", "--checkpoint-every", "2", "--no-eval"))

@@ -11,9 +11,9 @@ from tiny_models import greedy_reference, tiny_causal_lm
 from batched_specdec import (
     MultinomialProcessor,
     autoregressive_generate_batch,
+    engine,
     speculative_generate_batch,
 )
-from batched_specdec import engine
 from batched_specdec.controller import StaticSpeculation, StepPlan
 from batched_specdec.draft_model import FeatureHeadDraft, draft_config_from_target, init_from_target
 from batched_specdec.drafters import FeatureDrafter
@@ -54,7 +54,7 @@ def target():
 def test_untrained_head_is_exact_on_ragged_prompts(target, gamma):
     prompts = _ragged_prompts(6, VOCAB, 24, seed=gamma)
     expected = [greedy_reference(target, p, 20, eos=[]) for p in prompts]
-    got, alpha, stats = speculative_generate_batch(prompts, feature_head(target), target, gamma=gamma,
+    got, _, stats = speculative_generate_batch(prompts, feature_head(target), target, gamma=gamma,
                                                    max_gen_len=20, eos_tokens_id=[])
     assert got == expected
     assert sum(stats.proposed) > 0
