@@ -277,10 +277,17 @@ def generate_data(target, prompts: list[list[int]], args, data_dir: Path) -> lis
     n_chunks = -(-len(prompts) // bs)
     t0 = time.perf_counter()
     for c in range(n_chunks):
-        part = prompts[c * bs:(c + 1) * bs]
+        # The engine holds rows longest prompt first and the recording processor sees them in that order: give them
+        # in that order (a stable sort), so that recorded step row i is prompt i of the chunk.
+        part = sorted(prompts[c * bs:(c + 1) * bs], key=len, reverse=True)
         path = data_dir / f"chunk_{c:05d}.pt"
         if path.is_file():
-            chunks.append(torch.load(path))
+            chunk = torch.load(path)
+            if not chunk.get("teacher_aligned"):
+                raise DistillError(f"{path} was written before teacher log-probabilities were aligned with the rows "
+                                   "(they belong to other prompts of the chunk); delete its data directory and "
+                                   "generate again")
+            chunks.append(chunk)
             continue
         if chunks and args.data_budget_s is not None and time.perf_counter() - t0 >= args.data_budget_s:
             print(f"data budget of {args.data_budget_s:.0f} s spent: training on {len(chunks)} of {n_chunks} chunks",
@@ -294,6 +301,7 @@ def generate_data(target, prompts: list[list[int]], args, data_dir: Path) -> lis
             "gen": torch.tensor(gen, dtype=torch.int64),
             "top_vals": torch.stack(proc.values, dim=1).cpu(),
             "top_ids": torch.stack(proc.ids, dim=1).cpu(),
+            "teacher_aligned": True,
         }
         if chunk["top_vals"].shape[:2] != chunk["gen"].shape:
             raise RuntimeError("recorded teacher steps do not match the generated tokens")

@@ -6,6 +6,8 @@ verifies them with the target; nothing a drafter does can change the output dist
 * :class:`ModelDrafter` wraps a small HF causal LM whose vocabulary is the target's or a prefix of it. It
   keeps its own ragged KV cache and samples each draft token from the processed draft distribution ``q``, which
   it returns so that verification uses exactly the distribution each token was drawn from.
+* :class:`FeatureDrafter` wraps a :class:`~batched_specdec.draft_model.FeatureHeadDraft` (EAGLE-style): it
+  drafts from the target's own final hidden states, which the engine hands it from every target forward.
 * Model-free drafters (``batched_specdec.ngram.NGramDrafter``) return deterministic proposals (``probs=None``,
   q one-hot) and may propose fewer than ``gamma`` tokens for some rows (``num_tokens``).
 """
@@ -52,6 +54,12 @@ class Drafter(Protocol):
     batch. With ``gamma="auto"`` the engine asks for a different ``gamma`` (1..gamma_max) each step, may verify
     only a prefix of a proposal, and runs steps with no drafts without calling ``propose``; a drafter whose state
     follows the steps may define ``note_target_only_step()`` to hear of those (``ModelDrafter`` does).
+
+    A drafter that reads the target's hidden states sets ``uses_target_features = True`` and defines
+    ``observe_features(hidden, first_position, rows=None)``, ``observe_prefill_features(rows, start, hidden)`` and
+    ``note_verify(width)`` (:class:`FeatureDrafter`): the engine then hands it the target's final hidden states of
+    the prefill chunks and of every verify forward (all ``k + 1`` positions; which of them a row commits, the next
+    step's ``seq_lens`` says), with no extra host sync. Other drafters define none of these.
 
     Losslessness needs one rule from a drafter that proposes fewer tokens than asked: a row's proposal length may
     depend on committed tokens and on the drafter's own state, never on the draft tokens it sampled in this step

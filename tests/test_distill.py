@@ -71,6 +71,18 @@ def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
         load_draft(str(out / "draft"), None)
 
 
+def test_recorded_teacher_belongs_to_its_own_row(tiny_target_dir, tmp_path):
+    """Prompts of different lengths (the engine reorders rows longest first): at a near-greedy temperature every
+    generated token is the recorded teacher's top-1 of its own row and step."""
+    out = tmp_path / "run"
+    run(_args(tiny_target_dir, out, "--temperature", "0.01", "--data-only"))
+    chunks = [torch.load(p) for p in sorted(out.glob("data-*/chunk_*.pt"))]
+    assert any(len({len(p) for p in ch["prompts"]}) > 1 for ch in chunks)
+    for ch in chunks:
+        assert ch["teacher_aligned"]
+        assert (ch["gen"] == ch["top_ids"][..., 0].long()).float().mean() > 0.98
+
+
 def test_distill_narrower_draft(tiny_target_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DistillError, match="--init random"):
