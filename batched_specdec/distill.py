@@ -282,12 +282,7 @@ def generate_data(target, prompts: list[list[int]], args, data_dir: Path) -> lis
         part = sorted(prompts[c * bs:(c + 1) * bs], key=len, reverse=True)
         path = data_dir / f"chunk_{c:05d}.pt"
         if path.is_file():
-            chunk = torch.load(path)
-            if not chunk.get("teacher_aligned"):
-                raise DistillError(f"{path} was written before teacher log-probabilities were aligned with the rows "
-                                   "(they belong to other prompts of the chunk); delete its data directory and "
-                                   "generate again")
-            chunks.append(chunk)
+            chunks.append(torch.load(path))
             continue
         if chunks and args.data_budget_s is not None and time.perf_counter() - t0 >= args.data_budget_s:
             print(f"data budget of {args.data_budget_s:.0f} s spent: training on {len(chunks)} of {n_chunks} chunks",
@@ -339,6 +334,10 @@ class TrainSet:
     def __init__(self, chunks: list[dict], seq_len: int) -> None:
         self.items = []
         for ch in chunks:
+            if not ch.get("teacher_aligned"):
+                raise DistillError("a data chunk was written before the recorded teacher log-probabilities were "
+                                   "aligned with their rows (they belong to other prompts of the chunk); delete the "
+                                   "run's data-* directory and generate again (--kind feature does not read them)")
             for i, prompt in enumerate(ch["prompts"]):
                 gen = ch["gen"][i]
                 p = len(prompt)
