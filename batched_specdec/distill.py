@@ -424,8 +424,7 @@ def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path):
     layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
     draft = build_feature_draft(target, vocab_ids, args.layers, layer_ids)
     train_set = FeatureTrainSet(chunks, args.seq_len)
-    cache = data_dir / f"features-{len(chunks)}chunks-len{args.seq_len}.pt"
-    train_set.attach_features(target, cache, progress=not args.no_progress)
+    train_set.attach_features(target, data_dir / "features", progress=not args.no_progress)
 
     def loss_fn(ids, feats, mask):
         return feature_loss(draft, ids, feats, mask, feature_weight=args.feature_weight, noise=args.feature_noise)

@@ -13,6 +13,8 @@ Only pairs whose next token the target generated carry loss (the prompts' pairs 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,53 +28,70 @@ class FeatureTrainSet:
     that carries loss, and (after :meth:`attach_features`) the target's features of every position."""
 
     def __init__(self, chunks: list[dict], seq_len: int) -> None:
+        self.chunks = chunks
+        self.seq_len = seq_len
         self.items: list[tuple[Tensor, int]] = []
-        for ch in chunks:
+        self.chunk_of_item: list[int] = []
+        for c, ch in enumerate(chunks):
             for i, prompt in enumerate(ch["prompts"]):
                 ids = torch.cat([torch.tensor(prompt, dtype=torch.int64), ch["gen"][i]])[:seq_len]
                 first = max(len(prompt) - 2, 0)  # pair i predicts x_{i+2}: generated from pair len(prompt) - 2 on
                 if len(ids) - 1 > first:
                     self.items.append((ids, first))
+                    self.chunk_of_item.append(c)
         self.features: list[Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def attach_features(self, target, cache_path: Path, batch_size: int = 16, progress: bool = True) -> None:
-        """Compute (or load from ``cache_path``) the target's final hidden states of every sequence, bfloat16."""
-        if cache_path.is_file():
-            feats = torch.load(cache_path)
-            if len(feats) == len(self.items) and all(len(f) == len(x) for f, (x, _) in zip(feats, self.items)):
-                self.features = feats
-                return
-        order = sorted(range(len(self.items)), key=lambda i: -len(self.items[i][0]))
-        feats: list[Tensor | None] = [None] * len(self.items)
-        device = target.get_input_embeddings().weight.device
+    def attach_features(self, target, cache_dir: Path, batch_size: int = 16, progress: bool = True) -> None:
+        """Compute the target's final hidden states (bfloat16) of every sequence, or load them from ``cache_dir``,
+        where each data chunk's are kept under a hash of its content (so new chunks add, old ones are reused)."""
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        by_chunk: dict[int, list[int]] = {}
+        for i, c in enumerate(self.chunk_of_item):
+            by_chunk.setdefault(c, []).append(i)
+        self.features = [None] * len(self.items)
+        missing = []
+        for c, items in by_chunk.items():
+            path = cache_dir / f"{_chunk_hash(self.chunks[c])}-len{self.seq_len}.pt"
+            if path.is_file():
+                for i, f in zip(items, torch.load(path)):
+                    self.features[i] = f
+            else:
+                missing.append((path, items))
+        todo = sum(len(items) for _, items in missing)
         bar = None
-        if progress:
+        if progress and todo:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(order), desc="target features", unit="seq", dynamic_ncols=True)
+            bar = tqdm(total=todo, desc="target features", unit="seq", dynamic_ncols=True)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                group = order[s:s + batch_size]
-                width = len(self.items[group[0]][0])
-                ids = torch.zeros(len(group), width, dtype=torch.int64)
-                for r, i in enumerate(group):  # right padding: causal attention keeps real positions exact
-                    ids[r, : len(self.items[i][0])] = self.items[i][0]
-                hidden = target.get_decoder()(input_ids=ids.to(device)).last_hidden_state
-                for r, i in enumerate(group):
-                    feats[i] = hidden[r, : len(self.items[i][0])].to("cpu", torch.bfloat16).clone()
-                if bar is not None:
-                    bar.update(len(group))
+        for path, items in missing:
+            self._compute(target, items, batch_size, bar)
+            tmp = path.with_suffix(".tmp")
+            torch.save([self.features[i] for i in items], tmp)
+            tmp.rename(path)
         if bar is not None:
             bar.close()
-        print(f"target features of {len(order)} sequences in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        self.features = feats
-        tmp = cache_path.with_suffix(".tmp")
-        torch.save(feats, tmp)
-        tmp.rename(cache_path)
+        if todo:
+            print(f"target features of {todo} sequences in {time.perf_counter() - t0:.0f} s "
+                  f"({len(self.items) - todo} cached)", file=sys.stderr)
+
+    @torch.inference_mode()
+    def _compute(self, target, items: list[int], batch_size: int, bar) -> None:
+        order = sorted(items, key=lambda i: -len(self.items[i][0]))
+        device = target.get_input_embeddings().weight.device
+        for s in range(0, len(order), batch_size):
+            group = order[s:s + batch_size]
+            ids = torch.zeros(len(group), len(self.items[group[0]][0]), dtype=torch.int64)
+            for r, i in enumerate(group):  # right padding: causal attention keeps real positions exact
+                ids[r, : len(self.items[i][0])] = self.items[i][0]
+            hidden = target.get_decoder()(input_ids=ids.to(device)).last_hidden_state
+            for r, i in enumerate(group):
+                self.features[i] = hidden[r, : len(self.items[i][0])].to("cpu", torch.bfloat16).clone()
+            if bar is not None:
+                bar.update(len(group))
 
     def batch(self, indices: list[int], device) -> tuple[Tensor, ...]:
         """``(ids (N, T), features (N, T, H), loss mask over pairs (N, T - 1))``, right-padded."""
@@ -87,6 +106,12 @@ class FeatureTrainSet:
             feats[r, : len(x)] = self.features[i].float()
             mask[r, first: len(x) - 1] = True
         return ids.to(device), feats.to(device), mask.to(device)
+
+
+def _chunk_hash(chunk: dict) -> str:
+    h = hashlib.sha256(json.dumps(chunk["prompts"]).encode())
+    h.update(chunk["gen"].numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def feature_loss(draft, ids: Tensor, feats: Tensor, mask: Tensor, *, feature_weight: float,

@@ -117,7 +117,7 @@ def test_distill_feature_draft_end_to_end(tiny_target_dir, tmp_path):
     for r in summary["eval"].values():
         assert r["exact"]
         assert 0.0 <= r["acceptance_rate"] <= r["per_position_acceptance"] <= 1.0
-    assert sorted(out.glob("data-*/features-*.pt"))  # the target's features are cached with the data
+    assert sorted(out.glob("data-*/features/*-len*.pt"))  # the target's features are cached with the data
 
     target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=3, init_std=0.3)
     draft = load_draft(str(out / "draft"), target)
