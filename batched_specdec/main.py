@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--draft",
         help=f"draft: ngram (model-free, prompt lookup), a draft directory written by "
-        f"python -m batched_specdec.distill, or a model spec like --target that shares the target's vocabulary "
+        f"python -m batched_specdec.distill (a token or a feature draft), or a model spec like --target that shares "
+        f"the target's vocabulary "
         f"[default: {d.draft}]",
     )
     p.add_argument(
