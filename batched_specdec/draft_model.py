@@ -160,8 +160,11 @@ class SubsetHeadDraft(nn.Module):
         past_key_values=None,
         use_cache: bool = True,
         logits_to_keep: int = 0,
+        compute_logits: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``.logits`` ``(B, Q', V)``; ``compute_logits=False`` skips the head (``.logits`` is None) for callers that
+        only read the final hidden states (a feature drafter's catch-up)."""
         hidden = self.hidden_states(
             input_ids,
             attention_mask=attention_mask,
@@ -170,6 +173,8 @@ class SubsetHeadDraft(nn.Module):
             use_cache=use_cache,
             **kwargs,  # ragged_attention (each row's positions); a feature draft's features
         )
+        if not compute_logits:
+            return CausalLMOutputWithPast(logits=None, past_key_values=past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return CausalLMOutputWithPast(logits=self.full_logits(hidden), past_key_values=past_key_values)

@@ -307,7 +307,7 @@ class FeatureDrafter(ModelDrafter):
         idx = idx.clamp_min(0)  # a row with nothing to write in this forward writes placeholders past its length
         feats = self.features.gather(1, idx[:, :, None].expand(-1, -1, self.features.shape[-1]))
         _, hidden = model_forward(self.model, self.cache, self._draft_ids(tokens.gather(1, idx + 1)),
-                                  logits_to_keep=1, return_hidden=True, features=feats)
+                                  return_hidden=True, features=feats, compute_logits=False)
         return hidden
 
     def keep_rows(self, rows: Tensor) -> None:
