@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--kind feature: weight of the feature regression (smooth L1) next to the KL term")
     p.add_argument("--feature-noise", type=float, default=0.1,
                    help="--kind feature: Gaussian noise on input features during training, relative to their RMS")
+    p.add_argument("--unroll", type=int, default=2,
+                   help="--kind feature: draft positions trained per pair (2+: later passes read the head's own "
+                        "predicted features, as drafts after the first do)")
     p.add_argument("--vocab-subset", type=int, default=8192,
                    help="size of the draft's output vocabulary (most frequent ids in the data); 0 = full vocabulary")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -131,7 +134,7 @@ def _check_args(args) -> None:
     for name in ("steps", "self_prompts", "eval_prompts", "vocab_subset", "checkpoint_every", "threads", "width"):
         if getattr(args, name) < 0:
             raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("sequences", "gen_len", "gen_batch_size", "teacher_top_k", "layers", "batch_size", "seq_len",
+    for name in ("sequences", "gen_len", "gen_batch_size", "teacher_top_k", "layers", "batch_size", "seq_len", "unroll",
                  "gamma", "eval_gen_len", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise DistillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -427,7 +430,8 @@ def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path):
     train_set.attach_features(target, data_dir / "features", progress=not args.no_progress)
 
     def loss_fn(ids, feats, mask):
-        return feature_loss(draft, ids, feats, mask, feature_weight=args.feature_weight, noise=args.feature_noise)
+        return feature_loss(draft, ids, feats, mask, feature_weight=args.feature_weight, noise=args.feature_noise,
+                            unroll=args.unroll)
 
     return draft, layer_ids, train_set, loss_fn
 

@@ -114,21 +114,74 @@ def _chunk_hash(chunk: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_loss(draft, ids: Tensor, feats: Tensor, mask: Tensor, *, feature_weight: float,
-                 noise: float) -> Tensor:
-    """EAGLE's loss over the masked pairs: ``KL(p || q) + feature_weight * smooth_l1(f_hat, f_next)``."""
+def feature_loss(draft, ids: Tensor, feats: Tensor, mask: Tensor, *, feature_weight: float, noise: float,
+                 unroll: int = 1) -> Tensor:
+    """EAGLE's loss over the masked pairs, ``KL(p || q) + feature_weight * smooth_l1(f_hat, f_next)``, averaged
+    over ``unroll`` draft positions.
+
+    Pass 1 feeds the target's (noisy) features. Pass ``m > 1`` ("training-time test", as EAGLE-3) feeds at pair
+    ``i`` the feature pass ``m - 1`` predicted at pair ``i - 1``, as the ``m``-th draft of a step does, and attends
+    as that draft would: to real pairs up to ``i - m + 1`` and to the passes' own pairs after them
+    (:func:`unrolled_mask`)."""
     inputs = feats[:, :-1]
     if noise > 0:
         rms = inputs.pow(2).mean(-1, keepdim=True).sqrt()
         inputs = inputs + noise * rms * torch.randn_like(inputs)
-    positions = torch.arange(ids.shape[1] - 1, device=ids.device)[None].expand(ids.shape[0], -1)
-    predicted = draft.hidden_states(ids[:, 1:], features=inputs, position_ids=positions, use_cache=False)[mask]
-    real = feats[:, 1:][mask]
+    real = feats[:, 1:]
+    loss = 0.0
+    for m, out in enumerate(unrolled_features(draft, ids[:, 1:], inputs, unroll), start=1):
+        keep = mask.clone()
+        keep[:, : m - 1] = False  # the first m - 1 pairs have no m-th draft
+        loss = loss + _pair_loss(draft, out[keep], real[keep], feature_weight)
+    return loss / unroll
+
+
+def unrolled_features(draft, tokens: Tensor, features: Tensor, passes: int):
+    """Yield pass ``m``'s predicted features ``(B, P, H)`` at every pair, ``m = 1 .. passes``, for pairs
+    ``(features[:, i], tokens[:, i])``: pass 1 reads ``features``, pass ``m`` the predictions of pass ``m - 1``
+    one pair earlier (no gradient through them), each pass recomputed with the earlier ones as its context."""
+    rows, pairs = tokens.shape
+    positions = torch.arange(pairs, device=tokens.device)[None].expand(rows, -1)
+    embeds = [draft.pair_inputs(tokens, features)]
+    out = draft.model(inputs_embeds=embeds[0], position_ids=positions, use_cache=False).last_hidden_state
+    yield out
+    for m in range(2, passes + 1):
+        prev = out.detach()  # pass m-1's predictions; pair 0 keeps its real feature
+        embeds.append(draft.pair_inputs(tokens, torch.cat([features[:, :1], prev[:, :-1]], dim=1)))
+        attn = unrolled_mask(pairs, m, draft.dtype, tokens.device).expand(rows, 1, -1, -1)
+        out = draft.model(inputs_embeds=torch.cat(embeds, dim=1), position_ids=positions.repeat(1, m),
+                          attention_mask=attn, use_cache=False).last_hidden_state[:, -pairs:]
+        yield out
+
+
+def _pair_loss(draft, predicted: Tensor, real: Tensor, feature_weight: float) -> Tensor:
     logq = torch.log_softmax(draft.subset_logits(predicted).float(), dim=-1)
     with torch.no_grad():
         logp = torch.log_softmax(nn.functional.linear(real, draft.head_weight).float(), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).mean()
     return kl + feature_weight * nn.functional.smooth_l1_loss(predicted, real)
+
+
+def unrolled_mask(pairs: int, passes: int, dtype: torch.dtype, device) -> Tensor:
+    """``(1, 1, passes * pairs, passes * pairs)`` additive mask of ``passes`` copies of ``pairs`` positions: pass
+    ``m`` (0-based) at position ``i`` sees pass 0 at positions ``<= i - m`` and pass ``k`` (``1 <= k <= m``) at
+    position ``i - m + k`` only; pass 0 is causal."""
+    i = torch.arange(pairs, device=device)
+    blocks = []
+    for m in range(passes):
+        row = []
+        for k in range(passes):
+            if k == 0:
+                allowed = i[None, :] <= i[:, None] - m
+            elif k <= m:
+                allowed = i[None, :] == i[:, None] - m + k
+            else:
+                allowed = torch.zeros(pairs, pairs, dtype=torch.bool, device=device)
+            row.append(allowed)
+        blocks.append(torch.cat(row, dim=1))
+    allowed = torch.cat(blocks, dim=0)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
 
 
 def build_feature_draft(target, vocab_ids: Tensor, num_layers: int, layer_ids: list[int] | None):

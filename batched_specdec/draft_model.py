@@ -231,8 +231,11 @@ class FeatureHeadDraft(SubsetHeadDraft):
         if features is None or features.shape[:2] != input_ids.shape or features.shape[-1] != self.fc.in_features // 2:
             raise ValueError(f"a feature draft needs features of shape {(*input_ids.shape, self.fc.in_features // 2)}, "
                              f"got {None if features is None else tuple(features.shape)}")
-        x = self.fc(torch.cat([self._target_embed(input_ids), features.to(self.dtype)], dim=-1))
-        return self.model(inputs_embeds=x, **kwargs).last_hidden_state
+        return self.model(inputs_embeds=self.pair_inputs(input_ids, features), **kwargs).last_hidden_state
+
+    def pair_inputs(self, input_ids: Tensor, features: Tensor) -> Tensor:
+        """The decoder's input ``(B, Q, H)``: ``fc`` over each token's embedding and the feature before it."""
+        return self.fc(torch.cat([self._target_embed(input_ids), features.to(self.dtype)], dim=-1))
 
     def extra_tensors(self) -> dict[str, Tensor]:
         return {"fc": self.fc.weight}

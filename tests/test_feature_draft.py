@@ -155,3 +155,27 @@ def test_feature_head_needs_features_of_the_right_shape(target):
         draft(input_ids=torch.tensor([[1, 2]]), use_cache=False)
     with pytest.raises(ValueError, match="needs features of shape"):
         draft(input_ids=torch.tensor([[1, 2]]), features=torch.zeros(1, 3, 32), use_cache=False)
+
+
+def test_unrolled_training_passes_see_what_the_drafts_of_a_step_see(target):
+    """Pass m of the training-time test at pair i must equal the m-th draft of a step whose last committed pair is
+    i - m + 1: a no-cache forward over the real pairs up to there, then the head's own predicted features."""
+    from batched_specdec.distill_feature import unrolled_features
+
+    draft = feature_head(target, seed=2)
+    ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = target.model(ids).last_hidden_state
+        tokens, inputs = ids[:, 1:], feats[:, :-1]
+        passes = list(unrolled_features(draft, tokens, inputs, 3))
+        for m, i in [(2, 5), (3, 7), (3, 12)]:
+            c = i - m + 1  # the step's last committed pair
+            pair_feats, pair_tokens = [inputs[:, : c + 1]], [tokens[:, : c + 1]]
+            for j in range(1, m):
+                seq_feats = torch.cat(pair_feats, dim=1)
+                out = draft.hidden_states(torch.cat(pair_tokens, dim=1), features=seq_feats, use_cache=False)
+                pair_feats.append(out[:, -1:])
+                pair_tokens.append(tokens[:, c + j : c + j + 1])
+            ref = draft.hidden_states(torch.cat(pair_tokens, dim=1), features=torch.cat(pair_feats, dim=1),
+                                      use_cache=False)[:, -1]
+            torch.testing.assert_close(passes[m - 1][:, i], ref, atol=1e-4, rtol=1e-4)
