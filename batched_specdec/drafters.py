@@ -159,16 +159,26 @@ class ModelDrafter:
         logits = self._feed(token_buffer, seq_lens, 2)
         logits = logits.gather(1, (num_first - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
         cache.advance(num_first)
+
+        def next_logits(token: Tensor) -> Tensor:
+            return model_forward(self.model, cache, token[:, None], logits_to_keep=1)[:, 0]
+
+        tokens, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits)
+        return DraftProposal(tokens=tokens, probs=draft_probs)
+
+    def _sample_chain(self, logits: Tensor, gamma: int, logits_processor, generator, next_logits):
+        """Sample ``gamma`` draft tokens, the first from ``logits``, each later one from ``next_logits(previous
+        token)`` (one draft forward, after which the cache grows by one); returns ``(tokens (B, gamma), q or
+        None)``."""
         tokens, probs = [], []
         for i in range(gamma):
             token, prob = logits_processor.sample(logits, generator)
             tokens.append(token)
             probs.append(prob)
             if i + 1 < gamma:
-                logits = model_forward(self.model, cache, token[:, None], logits_to_keep=1)[:, 0]
-                cache.advance(1)
-        draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
-        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=draft_probs)
+                logits = next_logits(token)
+                self.cache.advance(1)
+        return torch.stack(tokens, dim=1), None if probs[0] is None else torch.stack(probs, dim=1)
 
     def _feed(self, token_buffer: Tensor, ends: Tensor, width: int) -> Tensor:
         """Write committed tokens ``[ends - width, ends)`` of every row (from 0 for shorter rows; positions past a
@@ -270,19 +280,16 @@ class FeatureDrafter(ModelDrafter):
         logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), max(self._tokens_behind, 1))
         self._tokens_behind = 0
         self.cache.set_lens(pairs.clamp_min(1))
-        drafted, probs = [], []
-        for i in range(gamma):
-            token, prob = logits_processor.sample(logits, generator)
-            drafted.append(token)
-            probs.append(prob)
-            if i + 1 < gamma:
-                logits, feature = model_forward(self.model, self.cache, token[:, None], logits_to_keep=1,
-                                                return_hidden=True, features=feature[:, None])
-                logits, feature = logits[:, 0], feature[:, 0]
-                self.cache.advance(1)
-        draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
-        num = torch.where(pairs > 0, gamma, 0)
-        return DraftProposal(tokens=torch.stack(drafted, dim=1), probs=draft_probs, num_tokens=num)
+        state = {"feature": feature}
+
+        def next_logits(token: Tensor) -> Tensor:  # the pair (own predicted feature, drafted token)
+            logits, hidden = model_forward(self.model, self.cache, token[:, None], logits_to_keep=1,
+                                           return_hidden=True, features=state["feature"][:, None])
+            state["feature"] = hidden[:, 0]
+            return logits[:, 0]
+
+        drafted, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits)
+        return DraftProposal(tokens=drafted, probs=draft_probs, num_tokens=torch.where(pairs > 0, gamma, 0))
 
     def _feed_pairs(self, tokens: Tensor, ends: Tensor, width: int) -> tuple[Tensor, Tensor]:
         """Write the pairs ``[ends - width, ends)`` of every row (from 0 for shorter rows) and return the logits
