@@ -156,7 +156,7 @@ def _check_args(args) -> None:
 class TrainSet:
     """Examples ``(input_ids, teacher ids, teacher log-probs, first loss position)`` from the generated chunks."""
 
-    def __init__(self, chunks: list[dict], seq_len: int) -> None:
+    def __init__(self, chunks: list[dict], seq_len: int, exclude: frozenset = frozenset()) -> None:
         self.items = []
         for ch in chunks:
             if not ch.get("teacher_aligned"):
@@ -164,6 +164,8 @@ class TrainSet:
                                    "aligned with their rows (they belong to other prompts of the chunk); delete the "
                                    "run's data-* directory and generate again (--kind feature does not read them)")
             for i, prompt in enumerate(ch["prompts"]):
+                if tuple(prompt) in exclude:
+                    continue
                 gen = ch["gen"][i]
                 p = len(prompt)
                 # position p-1+j predicts gen[j]; inputs are prompt + gen[:-1]
@@ -242,13 +244,24 @@ def draft_plan(target, args):
         raise DistillError(f"--width: {exc}") from exc
 
 
-def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path):
+def main_job_prompts(tokenizer) -> frozenset:
+    """Token ids of the prompts ``python -m batched_specdec.main`` decodes by default (the first built-in ones):
+    never trained on, so that the main job measures a draft on prompts it has not seen."""
+    from batched_specdec.config import Config
+    from batched_specdec.prompts import builtin_prompts, encode_prompts, select_prompts
+
+    if tokenizer is None:
+        return frozenset()
+    return frozenset(tuple(p) for p in encode_prompts(tokenizer, select_prompts(builtin_prompts(), Config().num_prompts)))
+
+
+def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path, exclude: frozenset):
     """A feature draft, its training set with the target's features (cached next to the data), and its loss."""
     from batched_specdec.distill_feature import FeatureTrainSet, build_feature_draft, feature_loss
 
     layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
     draft = build_feature_draft(target, vocab_ids, args.layers, layer_ids)
-    train_set = FeatureTrainSet(chunks, args.seq_len)
+    train_set = FeatureTrainSet(chunks, args.seq_len, exclude)
     train_set.attach_features(target, data_dir / "features", progress=not args.no_progress)
 
     def loss_fn(ids, feats, mask):
@@ -505,11 +518,17 @@ def run(args) -> dict:
     summary["subset_coverage"] = float(covered[gen_all].float().mean())
     print(f"vocabulary subset: {len(vocab_ids)} ids cover {summary['subset_coverage']:.4f} of generated tokens",
           file=sys.stderr)
+    exclude = main_job_prompts(tokenizer) if "built-in" in sources else frozenset()
+    if exclude:
+        left_out = sum(tuple(p) in exclude for ch in chunks for p in ch["prompts"])
+        summary["main_job_sequences_left_out"] = left_out
+        print(f"{left_out} sequences of the prompts the main job decodes by default are left out of training",
+              file=sys.stderr)
     if args.kind == "feature":
-        draft, layer_ids, train_set, loss_fn = _feature_setup(target, chunks, vocab_ids, args, data_dir)
+        draft, layer_ids, train_set, loss_fn = _feature_setup(target, chunks, vocab_ids, args, data_dir, exclude)
     else:
         draft, layer_ids = build_draft(target, args, vocab_ids)
-        train_set, loss_fn = TrainSet(chunks, args.seq_len), None
+        train_set, loss_fn = TrainSet(chunks, args.seq_len, exclude), None
     draft.to(device)
     summary["init_layers"] = layer_ids
     result = train(draft, train_set, vocab_ids, args, out_dir, device, loss_fn)

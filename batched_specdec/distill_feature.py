@@ -27,11 +27,13 @@ class FeatureTrainSet:
     """Training sequences ``prompt + continuation`` (cut to ``seq_len``), each with the index of its first pair
     that carries loss, and (after :meth:`attach_features`) the target's features of every position."""
 
-    def __init__(self, chunks: list[dict], seq_len: int) -> None:
+    def __init__(self, chunks: list[dict], seq_len: int, exclude: frozenset = frozenset()) -> None:
         self.chunks = chunks
         self.seq_len = seq_len
+        self.exclude = exclude  # prompts (id tuples) whose sequences are left out (after their features are cached)
         self.items: list[tuple[Tensor, int]] = []
         self.chunk_of_item: list[int] = []
+        self.prompt_of_item: list[tuple] = []
         for c, ch in enumerate(chunks):
             for i, prompt in enumerate(ch["prompts"]):
                 ids = torch.cat([torch.tensor(prompt, dtype=torch.int64), ch["gen"][i]])[:seq_len]
@@ -39,6 +41,7 @@ class FeatureTrainSet:
                 if len(ids) - 1 > first:
                     self.items.append((ids, first))
                     self.chunk_of_item.append(c)
+                    self.prompt_of_item.append(tuple(prompt))
         self.features: list[Tensor] | None = None
 
     def __len__(self) -> int:
@@ -77,6 +80,9 @@ class FeatureTrainSet:
         if todo:
             print(f"target features of {todo} sequences in {time.perf_counter() - t0:.0f} s "
                   f"({len(self.items) - todo} cached)", file=sys.stderr)
+        keep = [i for i, p in enumerate(self.prompt_of_item) if p not in self.exclude]
+        self.items = [self.items[i] for i in keep]
+        self.features = [self.features[i] for i in keep]
 
     @torch.inference_mode()
     def _compute(self, target, items: list[int], batch_size: int, bar) -> None:

@@ -196,3 +196,24 @@ def test_a_distilled_draft_that_copies_every_target_layer_accepts_every_draft(at
                                                attention=attention)
     assert got == expected
     assert min(alpha) > 0.95, alpha
+
+
+def test_training_sets_leave_out_excluded_prompts(tmp_path):
+    """The prompts the main job measures on are left out of training (distill.main_job_prompts); the feature set
+    still caches every row's features, so the cache does not depend on what is left out."""
+    from batched_specdec.distill import TrainSet
+    from batched_specdec.distill_feature import FeatureTrainSet
+
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=1, hidden=32)
+    chunk = {"prompts": [[5, 6, 7], [8, 9], [5, 6, 7]], "gen": torch.randint(0, VOCAB, (3, 6)),
+             "top_vals": torch.zeros(3, 6, 4, dtype=torch.float16), "top_ids": torch.zeros(3, 6, 4, dtype=torch.int32),
+             "teacher_aligned": True}
+    exclude = frozenset({(5, 6, 7)})
+    assert len(TrainSet([chunk], 64)) == 3 and len(TrainSet([chunk], 64, exclude)) == 1
+    fset = FeatureTrainSet([chunk], 64, exclude)
+    fset.attach_features(target, tmp_path, progress=False)
+    assert len(fset) == 1 and fset.items[0][0][:2].tolist() == [8, 9] and len(fset.features[0]) == 8
+    full = FeatureTrainSet([chunk], 64)
+    full.attach_features(target, tmp_path, progress=False)  # from the cache written above
+    assert len(full) == 3 and len(list(tmp_path.glob("*.pt"))) == 1
+    torch.testing.assert_close(full.features[1], fset.features[0])
