@@ -247,12 +247,12 @@ def draft_plan(target, args):
 def main_job_prompts(tokenizer) -> frozenset:
     """Token ids of the prompts ``python -m batched_specdec.main`` decodes by default (the first built-in ones):
     never trained on, so that the main job measures a draft on prompts it has not seen."""
-    from batched_specdec.config import Config
+    from batched_specdec.config import RunConfig
     from batched_specdec.prompts import builtin_prompts, encode_prompts, select_prompts
 
     if tokenizer is None:
         return frozenset()
-    return frozenset(tuple(p) for p in encode_prompts(tokenizer, select_prompts(builtin_prompts(), Config().num_prompts)))
+    return frozenset(tuple(p) for p in encode_prompts(tokenizer, select_prompts(builtin_prompts(), RunConfig().num_prompts)))
 
 
 def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path, exclude: frozenset):

