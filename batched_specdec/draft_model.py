@@ -14,9 +14,14 @@ Its logits over the full vocabulary are ``-inf`` outside the subset. That keeps 
 the draft samples from ``q`` with zeros outside the subset and verification uses exactly that ``q``; greedy
 verification compares argmaxes, and the draft's argmax is always a subset token.
 
+:class:`FeatureHeadDraft` is the EAGLE-style variant: the same shared embedding and subset head, plus an ``fc`` that
+lets its layer read the target's own final hidden state next to each token (see
+:class:`batched_specdec.drafters.FeatureDrafter` for how it drafts).
+
 Files of a saved draft (``save_draft``): ``draft_config.json`` (the Llama config of the layers, the target's
-vocabulary size, the subset size), ``draft.safetensors`` (layers, norm, head bias and the subset ids, float
-tensors in the storage dtype, default bfloat16). Loaded tensors take the target's dtype.
+vocabulary size, the subset size, the kind: ``"tokens"`` or ``"feature"``), ``draft.safetensors`` (layers, norm,
+head bias, the subset ids and the kind's extra tensors: projections of a narrower token draft, a feature draft's
+``fc``; float tensors in the storage dtype, default bfloat16). Loaded tensors take the target's dtype.
 """
 
 from __future__ import annotations
