@@ -57,7 +57,8 @@ class FeatureTrainSet:
         self.features = [None] * len(self.items)
         missing = []
         for c, items in by_chunk.items():
-            path = cache_dir / f"{_chunk_hash(self.chunks[c])}-len{self.seq_len}.pt"
+            dtype = str(target.dtype).removeprefix("torch.")  # features of another precision are other features
+            path = cache_dir / f"{_chunk_hash(self.chunks[c])}-len{self.seq_len}-{dtype}.pt"
             if path.is_file():
                 for i, f in zip(items, torch.load(path)):
                     self.features[i] = f

@@ -323,6 +323,10 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
     config = LlamaConfig.from_dict(config_dict)
     config._attn_implementation = getattr(target_model.config, "_attn_implementation", None) or "sdpa"
     tensors = load_file(str(path / WEIGHTS_NAME))
+    width = config_dict.get("hidden_size")
+    if meta.get("kind") == FeatureHeadDraft.kind and width != int(target_model.config.hidden_size):
+        raise DraftLoadError(f"draft {str(path)!r} is a feature draft of width {width}; "
+                             f"a feature draft has its target's width {target_model.config.hidden_size}")
     kinds = {cls.kind: cls for cls in (SubsetHeadDraft, FeatureHeadDraft)}
     kind = meta.get("kind", SubsetHeadDraft.kind)  # drafts saved before feature drafts existed have none
     if kind not in kinds:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from batched_specdec.inputs import vocab_size
 from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward
+from kernels import compact_rows
 
 
 @dataclass
@@ -319,7 +320,8 @@ class FeatureDrafter(ModelDrafter):
 
     def keep_rows(self, rows: Tensor) -> None:
         super().keep_rows(rows)
-        self.features = self.features.index_select(0, rows.to(self.device))
+        # After the cache (released layer by layer): the peak is this buffer twice, about one target layer's KV.
+        (self.features,) = compact_rows([self.features], rows.to(self.device))
 
 
 def as_drafter(draft_model, target_vocab: int, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> Drafter:

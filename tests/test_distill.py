@@ -123,11 +123,23 @@ def test_distill_feature_draft_end_to_end(tiny_target_dir, tmp_path):
     draft = load_draft(str(out / "draft"), target)
     assert isinstance(draft, FeatureHeadDraft) and len(draft.model.layers) == 1
     assert isinstance(as_drafter(draft, VOCAB), FeatureDrafter)
-    assert torch.count_nonzero(draft.fc.weight) > 0
+    from safetensors.torch import load_file
+
+    saved_fc = load_file(str(out / "draft" / "draft.safetensors"))["fc"]
+    torch.testing.assert_close(draft.fc.weight, saved_fc.to(draft.fc.weight.dtype))
+    assert not torch.equal(saved_fc.float(), torch.cat([torch.eye(32), torch.eye(32)], dim=1))  # trained
     prompts = [[5, 17, 33], [9, 2, 40, 41, 77, 12, 8], [60]]
     expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=20, eos_tokens_id=[])
     got, _, stats = speculative_generate_batch(prompts, draft, target, gamma=4, max_gen_len=20, eos_tokens_id=[])
     assert got == expected and sum(stats.proposed) > 0
+    config = json.loads((out / "draft" / "draft_config.json").read_text())
+    config["llama_config"]["hidden_size"] = 16
+    bad = tmp_path / "bad-width"
+    bad.mkdir()
+    (bad / "draft_config.json").write_text(json.dumps(config))
+    (bad / "draft.safetensors").write_bytes((out / "draft" / "draft.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match="feature draft of width 16"):
+        load_draft(str(bad), target)
     with pytest.raises(DistillError, match="--kind feature drafts have the target's width"):
         run(_args(tiny_target_dir, out, "--kind", "feature", "--width", "16", "--init", "random"))
     with pytest.raises(DistillError, match="checkpoint of a --kind feature draft"):
