@@ -323,15 +323,14 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
     config = LlamaConfig.from_dict(config_dict)
     config._attn_implementation = getattr(target_model.config, "_attn_implementation", None) or "sdpa"
     tensors = load_file(str(path / WEIGHTS_NAME))
-    width = config_dict.get("hidden_size")
-    if meta.get("kind") == FeatureHeadDraft.kind and width != int(target_model.config.hidden_size):
-        raise DraftLoadError(f"draft {str(path)!r} is a feature draft of width {width}; "
-                             f"a feature draft has its target's width {target_model.config.hidden_size}")
     kinds = {cls.kind: cls for cls in (SubsetHeadDraft, FeatureHeadDraft)}
     kind = meta.get("kind", SubsetHeadDraft.kind)  # drafts saved before feature drafts existed have none
     if kind not in kinds:
         raise DraftLoadError(f"draft {str(path)!r} has kind {kind!r}, expected one of {sorted(kinds)}")
-    draft = kinds[kind](config, target_model, tensors["vocab_ids"].to(torch.int64))
+    try:
+        draft = kinds[kind](config, target_model, tensors["vocab_ids"].to(torch.int64))
+    except ValueError as exc:  # e.g. a feature draft whose width is not its target's
+        raise DraftLoadError(f"draft {str(path)!r} does not fit this target: {exc}") from exc
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = draft.model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("embed_tokens")]

@@ -57,10 +57,10 @@ class Drafter(Protocol):
     follows the steps may define ``note_target_only_step()`` to hear of those (``ModelDrafter`` does).
 
     A drafter that reads the target's hidden states sets ``uses_target_features = True`` and defines
-    ``observe_features(hidden, first_position, rows=None)``, ``observe_prefill_features(rows, start, hidden)`` and
-    ``note_verify(width)`` (:class:`FeatureDrafter`): the engine then hands it the target's final hidden states of
-    the prefill chunks and of every verify forward (all ``k + 1`` positions; which of them a row commits, the next
-    step's ``seq_lens`` says), with no extra host sync. Other drafters define none of these.
+    ``observe_features(hidden, first_position, rows=None)`` (:class:`FeatureDrafter`): the engine then hands it the
+    target's final hidden states of every prefill chunk and of every verify forward (all ``k + 1`` positions; which
+    of them a row commits, the next step's ``seq_lens`` says), with no extra host sync. Other drafters define
+    neither.
 
     Losslessness needs one rule from a drafter that proposes fewer tokens than asked: a row's proposal length may
     depend on committed tokens and on the drafter's own state, never on the draft tokens it sampled in this step
@@ -247,31 +247,24 @@ class FeatureDrafter(ModelDrafter):
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         super().start(token_buffer, seq_lens, max_seq_len)
-        batch, width = token_buffer.shape
+        batch = token_buffer.shape[0]
         hidden = int(self.model.config.hidden_size)
         self.features = torch.zeros(batch, max_seq_len, hidden, dtype=self.model.dtype, device=self.device)
-        self._tokens_behind = max(width - 1, 0)  # pairs before the first proposal: every committed pair
+        self._tokens_behind = 0  # the prefill's observations add every committed pair of the prompts
 
-    def observe_features(self, hidden: Tensor, first_position: Tensor, rows: int | None = None) -> None:
+    def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | None = None) -> None:
         """Keep the target's final hidden states ``hidden`` ``(R, W, H)`` of positions ``first_position[r] + j``
-        (``(R,)`` int64, or an int for every row) for rows ``[:rows]`` (all when None)."""
+        (``(R,)`` int64, or an int for every row) for rows ``[:rows]`` (all when None): up to ``W`` new committed
+        pairs per row for the next proposal to feed. Also ``ragged_cache.prefill``'s ``on_hidden``."""
         buf = self.features if rows is None else self.features[:rows]
         r, w, h = hidden.shape
         first = torch.as_tensor(first_position, dtype=torch.int64, device=self.device).expand(r)
         idx = first[:, None] + torch.arange(w, device=self.device)[None, :]
         buf.scatter_(1, idx[:, :, None].expand(r, w, h), hidden.to(device=self.device, dtype=buf.dtype))
-
-    def observe_prefill_features(self, rows: int, start: int, hidden: Tensor) -> None:
-        """``ragged_cache.prefill``'s ``on_hidden`` callback."""
-        self.observe_features(hidden, start, rows)
-
-    def note_verify(self, width: int) -> None:
-        """The engine verified ``width`` positions per row (and passed their features): up to that many new
-        committed pairs per row for the next proposal to feed."""
-        self._tokens_behind += width
+        self._tokens_behind += w
 
     def note_target_only_step(self) -> None:
-        pass  # a target-only step is a verify of width 1, which note_verify counts
+        pass  # a target-only step is a verify of width 1, whose features observe_features counted
 
     def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len) -> DraftProposal:
         device = self.device
@@ -281,12 +274,12 @@ class FeatureDrafter(ModelDrafter):
         logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), max(self._tokens_behind, 1))
         self._tokens_behind = 0
         self.cache.set_lens(pairs.clamp_min(1))
-        state = {"feature": feature}
 
         def next_logits(token: Tensor) -> Tensor:  # the pair (own predicted feature, drafted token)
+            nonlocal feature
             logits, hidden = model_forward(self.model, self.cache, token[:, None], logits_to_keep=1,
-                                           return_hidden=True, features=state["feature"][:, None])
-            state["feature"] = hidden[:, 0]
+                                           return_hidden=True, features=feature[:, None])
+            feature = hidden[:, 0]
             return logits[:, 0]
 
         drafted, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits)

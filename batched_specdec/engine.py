@@ -49,7 +49,6 @@ def _verify_forward(model, cache: RaggedKVCache, inputs: Tensor, drafter, feeds_
         return model_forward(model, cache, inputs)
     logits, hidden = model_forward(model, cache, inputs, return_hidden=True)
     drafter.observe_features(hidden, cache.lens)
-    drafter.note_verify(inputs.shape[1])
     return logits
 
 
@@ -205,7 +204,7 @@ def speculative_generate_batch(
     drafter.start(batch.token_buffer[:, : batch.max_prompt_len], batch.seq_lens, capacity)
     feeds_features = getattr(drafter, "uses_target_features", False)
     _prefill_target(target_model, target_cache, batch, prefill_chunk,
-                    drafter.observe_prefill_features if feeds_features else None)
+                    drafter.observe_features if feeds_features else None)
     bar = progress_bar(progress, sum(req.max_gen_lens), "speculative")
     processor, gen = logits_processor, req.generator
     catching_up = True  # the drafter's next propose also feeds what it missed (the prompts, target-only steps)

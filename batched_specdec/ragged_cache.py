@@ -300,7 +300,7 @@ def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chun
     chunk : int
         Columns per forward (>= 1).
     on_hidden : callable, optional
-        ``on_hidden(rows, start, hidden)`` after each forward, with the decoder's final hidden states ``(rows, W, H)``
+        ``on_hidden(hidden, start, rows)`` after each forward, with the decoder's final hidden states ``(rows, W, H)``
         of the chunk's positions ``start .. start + W - 1`` of rows ``[:rows]`` (a feature drafter's input).
     """
     if any(a < b for a, b in itertools.pairwise(widths)):
@@ -317,6 +317,6 @@ def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chun
         out = model_forward(model, cache, tokens[:rows, start : start + width], logits_to_keep=1,
                             return_hidden=on_hidden is not None)
         if on_hidden is not None:
-            on_hidden(rows, start, out[1])
+            on_hidden(out[1], start, rows)
     cache.set_rows(None)
     cache.set_lens(torch.tensor(widths, dtype=torch.int64, device=device))

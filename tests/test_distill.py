@@ -138,7 +138,7 @@ def test_distill_feature_draft_end_to_end(tiny_target_dir, tmp_path):
     bad.mkdir()
     (bad / "draft_config.json").write_text(json.dumps(config))
     (bad / "draft.safetensors").write_bytes((out / "draft" / "draft.safetensors").read_bytes())
-    with pytest.raises(ModelLoadError, match="feature draft of width 16"):
+    with pytest.raises(ModelLoadError, match="feature draft has the target's width 32, got 16"):
         load_draft(str(bad), target)
     with pytest.raises(DistillError, match="--kind feature drafts have the target's width"):
         run(_args(tiny_target_dir, out, "--kind", "feature", "--width", "16", "--init", "random"))
