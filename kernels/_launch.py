@@ -13,9 +13,15 @@ import triton
 BACKENDS = ("auto", "triton", "torch")
 
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1`` before import).
+
+    Read once, at import: triton reads the variable when it is imported, so a later change would not take effect
+    anyway, and the kernels' wrappers call this on every launch (once per layer per forward)."""
+    return _INTERPRETING
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

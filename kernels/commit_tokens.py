@@ -101,6 +101,7 @@ def commit_emitted_tokens(
     max_gen_len: int,
     *,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Append each live row's emitted tokens to its buffer and update the per-row lengths, in place.
 
@@ -127,18 +128,33 @@ def commit_emitted_tokens(
     max_gen_len : int
         Generation budget per row.
     backend : {"auto", "triton", "torch"}
-        "auto": Triton for CUDA tensors, the torch reference otherwise.
+        "auto": Triton for CUDA tensors, the torch reference otherwise. The Triton path is the custom op
+        ``torch.ops.batched_specdec.commit_emitted_tokens``, which compiled graphs call as one node.
+    validate : bool
+        Check shapes, dtypes and devices first (default); the engine, whose buffers are built to fit, passes False.
 
     Returns
     -------
     torch.Tensor
         (B,) int64 tokens appended this step per row (0 for rows that were already finished).
     """
-    _check(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos_token_ids,
-           max_gen_len)  # fmt: skip
+    if validate:
+        _check(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos_token_ids,
+               max_gen_len)  # fmt: skip
     if resolve_backend(backend, output_tokens.device) == "torch":
         return _reference_impl(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens,
                                eos_token_ids, max_gen_len)  # fmt: skip
+    return _commit_emitted_tokens_op(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished,
+                                     cache_lens, eos_token_ids, max_gen_len)  # fmt: skip
+
+
+@torch.library.custom_op("batched_specdec::commit_emitted_tokens",
+                         mutates_args=("token_buffer", "seq_lens", "gen_lens", "finished", "cache_lens"))
+def _commit_emitted_tokens_op(output_tokens: torch.Tensor, num_accepted: torch.Tensor, token_buffer: torch.Tensor,
+                              seq_lens: torch.Tensor, gen_lens: torch.Tensor, finished: torch.Tensor,
+                              cache_lens: torch.Tensor, eos_token_ids: torch.Tensor,
+                              max_gen_len: int) -> torch.Tensor:  # fmt: skip
+    """The Triton launch as a torch custom op (inputs already checked): one node in compiled graphs."""
     B, K1 = output_tokens.shape
     S = token_buffer.shape[1]
     num_committed = torch.empty((B,), dtype=torch.int64, device=output_tokens.device)
@@ -155,6 +171,12 @@ def commit_emitted_tokens(
         BLOCK_B=cfg["BLOCK_B"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return num_committed
+
+
+@_commit_emitted_tokens_op.register_fake
+def _(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos_token_ids,
+      max_gen_len):  # fmt: skip
+    return output_tokens.new_empty((output_tokens.shape[0],))
 
 
 def _reference_impl(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens,
@@ -193,7 +215,8 @@ def commit_emitted_tokens_reference(
     max_gen_len: int,
     *,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Pure-torch :func:`commit_emitted_tokens` (``backend`` is ignored); same arguments, results and updates."""
     return commit_emitted_tokens(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens,
-                                 eos_token_ids, max_gen_len, backend="torch")  # fmt: skip
+                                 eos_token_ids, max_gen_len, backend="torch", validate=validate)  # fmt: skip

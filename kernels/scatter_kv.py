@@ -78,6 +78,7 @@ def scatter_kv_at_offsets(
     cache_lens: torch.Tensor,
     *,
     backend: str = "auto",
+    validate: bool = True,
 ) -> None:
     """Write this forward's K/V entries into static cache buffers at per-row offsets, in place.
 
@@ -91,12 +92,25 @@ def scatter_kv_at_offsets(
         (B,) int64: row b's entries go to positions cache_lens[b] .. cache_lens[b] + Q - 1; positions >= S
         are dropped.
     backend : {"auto", "triton", "torch"}
-        "auto": Triton for CUDA tensors, the torch reference otherwise.
+        "auto": Triton for CUDA tensors, the torch reference otherwise. The Triton path is the custom op
+        ``torch.ops.batched_specdec.scatter_kv_at_offsets``, which compiled graphs call as one node.
+    validate : bool
+        Check shapes, dtypes and devices first (default). The ragged cache, which builds its buffers itself,
+        passes False: this runs once per layer per forward.
     """
-    _check(key_cache, value_cache, key_states, value_states, cache_lens)
+    if validate:
+        _check(key_cache, value_cache, key_states, value_states, cache_lens)
     if resolve_backend(backend, key_cache.device) == "torch":
         _reference_impl(key_cache, value_cache, key_states, value_states, cache_lens)
         return
+    _scatter_kv_at_offsets_op(key_cache, value_cache, key_states, value_states, cache_lens)
+
+
+@torch.library.custom_op("batched_specdec::scatter_kv_at_offsets", mutates_args=("key_cache", "value_cache"))
+def _scatter_kv_at_offsets_op(key_cache: torch.Tensor, value_cache: torch.Tensor, key_states: torch.Tensor,
+                              value_states: torch.Tensor, cache_lens: torch.Tensor) -> None:
+    """The Triton launch as a torch custom op (inputs already checked), so torch.compile and CUDA graphs capture
+    it as one node instead of tracing into the launch."""
     B, H, S, D = key_cache.shape
     Q = key_states.shape[2]
     if B * H * Q * D == 0:
@@ -109,6 +123,11 @@ def scatter_kv_at_offsets(
         H, S, Q, D,
         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )  # fmt: skip
+
+
+@_scatter_kv_at_offsets_op.register_fake
+def _(key_cache, value_cache, key_states, value_states, cache_lens) -> None:
+    return None
 
 
 def _reference_impl(key_cache, value_cache, key_states, value_states, cache_lens):
@@ -134,6 +153,8 @@ def scatter_kv_at_offsets_reference(
     cache_lens: torch.Tensor,
     *,
     backend: str = "auto",
+    validate: bool = True,
 ) -> None:
     """Pure-torch :func:`scatter_kv_at_offsets` (``backend`` is ignored); same arguments, in place."""
-    scatter_kv_at_offsets(key_cache, value_cache, key_states, value_states, cache_lens, backend="torch")
+    scatter_kv_at_offsets(key_cache, value_cache, key_states, value_states, cache_lens, backend="torch",
+                          validate=validate)

@@ -443,7 +443,7 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
 
 def test_philox_numpy_words_equal_torch_words():
     """The CPU reference computes Philox in numpy for speed; it must give the torch implementation's bits."""
-    from kernels.rejection_sample import _philox_round_words_numpy, _philox_round_words_torch
+    from kernels.philox import _philox_round_words_numpy, _philox_round_words_torch
 
     g = torch.Generator().manual_seed(0)
     counters = torch.cat([torch.randint(-(2**63), 2**63 - 1, (4000,), generator=g),
