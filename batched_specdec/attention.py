@@ -202,12 +202,15 @@ def _softcap_score_mod(softcap: float):
 def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float, softcap: float | None) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
+    score_mod = None if softcap is None else _softcap_score_mod(softcap)
+    if torch.compiler.is_compiling():  # inside a compiled forward (compile=True): traced with the rest of it
+        return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                              enable_gqa=key.shape[1] != query.shape[1])
     device = query.device.type
     fn = _compiled_flex.get(device)
     if fn is None:
         # Static shapes on CPU: torch 2.13's inductor cannot compile dynamic-shape flex attention for the CPU.
         fn = _compiled_flex[device] = torch.compile(flex_attention, dynamic=False if device == "cpu" else None)
-    score_mod = None if softcap is None else _softcap_score_mod(softcap)
     # One compiled graph per shape on CPU: without a higher limit, torch would fall back to eager flex attention
     # (dense and slow) after 8 shapes, which a run with a few batch sizes, widths and span buckets reaches quickly.
     with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):

@@ -39,6 +39,7 @@ class RunConfig:
     attn_implementation: str = "auto"
     attention: str = "auto"
     prefill_chunk: int = 128
+    compile: bool = False
     num_prompts: int = 8
     prompts: str | None = None
     output_dir: str = "outputs"

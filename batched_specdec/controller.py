@@ -333,10 +333,11 @@ class AdaptiveSpeculation:
         return _best_length(totals / cost)
 
     def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
-                width: int, *, draft_timing_usable: bool = True) -> None:
+                width: int, *, draft_timing_usable: bool = True, timing_usable: bool = True) -> None:
         """After the step's host sync: per-row proposed/accepted counts (host ``(B,)``) and the step's timings.
         ``draft_timing_usable=False`` keeps a draft time that includes one-off work (a model drafter catching up
-        after target-only steps) out of the per-forward draft cost."""
+        after target-only steps) out of the per-forward draft cost; ``timing_usable=False`` keeps the whole step's
+        times out of the costs (a step that compiled a graph: seconds of one-off work)."""
         decay = torch.tensor(EVIDENCE_DECAY, dtype=torch.float64)[:, None]
         self.successes *= decay
         self.trials *= decay
@@ -348,7 +349,7 @@ class AdaptiveSpeculation:
         draft = self.clock.seconds("start", "draft") if k else 0.0
         verify = self.clock.seconds("draft" if k else "start", "verify")
         predicted = self.costs.step_s(rows, k, width + 1) if self.costs.ready else math.nan
-        if not self.frozen_costs:
+        if not self.frozen_costs and timing_usable:
             if k and draft_timing_usable:
                 self.costs.draft_per_forward.add(rows, draft / k)
             self.costs.verify.add(rows * (width + 1), verify)
@@ -382,16 +383,18 @@ class AdaptiveSpeculation:
 _SHARED_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: float | None = None) -> CostModel:
-    """The cost model every ``gamma="auto"`` call with this target, drafter and device reads and updates.
+def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: float | None = None, *,
+                      compiled: bool = False) -> CostModel:
+    """The cost model every ``gamma="auto"`` call with this target, drafter, device and ``compile`` setting reads
+    and updates.
 
-    Step costs belong to the (target, drafter, device) triple, not to one call: a program that decodes batch after
+    Step costs belong to the (target, drafter, device, compiled) tuple, not to one call: a program that decodes batch after
     batch (the CLI, an evaluation loop, :func:`~batched_specdec.generate`) measures them once and later calls start
     from those measurements instead of from the prior (no first exploratory step, no width ramp to re-measure).
     Entries go away with the target model. :func:`forget_cost_models` starts from the prior again.
     """
     draft = getattr(drafter, "model", None)
-    key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device))
+    key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device), compiled)
     models = _SHARED_COSTS.setdefault(target_model, {})
     if key not in models:
         models[key] = CostModel(draft_ratio, min_verify_tokens=min_verify_tokens(device))

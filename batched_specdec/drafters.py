@@ -111,10 +111,11 @@ class ModelDrafter:
         Columns per forward when it catches up on many tokens at once (its lazy prompt prefill).
     """
 
-    def __init__(self, model, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(self, model, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK, compile: bool = False) -> None:
         self.model = model
         self.attention = attention
         self.prefill_chunk = prefill_chunk
+        self.compile = compile  # its decode-sized forwards run compiled (ragged_cache.model_forward)
         self.vocab_size = vocab_size(model)  # the width of its logits, so of the q it returns
         embeddings = model.get_input_embeddings()
         self._max_input_id = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]) - 1
@@ -132,7 +133,7 @@ class ModelDrafter:
         # The prompts are fed lazily, by the first propose: a run where the engine never drafts (gamma auto on a
         # workload where drafting cannot pay) never pays the draft's prefill.
         self._tokens_behind = max(int(token_buffer.shape[1]) - 2, 0)  # committed tokens before s[:-2] not yet fed
-        self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device, self.attention)
+        self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device, self.attention, self.compile)
 
     def propose(
         self,
@@ -185,7 +186,8 @@ class ModelDrafter:
         """Write committed tokens ``[ends - width, ends)`` of every row (from 0 for shorter rows; positions past a
         row's end repeat its last token and lie beyond what is kept) at their positions, at most
         ``prefill_chunk`` columns per forward; returns the ``(B, 2, V)`` logits of the last two fed positions when
-        ``width == 2``, else of the last one."""
+        ``width == 2``, else of the last one. Only the step's regular feed (``width == 2``) may run compiled: a
+        catch-up's width is a one-off shape."""
         device = self.device
         tokens = token_buffer.to(device)
         ends = ends.clamp_min(1)
@@ -196,7 +198,7 @@ class ModelDrafter:
             self.cache.set_lens(lens)
             idx = torch.minimum(lens[:, None] + torch.arange(cols, device=device)[None, :], ends[:, None] - 1)
             ids = self._draft_ids(tokens.gather(1, idx))
-            logits = model_forward(self.model, self.cache, ids, logits_to_keep=min(cols, 2))
+            logits = model_forward(self.model, self.cache, ids, logits_to_keep=min(cols, 2), compile=width == 2)
         return logits
 
     def _draft_ids(self, ids: Tensor) -> Tensor:
@@ -317,15 +319,25 @@ class FeatureDrafter(ModelDrafter):
         (self.features,) = compact_rows([self.features], rows.to(self.device))
 
 
-def as_drafter(draft_model, target_vocab: int, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> Drafter:
+def as_drafter(draft_model, target_vocab: int, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
+               compile: bool = False) -> Drafter:
     """A drafter for ``draft_model``; its vocabulary must be a prefix of the target's (``V_draft <= V_target``).
-    A model gets a :class:`ModelDrafter` with the engine's ``attention`` backend and ``prefill_chunk``."""
+    A model gets a :class:`ModelDrafter` with the engine's ``attention`` backend, ``prefill_chunk`` and ``compile``.
+
+    Raises
+    ------
+    ValueError
+        ``compile=True`` with a feature draft: its forwards return hidden states, which compiled forwards do not.
+    """
     if isinstance(draft_model, Drafter) and not hasattr(draft_model, "config"):
         drafter = draft_model
     elif getattr(draft_model, "kind", None) == "feature":
+        if compile:
+            raise ValueError("compile=True does not support feature drafts (kind 'feature') yet: their forwards "
+                             "return the decoder's hidden states, which compiled forwards do not; use compile=False")
         drafter = FeatureDrafter(draft_model, attention, prefill_chunk)
     elif hasattr(draft_model, "config") and hasattr(draft_model, "get_input_embeddings"):
-        drafter = ModelDrafter(draft_model, attention, prefill_chunk)
+        drafter = ModelDrafter(draft_model, attention, prefill_chunk, compile)
     else:
         raise TypeError(f"draft_model must be an HF causal LM or a Drafter, got {type(draft_model).__name__}")
     draft_vocab = getattr(drafter, "vocab_size", None)

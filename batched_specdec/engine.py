@@ -6,7 +6,10 @@ controller's choice), verifies ``[s_b[-1], d_1..d_k]`` in one target forward, re
 (``kernels.rejection_sample_*``) and commits 1..k+1 tokens per live row (``kernels.commit_emitted_tokens``), which
 also prunes the cache by setting its lengths. The host reads one small tensor per step (done flags, lengths, and
 for the controller the step's per-row counts) to decide whether to stop, how far attention must span and when to
-compact finished rows away (``kernels.compact_rows``).
+compact finished rows away (``kernels.compact_rows``); with ``delayed_host_read`` it reads the previous step's
+(a row that finished meanwhile is frozen by the kernels, so the extra step changes nothing). With ``compile=True``
+the forwards, the rejection sampling and the commit run compiled (:mod:`batched_specdec.capture`); the randomness of
+a step's sampling is drawn eagerly from the generator first, so seeded outputs do not depend on ``compile``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 import torch
 from torch import Tensor
 
+from batched_specdec import capture
 from batched_specdec.controller import (
     CPU_MIN_VERIFY_TOKENS,
     StepPlan,
@@ -68,8 +72,45 @@ def _pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device
     return tokens, probs, num
 
 
+def _resolve_delayed_host_read(delayed: bool | None, device: torch.device, adaptive: bool, gamma,
+                               compile: bool) -> bool:
+    """Whether the host reads each step's flags one step late (see ``delayed_host_read``); checks ``compile``."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if delayed is not None and not isinstance(delayed, bool):
+        raise TypeError(f"delayed_host_read must be True, False or None, got {delayed!r}")
+    if delayed is None:
+        return device.type == "cuda" and not adaptive
+    if delayed and adaptive:
+        raise ValueError(f"delayed_host_read=True needs an integer gamma, got gamma={gamma!r}: the adaptive "
+                         "controller reads each step's counts and timings before it plans the next step")
+    return bool(delayed)
+
+
 def _no_drafts(rows: int, device: torch.device) -> tuple[Tensor, None, None]:
     return torch.zeros(rows, 0, dtype=torch.int64, device=device), None, None
+
+
+def _verify_drafts(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
+                   num_draft: Tensor | None, seed: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """Rejection-sample one step's drafts (``k >= 1``) against the verify ``logits``: ``(out_tokens (B, k + 1),
+    num_accepted (B,))``. Compiled with ``compile=True``; its randomness comes in as ``seed``/``offset``."""
+    if processor.is_greedy:
+        return rejection_sample_from_logits(draft_tokens, None, logits, 0.0, num_draft_tokens=num_draft, seed=seed,
+                                            offset=offset)
+    return rejection_sample_from_probs(draft_tokens, draft_probs, processor.probs(logits), num_draft_tokens=num_draft,
+                                       seed=seed, offset=offset)
+
+
+def _step_seed(processor: LogitsProcessor, generator: torch.Generator | None, device: torch.device,
+               zero: Tensor) -> tuple[Tensor, Tensor]:
+    """The Philox seed and offset of one step's rejection sampling, drawn from ``generator`` on its device exactly
+    as the sampler would draw them itself (so seeded outputs do not depend on ``compile``); greedy steps draw none."""
+    if processor.is_greedy:
+        return zero, zero
+    gen_device = generator.device if generator is not None else device
+    so = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64, device=gen_device).to(device)
+    return so[0], so[1]
 
 
 def _emitted_logprobs(logits: Tensor, out_tokens: Tensor, processor: LogitsProcessor) -> Tensor:
@@ -121,6 +162,8 @@ def speculative_generate_batch(
     return_logprobs: bool = False,
     attention: str = "auto",
     prefill_chunk: int = PREFILL_CHUNK,
+    compile: bool = False,
+    delayed_host_read: bool | None = None,
 ) -> tuple[list[list[int]], list[float], GenerationStats]:
     """Speculative decoding for a batch of unpadded prompts of different lengths; lossless.
 
@@ -170,6 +213,17 @@ def speculative_generate_batch(
     prefill_chunk : int
         Prompt tokens per row per prefill forward (default 128): prompts are prefilled in chunks, each forward over
         only the rows with prompt left, so prefill memory is bounded by rows x chunk, not by the longest prompt.
+    compile : bool
+        Compile the decode step (:mod:`batched_specdec.capture`): the verify and draft forwards, the rejection
+        sampling and the commit, with ``fullgraph=True``, one graph per (batch size, draft length, span bucket);
+        on CUDA with CUDA graphs. Outputs are the eager run's. Each new shape costs a compile (seconds on CPU), so
+        it pays on long runs. Not with feature drafts. ``stats.extra["graphs_compiled"]`` counts this call's.
+    delayed_host_read : bool or None
+        Read each step's stop flags and lengths one step late (a non-blocking copy to pinned memory), so the host
+        queues step ``n + 1`` while the device runs step ``n``; rows that finished are frozen by the kernels, so the
+        extra step changes no output. ``None`` (default): on for CUDA with an integer gamma, off on CPU, where the
+        device runs synchronously and the extra step is pure cost. Needs an integer gamma (the adaptive controller
+        reads each step's counts and timings before planning the next).
 
     Returns
     -------
@@ -182,25 +236,29 @@ def speculative_generate_batch(
     req = resolve_request(prompts, target_model, tokenizer=tokenizer, logits_processor=logits_processor,
                           max_gen_len=max_gen_len, eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, seed=seed,
                           generator=generator, attention=attention, prefill_chunk=prefill_chunk)
-    drafter = as_drafter(draft_model, vocab_size(target_model), attention=attention, prefill_chunk=prefill_chunk)
+    drafter = as_drafter(draft_model, vocab_size(target_model), attention=attention, prefill_chunk=prefill_chunk,
+                         compile=compile)
     n_rows, device = len(req.rows), req.device
     ratio = draft_cost_ratio(drafter, target_model)
-    costs = shared_cost_model(target_model, drafter, device, ratio) if gamma == "auto" else None
+    costs = shared_cost_model(target_model, drafter, device, ratio, compiled=compile) if gamma == "auto" else None
     controller = make_controller(gamma, gamma_max, n_rows, device, ratio, cost_model=costs)
+    delayed = _resolve_delayed_host_read(delayed_host_read, device, controller.adaptive, gamma, compile)
     g_max = controller.gamma_max
     timer = PhaseTimer(collect_stats, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
 
     capacity = max(len(p) for p in req.rows) + req.max_gen_len + max(g_max, CPU_MIN_VERIFY_TOKENS) + 2
-    batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs)
+    batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs,
+                        compile=compile, delayed_host_read=delayed)
     eos_tensor = torch.tensor(req.eos or [-1], dtype=torch.int64, device=device)
     accepted = torch.zeros(n_rows, dtype=torch.int64, device=device)
     proposed = torch.zeros(n_rows, dtype=torch.int64, device=device)
     histogram = torch.zeros(g_max + 1, dtype=torch.int64, device=device)  # padding drafts are never accepted
+    zero = torch.zeros((), dtype=torch.int64, device=device)
 
-    target_cache = RaggedKVCache(target_model.config, n_rows, capacity, device, attention)
+    target_cache = RaggedKVCache(target_model.config, n_rows, capacity, device, attention, compile)
     drafter.start(batch.token_buffer[:, : batch.max_prompt_len], batch.seq_lens, capacity)
     feeds_features = getattr(drafter, "uses_target_features", False)
     _prefill_target(target_model, target_cache, batch, prefill_chunk,
@@ -210,7 +268,10 @@ def speculative_generate_batch(
     catching_up = True  # the drafter's next propose also feeds what it missed (the prompts, target-only steps)
     while True:
         timer.start()
+        if compile:
+            capture.step_begin(device)
         controller.start_step()
+        graphs_before_step = capture.graphs_compiled()
         max_len = batch.max_live_seq_len()
         plan = controller.plan(batch.host_row_ids, ~batch.host_finished)
         draft_timing_usable = not catching_up
@@ -237,12 +298,11 @@ def speculative_generate_batch(
         if k == 0:  # a plain target step
             token, _ = processor.sample(logits[:, 0], gen)
             out_tokens, num_accepted = token[:, None], torch.zeros_like(token)
-        elif processor.is_greedy:
-            out_tokens, num_accepted = rejection_sample_from_logits(draft_tokens, None, logits, 0.0,
-                                                                    num_draft_tokens=num_draft)
         else:
-            out_tokens, num_accepted = rejection_sample_from_probs(draft_tokens, draft_probs, processor.probs(logits),
-                                                                   num_draft_tokens=num_draft, generator=gen)
+            seed_t, offset_t = _step_seed(processor, gen, device, zero)
+            args = (processor, draft_tokens, draft_probs, logits, num_draft, seed_t, offset_t)
+            out_tokens, num_accepted = (capture.run_compiled(_verify_drafts, device, *args) if compile
+                                        else _verify_drafts(*args))
         controller.mark("verify")
         timer.lap("sampling")
 
@@ -262,7 +322,8 @@ def speculative_generate_batch(
         if controller.adaptive:
             step_props, step_accs = batch.host_extra
             controller.observe(host_rows, step_props, step_accs, host_live, rows, plan.draft_len, k,
-                               draft_timing_usable=draft_timing_usable)
+                               draft_timing_usable=draft_timing_usable,
+                               timing_usable=capture.graphs_compiled() == graphs_before_step)
         timer.lap("bookkeeping")
         if done:
             break
@@ -271,6 +332,7 @@ def speculative_generate_batch(
     outputs, stats = batch.stats(t0, device, acc, prop, histogram.tolist(),
                                  dict(timer.split) if collect_stats else None)
     stats.controller = controller.summary()
+    stats.extra["graphs_compiled"] = capture.graphs_compiled() - graphs0
     alpha = [a / p if p else 0.0 for a, p in zip(acc, prop)]
     return outputs, alpha, stats
 
@@ -292,29 +354,37 @@ def autoregressive_generate_batch(
     return_logprobs: bool = False,
     attention: str = "auto",
     prefill_chunk: int = PREFILL_CHUNK,
+    compile: bool = False,
+    delayed_host_read: bool | None = None,
 ):
     """Target-only batched decoding through the same ragged cache: the fair baseline for every speedup.
 
-    Same arguments, defaults and stopping rules as :func:`speculative_generate_batch`. Returns ``list[list[int]]``,
-    the continuation of every prompt, or ``(outputs, stats)`` with ``return_stats=True`` or ``return_logprobs=True``
-    (then ``stats.logprobs`` holds the log-probability of every emitted token).
+    Same arguments, defaults and stopping rules as :func:`speculative_generate_batch`, ``compile`` and
+    ``delayed_host_read`` included (the forward and the commit are compiled; sampling with a generator stays eager).
+    Returns ``list[list[int]]``, the continuation of every prompt, or ``(outputs, stats)`` with
+    ``return_stats=True`` or ``return_logprobs=True`` (then ``stats.logprobs`` holds the log-probability of every
+    emitted token).
     """
     req = resolve_request(prompts, model, tokenizer=tokenizer, logits_processor=logits_processor,
                           max_gen_len=max_gen_len, eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, seed=seed,
                           generator=generator, attention=attention, prefill_chunk=prefill_chunk)
     device = req.device
+    delayed = _resolve_delayed_host_read(delayed_host_read, device, False, 1, compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
 
     capacity = max(len(p) for p in req.rows) + req.max_gen_len + 2
-    batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs)
+    batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs,
+                        compile=compile, delayed_host_read=delayed)
     eos_tensor = torch.tensor(req.eos or [-1], dtype=torch.int64, device=device)
-    cache = RaggedKVCache(model.config, len(req.rows), capacity, device, attention)
+    cache = RaggedKVCache(model.config, len(req.rows), capacity, device, attention, compile)
     _prefill_target(model, cache, batch, prefill_chunk)
     no_drafts = torch.zeros(len(req.rows), dtype=torch.int64, device=device)
     bar = progress_bar(progress, sum(req.max_gen_lens), "target-only")
     while True:
+        if compile:
+            capture.step_begin(device)
         last = batch.token_buffer.gather(1, (batch.seq_lens - 1)[:, None])
         cache.set_span(batch.max_live_seq_len())
         logits = model_forward(model, cache, last, logits_to_keep=1).to(device)
@@ -327,4 +397,5 @@ def autoregressive_generate_batch(
         return batch.outputs()
     zeros = [0] * len(req.rows)
     outputs, stats = batch.stats(t0, device, zeros, zeros, [batch.row_steps], None)
+    stats.extra["graphs_compiled"] = capture.graphs_compiled() - graphs0
     return outputs, stats

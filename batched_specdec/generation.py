@@ -277,7 +277,7 @@ def _encode(prompts, tokenizer, chat_template: bool | None) -> list:
     return encode_prompts(tokenizer, list(prompts), chat_template=chat_template)
 
 
-def _resolve_draft(draft, target, attention: str, prefill_chunk: int):
+def _resolve_draft(draft, target, attention: str, prefill_chunk: int, compile: bool):
     """A drafter for ``draft`` (None: target-only decoding), checked before any compute."""
     if draft is None:
         return None
@@ -285,7 +285,7 @@ def _resolve_draft(draft, target, attention: str, prefill_chunk: int):
         from batched_specdec.models import load_draft
 
         draft = load_draft(draft, target, device=input_device(target), dtype=target.dtype, quiet=True)
-    return as_drafter(draft, vocab_size(target), attention=attention, prefill_chunk=prefill_chunk)
+    return as_drafter(draft, vocab_size(target), attention=attention, prefill_chunk=prefill_chunk, compile=compile)
 
 
 def _max_gen_lens(rows: list[list[int]], settings: SamplingSettings, max_positions: int | None) -> list[int]:
@@ -425,6 +425,7 @@ def generate(
     progress: bool = False,
     attention: str = "auto",
     prefill_chunk: int = PREFILL_CHUNK,
+    compile: bool = False,
     **overrides,
 ) -> GenerationResult:
     """Generate continuations of text (or token-id) prompts with lossless speculative decoding.
@@ -469,6 +470,9 @@ def generate(
     attention, prefill_chunk :
         As in :func:`~batched_specdec.speculative_generate_batch`: the attention backend (default ``"auto"``) and
         the prompt tokens per row per prefill forward.
+    compile : bool
+        Compile the decode step (:mod:`batched_specdec.capture`; CUDA graphs on CUDA); outputs are unchanged, and
+        each new batch shape costs a compile, so it pays when many batches share shapes.
     **overrides
         GenerationConfig fields by name (``max_new_tokens=32``, ``do_sample=True``, ...); they take precedence
         over ``generation_config``. A name that is not a GenerationConfig field is a TypeError.
@@ -486,7 +490,9 @@ def generate(
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         raise TypeError("generate() takes gamma as an int or 'auto'; a controller instance (built for one batch's "
                         "rows) goes to speculative_generate_batch")
-    drafter = _resolve_draft(draft, target, attention, prefill_chunk)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    drafter = _resolve_draft(draft, target, attention, prefill_chunk, compile)
     make_controller(gamma, gamma_max, 1, input_device(target))  # checks gamma and gamma_max before any compute
     ids = _encode(prompts, tokenizer, chat_template)
     vocab = vocab_size(target)
@@ -498,7 +504,7 @@ def generate(
     batches = _length_sorted_batches(rows, batch_size)
     seeds = _batch_seeds(seed, len(batches))
     engine_kwargs = {"progress": progress, "return_logprobs": return_logprobs, "attention": attention,
-                     "prefill_chunk": prefill_chunk}
+                     "prefill_chunk": prefill_chunk, "compile": compile}
     outputs, batch_stats = [], []
     for indices, seed_of_batch in zip(batches, seeds):
         out, stats = _run_batch([rows[i] for i in indices], [max_gen_lens[i] for i in indices], drafter, target,

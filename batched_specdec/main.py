@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"prompt tokens per row per prefill forward (bounds prefill memory) [default: {d.prefill_chunk}]",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="compile the decode step of both methods (torch.compile, fullgraph; CUDA graphs on CUDA): outputs are "
+        "unchanged, each new shape costs a compile (seconds on CPU); the warm-up decodes the first batch untimed",
+    )
+    p.add_argument(
         "--num-prompts",
         type=int,
         help=f"how many prompts to decode (the list is cycled if shorter) [default: {d.num_prompts}]",
@@ -265,12 +272,20 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     )
 
     common = {"logits_processor": processor, "eos_tokens_id": eos, "pad_token_id": pad,
-              "attention": config.attention, "prefill_chunk": config.prefill_chunk}
+              "attention": config.attention, "prefill_chunk": config.prefill_chunk, "compile": config.compile}
     spec_kwargs = {"gamma": config.gamma, **({"gamma_max": config.gamma_max} if config.gamma == "auto" else {})}
-    # Warm-up (one short row through both paths) so one-time costs do not land in the first timed batch.
-    warm = [prompts[0]]
-    autoregressive_generate_batch(warm, model, max_gen_len=2, seed=config.seed, **common)
-    speculative_generate_batch(warm, draft, model, max_gen_len=2, seed=config.seed, **common, **spec_kwargs)
+    # Warm-up (one short row through both paths) so one-time costs do not land in the first timed batch; with
+    # --compile, the first whole batch, so that its shapes are compiled before the clock runs.
+    warm, warm_len = ([prompts[0]], 2) if not config.compile else (prompts[: config.batch_size], config.max_new_tokens)
+    t_warm = time.perf_counter()
+    _, warm_stats = autoregressive_generate_batch(warm, model, max_gen_len=warm_len, seed=config.seed,
+                                                  return_stats=True, **common)
+    *_, warm_spec = speculative_generate_batch(warm, draft, model, max_gen_len=warm_len, seed=config.seed, **common,
+                                               **spec_kwargs)
+    if config.compile:
+        graphs = warm_stats.extra["graphs_compiled"] + warm_spec.extra["graphs_compiled"]
+        console.print(f"Warm-up compiled {graphs} graphs in {time.perf_counter() - t_warm:.1f} s (later shapes "
+                      "compile inside the timed runs).")
 
     def decode_shard(shard: list[list[int]], shard_rows: list[int]) -> tuple[dict[str, list], dict]:
         """This process' prompts: both methods, batch by batch. Batch ids (and seeds) are global."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from batched_specdec import capture
 from batched_specdec.ragged_cache import RaggedKVCache
 from kernels import commit_emitted_tokens
 
@@ -70,10 +71,16 @@ class RaggedBatch:
 
     Per-row generation budgets share the one scalar limit of the commit kernel: row ``b`` starts with
     ``gen_lens[b] = max(max_gen_lens) - max_gen_lens[b]``, so it reaches the limit after its own budget.
+
+    With ``compile=True`` the commit runs compiled and the per-row buffers are static (on CUDA, marked for CUDA
+    graphs). With ``delayed_host_read=True`` the host's view (:attr:`host_finished`, :attr:`host_seq_lens`) is one
+    step behind the device: :meth:`sync` starts a non-blocking copy of this step's state and reads the previous
+    step's, and :meth:`max_live_seq_len` adds the last commit's width, which the host has not seen yet.
     """
 
     def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], capacity: int, pad_token_id: int,
-                 device: torch.device, *, logprobs: bool = False) -> None:
+                 device: torch.device, *, logprobs: bool = False, compile: bool = False,
+                 delayed_host_read: bool = False) -> None:
         batch = len(prompts)
         self.prompt_lens_host = [len(p) for p in prompts]  # in prompt order, for the results
         # Rows are held longest prompt first (row_ids maps them back), so the rows that still have prompt left in
@@ -107,7 +114,18 @@ class RaggedBatch:
         self.host_prompt_lens = torch.tensor(lens)
         self.dropped_generated = 0  # tokens of rows compacted away
         self.host_extra = torch.zeros(0, dtype=torch.int64)
-        self.steps = self.row_steps = self.compactions = 0
+        self.steps = self.compactions = 0
+        self._live_row_steps = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
+        self._last_width = 0
+        self.compile = compile
+        self.delayed = delayed_host_read
+        self._pending: tuple[Tensor, object] | None = None  # a step's state on its way to the host (delayed read)
+        self.unseen_width = 0  # tokens per row the last commit may have added that the host view does not show
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        for buffer in (self.token_buffer, self.seq_lens, self.gen_lens, self.finished):
+            capture.static(buffer, self.compile)
 
     @property
     def size(self) -> int:
@@ -115,21 +133,50 @@ class RaggedBatch:
 
     def sync(self, extra: list[Tensor] = ()) -> None:
         """The one host synchronisation per step: done flags, lengths, generated counts, and any ``extra``
-        ``(B,)`` int64 tensors (read back into :attr:`host_extra`, one row each)."""
-        host = torch.cat([self.finished.to(torch.int64), self.seq_lens, *extra]).cpu()
+        ``(B,)`` int64 tensors (read back into :attr:`host_extra`, one row each).
+
+        With the delayed read, this step's state starts its way to pinned host memory (an event marks its arrival)
+        and the host view becomes the previous step's, which has long arrived: the host waits for nothing."""
+        state = torch.cat([self.finished.to(torch.int64), self.seq_lens, *extra])
+        if not self.delayed:
+            self._apply(state.cpu(), len(extra))
+            return
+        if extra:
+            raise ValueError("the delayed host read carries no extra per-row counts (the adaptive controller needs "
+                             "them at once)")
+        previous = self._pending
+        self._pending = _copy_to_host(state)
+        if previous is not None:
+            self._apply(_arrived(previous), 0)
+            self.unseen_width = self._last_width
+
+    def drain(self) -> None:
+        """Wait for the state in flight (delayed read) and make it the host view: the host is then up to date."""
+        if self._pending is not None:
+            self._apply(_arrived(self._pending), 0)
+            self._pending = None
+            self.unseen_width = 0
+
+    def _apply(self, host: Tensor, n_extra: int) -> None:
         b = self.size
         self.host_finished = host[:b].bool()
         self.host_seq_lens = host[b : 2 * b]
         self.host_generated = int((self.host_seq_lens - self.host_prompt_lens).sum()) + self.dropped_generated
-        self.host_extra = host[2 * b :].view(len(extra), b)
+        self.host_extra = host[2 * b :].view(n_extra, b)
+
+    @property
+    def row_steps(self) -> int:
+        """(row, step) pairs in which the row was live (a read of the device: for results, not for the loop)."""
+        return int(self._live_row_steps)
 
     @property
     def all_finished(self) -> bool:
         return bool(self.host_finished.all())
 
     def max_live_seq_len(self) -> int:
+        """An upper bound on every live row's committed length, from the host view (plus what it has not seen)."""
         live = self.host_seq_lens[~self.host_finished]
-        return int(live.max()) if live.numel() else int(self.host_seq_lens.max())
+        return (int(live.max()) if live.numel() else int(self.host_seq_lens.max())) + self.unseen_width
 
     def flush(self) -> None:
         self.final_tokens.index_copy_(0, self.row_ids, self.token_buffer)
@@ -144,6 +191,7 @@ class RaggedBatch:
             self.token_buffer[rows], self.prompt_lens[rows], self.seq_lens[rows], self.gen_lens[rows],
             self.finished[rows], self.row_ids[rows],
         )
+        self._mark_static()
         if self.logprob_buffer is not None:
             self.logprob_buffer = self.logprob_buffer[rows]
         kept = torch.zeros(self.host_seq_lens.shape[0], dtype=torch.bool)
@@ -167,10 +215,14 @@ class RaggedBatch:
         and prune the target cache to ``seq_lens - 1`` (lengths only: no KV bytes move). Returns the ``(B,)``
         tokens committed per row."""
         start = self.seq_lens.clone() if logprobs is not None else None
-        committed = commit_emitted_tokens(
-            out_tokens, num_accepted, self.token_buffer, self.seq_lens, self.gen_lens, self.finished, cache.lens,
-            eos, self.max_gen_len,
-        )
+        self._live_row_steps += (~self.finished).sum()
+        args = (out_tokens, num_accepted, self.token_buffer, self.seq_lens, self.gen_lens, self.finished, cache.lens,
+                eos, self.max_gen_len)
+        if self.compile:
+            committed = capture.run_compiled(_commit, out_tokens.device, *args)
+        else:
+            committed = _commit(*args)
+        self._last_width = out_tokens.shape[1]
         cache.set_lens(cache.lens)
         if logprobs is not None and self.logprob_buffer is not None:
             # Slots past a row's committed count land past its length (stale, never read); capacity has room.
@@ -182,8 +234,9 @@ class RaggedBatch:
         """Count the step, do the step's one host sync, update the progress bar, and compact finished rows away
         from this batch and every ``row_holders`` (caches, drafter) when enough have finished. True when done."""
         self.steps += 1
-        self.row_steps += int((~self.host_finished).sum())
         self.sync(extra)
+        if self.delayed and not self.all_finished and self.rows_to_keep() is not None:
+            self.drain()  # compact on the current state: one wait, on compaction steps only
         if bar is not None:
             bar.update(self.host_generated - bar.n)
         if self.all_finished:
@@ -278,3 +331,29 @@ def peak_memory(device: torch.device) -> tuple[int | None, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+
+
+def _commit(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos, max_gen_len):
+    """The step's commit (compiled with ``compile=True``); the buffers are the batch's own, so no checks."""
+    return commit_emitted_tokens(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos,
+                                 max_gen_len, validate=False)
+
+
+def _copy_to_host(state: Tensor) -> tuple[Tensor, object]:
+    """Start copying ``state`` to the host: on CUDA into pinned memory, non-blocking, with an event recorded after
+    the copy; elsewhere a plain copy (the device already ran it). Returns ``(host tensor, event or None)``."""
+    if state.device.type != "cuda":
+        return state.cpu(), None
+    host = torch.empty(state.shape, dtype=state.dtype, pin_memory=True)
+    host.copy_(state, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _arrived(pending: tuple[Tensor, object]) -> Tensor:
+    """The host tensor of :func:`_copy_to_host`, once its copy has finished."""
+    host, event = pending
+    if event is not None:
+        event.synchronize()
+    return host

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
+from batched_specdec import capture
 from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, resolve_attention
 from batched_specdec.inputs import decoder_config
 from kernels import compact_rows, scatter_kv_at_offsets
@@ -92,16 +93,24 @@ class RaggedKVCache(Cache):
         Where the per-row lengths live (the model's input device). Buffers go where each layer runs.
     attention : {"auto", "sdpa", "flex", "dense"}
         The attention backend of forwards through this cache (:mod:`batched_specdec.attention`).
+    compile : bool
+        Run decode-sized forwards through it compiled (:func:`model_forward`; on CUDA with CUDA graphs).
+
+    The state a forward reads is static: the buffers are allocated once, ``lens`` is updated in place (a new tensor
+    only when compaction changes the batch size) and the span is a Python int, so a compiled forward's shapes
+    depend only on (rows, queries per row, span bucket).
     """
 
-    def __init__(self, config, batch_size: int, capacity: int, device: torch.device, attention: str = "auto") -> None:
+    def __init__(self, config, batch_size: int, capacity: int, device: torch.device, attention: str = "auto",
+                 compile: bool = False) -> None:
         super().__init__(layers=[])
         config = decoder_config(config)
         self.windows = _layer_windows(config)  # first: an unsupported layer type fails before any allocation
         self.attention = resolve_attention(attention, torch.device(device))
+        self.compile = compile
         self.config = config
         self.capacity = capacity
-        self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.lens = capture.static(torch.zeros(batch_size, dtype=torch.int64, device=device), compile)
         self.span = min(capacity, SPAN_BUCKET)
         self.rows: int | None = None  # forwards cover rows [:self.rows] only (ragged prefill); None: all rows
         self.key_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
@@ -120,12 +129,14 @@ class RaggedKVCache(Cache):
         if kbuf is None:
             _, h, _, d = key_states.shape
             shape = (self.batch_size, h, self.capacity, d)
-            kbuf = self.key_buffers[layer_idx] = key_states.new_zeros(shape)
-            self.value_buffers[layer_idx] = value_states.new_zeros(shape)
+            kbuf = self.key_buffers[layer_idx] = capture.static(key_states.new_zeros(shape), self.compile)
+            self.value_buffers[layer_idx] = capture.static(value_states.new_zeros(shape), self.compile)
         vbuf = self.value_buffers[layer_idx]
         if self.rows is not None:
             kbuf, vbuf = kbuf[: self.rows], vbuf[: self.rows]
-        scatter_kv_at_offsets(kbuf, vbuf, key_states, value_states, self._lens_for(key_states.device))
+        # Shapes fit by construction: no per-layer checks (the cache built the buffers from the model's own K/V).
+        scatter_kv_at_offsets(kbuf, vbuf, key_states, value_states, self._lens_for(key_states.device),
+                              validate=False)
         return kbuf[:, :, : self.span], vbuf[:, :, : self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -137,11 +148,13 @@ class RaggedKVCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        return True  # static buffers, lengths updated in place
 
     # --- engine interface --------------------------------------------------------------------------------------
 
     def _lens_for(self, device: torch.device) -> Tensor:
+        if self.rows is None and device == self.lens.device:
+            return self.lens  # the common case, and the only one a compiled forward sees: no dict, no copy
         lens = self._lens_on.get(device)
         if lens is None:
             lens = self.lens if self.rows is None else self.lens[: self.rows]
@@ -149,8 +162,9 @@ class RaggedKVCache(Cache):
         return lens
 
     def set_lens(self, lens: Tensor) -> None:
-        """Set every row's valid length (``(B,)`` int64). Pruning rejected drafts is exactly this."""
-        self.lens = lens
+        """Set every row's valid length (``(B,)`` int64), in place. Pruning rejected drafts is exactly this."""
+        if lens is not self.lens:
+            self.lens.copy_(lens)
         self._lens_on = {}
 
     def set_rows(self, rows: int | None) -> None:
@@ -205,9 +219,12 @@ class RaggedKVCache(Cache):
             if kbuf is None:
                 continue
             idx = rows.to(kbuf.device)
-            self.key_buffers[i], self.value_buffers[i] = compact_rows([kbuf, self.value_buffers[i]], idx)
+            kept = compact_rows([kbuf, self.value_buffers[i]], idx)
+            self.key_buffers[i], self.value_buffers[i] = (capture.static(t, self.compile) for t in kept)
             del kbuf
-        self.set_lens(self.lens.index_select(0, rows.to(self.lens.device)))
+        self.lens = capture.static(self.lens.index_select(0, rows.to(self.lens.device)), self.compile)
+        self._lens_on = {}
+
 
 
 @contextmanager
@@ -238,7 +255,7 @@ def _attention_configs(model) -> list:
 
 
 def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int = 0, *,
-                  return_hidden: bool = False, **model_inputs):
+                  return_hidden: bool = False, compile: bool = True, **model_inputs):
     """One forward of an HF causal LM through a :class:`RaggedKVCache`.
 
     Row ``b``'s ``Q`` tokens go to positions ``cache.lens[b] .. cache.lens[b] + Q - 1`` (rows ``[:cache.rows]``
@@ -246,22 +263,44 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     ``logits_to_keep`` queries (all when 0), and with ``return_hidden=True`` also the decoder's final hidden states
     ``(B, Q, H)`` of every query (what its output head reads: after the final norm), as ``(logits, hidden)``.
     ``model_inputs`` go to the model as keyword arguments (a feature draft's ``features``).
+
+    With ``cache.compile`` (and ``compile``, which callers clear for one-off widths such as a drafter's catch-up),
+    a forward over every row of at most :data:`COMPILED_MAX_QUERIES` queries (decode, draft and verify forwards;
+    not prefill chunks, and not with ``return_hidden``) runs compiled (:mod:`batched_specdec.capture`): one graph
+    per (rows, queries, span bucket), with CUDA graphs on CUDA.
     """
-    positions = cache.positions(input_ids.shape[1])
-    if cache.attention == "dense":
-        extra, implementation = {"attention_mask": cache.dense_mask(positions, model.dtype)}, None
-    else:
-        ragged = RaggedAttentionInputs(positions, cache.span, cache.windows, cache.attention)
-        extra, implementation = {"ragged_attention": ragged}, RAGGED_ATTENTION
+    implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
+    compiled = cache.compile and compile and not return_hidden and cache.rows is None and \
+        input_ids.shape[1] <= COMPILED_MAX_QUERIES
     captured: list[Tensor] = []
     with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
-        out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                    logits_to_keep=logits_to_keep, **extra, **model_inputs)
+        if compiled:
+            logits = capture.run_compiled(_forward, input_ids.device, model, cache, input_ids, logits_to_keep,
+                                          model_inputs)
+        else:
+            logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs)
     if not return_hidden:
-        return out.logits
+        return logits
     if len(captured) != 1:
         raise RuntimeError(f"{type(model).__name__}'s decoder ran {len(captured)} times in one forward; expected once")
-    return out.logits, captured[0]
+    return logits, captured[0]
+
+
+COMPILED_MAX_QUERIES = 32
+"""Widest forward (queries per row) that runs compiled with ``compile=True``; wider ones (prefill chunks, a
+drafter catching up on prompts) run eagerly, since each new shape would cost a compile."""
+
+
+def _forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, model_inputs: dict) -> Tensor:
+    """The forward itself (compiled or not): positions from the cache's lengths, the attention inputs, the model."""
+    positions = cache.positions(input_ids.shape[1])
+    if cache.attention == "dense":
+        extra = {"attention_mask": cache.dense_mask(positions, model.dtype)}
+    else:
+        extra = {"ragged_attention": RaggedAttentionInputs(positions, cache.span, cache.windows, cache.attention)}
+    out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=logits_to_keep, **extra, **model_inputs)
+    return out.logits
 
 
 @contextmanager

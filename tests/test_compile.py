@@ -1,0 +1,138 @@
+"""The capturable step on CPU: ``compile=True`` gives the eager run's outputs, compiles whole graphs (no breaks) and
+does not recompile within a span bucket; the delayed host read gives the immediate read's outputs.
+
+Compiling costs seconds per graph, so the runs here share shapes (one module-scoped model pair, the same prompts)
+and compiled graphs are reused across tests in the process."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_models import tiny_causal_lm
+from torch._dynamo.utils import counters
+
+from batched_specdec import (
+    MultinomialProcessor,
+    autoregressive_generate_batch,
+    speculative_generate_batch,
+)
+from batched_specdec.ngram import NGramDrafter
+from batched_specdec.ragged_cache import RaggedKVCache
+
+VOCAB = 96
+EOS = [5]
+# Per-row budgets differ and row 4 stops early: rows finish at different steps, so the batch is compacted mid-run.
+MAX_GEN = [30, 6, 20, 30, 4, 24]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1, layers=1)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(0)
+    return [[rng.randrange(VOCAB) for _ in range(n)] for n in (3, 17, 9, 30, 5, 12)]
+
+
+def _run(kind, models, prompts, *, compile, sampled=False, **kwargs):
+    target, draft = models
+    sampling = {"logits_processor": MultinomialProcessor(1.0), "seed": 11} if sampled else {}
+    common = {"max_gen_len": MAX_GEN, "eos_tokens_id": EOS, "compile": compile, **sampling, **kwargs}
+    if kind == "target-only":
+        return autoregressive_generate_batch(prompts, target, return_stats=True, **common)
+    drafter = NGramDrafter() if kind == "ngram" else draft
+    outputs, _, stats = speculative_generate_batch(prompts, drafter, target, gamma=3, **common)
+    return outputs, stats
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("kind", ["target-only", "ngram", "model"])
+def test_compiled_outputs_equal_eager(models, prompts, kind, sampled):
+    breaks = sum(counters["graph_break"].values())
+    eager, eager_stats = _run(kind, models, prompts, compile=False, sampled=sampled)
+    compiled, stats = _run(kind, models, prompts, compile=True, sampled=sampled)
+    assert compiled == eager
+    assert stats.compactions >= 1 and eager_stats.compactions == stats.compactions
+    assert sum(counters["graph_break"].values()) == breaks  # fullgraph=True would have raised anyway
+    if kind == "target-only":
+        assert sum(map(len, eager)) == stats.generated_tokens
+
+
+def test_no_recompiles_within_a_span_bucket(models, monkeypatch):
+    """100 tokens per row at a fixed batch size and gamma: one graph per (function, shape) and span bucket, none
+    per step: a second identical run compiles nothing."""
+    target, _ = models
+    spans = set()
+    set_span = RaggedKVCache.set_span
+
+    def recording_set_span(cache, max_len):
+        set_span(cache, max_len)
+        spans.add(cache.span)
+
+    monkeypatch.setattr(RaggedKVCache, "set_span", recording_set_span)
+    torch._dynamo.reset()  # count this test's graphs from zero
+    rows = [[7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25]]
+    common = {"max_gen_len": 100, "eos_tokens_id": [], "compile": True}
+    _, stats = autoregressive_generate_batch(rows, target, return_stats=True, **common)
+    assert stats.steps == 100 and stats.compactions == 0 and len(spans) == 2  # 64, then capacity
+    assert stats.extra["graphs_compiled"] == len(spans) + 1  # the forward per span bucket, and the commit
+
+    spans.clear()
+    # The target drafting for itself accepts every draft: both rows stay live to the end (no compaction).
+    _, _, spec = speculative_generate_batch(rows, target, target, gamma=3, **common)
+    assert spec.steps == 25 and spec.compactions == 0 and len(spans) == 2
+    # Per span bucket: the verify forward (4 queries), the draft's feed (2) and its chained forward (1); once:
+    # the rejection sampler and the commit. The prefill and the draft's prompt catch-up run eagerly.
+    assert spec.extra["graphs_compiled"] == 3 * len(spans) + 2
+    _, _, again = speculative_generate_batch(rows, target, target, gamma=3, **common)
+    assert again.extra["graphs_compiled"] == 0 and again.steps == 25
+
+
+@pytest.mark.parametrize("kind", ["target-only", "ngram", "model"])
+def test_delayed_host_read_equals_immediate(models, prompts, kind):
+    for sampled in (False, True):
+        immediate, stats = _run(kind, models, prompts, compile=False, sampled=sampled, delayed_host_read=False)
+        delayed, delayed_stats = _run(kind, models, prompts, compile=False, sampled=sampled, delayed_host_read=True)
+        assert delayed == immediate
+        assert delayed_stats.generated == stats.generated
+        assert delayed_stats.compactions >= 1
+        # The host learns that the last row finished one step late (unless a compaction step read the state at
+        # once): at most one more step, whose rows are all frozen.
+        assert stats.steps <= delayed_stats.steps <= stats.steps + 1
+        assert delayed_stats.tokens_per_target_forward == stats.tokens_per_target_forward
+
+
+def test_delayed_host_read_and_compile_refuse_what_they_cannot_do(models, prompts):
+    target, draft = models
+    with pytest.raises(ValueError, match="integer gamma"):
+        speculative_generate_batch(prompts, draft, target, gamma="auto", delayed_host_read=True)
+    with pytest.raises(TypeError, match="delayed_host_read must be"):
+        autoregressive_generate_batch(prompts, target, delayed_host_read="yes")
+    with pytest.raises(TypeError, match="compile must be"):
+        autoregressive_generate_batch(prompts, target, compile="yes")
+
+
+def test_generate_and_the_cli_pass_compile_through(models, prompts, monkeypatch):
+    from batched_specdec import capture, generate
+    from batched_specdec.main import parse_config
+
+    assert parse_config(["--compile"]).compile is True and parse_config([]).compile is False
+    calls = []
+
+    def eager_run_compiled(fn, device, *args):  # count what would run compiled, run it eagerly (no compile cost)
+        calls.append(fn.__name__)
+        return fn(*args)
+
+    monkeypatch.setattr(capture, "run_compiled", eager_run_compiled)
+    target, draft = models
+    for drafter in (None, draft):
+        calls.clear()
+        generate(prompts, target, draft=drafter, gamma=2, max_new_tokens=4, compile=True)
+        assert "_forward" in calls and "_commit" in calls
+        assert ("_verify_drafts" in calls) == (drafter is not None)
+    with pytest.raises(TypeError, match="compile must be"):
+        generate(prompts, target, compile=1)
