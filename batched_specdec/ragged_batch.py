@@ -119,7 +119,8 @@ class RaggedBatch:
         self._last_width = 0
         self.compile = compile
         self.delayed = delayed_host_read
-        self._pending: tuple[Tensor, object] | None = None  # a step's state on its way to the host (delayed read)
+        # a step's state on its way to the host (delayed read): (host tensor, event, rows kept since or None)
+        self._pending: tuple[Tensor, object, Tensor | None] | None = None
         self.unseen_width = 0  # tokens per row the last commit may have added that the host view does not show
         self._mark_static()
 
@@ -144,18 +145,14 @@ class RaggedBatch:
         if extra:
             raise ValueError("the delayed host read carries no extra per-row counts (the adaptive controller needs "
                              "them at once)")
-        previous = self._pending
-        self._pending = _copy_to_host(state)
+        previous, self._pending = self._pending, (*_copy_to_host(state), None)
         if previous is not None:
-            self._apply(_arrived(previous), 0)
+            host, event, kept = previous
+            host = _arrived(host, event)
+            if kept is not None:  # rows were compacted after this state was taken: drop theirs
+                host = host.view(2, -1)[:, kept].reshape(-1)
+            self._apply(host, 0)
             self.unseen_width = self._last_width
-
-    def drain(self) -> None:
-        """Wait for the state in flight (delayed read) and make it the host view: the host is then up to date."""
-        if self._pending is not None:
-            self._apply(_arrived(self._pending), 0)
-            self._pending = None
-            self.unseen_width = 0
 
     def _apply(self, host: Tensor, n_extra: int) -> None:
         b = self.size
@@ -201,13 +198,17 @@ class RaggedBatch:
         self.host_seq_lens = self.host_seq_lens[host_rows]
         self.host_prompt_lens = self.host_prompt_lens[host_rows]
         self.host_row_ids = self.host_row_ids[host_rows]
+        if self._pending is not None:  # the state in flight has the old rows: keep these when it arrives
+            host, event, _ = self._pending
+            self._pending = (host, event, host_rows)
 
-    def rows_to_keep(self) -> Tensor | None:
-        """Indices (on the host) of live rows if enough rows finished to pay for a compaction, else None."""
-        done = int(self.host_finished.sum())
+    def rows_to_keep(self, finished: Tensor) -> Tensor | None:
+        """Indices (on the host) of the rows not ``finished`` (a host view) if enough rows finished to pay for a
+        compaction, else None."""
+        done = int(finished.sum())
         if done == 0 or done == self.size or done < COMPACT_FRACTION * self.size:
             return None
-        return torch.arange(self.size)[~self.host_finished]
+        return torch.arange(self.size)[~finished]
 
     def commit(self, out_tokens: Tensor, num_accepted: Tensor, cache: RaggedKVCache, eos: Tensor,
                logprobs: Tensor | None = None) -> Tensor:
@@ -234,16 +235,17 @@ class RaggedBatch:
         """Count the step, do the step's one host sync, update the progress bar, and compact finished rows away
         from this batch and every ``row_holders`` (caches, drafter) when enough have finished. True when done."""
         self.steps += 1
+        finished_before = self.host_finished
         self.sync(extra)
-        if self.delayed and not self.all_finished and self.rows_to_keep() is not None:
-            self.drain()  # compact on the current state: one wait, on compaction steps only
         if bar is not None:
             bar.update(self.host_generated - bar.n)
         if self.all_finished:
             if bar is not None:
                 bar.close()
             return True
-        host_keep = self.rows_to_keep()
+        # Compaction follows the state after the previous step in both modes (what the delayed read has now), so
+        # the batch's row layout, and with it every seeded random draw, is the same with and without the delay.
+        host_keep = self.rows_to_keep(self.host_finished if self.delayed else finished_before)
         if host_keep is not None:
             # built on the host from the step's one sync, copied to the device: no device-to-host read here
             keep = host_keep.to(self.token_buffer.device)
@@ -351,9 +353,8 @@ def _copy_to_host(state: Tensor) -> tuple[Tensor, object]:
     return host, event
 
 
-def _arrived(pending: tuple[Tensor, object]) -> Tensor:
+def _arrived(host: Tensor, event) -> Tensor:
     """The host tensor of :func:`_copy_to_host`, once its copy has finished."""
-    host, event = pending
     if event is not None:
         event.synchronize()
     return host

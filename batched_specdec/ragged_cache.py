@@ -36,9 +36,14 @@ PREFILL_CHUNK = 128
 """Default prompt tokens per row per prefill forward (``prefill_chunk=``): bounds prefill activations and masks."""
 
 
-def bucketed_span(max_len: int, capacity: int) -> int:
-    """Round ``max_len`` up to a multiple of :data:`SPAN_BUCKET`, capped at ``capacity``."""
-    return min(capacity, -(-max_len // SPAN_BUCKET) * SPAN_BUCKET)
+def bucketed_span(max_len: int, capacity: int, geometric: bool = False) -> int:
+    """Round ``max_len`` up to a multiple of :data:`SPAN_BUCKET` (``geometric``: to ``SPAN_BUCKET`` times a power
+    of two, so a run of ``n`` tokens passes through ``log2(n / SPAN_BUCKET)`` spans, not ``n / SPAN_BUCKET``),
+    capped at ``capacity``."""
+    buckets = -(-max_len // SPAN_BUCKET)
+    if geometric:
+        buckets = 1 << max(buckets - 1, 0).bit_length()
+    return min(capacity, buckets * SPAN_BUCKET)
 
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -173,8 +178,9 @@ class RaggedKVCache(Cache):
         self._lens_on = {}
 
     def set_span(self, max_len: int) -> None:
-        """Let attention span the first ``bucketed(max_len)`` columns; ``max_len`` bounds every key position read."""
-        self.span = bucketed_span(max_len, self.capacity)
+        """Let attention span the first ``bucketed(max_len)`` columns; ``max_len`` bounds every key position read.
+        A compiling cache buckets geometrically: every span is a compiled graph."""
+        self.span = bucketed_span(max_len, self.capacity, geometric=self.compile)
 
     def positions(self, num_queries: int) -> Tensor:
         """``(B, Q)`` int64 positions of the next forward's queries: ``lens[b] + j`` (rows ``[:rows]`` only)."""

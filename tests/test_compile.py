@@ -106,6 +106,14 @@ def test_delayed_host_read_equals_immediate(models, prompts, kind):
         assert delayed_stats.tokens_per_target_forward == stats.tokens_per_target_forward
 
 
+def test_compiled_with_delayed_read_equals_eager_immediate(models, prompts):
+    """The CUDA default pairing (compiled step, host one step behind) against the plain eager run."""
+    for kind in ("target-only", "model"):
+        eager, _ = _run(kind, models, prompts, compile=False, sampled=True, delayed_host_read=False)
+        both, stats = _run(kind, models, prompts, compile=True, sampled=True, delayed_host_read=True)
+        assert both == eager and stats.compactions >= 1
+
+
 def test_delayed_host_read_and_compile_refuse_what_they_cannot_do(models, prompts):
     target, draft = models
     with pytest.raises(ValueError, match="integer gamma"):
@@ -136,3 +144,28 @@ def test_generate_and_the_cli_pass_compile_through(models, prompts, monkeypatch)
         assert ("_verify_drafts" in calls) == (drafter is not None)
     with pytest.raises(TypeError, match="compile must be"):
         generate(prompts, target, compile=1)
+
+
+def test_compiled_adaptive_speculation_is_exact(models):
+    """gamma="auto" under compile: verify widths are padded to powers of two (few shapes); outputs stay exact."""
+    target, _ = models
+    rows = [[3, 4, 5, 6, 3, 4, 5], [9, 8, 7, 9, 8, 7, 9, 8]]
+    expected = autoregressive_generate_batch(rows, target, max_gen_len=12, eos_tokens_id=[])
+    outputs, _, stats = speculative_generate_batch(rows, NGramDrafter(), target, gamma="auto", gamma_max=5,
+                                                   max_gen_len=12, eos_tokens_id=[], compile=True)
+    assert outputs == expected
+    widths = stats.controller["verify_width_histogram"]
+    assert all(count == 0 or width in (0, 1, 2, 4, 8) for width, count in enumerate(widths))
+
+
+def test_pow2_padding_and_geometric_spans():
+    from batched_specdec.engine import _pad_verify
+    from batched_specdec.ragged_cache import bucketed_span
+
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    padded, _, num = _pad_verify(tokens, None, None, torch.device("cpu"), pow2=True)
+    assert padded.tolist() == [[1, 2, 3, 3], [4, 5, 6, 6]] and num.tolist() == [3, 3]
+    assert _pad_verify(tokens, None, None, torch.device("cpu"))[0] is tokens  # 2 x 4 tokens: no CPU floor either
+    assert [bucketed_span(n, 4096, geometric=True) for n in (1, 64, 65, 129, 700, 5000)] == [64, 64, 128, 256, 1024,
+                                                                                               4096]
+    assert [bucketed_span(n, 4096) for n in (1, 64, 65, 129)] == [64, 64, 128, 192]

@@ -1,0 +1,133 @@
+"""Per-step overhead of the decode loop, eager against ``compile=True``: dispatched ops, host reads, wall time.
+
+A 100-token run per row of a tiny random-weight Llama (synthetic: 2 layers, hidden 64, vocab 512; the point is the
+per-step cost outside the model's arithmetic, which dominates at this size), batch 4, greedy, for target-only
+decoding, the n-gram drafter and a 1-layer model draft (gamma 3). Per path and mode:
+
+* ``aten_ops_per_step``: ``aten::`` events the profiler records per engine step (nested calls included), i.e. ops
+  dispatched through torch's dispatcher. A compiled graph's fused kernels dispatch none; its extern calls (matmuls)
+  and the eager glue between graphs do.
+* ``host_reads_per_step``: reads of engine state by the host per step (``RaggedBatch.sync``, counted by wrapping
+  it; with the delayed read it waits on nothing), and ``scalar_reads_per_step``: ``aten::_local_scalar_dense``
+  events (``.item()``/``int()`` of a tensor, host tensors included) per step.
+* ``wall_s``: median wall time of the whole call (prefill included) over ``--repeats`` runs, eager and compiled
+  alternated; compilation happens in an untimed warm-up run.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_step_overhead.py            # CPU, torch threads = 1
+    python benchmarks/bench_step_overhead.py --quick --no-save            # CI size
+    python benchmarks/bench_step_overhead.py --eager-only                 # an older tree without compile=
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import KEY_FIELDS, append_rows, cpu_note, pick_device, run_key
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from batched_specdec import autoregressive_generate_batch, ragged_batch, speculative_generate_batch
+from batched_specdec.ngram import NGramDrafter
+
+FIELDS = KEY_FIELDS + ["path", "mode", "batch", "tokens_per_row", "steps", "aten_ops_per_step", "host_reads_per_step",
+                       "scalar_reads_per_step", "wall_s", "wall_s_p20", "wall_s_p80", "graphs_compiled", "note"]
+
+
+def tiny_llama(layers: int, seed: int, device: torch.device) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval().to(device)
+
+
+def make_run(path: str, target, draft, prompts, tokens: int, compile: bool | None):
+    extra = {} if compile is None else {"compile": compile}
+    common = {"max_gen_len": tokens, "eos_tokens_id": [], **extra}
+    if path == "target-only":
+        return lambda: autoregressive_generate_batch(prompts, target, return_stats=True, **common)[1]
+    drafter = NGramDrafter() if path == "ngram" else draft
+    return lambda: speculative_generate_batch(prompts, drafter, target, gamma=3, **common)[2]
+
+
+def count(run) -> dict:
+    """Profile one call: aten events, scalar reads and host reads per step."""
+    reads = [0]
+    sync = ragged_batch.RaggedBatch.sync
+
+    def counting_sync(self, *args, **kwargs):
+        reads[0] += 1
+        return sync(self, *args, **kwargs)
+
+    ragged_batch.RaggedBatch.sync = counting_sync
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            stats = run()
+    finally:
+        ragged_batch.RaggedBatch.sync = sync
+    names = [e.name for e in prof.events()]
+    steps = stats.steps
+    return {"steps": steps, "aten_ops_per_step": sum(n.startswith("aten::") for n in names) / steps,
+            "scalar_reads_per_step": names.count("aten::_local_scalar_dense") / steps,
+            "host_reads_per_step": reads[0] / steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", help="cuda when available, else cpu")
+    parser.add_argument("--tokens", type=int, default=100, help="tokens generated per row (default 100)")
+    parser.add_argument("--batch", type=int, default=4, choices=range(1, 5), help="rows, 1-4 (default 4)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode, alternated (default 5)")
+    parser.add_argument("--eager-only", action="store_true", help="no compile= argument (a tree from before it)")
+    parser.add_argument("--quick", action="store_true", help="CI size: 20 tokens, 2 repeats")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the shared CPU machines oversubscribe badly with more)")
+    parser.add_argument("--no-save", action="store_true", help="print only, append nothing to the CSV")
+    args = parser.parse_args()
+    device = pick_device(args.device, parser)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.tokens, args.repeats = 20, 2
+    target, draft = tiny_llama(2, 0, device), tiny_llama(1, 1, device)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (12, 20, 7, 16)[: args.batch]]
+    has_compile = "compile" in inspect.signature(speculative_generate_batch).parameters
+    modes = [None] if args.eager_only or not has_compile else [False, True]
+    rows = []
+    for path in ("target-only", "ngram", "model"):
+        runs = {m: make_run(path, target, draft, prompts, args.tokens, m) for m in modes}
+        graphs = {m: runs[m]().extra.get("graphs_compiled", 0) for m in modes}  # warm-up (compiles), untimed
+        counts = {m: count(runs[m]) for m in modes}
+        times = {m: [] for m in modes}
+        for _ in range(args.repeats):  # alternated
+            for m in modes:
+                t0 = time.perf_counter()
+                runs[m]()
+                times[m].append(time.perf_counter() - t0)
+        for m in modes:
+            q = statistics.quantiles(times[m], n=5, method="inclusive")
+            row = {**run_key(device), "path": path, "mode": "compiled" if m else "eager", "batch": len(prompts),
+                   "tokens_per_row": args.tokens, **counts[m], "wall_s": statistics.median(times[m]),
+                   "wall_s_p20": q[0], "wall_s_p80": q[3], "graphs_compiled": graphs[m],
+                   "note": "synthetic tiny random Llama; " + cpu_note(device)}
+            rows.append(row)
+            print(f"{path:12s} {row['mode']:9s} steps {row['steps']:4d}  aten ops/step {row['aten_ops_per_step']:7.1f}"
+                  f"  host reads/step {row['host_reads_per_step']:.2f}  scalar reads/step "
+                  f"{row['scalar_reads_per_step']:.2f}  wall {row['wall_s'] * 1e3:7.1f} ms  "
+                  f"(graphs compiled in warm-up: {graphs[m]})")
+        if len(modes) == 2:
+            print(f"{'':12s} eager / compiled wall time: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
+    if not args.no_save:
+        print("saved to", append_rows("step_overhead", FIELDS, rows))
+
+
+if __name__ == "__main__":
+    main()
