@@ -3,22 +3,25 @@
 With ``compile=True`` (``speculative_generate_batch``, ``autoregressive_generate_batch``, ``generate``, the CLI's
 ``--compile``) every decode-sized forward through a ragged cache (:func:`batched_specdec.ragged_cache.model_forward`:
 verify, draft and target-only forwards) and the step's sampling and commit (:mod:`batched_specdec.engine`) run
-through ``torch.compile(fullgraph=True, dynamic=False)``:
+through ``torch.compile(fullgraph=True, dynamic=True)``:
 
 * ``fullgraph=True``: a graph break is an error, not a silent fallback to eager code.
-* ``dynamic=False``: one graph per shape. Shapes depend only on (rows, draft length, span bucket): the cache's
-  lengths are updated in place and its attention span moves in steps of ``ragged_cache.SPAN_BUCKET`` columns, so a
-  run compiles one graph per span bucket and batch size (compaction changes the batch size) and per distinct
-  forward width, and never within a bucket.
-* On CUDA, ``mode="reduce-overhead"``: CUDA graphs, captured lazily the first time each shape runs, replayed after.
-  The KV buffers and lengths are marked static, so replays read and write them in place. The engine marks the start
-  of every step (``torch.compiler.cudagraph_mark_step_begin``), so a step's graphs may reuse the memory of the
+* ``dynamic=True``: one graph serves every batch size, forward width and attention span (a few more where torch
+  specialises sizes 0 and 1). The state a step reads is static, the cache's lengths and the batch's buffers are
+  updated in place, so nothing recompiles from step to step. Static shapes (one graph per shape) compiled one graph
+  per (batch size, width, span bucket): measured on CPU, three times the graphs for the same per-step speed. Flex
+  attention on CPU stays static (torch 2.13's inductor cannot compile it with dynamic shapes there).
+* On CUDA, ``mode="reduce-overhead"``: CUDA graphs, recorded lazily the first time each shape runs (one per batch
+  size, width and span bucket of ``ragged_cache.SPAN_BUCKET`` columns) and replayed after. The KV buffers, lengths
+  and per-row buffers are marked static, so replays read and write them in place. The engine marks the start of
+  every step (``torch.compiler.cudagraph_mark_step_begin``), so a step's graphs may reuse the memory of the
   previous step's outputs.
 * The Triton kernels are torch custom ops (``torch.ops.batched_specdec.*``, with fake implementations), so compiled
   graphs call them as single nodes; on CPU the engine calls their torch references, which are traced and fused.
 
-Compilation costs seconds per graph on CPU; it pays on long runs and small models, where Python dispatch dominates.
-Off by default everywhere: on CUDA it becomes the default only once measured faster there (no GPU has run it yet).
+Compilation costs seconds per graph on CPU (tens of seconds for the embedded 135M model); it pays on long runs,
+where Python dispatch dominates the step. Off by default everywhere: on CUDA it becomes the default only once
+measured faster there (no GPU has run it yet).
 """
 
 from __future__ import annotations
@@ -26,33 +29,33 @@ from __future__ import annotations
 import torch
 
 COMPILE_LIMIT = 256
-"""Graphs one compiled function may hold. torch's default of 8 would soon be reached by a run with a few batch
-sizes, widths and span buckets; past the limit a call fails (``fail_on_recompile_limit_hit``) rather than silently
-running eagerly."""
+"""Graphs one compiled function may hold (torch's default is 8: a few models and static-shape flex forwards reach
+it); past the limit a call fails (``fail_on_recompile_limit_hit``) rather than silently running eagerly."""
 
 _compiled: dict[tuple, object] = {}
 
 
-def compile_options(device: torch.device) -> dict:
+def compile_options(device: torch.device, dynamic: bool = True) -> dict:
     """``torch.compile`` keyword arguments of the step on ``device``."""
     mode = "reduce-overhead" if device.type == "cuda" else None
-    return {"fullgraph": True, "dynamic": False, "mode": mode}
+    return {"fullgraph": True, "dynamic": dynamic, "mode": mode}
 
 
-def compiled(fn, device: torch.device):
-    """``fn`` compiled for ``device`` (one compiled callable per function and device type, shared by calls)."""
-    key = (fn, device.type)
+def compiled(fn, device: torch.device, dynamic: bool = True):
+    """``fn`` compiled for ``device`` (one compiled callable per function, device type and shape mode, shared by
+    every call)."""
+    key = (fn, device.type, dynamic)
     out = _compiled.get(key)
     if out is None:
-        out = _compiled[key] = torch.compile(fn, **compile_options(device))
+        out = _compiled[key] = torch.compile(fn, **compile_options(device, dynamic))
     return out
 
 
-def run_compiled(fn, device: torch.device, *args):
+def run_compiled(fn, device: torch.device, *args, dynamic: bool = True):
     """Call the compiled ``fn`` on ``args`` under this module's recompile limit."""
     with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT, accumulated_recompile_limit=16 * COMPILE_LIMIT,
                                     fail_on_recompile_limit_hit=True):
-        return compiled(fn, device)(*args)
+        return compiled(fn, device, dynamic)(*args)
 
 
 def static(buffer: torch.Tensor, enabled: bool) -> torch.Tensor:

@@ -56,22 +56,15 @@ def _verify_forward(model, cache: RaggedKVCache, inputs: Tensor, drafter, feeds_
     return logits
 
 
-def _pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device,
-                pow2: bool = False):
-    """Widen a verify of fewer than ``controller.min_verify_tokens(device)`` tokens (4 on CPU), and with ``pow2``
-    (compiled steps of the adaptive controller, whose widths vary) any draft length to a power of two, so that few
-    shapes are compiled, with padding drafts (copies of the last draft, and of its q) past every row's
-    ``num_draft``, which rejection sampling never accepts or reads."""
+def _pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device):
+    """Widen a verify of fewer than ``controller.min_verify_tokens(device)`` tokens (4 on CPU) with padding drafts
+    (copies of the last draft, and of its q) past every row's ``num_draft``, which rejection sampling never accepts
+    or reads."""
     rows, k = tokens.shape
-    if k == 0:
-        return tokens, probs, num
     least = min_verify_tokens(device)
-    width = k if rows * (k + 1) >= least else -(-least // rows) - 1
-    if pow2:
-        width = 1 << (width - 1).bit_length()
-    if width == k:
+    if k == 0 or rows * (k + 1) >= least:
         return tokens, probs, num
-    extra = width - k
+    extra = -(-least // rows) - 1 - k
     num = torch.full((rows,), k, dtype=torch.int64, device=tokens.device) if num is None else num
     tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1)
     if probs is not None:
@@ -256,8 +249,7 @@ def speculative_generate_batch(
         torch.cuda.reset_peak_memory_stats(device)
     t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
 
-    widest = 1 << (g_max - 1).bit_length() if compile and controller.adaptive else g_max  # see _pad_verify
-    capacity = max(len(p) for p in req.rows) + req.max_gen_len + max(widest, CPU_MIN_VERIFY_TOKENS) + 2
+    capacity = max(len(p) for p in req.rows) + req.max_gen_len + max(g_max, CPU_MIN_VERIFY_TOKENS) + 2
     batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs,
                         compile=compile, delayed_host_read=delayed)
     eos_tensor = torch.tensor(req.eos or [-1], dtype=torch.int64, device=device)
@@ -292,8 +284,7 @@ def speculative_generate_batch(
             if hasattr(drafter, "note_target_only_step"):
                 drafter.note_target_only_step()
                 catching_up = True
-        draft_tokens, draft_probs, num_draft = _pad_verify(draft_tokens, draft_probs, num_draft, device,
-                                                           pow2=compile and controller.adaptive)
+        draft_tokens, draft_probs, num_draft = _pad_verify(draft_tokens, draft_probs, num_draft, device)
         k = draft_tokens.shape[1]
         controller.mark("draft")
         timer.lap("draft")

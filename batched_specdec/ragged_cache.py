@@ -36,14 +36,9 @@ PREFILL_CHUNK = 128
 """Default prompt tokens per row per prefill forward (``prefill_chunk=``): bounds prefill activations and masks."""
 
 
-def bucketed_span(max_len: int, capacity: int, geometric: bool = False) -> int:
-    """Round ``max_len`` up to a multiple of :data:`SPAN_BUCKET` (``geometric``: to ``SPAN_BUCKET`` times a power
-    of two, so a run of ``n`` tokens passes through ``log2(n / SPAN_BUCKET)`` spans, not ``n / SPAN_BUCKET``),
-    capped at ``capacity``."""
-    buckets = -(-max_len // SPAN_BUCKET)
-    if geometric:
-        buckets = 1 << max(buckets - 1, 0).bit_length()
-    return min(capacity, buckets * SPAN_BUCKET)
+def bucketed_span(max_len: int, capacity: int) -> int:
+    """Round ``max_len`` up to a multiple of :data:`SPAN_BUCKET`, capped at ``capacity``."""
+    return min(capacity, -(-max_len // SPAN_BUCKET) * SPAN_BUCKET)
 
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -178,9 +173,8 @@ class RaggedKVCache(Cache):
         self._lens_on = {}
 
     def set_span(self, max_len: int) -> None:
-        """Let attention span the first ``bucketed(max_len)`` columns; ``max_len`` bounds every key position read.
-        A compiling cache buckets geometrically: every span is a compiled graph."""
-        self.span = bucketed_span(max_len, self.capacity, geometric=self.compile)
+        """Let attention span the first ``bucketed(max_len)`` columns; ``max_len`` bounds every key position read."""
+        self.span = bucketed_span(max_len, self.capacity)
 
     def positions(self, num_queries: int) -> Tensor:
         """``(B, Q)`` int64 positions of the next forward's queries: ``lens[b] + j`` (rows ``[:rows]`` only)."""
@@ -272,8 +266,8 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
 
     With ``cache.compile`` (and ``compile``, which callers clear for one-off widths such as a drafter's catch-up),
     a forward over every row of at most :data:`COMPILED_MAX_QUERIES` queries (decode, draft and verify forwards;
-    not prefill chunks, and not with ``return_hidden``) runs compiled (:mod:`batched_specdec.capture`): one graph
-    per (rows, queries, span bucket), with CUDA graphs on CUDA.
+    not prefill chunks, and not with ``return_hidden``) runs compiled (:mod:`batched_specdec.capture`), with CUDA
+    graphs on CUDA (one per rows, queries and span bucket).
     """
     implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
     compiled = cache.compile and compile and not return_hidden and cache.rows is None and \
@@ -281,8 +275,10 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     captured: list[Tensor] = []
     with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
         if compiled:
+            # torch 2.13's inductor cannot compile flex attention for the CPU with dynamic shapes
+            dynamic = not (cache.attention == "flex" and input_ids.device.type == "cpu")
             logits = capture.run_compiled(_forward, input_ids.device, model, cache, input_ids, logits_to_keep,
-                                          model_inputs)
+                                          model_inputs, dynamic=dynamic)
         else:
             logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs)
     if not return_hidden:
