@@ -6,11 +6,11 @@ verify, draft and target-only forwards) and the step's sampling and commit (:mod
 through ``torch.compile(fullgraph=True, dynamic=True)``:
 
 * ``fullgraph=True``: a graph break is an error, not a silent fallback to eager code.
-* ``dynamic=True``: one graph serves every batch size, forward width and attention span (a few more where torch
-  specialises sizes 0 and 1). The state a step reads is static, the cache's lengths and the batch's buffers are
-  updated in place, so nothing recompiles from step to step. Static shapes (one graph per shape) compiled one graph
-  per (batch size, width, span bucket): measured on CPU, three times the graphs for the same per-step speed. Flex
-  attention on CPU stays static (torch 2.13's inductor cannot compile it with dynamic shapes there).
+* ``dynamic=True`` (:data:`DYNAMIC_SHAPES`): one graph serves every batch size, forward width and attention span (a
+  few more where torch specialises sizes 0 and 1). The state a step reads is static, the cache's lengths and the
+  batch's buffers are updated in place, so nothing recompiles from step to step. Static shapes compile one graph
+  per (batch size, width, span bucket): on CPU several times the graphs, each steps ~15% faster on a tiny model.
+  Flex attention on CPU stays static (torch 2.13's inductor cannot compile it with dynamic shapes there).
 * On CUDA, ``mode="reduce-overhead"``: CUDA graphs, recorded lazily the first time each shape runs (one per batch
   size, width and span bucket of ``ragged_cache.SPAN_BUCKET`` columns) and replayed after. The KV buffers, lengths
   and per-row buffers are marked static, so replays read and write them in place. The engine marks the start of
@@ -32,16 +32,21 @@ COMPILE_LIMIT = 256
 """Graphs one compiled function may hold (torch's default is 8: a few models and static-shape flex forwards reach
 it); past the limit a call fails (``fail_on_recompile_limit_hit``) rather than silently running eagerly."""
 
+DYNAMIC_SHAPES = True
+"""Compile with dynamic shapes (default): few graphs, each new shape free of compile cost. Set it to False for one
+graph per (batch size, width, span bucket): specialised kernels, about 15% faster steps of a tiny model on CPU, at
+the cost of a compile (seconds to minutes) for every new shape (``benchmarks/results/step_overhead_cpu.md``)."""
+
 _compiled: dict[tuple, object] = {}
 
 
-def compile_options(device: torch.device, dynamic: bool = True) -> dict:
+def compile_options(device: torch.device, dynamic: bool) -> dict:
     """``torch.compile`` keyword arguments of the step on ``device``."""
     mode = "reduce-overhead" if device.type == "cuda" else None
     return {"fullgraph": True, "dynamic": dynamic, "mode": mode}
 
 
-def compiled(fn, device: torch.device, dynamic: bool = True):
+def compiled(fn, device: torch.device, dynamic: bool):
     """``fn`` compiled for ``device`` (one compiled callable per function, device type and shape mode, shared by
     every call)."""
     key = (fn, device.type, dynamic)
@@ -51,8 +56,10 @@ def compiled(fn, device: torch.device, dynamic: bool = True):
     return out
 
 
-def run_compiled(fn, device: torch.device, *args, dynamic: bool = True):
-    """Call the compiled ``fn`` on ``args`` under this module's recompile limit."""
+def run_compiled(fn, device: torch.device, *args, dynamic: bool | None = None):
+    """Call ``fn`` compiled (with dynamic shapes when ``dynamic``, default :data:`DYNAMIC_SHAPES`) on ``args``,
+    under this module's recompile limit."""
+    dynamic = DYNAMIC_SHAPES if dynamic is None else dynamic
     with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT, accumulated_recompile_limit=16 * COMPILE_LIMIT,
                                     fail_on_recompile_limit_hit=True):
         return compiled(fn, device, dynamic)(*args)

@@ -276,7 +276,7 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
         if compiled:
             # torch 2.13's inductor cannot compile flex attention for the CPU with dynamic shapes
-            dynamic = not (cache.attention == "flex" and input_ids.device.type == "cpu")
+            dynamic = None if cache.attention != "flex" or input_ids.device.type != "cpu" else False
             logits = capture.run_compiled(_forward, input_ids.device, model, cache, input_ids, logits_to_keep,
                                           model_inputs, dynamic=dynamic)
         else:
