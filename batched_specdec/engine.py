@@ -102,6 +102,19 @@ def _verify_drafts(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs
                                        seed=seed, offset=offset)
 
 
+def _accept(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
+            num_draft: Tensor | None, generator: torch.Generator | None, zero: Tensor,
+            compile: bool) -> tuple[Tensor, Tensor]:
+    """The step's emitted tokens ``(B, k + 1)`` and accepted counts ``(B,)``: a plain target sample when the step
+    has no drafts, else :func:`_verify_drafts` (compiled with ``compile``)."""
+    if draft_tokens.shape[1] == 0:
+        token, _ = processor.sample(logits[:, 0], generator)
+        return token[:, None], torch.zeros_like(token)
+    seed, offset = _step_seed(processor, generator, logits.device, zero)
+    args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset)
+    return capture.run_compiled(_verify_drafts, logits.device, *args) if compile else _verify_drafts(*args)
+
+
 def _step_seed(processor: LogitsProcessor, generator: torch.Generator | None, device: torch.device,
                zero: Tensor) -> tuple[Tensor, Tensor]:
     """The Philox seed and offset of one step's rejection sampling, drawn from ``generator`` on its device exactly
@@ -295,14 +308,8 @@ def speculative_generate_batch(
         logits = _verify_forward(target_model, target_cache, verify_inputs, drafter, feeds_features).to(device)
         timer.lap("verify")
 
-        if k == 0:  # a plain target step
-            token, _ = processor.sample(logits[:, 0], gen)
-            out_tokens, num_accepted = token[:, None], torch.zeros_like(token)
-        else:
-            seed_t, offset_t = _step_seed(processor, gen, device, zero)
-            args = (processor, draft_tokens, draft_probs, logits, num_draft, seed_t, offset_t)
-            out_tokens, num_accepted = (capture.run_compiled(_verify_drafts, device, *args) if compile
-                                        else _verify_drafts(*args))
+        out_tokens, num_accepted = _accept(processor, draft_tokens, draft_probs, logits, num_draft, gen, zero,
+                                           compile)
         controller.mark("verify")
         timer.lap("sampling")
 

@@ -170,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warm_up(console, config: RunConfig, prompts: list[list[int]], model, draft, common: dict,
+             spec_kwargs: dict) -> None:
+    """Run both methods once untimed, so one-time costs do not land in the first timed batch: one short row, or
+    with ``--compile`` the first whole batch, so that its shapes are compiled before the clock runs."""
+    from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
+
+    warm, warm_len = ([prompts[0]], 2) if not config.compile else (prompts[: config.batch_size], config.max_new_tokens)
+    t0 = time.perf_counter()
+    _, base = autoregressive_generate_batch(warm, model, max_gen_len=warm_len, seed=config.seed, return_stats=True,
+                                            **common)
+    *_, spec = speculative_generate_batch(warm, draft, model, max_gen_len=warm_len, seed=config.seed, **common,
+                                          **spec_kwargs)
+    if config.compile:
+        graphs = base.extra["graphs_compiled"] + spec.extra["graphs_compiled"]
+        console.print(f"Warm-up compiled {graphs} graphs in {time.perf_counter() - t0:.1f} s (later shapes compile "
+                      "inside the timed runs).")
+
+
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """Parse flags and the optional config file into a validated :class:`RunConfig` (raises ConfigError)."""
     args = vars(build_parser().parse_args(argv))
@@ -274,18 +292,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     common = {"logits_processor": processor, "eos_tokens_id": eos, "pad_token_id": pad,
               "attention": config.attention, "prefill_chunk": config.prefill_chunk, "compile": config.compile}
     spec_kwargs = {"gamma": config.gamma, **({"gamma_max": config.gamma_max} if config.gamma == "auto" else {})}
-    # Warm-up (one short row through both paths) so one-time costs do not land in the first timed batch; with
-    # --compile, the first whole batch, so that its shapes are compiled before the clock runs.
-    warm, warm_len = ([prompts[0]], 2) if not config.compile else (prompts[: config.batch_size], config.max_new_tokens)
-    t_warm = time.perf_counter()
-    _, warm_stats = autoregressive_generate_batch(warm, model, max_gen_len=warm_len, seed=config.seed,
-                                                  return_stats=True, **common)
-    *_, warm_spec = speculative_generate_batch(warm, draft, model, max_gen_len=warm_len, seed=config.seed, **common,
-                                               **spec_kwargs)
-    if config.compile:
-        graphs = warm_stats.extra["graphs_compiled"] + warm_spec.extra["graphs_compiled"]
-        console.print(f"Warm-up compiled {graphs} graphs in {time.perf_counter() - t_warm:.1f} s (later shapes "
-                      "compile inside the timed runs).")
+    _warm_up(console, config, prompts, model, draft, common, spec_kwargs)
 
     def decode_shard(shard: list[list[int]], shard_rows: list[int]) -> tuple[dict[str, list], dict]:
         """This process' prompts: both methods, batch by batch. Batch ids (and seeds) are global."""
