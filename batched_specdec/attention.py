@@ -203,7 +203,7 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float,
     from torch.nn.attention.flex_attention import flex_attention
 
     score_mod = None if softcap is None else _softcap_score_mod(softcap)
-    if torch.compiler.is_compiling():  # inside a compiled forward (compile=True): traced with the rest of it
+    if torch.compiler.is_compiling():  # inside a compiled forward (compile=True, CUDA): traced with the rest of it
         return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
                               enable_gqa=key.shape[1] != query.shape[1])
     device = query.device.type

@@ -10,7 +10,8 @@ through ``torch.compile(fullgraph=True, dynamic=True)``:
   few more where torch specialises sizes 0 and 1). The state a step reads is static, the cache's lengths and the
   batch's buffers are updated in place, so nothing recompiles from step to step. Static shapes compile one graph
   per (batch size, width, span bucket): on CPU several times the graphs, each steps ~15% faster on a tiny model.
-  Flex attention on CPU stays static (torch 2.13's inductor cannot compile it with dynamic shapes there).
+  Forwards with flex attention on CPU stay eager (flex compiles itself per shape there; torch 2.13's inductor cannot
+  compile it with dynamic shapes for the CPU).
 * On CUDA, ``mode="reduce-overhead"``: CUDA graphs, recorded lazily the first time each shape runs (one per batch
   size, width and span bucket of ``ragged_cache.SPAN_BUCKET`` columns) and replayed after. The KV buffers, lengths
   and per-row buffers are marked static, so replays read and write them in place. The engine marks the start of
@@ -18,6 +19,11 @@ through ``torch.compile(fullgraph=True, dynamic=True)``:
   previous step's outputs.
 * The Triton kernels are torch custom ops (``torch.ops.batched_specdec.*``, with fake implementations), so compiled
   graphs call them as single nodes; on CPU the engine calls their torch references, which are traced and fused.
+
+Exactness: a compiled step computes the same model with fused kernels, so its logits agree with the eager step's
+to float rounding (within ~1e-5 in the tests), as the eager verify's already do with target-only decoding's. Tokens
+equal the eager run's in every test (greedy and seeded sampled); a greedy argmax or a sampling decision that sits on
+a near-tie can go the other way, and either way every token is drawn exactly from the target as computed.
 
 Compilation costs seconds per graph on CPU (tens of seconds for the embedded 135M model); it pays on long runs,
 where Python dispatch dominates the step. Off by default everywhere: on CUDA it becomes the default only once

@@ -228,9 +228,11 @@ def speculative_generate_batch(
         only the rows with prompt left, so prefill memory is bounded by rows x chunk, not by the longest prompt.
     compile : bool
         Compile the decode step (:mod:`batched_specdec.capture`): the verify and draft forwards, the rejection
-        sampling and the commit, with ``fullgraph=True``, one graph per (batch size, draft length, span bucket);
-        on CUDA with CUDA graphs. Outputs are the eager run's. Each new shape costs a compile (seconds on CPU), so
-        it pays on long runs. Not with feature drafts. ``stats.extra["graphs_compiled"]`` counts this call's.
+        sampling and the commit, with ``fullgraph=True`` and dynamic shapes (nothing recompiles from step to step);
+        on CUDA with CUDA graphs, one per (batch size, draft length, span bucket). The same model with fused
+        kernels: logits equal the eager run's to float rounding, tokens too but for near-ties (see
+        :mod:`~batched_specdec.capture`). Compiling costs seconds to minutes, so it pays on long runs. Not with
+        feature drafts. ``stats.extra["graphs_compiled"]`` counts this call's graphs.
     delayed_host_read : bool or None
         Read each step's stop flags and lengths one step late (a non-blocking copy to pinned memory), so the host
         queues step ``n + 1`` while the device runs step ``n``; rows that finished are frozen by the kernels, so the

@@ -146,13 +146,14 @@ class RaggedBatch:
             raise ValueError("the delayed host read carries no extra per-row counts (the adaptive controller needs "
                              "them at once)")
         previous, self._pending = self._pending, (*_copy_to_host(state), None)
+        # The host view now lags by exactly this step's commit (after the first step: the prompts, by the first).
+        self.unseen_width = self._last_width
         if previous is not None:
             host, event, kept = previous
             host = _arrived(host, event)
             if kept is not None:  # rows were compacted after this state was taken: drop theirs
                 host = host.view(2, -1)[:, kept].reshape(-1)
             self._apply(host, 0)
-            self.unseen_width = self._last_width
 
     def _apply(self, host: Tensor, n_extra: int) -> None:
         b = self.size

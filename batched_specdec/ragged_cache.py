@@ -121,6 +121,11 @@ class RaggedKVCache(Cache):
     def batch_size(self) -> int:
         return self.lens.shape[0]
 
+    @property
+    def allocated(self) -> bool:
+        """Whether every layer's buffers exist (they are allocated by the first forward through the cache)."""
+        return all(buffer is not None for buffer in self.key_buffers)
+
     # --- transformers Cache interface -------------------------------------------------------------------------
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
@@ -267,18 +272,18 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     With ``cache.compile`` (and ``compile``, which callers clear for one-off widths such as a drafter's catch-up),
     a forward over every row of at most :data:`COMPILED_MAX_QUERIES` queries (decode, draft and verify forwards;
     not prefill chunks, and not with ``return_hidden``) runs compiled (:mod:`batched_specdec.capture`), with CUDA
-    graphs on CUDA (one per rows, queries and span bucket).
+    graphs on CUDA (one per rows, queries and span bucket). Not before the cache's buffers exist (a batch of
+    one-token prompts has no prefill: its first forward allocates them eagerly, never inside a graph), and not with
+    flex attention on CPU, which compiles itself per shape (inductor cannot compile it with dynamic shapes there).
     """
     implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
-    compiled = cache.compile and compile and not return_hidden and cache.rows is None and \
-        input_ids.shape[1] <= COMPILED_MAX_QUERIES
+    compiled = cache.compile and compile and not return_hidden and cache.rows is None and cache.allocated and \
+        input_ids.shape[1] <= COMPILED_MAX_QUERIES and not (cache.attention == "flex" and cache.lens.is_cpu)
     captured: list[Tensor] = []
     with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
         if compiled:
-            # torch 2.13's inductor cannot compile flex attention for the CPU with dynamic shapes
-            dynamic = None if cache.attention != "flex" or input_ids.device.type != "cpu" else False
             logits = capture.run_compiled(_forward, input_ids.device, model, cache, input_ids, logits_to_keep,
-                                          model_inputs, dynamic=dynamic)
+                                          model_inputs)
         else:
             logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs)
     if not return_hidden:

@@ -117,6 +117,42 @@ def test_delayed_host_read_equals_immediate(models, prompts, kind):
         assert delayed_stats.tokens_per_target_forward == stats.tokens_per_target_forward
 
 
+@pytest.mark.parametrize("kind", ["target-only", "self-draft"])
+def test_delayed_host_read_at_span_bucket_edges(models, kind):
+    """Prompts that end just below a span bucket's edge: the span of the step after the first must cover what the
+    first step committed, which the host has not seen yet (a key out of the span changes the logits: compared by
+    log-probability, exactly). The target drafting for itself commits gamma + 1 tokens per step."""
+    target, _ = models
+    for length in range(58, 66):
+        rows = [[(7 * i + length) % VOCAB for i in range(length)], [3, 4, 5]]
+        kwargs = {"max_gen_len": 8, "eos_tokens_id": [], "return_logprobs": True}
+        results = []
+        for delayed in (False, True):
+            if kind == "target-only":
+                out, stats = autoregressive_generate_batch(rows, target, delayed_host_read=delayed, **kwargs)
+            else:
+                out, _, stats = speculative_generate_batch(rows, target, target, gamma=3, delayed_host_read=delayed,
+                                                           **kwargs)
+            results.append((out, stats.logprobs))
+        assert results[1] == results[0], f"prompt of {length} tokens"
+
+
+def test_no_buffers_are_allocated_inside_a_compiled_forward(models, monkeypatch):
+    """One-token prompts have no prefill (and a draft has nothing to catch up on for prompts of <= 2 tokens): the
+    first decode forward allocates the caches' buffers, eagerly. Marking a buffer static inside a compiled graph
+    (what happens on CUDA) would fail, so mark every buffer here as CUDA would."""
+    target, draft = models
+    monkeypatch.setattr(capture, "static", lambda buffer, enabled: torch._dynamo.mark_static_address(buffer) or buffer)
+    rows = [[7], [9], [11]]
+    kwargs = {"max_gen_len": 6, "eos_tokens_id": []}
+    expected = autoregressive_generate_batch(rows, target, **kwargs)
+    assert autoregressive_generate_batch(rows, target, compile=True, **kwargs) == expected
+    assert speculative_generate_batch(rows, draft, target, gamma=2, compile=True, **kwargs)[0] == expected
+    rows = [[7, 8], [9]]  # the target prefills one token; the draft still has nothing to catch up on
+    expected = autoregressive_generate_batch(rows, target, **kwargs)
+    assert speculative_generate_batch(rows, draft, target, gamma=2, compile=True, **kwargs)[0] == expected
+
+
 def test_compiled_with_delayed_read_equals_eager_immediate(models, prompts):
     """The CUDA default pairing (compiled step, host one step behind) against the plain eager run."""
     for kind in ("target-only", "model"):
