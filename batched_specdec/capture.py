@@ -52,23 +52,21 @@ def compile_options(device: torch.device, dynamic: bool) -> dict:
     return {"fullgraph": True, "dynamic": dynamic, "mode": mode}
 
 
-def compiled(fn, device: torch.device, dynamic: bool):
-    """``fn`` compiled for ``device`` (one compiled callable per function, device type and shape mode, shared by
-    every call)."""
-    key = (fn, device.type, dynamic)
+def compiled(fn, device: torch.device):
+    """``fn`` compiled for ``device`` (one compiled callable per function, device type and :data:`DYNAMIC_SHAPES`,
+    shared by every call)."""
+    key = (fn, device.type, DYNAMIC_SHAPES)
     out = _compiled.get(key)
     if out is None:
-        out = _compiled[key] = torch.compile(fn, **compile_options(device, dynamic))
+        out = _compiled[key] = torch.compile(fn, **compile_options(device, DYNAMIC_SHAPES))
     return out
 
 
-def run_compiled(fn, device: torch.device, *args, dynamic: bool | None = None):
-    """Call ``fn`` compiled (with dynamic shapes when ``dynamic``, default :data:`DYNAMIC_SHAPES`) on ``args``,
-    under this module's recompile limit."""
-    dynamic = DYNAMIC_SHAPES if dynamic is None else dynamic
+def run_compiled(fn, device: torch.device, *args):
+    """Call ``fn`` compiled for ``device`` on ``args``, under this module's recompile limit."""
     with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT, accumulated_recompile_limit=16 * COMPILE_LIMIT,
                                     fail_on_recompile_limit_hit=True):
-        return compiled(fn, device, dynamic)(*args)
+        return compiled(fn, device)(*args)
 
 
 def static(buffer: torch.Tensor, enabled: bool) -> torch.Tensor:

@@ -32,7 +32,7 @@ from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
 from batched_specdec.ragged_batch import GenerationStats, PhaseTimer, RaggedBatch, progress_bar
 from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward, prefill
-from kernels import rejection_sample_from_logits, rejection_sample_from_probs
+from kernels import draw_seed_offset, rejection_sample_from_logits, rejection_sample_from_probs
 
 __all__ = ["GenerationStats", "autoregressive_generate_batch", "speculative_generate_batch"]
 
@@ -72,9 +72,9 @@ def _pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device
     return tokens, probs, num
 
 
-def _resolve_delayed_host_read(delayed: bool | None, device: torch.device, adaptive: bool, gamma,
+def _check_step_options(delayed: bool | None, device: torch.device, adaptive: bool, gamma,
                                compile: bool) -> bool:
-    """Whether the host reads each step's flags one step late (see ``delayed_host_read``); checks ``compile``."""
+    """Check ``compile`` and ``delayed_host_read``; return whether the host reads each step's flags one step late."""
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
     if delayed is not None and not isinstance(delayed, bool):
@@ -110,20 +110,10 @@ def _accept(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tenso
     if draft_tokens.shape[1] == 0:
         token, _ = processor.sample(logits[:, 0], generator)
         return token[:, None], torch.zeros_like(token)
-    seed, offset = _step_seed(processor, generator, logits.device, zero)
+    # Drawn as the sampler would draw them itself (so seeded outputs do not depend on compile); greedy draws none.
+    seed, offset = (zero, zero) if processor.is_greedy else draw_seed_offset(generator, logits.device)
     args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset)
     return capture.run_compiled(_verify_drafts, logits.device, *args) if compile else _verify_drafts(*args)
-
-
-def _step_seed(processor: LogitsProcessor, generator: torch.Generator | None, device: torch.device,
-               zero: Tensor) -> tuple[Tensor, Tensor]:
-    """The Philox seed and offset of one step's rejection sampling, drawn from ``generator`` on its device exactly
-    as the sampler would draw them itself (so seeded outputs do not depend on ``compile``); greedy steps draw none."""
-    if processor.is_greedy:
-        return zero, zero
-    gen_device = generator.device if generator is not None else device
-    so = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64, device=gen_device).to(device)
-    return so[0], so[1]
 
 
 def _emitted_logprobs(logits: Tensor, out_tokens: Tensor, processor: LogitsProcessor) -> Tensor:
@@ -257,7 +247,7 @@ def speculative_generate_batch(
     ratio = draft_cost_ratio(drafter, target_model)
     costs = shared_cost_model(target_model, drafter, device, ratio, compiled=compile) if gamma == "auto" else None
     controller = make_controller(gamma, gamma_max, n_rows, device, ratio, cost_model=costs)
-    delayed = _resolve_delayed_host_read(delayed_host_read, device, controller.adaptive, gamma, compile)
+    delayed = _check_step_options(delayed_host_read, device, controller.adaptive, gamma, compile)
     g_max = controller.gamma_max
     timer = PhaseTimer(collect_stats, device)
     if device.type == "cuda":
@@ -378,7 +368,7 @@ def autoregressive_generate_batch(
                           max_gen_len=max_gen_len, eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, seed=seed,
                           generator=generator, attention=attention, prefill_chunk=prefill_chunk)
     device = req.device
-    delayed = _resolve_delayed_host_read(delayed_host_read, device, False, 1, compile)
+    delayed = _check_step_options(delayed_host_read, device, False, 1, compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, graphs0 = time.perf_counter(), capture.graphs_compiled()

@@ -231,7 +231,6 @@ class RaggedKVCache(Cache):
         self._lens_on = {}
 
 
-
 @contextmanager
 def _attention_selected(model, implementation: str | None):
     """Let ``model``'s decoder layers dispatch to ``implementation`` for the duration (None: leave it)."""
@@ -270,15 +269,15 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     ``model_inputs`` go to the model as keyword arguments (a feature draft's ``features``).
 
     With ``cache.compile`` (and ``compile``, which callers clear for one-off widths such as a drafter's catch-up),
-    a forward over every row of at most :data:`COMPILED_MAX_QUERIES` queries (decode, draft and verify forwards;
-    not prefill chunks, and not with ``return_hidden``) runs compiled (:mod:`batched_specdec.capture`), with CUDA
+    a forward over every row (decode, draft and verify forwards; not prefill chunks, and not with
+    ``return_hidden``) runs compiled (:mod:`batched_specdec.capture`), with CUDA
     graphs on CUDA (one per rows, queries and span bucket). Not before the cache's buffers exist (a batch of
     one-token prompts has no prefill: its first forward allocates them eagerly, never inside a graph), and not with
     flex attention on CPU, which compiles itself per shape (inductor cannot compile it with dynamic shapes there).
     """
     implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
     compiled = cache.compile and compile and not return_hidden and cache.rows is None and cache.allocated and \
-        input_ids.shape[1] <= COMPILED_MAX_QUERIES and not (cache.attention == "flex" and cache.lens.is_cpu)
+        not (cache.attention == "flex" and cache.lens.is_cpu)
     captured: list[Tensor] = []
     with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
         if compiled:
@@ -291,11 +290,6 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     if len(captured) != 1:
         raise RuntimeError(f"{type(model).__name__}'s decoder ran {len(captured)} times in one forward; expected once")
     return logits, captured[0]
-
-
-COMPILED_MAX_QUERIES = 32
-"""Widest forward (queries per row) that runs compiled with ``compile=True``; wider ones (prefill chunks, a
-drafter catching up on prompts) run eagerly, since each new shape would cost a compile."""
 
 
 def _forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, model_inputs: dict) -> Tensor:

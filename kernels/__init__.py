@@ -4,6 +4,7 @@ from kernels.commit_tokens import commit_emitted_tokens, commit_emitted_tokens_r
 from kernels.compact_rows import compact_rows, compact_rows_reference
 from kernels.rejection_sample import (
     PLACEHOLDER_TOKEN_ID,
+    draw_seed_offset,
     rejection_sample_from_logits,
     rejection_sample_from_logits_reference,
     rejection_sample_from_probs,
@@ -17,6 +18,7 @@ __all__ = [
     "commit_emitted_tokens_reference",
     "compact_rows",
     "compact_rows_reference",
+    "draw_seed_offset",
     "rejection_sample_from_logits",
     "rejection_sample_from_logits_reference",
     "rejection_sample_from_probs",

@@ -569,6 +569,13 @@ def _seed_offset(generator, seed, offset, device):
             if value.device != device:
                 raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
         return seed.reshape(()), offset.reshape(())
+    return draw_seed_offset(generator, device)
+
+
+def draw_seed_offset(generator: torch.Generator | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Philox seed and offset a call with ``generator=`` draws (int64 scalars on ``device``, drawn on the
+    generator's device, no host sync): callers that pass ``seed``/``offset`` themselves (a compiled step, which
+    cannot take a generator) draw them here to get the same random numbers."""
     gen_device = generator.device if generator is not None else device
     # Offsets below 2**62 leave room for the B * (K + 1) * (V + 1) counters of a call without wrapping.
     so = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64, device=gen_device).to(device)

@@ -178,7 +178,7 @@ def test_generate_and_the_cli_pass_compile_through(models, prompts, monkeypatch)
     assert parse_config(["--compile"]).compile is True and parse_config([]).compile is False
     calls = []
 
-    def eager_run_compiled(fn, device, *args, dynamic=None):  # count what would run compiled, run it eagerly
+    def eager_run_compiled(fn, device, *args):  # count what would run compiled, run it eagerly
         calls.append(fn.__name__)
         return fn(*args)
 
