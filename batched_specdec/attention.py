@@ -160,7 +160,7 @@ def _block_mask_from_positions(positions: Tensor, span: int, window: int | None)
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, inputs: RaggedAttentionInputs, window: int | None,
           scaling: float, softcap: float | None) -> Tensor:
     """SDPA over the cache's K/V, read in place. ``query`` ``(B, H_q, Q, D)``, ``key``/``value``
-    ``(B, H_kv, S, D)``; returns ``(B, H_q, Q, D)``.
+    ``(B, H_kv, S, D)``; returns ``(B, Q, H_q, D)``, contiguous.
 
     Each KV head's query group is folded into the query axis (``(B, H_kv, n_rep * Q, D)``): CUDA's masked SDPA
     kernels take no grouped heads (its math fallback repeats K/V), and on CPU it is the faster layout for the few
@@ -182,7 +182,11 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, inputs: RaggedAttentionInpu
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
         scores = torch.tanh(scores / softcap) * softcap + mask
         out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
-    return out.view(b, h_q, q, out.shape[-1])
+    # Layout-agnostic: CUDA's memory-efficient kernel returns its output in a (B, M, H, K) memory layout, where
+    # merging the KV-head axis with the folded query axis is no view. Splitting an axis always is, and the one
+    # copy goes straight to the layout transformers wants.
+    d_v = out.shape[-1]
+    return out.view(b, h_kv, n_rep, q, d_v).permute(0, 3, 1, 2, 4).reshape(b, q, h_q, d_v)
 
 
 _compiled_flex = {}
@@ -241,9 +245,8 @@ def ragged_attention_forward(
         scaling = 1.0 / math.sqrt(query.shape[-1])
     if ragged_attention.backend == "flex":
         out = _flex(query, key, value, ragged_attention.block_mask(window), scaling, softcap)
-    else:
-        out = _sdpa(query, key, value, ragged_attention, window, scaling, softcap)
-    return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous(), None
+    return _sdpa(query, key, value, ragged_attention, window, scaling, softcap), None
 
 
 AttentionInterface.register(RAGGED_ATTENTION, ragged_attention_forward)

@@ -235,3 +235,39 @@ def test_bad_attention_settings_are_errors_before_compute(kwargs, match, monkeyp
         autoregressive_generate_batch([[1, 2]], model, **kwargs)
     with pytest.raises(ValueError, match=match):
         generate([[1, 2]], model, **kwargs)
+
+
+def _sdpa_in_cuda_layout(monkeypatch):
+    """Make SDPA return what CUDA's memory-efficient kernel returns for a masked call: the same values, stored in a
+    ``(B, M, H, K)`` memory layout (axes 1 and 2 transposed in memory), which a merging ``view`` cannot take."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def transposed_layout(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        calls.append(out.shape)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", transposed_layout)
+    return calls
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "dense"])
+def test_gqa_decodes_exactly_when_sdpa_returns_cudas_memory_layout(monkeypatch, attention):
+    """A grouped-query model (4 query heads over 2 KV heads) decodes greedily token for token as a no-cache
+    reference, target-only and speculative, while SDPA hands back its output in CUDA's transposed layout. (The flex
+    backend calls no SDPA; its output is made contiguous whatever its layout.)"""
+    from tiny_models import greedy_reference
+
+    target = tiny_causal_lm("llama", seed=3, layers=2)
+    draft = tiny_causal_lm("llama", seed=4, layers=1)
+    assert target.config.num_attention_heads // target.config.num_key_value_heads == 2
+    prompts = [[5, 9, 13, 2, 7], [3], [8, 8, 1, 4, 11, 6, 20, 30, 40]]
+    expected = [greedy_reference(target, p, 12, []) for p in prompts]
+    calls = _sdpa_in_cuda_layout(monkeypatch)
+    base = autoregressive_generate_batch(prompts, target, max_gen_len=12, eos_tokens_id=[], attention=attention)
+    spec, _, _ = speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=12, eos_tokens_id=[],
+                                            attention=attention)
+    assert base == expected
+    assert spec == expected
+    assert calls, "the patched SDPA was never called"
