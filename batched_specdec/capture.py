@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from batched_specdec.devices import is_cuda
+
 COMPILE_LIMIT = 256
 """Graphs one compiled function may hold (torch's default is 8: a few models and static-shape flex forwards reach
 it); past the limit a call fails (``fail_on_recompile_limit_hit``) rather than silently running eagerly."""
@@ -48,7 +50,7 @@ _compiled: dict[tuple, object] = {}
 
 def compile_options(device: torch.device, dynamic: bool) -> dict:
     """``torch.compile`` keyword arguments of the step on ``device``."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    mode = "reduce-overhead" if is_cuda(device) else None
     return {"fullgraph": True, "dynamic": dynamic, "mode": mode}
 
 
@@ -72,14 +74,14 @@ def run_compiled(fn, device: torch.device, *args):
 def static(buffer: torch.Tensor, enabled: bool) -> torch.Tensor:
     """Mark ``buffer``, which compiled code reads and writes in place across calls, as static when ``enabled`` on
     CUDA, so CUDA graphs replay on it instead of copying it in and out (a no-op elsewhere). Returns it."""
-    if enabled and buffer.device.type == "cuda":
+    if enabled and is_cuda(buffer.device):
         torch._dynamo.mark_static_address(buffer)
     return buffer
 
 
 def step_begin(device: torch.device) -> None:
     """Mark the start of an engine step for CUDA graphs: outputs of earlier steps' graphs are no longer read."""
-    if device.type == "cuda":
+    if is_cuda(device):
         torch.compiler.cudagraph_mark_step_begin()
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from batched_specdec.devices import StepClock
 from batched_specdec.inputs import check_positive_int
 
 ACCEPTANCE_PRIOR = 0.6
@@ -200,29 +201,6 @@ class CostModel:
         return self.draft_s(rows, k) + self.verify_s(rows, width) + self.overhead(rows)
 
 
-class _StepClock:
-    """Phase times of one step without extra host syncs: CUDA events read after the step's sync, or perf_counter."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: dict[str, object] = {}
-
-    def mark(self, name: str) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks[name] = event
-        else:
-            self.marks[name] = time.perf_counter()
-
-    def seconds(self, a: str, b: str) -> float:
-        if a not in self.marks or b not in self.marks:
-            return 0.0
-        if self.cuda:
-            return self.marks[a].elapsed_time(self.marks[b]) / 1e3
-        return self.marks[b] - self.marks[a]
-
-
 def _best_length(throughput: Tensor) -> int:
     """The draft length of the highest predicted throughput, if it beats draft length 0 by ``MIN_GAIN``."""
     best = int(throughput.argmax())
@@ -263,7 +241,7 @@ class AdaptiveSpeculation:
         # [0]: long-run, [1]: recent; per original row
         self.successes = torch.zeros(2, num_rows, dtype=torch.float64)
         self.trials = torch.zeros(2, num_rows, dtype=torch.float64)
-        self.clock = _StepClock(device)
+        self.clock = StepClock(device)
         self.draft_lengths: list[int] = []
         self.width_histogram = [0] * (gamma_max + 1)
         self.predicted_s = self.measured_s = 0.0

@@ -27,6 +27,7 @@ from batched_specdec.controller import (
     min_verify_tokens,
     shared_cost_model,
 )
+from batched_specdec.devices import is_cuda, reset_peak_memory
 from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio
 from batched_specdec.inputs import resolve_request, vocab_size
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
@@ -80,7 +81,7 @@ def _check_step_options(delayed: bool | None, device: torch.device, adaptive: bo
     if delayed is not None and not isinstance(delayed, bool):
         raise TypeError(f"delayed_host_read must be True, False or None, got {delayed!r}")
     if delayed is None:
-        return device.type == "cuda" and not adaptive
+        return is_cuda(device) and not adaptive
     if delayed and adaptive:
         raise ValueError(f"delayed_host_read=True needs an integer gamma, got gamma={gamma!r}: the adaptive "
                          "controller reads each step's counts and timings before it plans the next step")
@@ -250,8 +251,7 @@ def speculative_generate_batch(
     delayed = _check_step_options(delayed_host_read, device, controller.adaptive, gamma, compile)
     g_max = controller.gamma_max
     timer = PhaseTimer(collect_stats, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
 
     capacity = max(len(p) for p in req.rows) + req.max_gen_len + max(g_max, CPU_MIN_VERIFY_TOKENS) + 2
@@ -369,8 +369,7 @@ def autoregressive_generate_batch(
                           generator=generator, attention=attention, prefill_chunk=prefill_chunk)
     device = req.device
     delayed = _check_step_options(delayed_host_read, device, False, 1, compile)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
 
     capacity = max(len(p) for p in req.rows) + req.max_gen_len + 2

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from batched_specdec.config import VALID_KEYS, ConfigError, RunConfig, build_config, parse_gamma, read_config_file
+from batched_specdec.devices import is_cuda, reset_peak_memory, synchronize
 from batched_specdec.prompts import PromptFileError, builtin_prompts, read_prompts_file, select_prompts
 from batched_specdec.report import Totals, device_name, print_outputs, print_processes, print_report
 
@@ -232,13 +233,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     """Load models, decode with both methods, print the report and write the results JSON; returns the results."""
     import torch
@@ -264,7 +258,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     device = resolve_device(config.device)
-    if state.num_processes > 1 and device.type == "cuda":
+    if state.num_processes > 1 and is_cuda(device):
         device = state.device  # one GPU per process under accelerate launch
     dtype = resolve_dtype(config.dtype, device)
     texts = read_prompts_file(config.prompts) if config.prompts else builtin_prompts()
@@ -318,9 +312,8 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
                 # seed + batch id would give seed s batch i+1 the stream of seed s+1 batch i
                 seed = batch_seed(config.seed, shard_rows[rows[0]])
                 if base_task is not None:
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    _sync(device)
+                    reset_peak_memory(device)
+                    synchronize(device)
                     t = time.perf_counter()
                     result = autoregressive_generate_batch(
                         batch_prompts,
@@ -330,7 +323,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
                         return_stats=True,
                         **common,
                     )
-                    _sync(device)
+                    synchronize(device)
                     base.wall += time.perf_counter() - t
                     outs, stats = result
                     base.add_stats(stats)
@@ -338,9 +331,8 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
                     for i, out in zip(rows, outs):
                         base_out[i] = list(out)
                     progress.advance(base_task)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                _sync(device)
+                reset_peak_memory(device)
+                synchronize(device)
                 t = time.perf_counter()
                 outs, alpha, stats = speculative_generate_batch(
                     batch_prompts,
@@ -352,7 +344,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
                     collect_stats=config.time_split,
                     **common,
                 )
-                _sync(device)
+                synchronize(device)
                 spec.wall += time.perf_counter() - t
                 spec.add_stats(stats)
                 spec.tokens += sum(map(len, outs))

@@ -7,7 +7,6 @@ small tensor per step (:meth:`RaggedBatch.sync`); everything else stays on the d
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from batched_specdec import capture
+from batched_specdec.devices import host_arrived, host_copy, peak_memory, synchronize
 from batched_specdec.ragged_cache import RaggedKVCache
 from kernels import commit_emitted_tokens
 
@@ -145,12 +145,12 @@ class RaggedBatch:
         if extra:
             raise ValueError("the delayed host read carries no extra per-row counts (the adaptive controller needs "
                              "them at once)")
-        previous, self._pending = self._pending, (*_copy_to_host(state), None)
+        previous, self._pending = self._pending, (*host_copy(state), None)
         # The host view now lags by exactly this step's commit (after the first step: the prompts, by the first).
         self.unseen_width = self._last_width
         if previous is not None:
             host, event, kept = previous
-            host = _arrived(host, event)
+            host = host_arrived(host, event)
             if kept is not None:  # rows were compacted after this state was taken: drop theirs
                 host = host.view(2, -1)[:, kept].reshape(-1)
             self._apply(host, 0)
@@ -299,24 +299,22 @@ class RaggedBatch:
 
 
 class PhaseTimer:
-    """Seconds per phase of a step, measured only when enabled (it synchronises CUDA between phases)."""
+    """Seconds per phase of a step, measured only when enabled (it synchronises the device between phases)."""
 
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled = enabled
-        self.cuda = device.type == "cuda"
+        self.device = device
         self.split = {"draft": 0.0, "verify": 0.0, "sampling": 0.0, "bookkeeping": 0.0}
         self._t = 0.0
 
     def start(self) -> None:
         if self.enabled:
-            if self.cuda:
-                torch.cuda.synchronize()
+            synchronize(self.device)
             self._t = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         if self.enabled:
-            if self.cuda:
-                torch.cuda.synchronize()
+            synchronize(self.device)
             now = time.perf_counter()
             self.split[phase] += now - self._t
             self._t = now
@@ -330,32 +328,8 @@ def progress_bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tok", leave=False)
 
 
-def peak_memory(device: torch.device) -> tuple[int | None, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
-
-
 def _commit(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos, max_gen_len):
     """The step's commit (compiled with ``compile=True``); the buffers are the batch's own, so no checks."""
     return commit_emitted_tokens(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos,
                                  max_gen_len, validate=False)
 
-
-def _copy_to_host(state: Tensor) -> tuple[Tensor, object]:
-    """Start copying ``state`` to the host: on CUDA into pinned memory, non-blocking, with an event recorded after
-    the copy; elsewhere a plain copy (the device already ran it). Returns ``(host tensor, event or None)``."""
-    if state.device.type != "cuda":
-        return state.cpu(), None
-    host = torch.empty(state.shape, dtype=state.dtype, pin_memory=True)
-    host.copy_(state, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
-def _arrived(host: Tensor, event) -> Tensor:
-    """The host tensor of :func:`_copy_to_host`, once its copy has finished."""
-    if event is not None:
-        event.synchronize()
-    return host

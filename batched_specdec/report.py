@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import platform
-
+from batched_specdec.devices import device_name
 from batched_specdec.ragged_batch import add_counts
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
-    return (
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-        f"{torch.get_num_threads()} torch threads)"
-    )
 
 
 def _fmt_bytes(n: int | None) -> str:
