@@ -13,6 +13,9 @@ import math
 import torch
 from torch import Tensor
 
+from kernels import draw_seed_offset
+from kernels.philox import philox_uint31_reference
+
 
 class LogitsProcessor:
     """Base class. ``temperature == 0`` means greedy decoding (argmax, exact match verification)."""
@@ -40,8 +43,20 @@ class LogitsProcessor:
     def _filter(self, scaled_logits: Tensor) -> Tensor:
         return scaled_logits
 
-    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """Draw one token per row of ``logits`` (``(B, V)``).
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None,
+               row_keys: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Draw one token per row of ``logits`` (``(B, V)``) on its device, with no host read
+        (:func:`sample_from_probs`, from a seed and offset drawn from ``generator``).
+
+        Parameters
+        ----------
+        logits : Tensor
+            ``(B, V)`` float logits.
+        generator : torch.Generator, optional
+            The run's seeded stream (on the logits' device); None uses torch's default generator.
+        row_keys : Tensor, optional
+            ``(B,)`` int64: what each row's draws are keyed by (the engines pass each row's prompt index), so a
+            row's token does not depend on its position in the batch. None: the positions ``0..B-1``.
 
         Returns
         -------
@@ -53,11 +68,57 @@ class LogitsProcessor:
         if self.is_greedy:
             return logits.argmax(dim=-1), None
         probs = self.probs(logits)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+        seed, offset = draw_seed_offset(generator, probs.device)
+        return sample_from_probs(probs, seed, offset, row_keys), probs
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+def sample_from_probs(probs: Tensor, seed: Tensor, offset: Tensor, row_keys: Tensor | None = None) -> Tensor:
+    """One token per row drawn from ``probs`` (``(B, V)``, rows need not be normalised), entirely on its device.
+
+    Inverse-CDF sampling in float64: row ``b`` takes the first token whose cumulative probability exceeds
+    ``u_b * sum(probs[b])``, where ``u_b`` is a uniform of 62 random bits from the two Philox draws at counters
+    ``offset + 2 * row_keys[b]`` and ``offset + 2 * row_keys[b] + 1`` under ``seed``
+    (:func:`kernels.philox.philox_uint31_reference`, ``tl.rand``'s bits). Two random numbers per row, not ``V``:
+    an exponential race would need one Philox draw per vocabulary entry, several times a CPU forward's sampling
+    cost at V = 49152. A token of probability 0 is never drawn. No host read, no ``torch.multinomial`` (which
+    reads the device twice per call on CUDA).
+
+    Parameters
+    ----------
+    probs : Tensor
+        ``(B, V)`` float, non-negative, each row with positive mass.
+    seed, offset : Tensor
+        int64 scalars on ``probs``' device (:func:`kernels.draw_seed_offset`).
+    row_keys : Tensor, optional
+        ``(B,)`` int64 >= 0 on ``probs``' device: row ``b``'s draws depend on ``row_keys[b]``, never on ``b``.
+        None: ``0..B-1``.
+
+    Returns
+    -------
+    Tensor
+        ``(B,)`` int64 token ids.
+
+    Examples
+    --------
+    >>> p = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])
+    >>> seed, offset = torch.tensor(7), torch.tensor(0)
+    >>> sample_from_probs(p, seed, offset)[0].item()
+    1
+    """
+    b, v = probs.shape
+    keys = torch.arange(b, device=probs.device) if row_keys is None else row_keys
+    counters = offset + 2 * keys[:, None] + torch.arange(2, device=probs.device)[None, :]
+    words = philox_uint31_reference(seed, counters).double()  # (B, 2), 31 random bits each
+    u = (words[:, 0] + words[:, 1] * 2.0**-31) * 2.0**-31  # in [0, 1]: 1 only by rounding, handled below
+    cdf = probs.double().cumsum(dim=-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    # u * total can round up to total itself: then the last token of positive probability.
+    last = v - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
+    return torch.where(token >= v, last, token)
 
 
 def _check_temperature(temperature: float) -> float:

@@ -30,14 +30,20 @@ def philox_uniform_reference(seed: torch.Tensor, counter: torch.Tensor) -> torch
     torch.Tensor
         float32 tensor of ``counter``'s shape, uniform in [0, 1).
     """
+    x = philox_uint31_reference(seed, counter)
+    return x.to(torch.float32) * torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32, device=x.device)
+
+
+def philox_uint31_reference(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """The 31 random bits behind ``tl.rand(seed, counter)``: int64 in ``[0, 2**31)``, of ``counter``'s shape
+    (``tl.rand`` is this times 2**-31 in float32, which keeps only 24 of them)."""
     if counter.device.type == "cpu" and not torch.compiler.is_compiling():
         # numpy's uint64 arithmetic is vectorised where torch's int64 CPU ops are not: same bits, ~20x faster.
         # A compiled graph takes the torch words instead (same bits; inductor fuses them into one loop).
         x = torch.from_numpy(_philox_round_words_numpy(seed.cpu().numpy(), counter.numpy()))
     else:
         x = _philox_round_words_torch(seed, counter)
-    x = torch.where(x < 0, -x - 1, x)  # ~x
-    return x.to(torch.float32) * torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32, device=x.device)
+    return torch.where(x < 0, -x - 1, x)  # ~x
 
 
 def _philox_round_words_torch(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:

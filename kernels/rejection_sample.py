@@ -6,12 +6,14 @@ rejection j the recovered token is sampled from norm(max(0, p_j - q_j)) (falling
 zero through rounding); if all k drafts are accepted the bonus token is sampled from p_k.
 
 Randomness. Every random number is a Philox4x32-10 draw keyed by an int64 ``seed`` at the int64 counter
-``offset + (b * (K + 1) + j) * (V + 1) + c``: ``c = V`` gives the acceptance uniform of (b, j), ``c = v < V``
+``offset + (key_b * (K + 1) + j) * (V + 1) + c``, with ``key_b = row_keys[b]`` (default ``b``), so a row's draws
+follow its key and not its position in the batch: ``c = V`` gives the acceptance uniform of (b, j), ``c = v < V``
 the uniform behind the exponential E_v = -log(u_v) of vocabulary entry v at position j. The recovered/bonus
 token is the exponential race ``argmax_v r_v / E_v`` over the unnormalised weights r (an exact sample of
 r / sum(r); ties go to the lowest index). The kernel uses ``tl.rand``; the reference reproduces its bits with a
 pure-torch Philox (same uint32 -> float conversion), so both backends make the same decisions from the same
-seed/offset. A call consumes ``B * (K + 1) * (V + 1)`` counters: advance ``offset`` by that much between calls.
+seed/offset. A call consumes ``(max key + 1) * (K + 1) * (V + 1)`` counters: advance ``offset`` by that much
+between calls (or draw a fresh random one, as ``generator=`` does).
 With ``generator=`` the seed and offset are drawn from it with torch on the device (no host sync).
 
 Parallelism. The fused kernel (one launch) gives each program BLOCK_B rows and walks their positions in order,
@@ -196,10 +198,12 @@ def _write_output(
 
 
 @triton.jit
-def _row_streams(rows, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb, stride_qb, K, V):
-    """(seed, first Philox counter of each row, pointers to each row's target and draft distributions)."""
+def _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb, stride_qb, K, V):
+    """(seed, first Philox counter of each row, pointers to each row's target and draft distributions); a row's
+    counters follow its key, not its position in the batch."""
     seed = tl.load(seed_ptr)
-    counter_row = tl.load(offset_ptr) + rows * (K + 1) * (V + 1)
+    keys = tl.load(row_keys_ptr + rows, mask=row_mask, other=0)
+    counter_row = tl.load(offset_ptr) + keys * (K + 1) * (V + 1)
     return seed, counter_row, target_ptr + rows * stride_pb, draft_ptr + rows * stride_qb
 
 
@@ -296,6 +300,7 @@ def _rejection_sample_kernel(
     temperature_ptr,  # [B] fp32 (not read when IS_LOGITS is False)
     seed_ptr,  # [] int64
     offset_ptr,  # [] int64
+    row_keys_ptr,  # [B] int64
     out_tokens_ptr,  # [B, K + 1] int64
     num_accepted_ptr,  # [B] int64
     # strides
@@ -325,8 +330,8 @@ def _rejection_sample_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, BLOCK_B)
-    seed, counter_row, p_rows, q_rows = _row_streams(rows, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb,
-                                                     stride_qb, K, V)
+    seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr,
+                                                     draft_ptr, stride_pb, stride_qb, K, V)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
         rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
@@ -416,6 +421,7 @@ def _merge_stats(ptr, base, stride_split, NUM_SPLITS, HAS_ARGMAX: tl.constexpr, 
 @triton.jit
 def _split_race_kernel(
     draft_tokens_ptr, draft_ptr, target_ptr, num_draft_ptr, temperature_ptr, seed_ptr, offset_ptr,
+    row_keys_ptr,  # [B] int64
     p_stats_ptr, q_stats_ptr,
     race_ptr,  # [B, NUM_SPLITS, 2] fp32: best_r, best_p of the chunk
     race_tok_ptr,  # [B, NUM_SPLITS, 2] int64: tok_r, tok_p of the chunk
@@ -433,8 +439,8 @@ def _split_race_kernel(
     rows = b + tl.arange(0, 1).to(tl.int64)
     row_mask = rows >= 0
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, 1)
-    seed, counter_row, p_rows, q_rows = _row_streams(rows, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb,
-                                                     stride_qb, K, V)
+    seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr,
+                                                     draft_ptr, stride_pb, stride_qb, K, V)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
         rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
@@ -582,6 +588,23 @@ def draw_seed_offset(generator: torch.Generator | None, device: torch.device) ->
     return so[0], so[1]
 
 
+MAX_ROW_KEY = 2**20
+"""Row keys are below this, so that ``offset + key * (K + 1) * (V + 1)`` stays far below 2**63."""
+
+
+def _row_keys(row_keys, B, device):
+    """The (B,) int64 row keys (``0..B-1`` when None). Values are not read on the host (no sync): callers pass
+    distinct keys in ``[0, MAX_ROW_KEY)``."""
+    if row_keys is None:
+        return torch.arange(B, dtype=torch.int64, device=device)
+    if not isinstance(row_keys, torch.Tensor) or tuple(row_keys.shape) != (B,) or row_keys.dtype != torch.int64:
+        got = (tuple(row_keys.shape), row_keys.dtype) if isinstance(row_keys, torch.Tensor) else row_keys
+        raise ValueError(f"row_keys must be None or a ({B},) int64 tensor, got {got}")
+    if row_keys.device != device:
+        raise ValueError(f"row_keys is on {row_keys.device} but the inputs are on {device}")
+    return row_keys
+
+
 def _temperature_tensor(temperature, B, device):
     if isinstance(temperature, torch.Tensor):
         if tuple(temperature.shape) not in ((B,), ()) or not temperature.dtype.is_floating_point:
@@ -600,13 +623,12 @@ def _temperature_tensor(temperature, B, device):
 # Torch implementation (the reference) and the Triton launch, both on prepared inputs.
 
 
-def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits):
+def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits):
     B, K = draft_tokens.shape
     V = target.shape[2]
     device = draft_tokens.device
-    rows = torch.arange(B, device=device)
     pos = torch.arange(K + 1, device=device)
-    counter_row = offset + rows * ((K + 1) * (V + 1))  # [B]
+    counter_row = offset + row_keys * ((K + 1) * (V + 1))  # [B]
 
     target = target.to(torch.float32)
     draft = draft.to(torch.float32) if draft is not None else None
@@ -700,7 +722,7 @@ def _greedy_reference_impl(draft_tokens, target_logits, num_draft):
     return out, stop
 
 
-def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits):
+def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits):
     B, K = draft_tokens.shape
     V = target.shape[2]
     device = draft_tokens.device
@@ -711,12 +733,12 @@ def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offs
     q_strides = draft.stride() if draft is not None else (0, 0, 0)
     t = temperature if temperature is not None else num_draft  # placeholder, never read for probs
     if cfg["NUM_SPLITS"] > 1:
-        _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, is_logits,
+        _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, is_logits,
                            draft is not None, out, num_acc, cfg)
         return out, num_acc
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     _rejection_sample_kernel[grid](
-        draft_tokens, q, target, num_draft, t, seed, offset, out, num_acc,
+        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, out, num_acc,
         draft_tokens.stride(0), draft_tokens.stride(1),
         *q_strides,
         *target.stride(),
@@ -732,8 +754,8 @@ def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offs
     return out, num_acc
 
 
-def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, is_logits, has_draft,
-                       out, num_acc, cfg):
+def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, is_logits,
+                       has_draft, out, num_acc, cfg):
     """The three launches of the vocabulary-split path (see the kernels above); fills ``out`` and ``num_acc``."""
     B, K = draft_tokens.shape
     V = target.shape[2]
@@ -755,7 +777,7 @@ def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, o
     race_tok = torch.empty((B, splits, 2), dtype=torch.int64, device=device)
     greedy_tok = torch.empty((B,), dtype=torch.int64, device=device)
     _split_race_kernel[(B, splits)](
-        draft_tokens, q, target, num_draft, t, seed, offset, p_stats, q_stats,
+        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, p_stats, q_stats,
         race, race_tok, num_acc, greedy_tok,
         draft_tokens.stride(0), draft_tokens.stride(1), *q_strides, *target.stride(),
         K, V, chunk, splits,
@@ -773,24 +795,26 @@ def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, o
 @torch.library.custom_op("batched_specdec::rejection_sample", mutates_args=())
 def _rejection_sample_op(draft_tokens: torch.Tensor, draft: torch.Tensor | None, target: torch.Tensor,
                          num_draft: torch.Tensor, temperature: torch.Tensor | None, seed: torch.Tensor,
-                         offset: torch.Tensor, is_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         offset: torch.Tensor, row_keys: torch.Tensor,
+                         is_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path (fused or vocabulary-split, inputs already checked) as a torch custom op, so compiled graphs
     and CUDA graphs call it as one node."""
-    return _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits)
+    return _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits)
 
 
 @_rejection_sample_op.register_fake
-def _(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits):
+def _(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits):
     B, K = draft_tokens.shape
     return draft_tokens.new_empty((B, K + 1)), draft_tokens.new_empty((B,))
 
 
-def _run(backend, draft_tokens, draft, target, num_draft, temperature, generator, seed, offset, is_logits):
+def _run(backend, draft_tokens, draft, target, num_draft, temperature, generator, seed, offset, row_keys,
+         is_logits):
     device = draft_tokens.device
     backend = resolve_backend(backend, device)
     seed, offset = _seed_offset(generator, seed, offset, device)
     impl = _rejection_sample_op if backend == "triton" else _reference_impl
-    return impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, is_logits)
+    return impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -806,6 +830,7 @@ def rejection_sample_from_probs(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify draft tokens against target probabilities with speculative rejection sampling.
@@ -826,8 +851,11 @@ def rejection_sample_from_probs(
     generator : torch.Generator, optional
         Source of the Philox seed and offset (drawn on its device, no host sync).
     seed, offset : torch.Tensor, optional
-        One-element int64 tensors on the inputs' device, for CUDA-graph capture. A call consumes
-        ``B * (K + 1) * (V + 1)`` Philox counters starting at ``offset``.
+        One-element int64 tensors on the inputs' device, for CUDA-graph capture. Row ``b`` uses the
+        ``(K + 1) * (V + 1)`` Philox counters from ``offset + row_keys[b] * (K + 1) * (V + 1)``.
+    row_keys : torch.Tensor, optional
+        (B,) int64 in ``[0, 2**20)``, distinct: what each row's random numbers are keyed by (the engines pass each
+        row's prompt index), so a row's decisions do not depend on its position in the batch. None: ``0..B-1``.
     backend : {"auto", "triton", "torch"}
         "auto": Triton for CUDA tensors, the torch reference otherwise.
 
@@ -838,9 +866,11 @@ def rejection_sample_from_probs(
     num_accepted : torch.Tensor
         (B,) int64 in [0, num_draft_tokens[b]].
     """
-    _, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_probs, draft_probs, num_draft_tokens, "probs")
+    B, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_probs, draft_probs, num_draft_tokens, "probs")
     draft_probs = _pad_draft_vocab(draft_probs, V, is_logits=False)
-    return _run(backend, draft_tokens, draft_probs, target_probs, num_draft, None, generator, seed, offset, False)
+    keys = _row_keys(row_keys, B, draft_tokens.device)
+    return _run(backend, draft_tokens, draft_probs, target_probs, num_draft, None, generator, seed, offset, keys,
+                False)
 
 
 def rejection_sample_from_probs_reference(
@@ -852,12 +882,13 @@ def rejection_sample_from_probs_reference(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch :func:`rejection_sample_from_probs` (``backend`` is ignored); same arguments and results."""
     return rejection_sample_from_probs(
         draft_tokens, draft_probs, target_probs, num_draft_tokens=num_draft_tokens,
-        generator=generator, seed=seed, offset=offset, backend="torch",
+        generator=generator, seed=seed, offset=offset, row_keys=row_keys, backend="torch",
     )  # fmt: skip
 
 
@@ -871,6 +902,7 @@ def rejection_sample_from_logits(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling on logits, with softmax(logits / temperature) of both sides fused (fp32 math).
@@ -888,7 +920,7 @@ def rejection_sample_from_logits(
         float >= 0 or a (B,) float tensor (values must be >= 0; not checked, that would need a host sync).
         A row with temperature 0 is verified greedily: drafts are accepted while they equal argmax(target)
         (ties -> lowest index), then argmax(target) at the stop position is emitted.
-    num_draft_tokens, generator, seed, offset, backend
+    num_draft_tokens, generator, seed, offset, row_keys, backend
         As in :func:`rejection_sample_from_probs`.
 
     Returns
@@ -901,11 +933,13 @@ def rejection_sample_from_logits(
     B, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_logits, draft_logits, num_draft_tokens, "logits")
     draft_logits = _pad_draft_vocab(draft_logits, V, is_logits=True)
     t = _temperature_tensor(temperature, B, draft_tokens.device)
+    keys = _row_keys(row_keys, B, draft_tokens.device)
     all_greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     if all_greedy and resolve_backend(backend, draft_tokens.device) == "torch":
         _seed_offset(generator, seed, offset, draft_tokens.device)  # consume the generator as the kernel path does
         return _greedy_reference_impl(draft_tokens, target_logits, num_draft)
-    return _run(backend, draft_tokens, draft_logits, target_logits, num_draft, t, generator, seed, offset, True)
+    return _run(backend, draft_tokens, draft_logits, target_logits, num_draft, t, generator, seed, offset, keys,
+                True)
 
 
 def rejection_sample_from_logits_reference(
@@ -918,10 +952,11 @@ def rejection_sample_from_logits_reference(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch :func:`rejection_sample_from_logits` (``backend`` is ignored); same arguments and results."""
     return rejection_sample_from_logits(
         draft_tokens, draft_logits, target_logits, temperature, num_draft_tokens=num_draft_tokens,
-        generator=generator, seed=seed, offset=offset, backend="torch",
+        generator=generator, seed=seed, offset=offset, row_keys=row_keys, backend="torch",
     )  # fmt: skip

@@ -437,7 +437,7 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
         num_draft = torch.randint(0, K + 1, (B,), generator=g)
         fast = rejection_sample_from_logits(drafts, None, logits, 0.0, num_draft_tokens=num_draft, backend="torch")
         full = _reference_impl(drafts, None, logits, num_draft, _temperature_tensor(0.0, B, drafts.device),
-                               torch.tensor(1), torch.tensor(2), True)
+                               torch.tensor(1), torch.tensor(2), torch.arange(B), True)
         assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
 
 
@@ -512,3 +512,33 @@ def test_draft_vocab_larger_than_target_is_an_error():
         rejection_sample_from_logits(d, torch.zeros(2, 3, 6), p, 1.0)
     with pytest.raises(ValueError, match=r"draft_probs must have shape \(B, K, V_draft\) = \(2, 3, <= 5\)"):
         rejection_sample_from_probs(d, torch.full((2, 2, 5), 0.2), p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_keys_make_a_rows_decisions_independent_of_its_position(backend, monkeypatch):
+    """Permuting the rows of a call together with their keys permutes its results, bit for bit; and keys 0..B-1
+    are the default."""
+    B, K, V = 7, 3, 111
+    be = _use(backend, monkeypatch)
+    target_logits, draft_logits, draft_tokens, _ = _random_problem(B, K, V, torch.float32, seed=5)
+    p, q = torch.softmax(target_logits, -1), torch.softmax(draft_logits, -1)
+    num_draft = torch.tensor([3, 0, 1, 2, 3, 3, 1])
+    keys = torch.tensor([40, 3, 17, 0, 8, 25, 9])
+    perm = torch.tensor([6, 2, 0, 5, 1, 4, 3])
+    seed, offset = torch.tensor(11), torch.tensor(1000)
+    kw = dict(seed=seed, offset=offset, backend=be)
+    out, acc = rejection_sample_from_probs(draft_tokens, q, p, num_draft_tokens=num_draft, row_keys=keys, **kw)
+    out_p, acc_p = rejection_sample_from_probs(draft_tokens[perm], q[perm], p[perm], num_draft_tokens=num_draft[perm],
+                                               row_keys=keys[perm], **kw)
+    assert torch.equal(out[perm], out_p) and torch.equal(acc[perm], acc_p)
+    lo, lacc = rejection_sample_from_logits(draft_tokens, draft_logits, target_logits, 0.8,
+                                            num_draft_tokens=num_draft, row_keys=keys, **kw)
+    lo_p, lacc_p = rejection_sample_from_logits(draft_tokens[perm], draft_logits[perm], target_logits[perm], 0.8,
+                                                num_draft_tokens=num_draft[perm], row_keys=keys[perm], **kw)
+    assert torch.equal(lo[perm], lo_p) and torch.equal(lacc[perm], lacc_p)
+    default = rejection_sample_from_probs(draft_tokens, q, p, num_draft_tokens=num_draft, **kw)
+    explicit = rejection_sample_from_probs(draft_tokens, q, p, num_draft_tokens=num_draft, row_keys=torch.arange(B),
+                                           **kw)
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+    with pytest.raises(ValueError, match=r"row_keys must be None or a \(7,\) int64 tensor"):
+        rejection_sample_from_probs(draft_tokens, q, p, row_keys=keys[:3], **kw)
