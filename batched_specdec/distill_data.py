@@ -128,12 +128,12 @@ class RecordingProcessor(MultinomialProcessor):
         self.values: list[torch.Tensor] = []
         self.ids: list[torch.Tensor] = []
 
-    def sample(self, logits, generator=None):
+    def sample(self, logits, generator=None, row_keys=None):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         vals, ids = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
         self.values.append(vals.to(torch.float16))
         self.ids.append(ids.to(torch.int32))
-        return super().sample(logits, generator)
+        return super().sample(logits, generator, row_keys)
 
 
 def data_key(args, prompts: list[list[int]]) -> str:

@@ -81,10 +81,14 @@ class Drafter(Protocol):
         logits_processor,
         generator: torch.Generator | None,
         max_seq_len: int,
+        row_keys: Tensor | None = None,
     ) -> DraftProposal:
         """Propose up to ``gamma`` draft tokens per row. Must not synchronise with the host.
 
         ``max_seq_len`` is the largest ``seq_lens`` of a live row (known on the host), for sizing attention spans.
+        ``row_keys`` (``(B,)`` int64, the rows' prompt indices) keys a sampling drafter's random draws
+        (``logits_processor.sample(logits, generator, row_keys)``), so a row's drafts do not depend on its position
+        in the batch.
         """
 
     def keep_rows(self, rows: Tensor) -> None:
@@ -143,6 +147,7 @@ class ModelDrafter:
         logits_processor,
         generator: torch.Generator | None,
         max_seq_len: int,
+        row_keys: Tensor | None = None,
     ) -> DraftProposal:
         cache = self.cache
         device = self.device
@@ -165,16 +170,17 @@ class ModelDrafter:
         def next_logits(token: Tensor) -> Tensor:
             return model_forward(self.model, cache, token[:, None], logits_to_keep=1)[:, 0]
 
-        tokens, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits)
+        tokens, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits, row_keys)
         return DraftProposal(tokens=tokens, probs=draft_probs)
 
-    def _sample_chain(self, logits: Tensor, gamma: int, logits_processor, generator, next_logits):
+    def _sample_chain(self, logits: Tensor, gamma: int, logits_processor, generator, next_logits, row_keys):
         """Sample ``gamma`` draft tokens, the first from ``logits``, each later one from ``next_logits(previous
         token)`` (one draft forward, after which the cache grows by one); returns ``(tokens (B, gamma), q or
-        None)``."""
+        None)``. Draws are keyed by ``row_keys``."""
+        keys = None if row_keys is None else row_keys.to(logits.device)
         tokens, probs = [], []
         for i in range(gamma):
-            token, prob = logits_processor.sample(logits, generator)
+            token, prob = logits_processor.sample(logits, generator, keys)
             tokens.append(token)
             probs.append(prob)
             if i + 1 < gamma:
@@ -268,7 +274,8 @@ class FeatureDrafter(ModelDrafter):
     def note_target_only_step(self) -> None:
         pass  # a target-only step is a verify of width 1, whose features observe_features counted
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len) -> DraftProposal:
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
+                row_keys=None) -> DraftProposal:
         device = self.device
         generator = self._generator_on(device, generator)
         tokens, pairs = token_buffer.to(device), seq_lens.to(device) - 1
@@ -284,7 +291,7 @@ class FeatureDrafter(ModelDrafter):
             feature = hidden[:, 0]
             return logits[:, 0]
 
-        drafted, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits)
+        drafted, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits, row_keys)
         return DraftProposal(tokens=drafted, probs=draft_probs, num_tokens=torch.where(pairs > 0, gamma, 0))
 
     def _feed_pairs(self, tokens: Tensor, ends: Tensor, width: int) -> tuple[Tensor, Tensor]:

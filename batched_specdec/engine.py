@@ -93,27 +93,28 @@ def _no_drafts(rows: int, device: torch.device) -> tuple[Tensor, None, None]:
 
 
 def _verify_drafts(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
-                   num_draft: Tensor | None, seed: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+                   num_draft: Tensor | None, seed: Tensor, offset: Tensor, row_keys: Tensor) -> tuple[Tensor, Tensor]:
     """Rejection-sample one step's drafts (``k >= 1``) against the verify ``logits``: ``(out_tokens (B, k + 1),
-    num_accepted (B,))``. Compiled with ``compile=True``; its randomness comes in as ``seed``/``offset``."""
+    num_accepted (B,))``. Compiled with ``compile=True``; its randomness comes in as ``seed``/``offset``, keyed per
+    row by ``row_keys`` (the rows' prompt indices)."""
     if processor.is_greedy:
         return rejection_sample_from_logits(draft_tokens, None, logits, 0.0, num_draft_tokens=num_draft, seed=seed,
                                             offset=offset)
     return rejection_sample_from_probs(draft_tokens, draft_probs, processor.probs(logits), num_draft_tokens=num_draft,
-                                       seed=seed, offset=offset)
+                                       seed=seed, offset=offset, row_keys=row_keys)
 
 
 def _accept(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
-            num_draft: Tensor | None, generator: torch.Generator | None, zero: Tensor,
+            num_draft: Tensor | None, generator: torch.Generator | None, zero: Tensor, row_keys: Tensor,
             compile: bool) -> tuple[Tensor, Tensor]:
     """The step's emitted tokens ``(B, k + 1)`` and accepted counts ``(B,)``: a plain target sample when the step
-    has no drafts, else :func:`_verify_drafts` (compiled with ``compile``)."""
+    has no drafts, else :func:`_verify_drafts` (compiled with ``compile``). Every draw is keyed by ``row_keys``."""
     if draft_tokens.shape[1] == 0:
-        token, _ = processor.sample(logits[:, 0], generator)
+        token, _ = processor.sample(logits[:, 0], generator, row_keys)
         return token[:, None], torch.zeros_like(token)
     # Drawn as the sampler would draw them itself (so seeded outputs do not depend on compile); greedy draws none.
     seed, offset = (zero, zero) if processor.is_greedy else draw_seed_offset(generator, logits.device)
-    args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset)
+    args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset, row_keys)
     return capture.run_compiled(_verify_drafts, logits.device, *args) if compile else _verify_drafts(*args)
 
 
@@ -127,7 +128,8 @@ def _propose(drafter, batch: RaggedBatch, plan: StepPlan, controller, processor,
     """Ask the drafter for the plan's drafts, apply the row budgets and cut the verify width to what is worth
     verifying. Returns ``(draft_tokens, draft_probs, num_draft)`` with ``k`` columns, ``k`` possibly 0."""
     k = plan.draft_len
-    proposal: DraftProposal = drafter.propose(batch.token_buffer, batch.seq_lens, k, processor, generator, max_len)
+    proposal: DraftProposal = drafter.propose(batch.token_buffer, batch.seq_lens, k, processor, generator, max_len,
+                                              batch.row_ids)
     tokens = proposal.tokens.to(device)
     probs = None if proposal.probs is None else proposal.probs.to(device)
     num = proposal.num_tokens
@@ -301,7 +303,7 @@ def speculative_generate_batch(
         timer.lap("verify")
 
         out_tokens, num_accepted = _accept(processor, draft_tokens, draft_probs, logits, num_draft, gen, zero,
-                                           compile)
+                                           batch.row_ids, compile)
         controller.mark("verify")
         timer.lap("sampling")
 
@@ -386,7 +388,7 @@ def autoregressive_generate_batch(
         last = batch.token_buffer.gather(1, (batch.seq_lens - 1)[:, None])
         cache.set_span(batch.max_live_seq_len())
         logits = model_forward(model, cache, last, logits_to_keep=1).to(device)
-        token, _ = logits_processor.sample(logits[:, 0], req.generator)
+        token, _ = logits_processor.sample(logits[:, 0], req.generator, batch.row_ids)
         lp = _emitted_logprobs(logits, token[:, None], logits_processor) if return_logprobs else None
         batch.commit(token[:, None], no_drafts[: batch.size], cache, eos_tensor, lp)
         if batch.end_step(bar, cache):

@@ -143,6 +143,7 @@ class NGramDrafter:
         logits_processor=None,
         generator: torch.Generator | None = None,
         max_seq_len: int | None = None,
+        row_keys: Tensor | None = None,
     ) -> DraftProposal:
         """Propose up to ``gamma`` draft tokens per row; see :func:`ngram_lookup`.
 
@@ -154,7 +155,7 @@ class NGramDrafter:
             ``(B,)`` int64 committed lengths, on the device of ``token_buffer``.
         gamma : int
             Maximum number of draft tokens per row.
-        logits_processor, generator
+        logits_processor, generator, row_keys
             Unused: the proposals are deterministic whatever the sampling settings.
         max_seq_len : int, optional
             The largest ``seq_lens`` of a live row (known on the host). The lookup then scans only

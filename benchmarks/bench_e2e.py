@@ -83,8 +83,9 @@ class SyntheticAcceptanceDrafter:
         self.inner.start(token_buffer, seq_lens, max_seq_len)
         self.prompt_lens = seq_lens.clone().to(self.known.device)
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len):
-        own = self.inner.propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len).tokens
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len, row_keys=None):
+        own = self.inner.propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
+                                 row_keys).tokens
         device = self.known.device
         gen = seq_lens.to(device) - self.prompt_lens
         idx = (gen[:, None] + torch.arange(gamma, device=device)[None, :]).clamp(max=self.known.shape[1] - 1)

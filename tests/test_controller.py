@@ -122,7 +122,8 @@ class ConstantDrafter:
     def start(self, token_buffer, seq_lens, max_seq_len) -> None:
         pass
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len) -> DraftProposal:
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
+                row_keys=None) -> DraftProposal:
         return DraftProposal(tokens=torch.full((token_buffer.shape[0], gamma), self.token, dtype=torch.int64))
 
     def keep_rows(self, rows) -> None:

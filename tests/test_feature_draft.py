@@ -84,8 +84,8 @@ class CheckingFeatureDrafter(FeatureDrafter):
         super().__init__(model)
         self.target, self.checked = target, 0
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len):
-        proposal = super().propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len)
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len, row_keys=None):
+        proposal = super().propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len, row_keys)
         for b, n in enumerate(seq_lens.tolist()):
             if n < 2:
                 continue

@@ -526,7 +526,7 @@ def test_row_keys_make_a_rows_decisions_independent_of_its_position(backend, mon
     keys = torch.tensor([40, 3, 17, 0, 8, 25, 9])
     perm = torch.tensor([6, 2, 0, 5, 1, 4, 3])
     seed, offset = torch.tensor(11), torch.tensor(1000)
-    kw = dict(seed=seed, offset=offset, backend=be)
+    kw = {"seed": seed, "offset": offset, "backend": be}
     out, acc = rejection_sample_from_probs(draft_tokens, q, p, num_draft_tokens=num_draft, row_keys=keys, **kw)
     out_p, acc_p = rejection_sample_from_probs(draft_tokens[perm], q[perm], p[perm], num_draft_tokens=num_draft[perm],
                                                row_keys=keys[perm], **kw)
