@@ -37,7 +37,8 @@ def _route_auto_to_triton(monkeypatch) -> Counter:
 
 
 def _decode(target, draft, prompts):
-    common = {"max_gen_len": 12, "eos_tokens_id": [5]}
+    # Budgets of 3 and 4 end two rows early, so finished rows are compacted away mid-run whatever is sampled.
+    common = {"max_gen_len": [12, 3, 12, 4], "eos_tokens_id": [5]}
     return [
         speculative_generate_batch(prompts, draft, target, gamma=3, **common)[0],
         speculative_generate_batch(prompts, draft, target, gamma=3, logits_processor=MultinomialProcessor(0.9),
@@ -51,8 +52,8 @@ def _decode(target, draft, prompts):
 def test_engine_on_triton_kernels_equals_torch_path(monkeypatch):
     target = tiny_causal_lm("llama", seed=0)
     draft = tiny_causal_lm("llama", seed=1, layers=1)
-    # Ragged rows: one that repeats itself (n-gram matches), one of length 1. EOS 5 ends rows at different
-    # steps, so finished rows are compacted away mid-run.
+    # Ragged rows: one that repeats itself (n-gram matches), one of length 1; EOS 5 and the budgets end rows at
+    # different steps.
     prompts = [[3, 9, 27, 81, 3, 9, 27, 81, 3, 9], [44], [10, 20, 30, 40, 50, 60], [7, 7, 7, 7]]
     via_torch = _decode(target, draft, prompts)
     calls = _route_auto_to_triton(monkeypatch)
