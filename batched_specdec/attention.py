@@ -213,13 +213,15 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float,
     device = query.device.type
     fn = _compiled_flex.get(device)
     if fn is None:
+        # One compiled graph per shape on CPU: without a higher limit, torch would fall back to eager flex attention
+        # (dense and slow) after 8 shapes, which a run with a few batch sizes, widths and span buckets reaches
+        # quickly. Set once, process-wide (a higher limit stays).
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, FLEX_RECOMPILE_LIMIT)
         # Static shapes on CPU: torch 2.13's inductor cannot compile dynamic-shape flex attention for the CPU.
         fn = _compiled_flex[device] = torch.compile(flex_attention, dynamic=False if device == "cpu" else None)
-    # One compiled graph per shape on CPU: without a higher limit, torch would fall back to eager flex attention
-    # (dense and slow) after 8 shapes, which a run with a few batch sizes, widths and span buckets reaches quickly.
-    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
-        return fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                  enable_gqa=key.shape[1] != query.shape[1])
+    return fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+              enable_gqa=key.shape[1] != query.shape[1])
 
 
 def ragged_attention_forward(

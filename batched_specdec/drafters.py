@@ -137,7 +137,8 @@ class ModelDrafter:
         # The prompts are fed lazily, by the first propose: a run where the engine never drafts (gamma auto on a
         # workload where drafting cannot pay) never pays the draft's prefill.
         self._tokens_behind = max(int(token_buffer.shape[1]) - 2, 0)  # committed tokens before s[:-2] not yet fed
-        self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device, self.attention, self.compile)
+        self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device, self.attention, self.compile,
+                                   role="draft")
 
     def propose(
         self,

@@ -256,7 +256,8 @@ def speculative_generate_batch(
     reset_peak_memory(device)
     t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
 
-    capacity = max(len(p) for p in req.rows) + req.max_gen_len + max(g_max, CPU_MIN_VERIFY_TOKENS) + 2
+    capacity = capture.stable_capacity(max(len(p) for p in req.rows) + req.max_gen_len +
+                                       max(g_max, CPU_MIN_VERIFY_TOKENS) + 2, compile)
     batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs,
                         compile=compile, delayed_host_read=delayed)
     eos_tensor = torch.tensor(req.eos or [-1], dtype=torch.int64, device=device)
@@ -374,7 +375,7 @@ def autoregressive_generate_batch(
     reset_peak_memory(device)
     t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
 
-    capacity = max(len(p) for p in req.rows) + req.max_gen_len + 2
+    capacity = capture.stable_capacity(max(len(p) for p in req.rows) + req.max_gen_len + 2, compile)
     batch = RaggedBatch(req.rows, req.max_gen_lens, capacity, req.pad_token_id, device, logprobs=return_logprobs,
                         compile=compile, delayed_host_read=delayed)
     eos_tensor = torch.tensor(req.eos or [-1], dtype=torch.int64, device=device)

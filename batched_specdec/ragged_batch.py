@@ -93,16 +93,18 @@ class RaggedBatch:
         self.max_prompt_len = max(lens)
         self.max_gen_len = max(max_gen_lens)
         self.capacity = capacity
+        self.compile = compile
+        self.device = device
         padded = torch.full((batch, capacity), pad_token_id, dtype=torch.int64)
         for i, p in enumerate(prompts):
             padded[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        self.token_buffer = padded.to(device)
-        self.logprob_buffer = torch.zeros(batch, capacity, device=device) if logprobs else None
-        self.prompt_lens = torch.tensor(lens, dtype=torch.int64, device=device)
-        self.seq_lens = self.prompt_lens.clone()
-        self.gen_lens = torch.tensor([self.max_gen_len - m for m in max_gen_lens], dtype=torch.int64, device=device)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.row_ids = torch.tensor(order, dtype=torch.int64, device=device)
+        self.token_buffer = self._device_state("tokens", padded)
+        self.logprob_buffer = self._device_state("logprobs", torch.zeros(batch, capacity)) if logprobs else None
+        self.prompt_lens = self._device_state("prompt_lens", torch.tensor(lens, dtype=torch.int64))
+        self.seq_lens = self._device_state("seq_lens", torch.tensor(lens, dtype=torch.int64))
+        self.gen_lens = self._device_state("gen_lens", torch.tensor([self.max_gen_len - m for m in max_gen_lens]))
+        self.finished = self._device_state("finished", torch.zeros(batch, dtype=torch.bool))
+        self.row_ids = self._device_state("row_ids", torch.tensor(order, dtype=torch.int64))
         self.host_row_ids = torch.tensor(order, dtype=torch.int64)
         # Results of every original row, filled when rows are compacted away and at the end.
         self.final_tokens = torch.empty_like(self.token_buffer)
@@ -117,16 +119,19 @@ class RaggedBatch:
         self.steps = self.compactions = 0
         self._live_row_steps = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
         self._last_width = 0
-        self.compile = compile
         self.delayed = delayed_host_read
         # a step's state on its way to the host (delayed read): (host tensor, event, rows kept since or None)
         self._pending: tuple[Tensor, object, Tensor | None] | None = None
         self.unseen_width = 0  # tokens per row the last commit may have added that the host view does not show
-        self._mark_static()
 
-    def _mark_static(self) -> None:
-        for buffer in (self.token_buffer, self.seq_lens, self.gen_lens, self.finished):
-            capture.static(buffer, self.compile)
+    def _device_state(self, role: str, values: Tensor) -> Tensor:
+        """``values`` (host) in a device buffer: pooled and static with ``compile`` (graph-stable across calls)."""
+        buffer = capture.new_buffer(f"batch.{role}", values.shape, values.dtype, self.device, self.compile)
+        return buffer.copy_(values)
+
+    def _kept(self, buffer: Tensor, rows: Tensor) -> Tensor:
+        """``buffer[rows]``; with ``compile``, written into the front of ``buffer`` itself (same addresses)."""
+        return capture.copy_to_front(buffer, buffer[rows]) if self.compile else buffer[rows]
 
     @property
     def size(self) -> int:
@@ -186,12 +191,11 @@ class RaggedBatch:
         """Keep ``rows`` (on the device) of the batch; ``host_rows`` is the same index on the host."""
         self.flush()
         self.token_buffer, self.prompt_lens, self.seq_lens, self.gen_lens, self.finished, self.row_ids = (
-            self.token_buffer[rows], self.prompt_lens[rows], self.seq_lens[rows], self.gen_lens[rows],
-            self.finished[rows], self.row_ids[rows],
+            self._kept(t, rows) for t in (self.token_buffer, self.prompt_lens, self.seq_lens, self.gen_lens,
+                                          self.finished, self.row_ids)
         )
-        self._mark_static()
         if self.logprob_buffer is not None:
-            self.logprob_buffer = self.logprob_buffer[rows]
+            self.logprob_buffer = self._kept(self.logprob_buffer, rows)
         kept = torch.zeros(self.host_seq_lens.shape[0], dtype=torch.bool)
         kept[host_rows] = True
         self.dropped_generated += int((self.host_seq_lens - self.host_prompt_lens)[~kept].sum())
@@ -204,12 +208,26 @@ class RaggedBatch:
             self._pending = (host, event, host_rows)
 
     def rows_to_keep(self, finished: Tensor) -> Tensor | None:
-        """Indices (on the host) of the rows not ``finished`` (a host view) if enough rows finished to pay for a
-        compaction, else None."""
+        """Ascending indices (on the host) of the rows to keep given ``finished`` (a host view), or None to keep
+        the batch as it is.
+
+        Eager: the live rows, once at least :data:`COMPACT_FRACTION` of the batch finished. With ``compile``: only
+        when the live rows fit a smaller power of two (:func:`capture.batch_bucket`), and then exactly that many
+        rows, the live ones and the first finished ones, which stay frozen, so compiled graphs see few batch sizes.
+        """
         done = int(finished.sum())
-        if done == 0 or done == self.size or done < COMPACT_FRACTION * self.size:
+        if done == 0 or done == self.size:
             return None
-        return torch.arange(self.size)[~finished]
+        if not self.compile:
+            return None if done < COMPACT_FRACTION * self.size else torch.arange(self.size)[~finished]
+        bucket = capture.batch_bucket(self.size - done)
+        if bucket >= self.size:
+            return None
+        fillers = torch.arange(self.size)[finished][: bucket - (self.size - done)]
+        keep = torch.zeros(self.size, dtype=torch.bool)
+        keep[~finished] = True
+        keep[fillers] = True
+        return torch.arange(self.size)[keep]
 
     def commit(self, out_tokens: Tensor, num_accepted: Tensor, cache: RaggedKVCache, eos: Tensor,
                logprobs: Tensor | None = None) -> Tensor:

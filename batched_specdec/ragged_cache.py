@@ -94,15 +94,19 @@ class RaggedKVCache(Cache):
     attention : {"auto", "sdpa", "flex", "dense"}
         The attention backend of forwards through this cache (:mod:`batched_specdec.attention`).
     compile : bool
-        Run decode-sized forwards through it compiled (:func:`model_forward`; on CUDA with CUDA graphs).
+        Run decode-sized forwards through it compiled (:func:`model_forward`; on CUDA with CUDA graphs). Its
+        buffers then come from :data:`batched_specdec.capture.BUFFERS` under ``role``, so a later call of the same
+        shape reuses them, and compaction keeps rows in the front of the same buffers.
+    role : str
+        The pool's name for this cache's buffers (``"target"``, ``"draft"``): caches alive at the same time need
+        different roles.
 
-    The state a forward reads is static: the buffers are allocated once, ``lens`` is updated in place (a new tensor
-    only when compaction changes the batch size) and the span is a Python int, so a compiled forward's shapes
-    depend only on (rows, queries per row, span bucket).
+    The state a forward reads is static: the buffers are allocated once, ``lens`` is updated in place and the span
+    is a Python int, so a compiled forward's shapes depend only on (rows, queries per row, span bucket).
     """
 
     def __init__(self, config, batch_size: int, capacity: int, device: torch.device, attention: str = "auto",
-                 compile: bool = False) -> None:
+                 compile: bool = False, role: str = "target") -> None:
         super().__init__(layers=[])
         config = decoder_config(config)
         self.windows = _layer_windows(config)  # first: an unsupported layer type fails before any allocation
@@ -110,7 +114,8 @@ class RaggedKVCache(Cache):
         self.compile = compile
         self.config = config
         self.capacity = capacity
-        self.lens = capture.static(torch.zeros(batch_size, dtype=torch.int64, device=device), compile)
+        self.role = role
+        self.lens = capture.new_buffer(f"{role}.lens", (batch_size,), torch.int64, device, compile).zero_()
         self.span = min(capacity, SPAN_BUCKET)
         self.rows: int | None = None  # forwards cover rows [:self.rows] only (ragged prefill); None: all rows
         self.key_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
@@ -134,8 +139,9 @@ class RaggedKVCache(Cache):
         if kbuf is None:
             _, h, _, d = key_states.shape
             shape = (self.batch_size, h, self.capacity, d)
-            kbuf = self.key_buffers[layer_idx] = capture.static(key_states.new_zeros(shape), self.compile)
-            self.value_buffers[layer_idx] = capture.static(value_states.new_zeros(shape), self.compile)
+            # Entries past a row's length are masked, never read; a pooled buffer's stale entries are finite.
+            kbuf = self.key_buffers[layer_idx] = self._buffer(f"key.{layer_idx}", shape, key_states)
+            self.value_buffers[layer_idx] = self._buffer(f"value.{layer_idx}", shape, value_states)
         vbuf = self.value_buffers[layer_idx]
         if self.rows is not None:
             kbuf, vbuf = kbuf[: self.rows], vbuf[: self.rows]
@@ -143,6 +149,11 @@ class RaggedKVCache(Cache):
         scatter_kv_at_offsets(kbuf, vbuf, key_states, value_states, self._lens_for(key_states.device),
                               validate=False)
         return kbuf[:, :, : self.span], vbuf[:, :, : self.span]
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if self.compile:
+            return capture.BUFFERS.take(f"{self.role}.{name}", shape, like.dtype, like.device)
+        return like.new_zeros(shape)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Only consulted by models when position_ids are not given; the engine always gives them.
@@ -219,15 +230,19 @@ class RaggedKVCache(Cache):
         """Keep only ``rows`` (``(N,)`` int64, ascending) of the batch, in that order, for every layer.
 
         One layer at a time, each old buffer released before the next layer's new one is allocated, so the peak is
-        the cache plus one layer, not two caches."""
+        the cache plus one layer, not two caches. With ``compile`` the kept rows are copied into the front of the
+        same buffers (graph-stable addresses)."""
         for i, kbuf in enumerate(self.key_buffers):
             if kbuf is None:
                 continue
             idx = rows.to(kbuf.device)
             kept = compact_rows([kbuf, self.value_buffers[i]], idx)
-            self.key_buffers[i], self.value_buffers[i] = (capture.static(t, self.compile) for t in kept)
+            if self.compile:
+                kept = [capture.copy_to_front(buf, t) for buf, t in zip((kbuf, self.value_buffers[i]), kept)]
+            self.key_buffers[i], self.value_buffers[i] = kept
             del kbuf
-        self.lens = capture.static(self.lens.index_select(0, rows.to(self.lens.device)), self.compile)
+        lens = self.lens.index_select(0, rows.to(self.lens.device))
+        self.lens = capture.copy_to_front(self.lens, lens) if self.compile else lens
         self._lens_on = {}
 
 
