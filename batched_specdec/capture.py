@@ -97,14 +97,15 @@ class BufferPool:
         self.allocations = 0
 
     def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The pooled buffer of ``role`` on ``device`` with this shape and dtype (contents left as they are:
-        stale values of an earlier call), allocated and marked static if there is none yet."""
+        """The pooled buffer of ``role`` on ``device`` with this shape and dtype, allocated (zeros) and marked
+        static if there is none yet. A reused buffer keeps an earlier call's values: finite, so entries a cache masks
+        out never turn an attention output into NaN (uninitialised memory could)."""
         key = (role, torch.device(device))
         shape = tuple(int(n) for n in shape)
         buffer = self._buffers.get(key)
         if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != dtype:
             self._buffers.pop(key, None)  # let the old one go before the new one is allocated
-            buffer = self._buffers[key] = static(torch.empty(shape, dtype=dtype, device=device), True)
+            buffer = self._buffers[key] = static(torch.zeros(shape, dtype=dtype, device=device), True)
             self.allocations += 1
         return buffer
 
@@ -118,11 +119,11 @@ BUFFERS = BufferPool()
 
 
 def new_buffer(role: str, shape, dtype: torch.dtype, device: torch.device, stable: bool) -> torch.Tensor:
-    """A buffer for per-row or cache state: from :data:`BUFFERS` when ``stable`` (a compiled run), else a fresh
-    one. Contents are undefined: fill what is read."""
+    """A buffer for per-row or cache state: from :data:`BUFFERS` when ``stable`` (a compiled run; an earlier call's
+    values, or zeros), else fresh zeros."""
     if stable:
         return BUFFERS.take(role, shape, dtype, device)
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return torch.zeros(tuple(shape), dtype=dtype, device=device)
 
 
 def compile_options(device: torch.device, dynamic: bool) -> dict:

@@ -139,7 +139,7 @@ class RaggedKVCache(Cache):
         if kbuf is None:
             _, h, _, d = key_states.shape
             shape = (self.batch_size, h, self.capacity, d)
-            # Entries past a row's length are masked, never read; a pooled buffer's stale entries are finite.
+            # Entries past a row's length are masked; a pooled buffer's stale entries are finite (capture.BufferPool).
             kbuf = self.key_buffers[layer_idx] = self._buffer(f"key.{layer_idx}", shape, key_states)
             self.value_buffers[layer_idx] = self._buffer(f"value.{layer_idx}", shape, value_states)
         vbuf = self.value_buffers[layer_idx]
@@ -151,9 +151,7 @@ class RaggedKVCache(Cache):
         return kbuf[:, :, : self.span], vbuf[:, :, : self.span]
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        if self.compile:
-            return capture.BUFFERS.take(f"{self.role}.{name}", shape, like.dtype, like.device)
-        return like.new_zeros(shape)
+        return capture.new_buffer(f"{self.role}.{name}", shape, like.dtype, like.device, self.compile)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Only consulted by models when position_ids are not given; the engine always gives them.

@@ -57,7 +57,9 @@ def test_compiled_outputs_equal_eager(models, prompts, kind, sampled):
     eager, eager_stats = _run(kind, models, prompts, compile=False, sampled=sampled)
     compiled, stats = _run(kind, models, prompts, compile=True, sampled=sampled)
     assert compiled == eager
-    assert stats.compactions >= 1 and eager_stats.compactions == stats.compactions
+    # Both runs compact; the compiled one only to power-of-two batch sizes (graph-stable buckets), so not at the
+    # same steps: every draw is keyed by the row, not its position, so the outputs are the same all the same.
+    assert stats.compactions >= 1 and eager_stats.compactions >= 1
     assert sum(counters["graph_break"].values()) == breaks  # fullgraph=True would have raised anyway
     if kind == "target-only":
         assert sum(map(len, eager)) == stats.generated_tokens
