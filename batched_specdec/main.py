@@ -24,7 +24,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from batched_specdec.config import VALID_KEYS, ConfigError, RunConfig, build_config, parse_gamma, read_config_file
 from batched_specdec.devices import is_cuda, reset_peak_memory, synchronize
 from batched_specdec.prompts import PromptFileError, builtin_prompts, read_prompts_file, select_prompts
-from batched_specdec.report import Totals, device_name, print_outputs, print_processes, print_report
+from batched_specdec.report import (
+    Totals,
+    device_name,
+    divergences,
+    print_identity,
+    print_outputs,
+    print_processes,
+    print_report,
+)
 
 PROG = "python -m batched_specdec.main"
 
@@ -362,11 +370,14 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     if not state.is_main_process:
         return {}
 
-    identical = None
+    identical, differing = None, []
     if greedy and not config.no_baseline:
         identical = sum(base_out[i] == spec_out[i] for i in range(len(prompts)))
+        differing = divergences(model, prompts, base_out, spec_out)
     speedup = spec.tokens_per_s / base.tokens_per_s if not config.no_baseline and base.tokens_per_s > 0 else None
-    print_report(console, config, base, spec, speedup, identical, len(prompts), device)
+    print_report(console, config, base, spec, speedup, device)
+    if identical is not None:
+        print_identity(console, identical, len(prompts), str(dtype).replace("torch.", ""), differing)
     processes = [
         {
             "process_index": p["process_index"],
@@ -401,6 +412,7 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
         "speculative": spec.as_dict(),
         "speedup": speedup,
         "greedy_identical_rows": identical,
+        "greedy_divergences": differing,
         "rows": [
             {
                 "prompt": texts[i],

@@ -78,7 +78,7 @@ def test_report_prints_the_gpus_name(fake_cuda):
     base, spec = Totals(), Totals()
     base.tokens = spec.tokens = 10
     base.wall, spec.wall = 1.0, 0.5
-    print_report(console, config, base, spec, 2.0, None, 1, CUDA)
+    print_report(console, config, base, spec, 2.0, CUDA)
     assert "on NVIDIA H200" in console.export_text()
 
 
