@@ -109,16 +109,16 @@ def sample_from_probs(probs: Tensor, seed: Tensor, offset: Tensor, row_keys: Ten
     >>> sample_from_probs(p, seed, offset)[0].item()
     1
     """
-    b, v = probs.shape
+    b = probs.shape[0]
     keys = torch.arange(b, device=probs.device) if row_keys is None else row_keys
     counters = offset + 2 * keys[:, None] + torch.arange(2, device=probs.device)[None, :]
     words = philox_uint31_reference(seed, counters).double()  # (B, 2), 31 random bits each
-    u = (words[:, 0] + words[:, 1] * 2.0**-31) * 2.0**-31  # in [0, 1]: 1 only by rounding, handled below
+    u = (words[:, 0] + words[:, 1] * 2.0**-31) * 2.0**-31  # in [0, 1]: 1 only by rounding, clamped below
     cdf = probs.double().cumsum(dim=-1)
-    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    # u * total can round up to total itself: then the last token of positive probability.
-    last = v - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
-    return torch.where(token >= v, last, token)
+    total = cdf[:, -1]
+    # Below the total, so some token of positive probability always has cdf > x (u * total may round up to it).
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x[:, None], right=True)[:, 0]
 
 
 def _check_temperature(temperature: float) -> float:
