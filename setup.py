@@ -1,4 +1,4 @@
-"""Packaging for batched_specdec: the engine/CLI package and the top-level Triton `kernels` package."""
+"""Packaging for batched_specdec: the engine/CLI package with its Triton kernels (`batched_specdec.kernels`)."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ setup(
     description="Lossless batched speculative decoding over ragged prompts for Hugging Face causal LMs, with Triton kernels",
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=["batched_specdec", "kernels"],
+    packages=["batched_specdec", "batched_specdec.kernels"],
     # drafts/: distilled drafts shipped for built-in targets (draft_config.json, draft.safetensors, card)
     package_data={"batched_specdec": ["data/*.jsonl", "drafts/*/*"]},
     include_package_data=True,

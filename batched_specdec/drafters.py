@@ -22,7 +22,7 @@ from torch import Tensor
 
 from batched_specdec.inputs import vocab_size
 from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward
-from kernels import compact_rows
+from batched_specdec.kernels import compact_rows
 
 
 @dataclass

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from kernels import draw_seed_offset
-from kernels.philox import philox_uint31_reference
+from batched_specdec.kernels import draw_seed_offset
+from batched_specdec.kernels.philox import philox_uint31_reference
 
 
 class LogitsProcessor:

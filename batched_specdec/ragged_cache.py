@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 from batched_specdec import capture
 from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, resolve_attention
 from batched_specdec.inputs import decoder_config
-from kernels import compact_rows, scatter_kv_at_offsets
+from batched_specdec.kernels import compact_rows, scatter_kv_at_offsets
 
 SPAN_BUCKET = 64
 """Attention spans are rounded up to a multiple of this, so that shapes change rarely."""

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import KEY_FIELDS, append_rows, cpu_note, do_bench, pick_device, run_key
 
-from kernels import commit_emitted_tokens, scatter_kv_at_offsets
+from batched_specdec.kernels import commit_emitted_tokens, scatter_kv_at_offsets
 
 FIELDS = KEY_FIELDS + [
     "method", "backend", "batch", "k", "layers", "kv_heads", "head_dim", "kv_len", "dtype", "median_us", "p20_us",

@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import KEY_FIELDS, append_rows, copy_bandwidth_gbs, cpu_note, do_bench, pick_device, run_key
 
-import kernels._launch as launch
-from kernels import rejection_sample_from_logits
+import batched_specdec.kernels._launch as launch
+from batched_specdec.kernels import rejection_sample_from_logits
 
 FIELDS = KEY_FIELDS + [
     "method", "batch", "k", "vocab", "dtype", "status", "median_us", "p20_us", "p80_us", "bytes", "eff_GBps",

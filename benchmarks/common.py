@@ -44,8 +44,8 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "kernels",
-                                "batched_specdec", "benchmarks/*.py"], cwd=ROOT, capture_output=True, text=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "batched_specdec",
+                                "benchmarks/*.py"], cwd=ROOT, capture_output=True, text=True,
                                check=True).stdout.strip()  # fmt: skip
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

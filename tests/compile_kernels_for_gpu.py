@@ -25,8 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-import kernels
-import kernels._launch as launch
+from batched_specdec import kernels
+import batched_specdec.kernels._launch as launch
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
           torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The wrappers refuse backend="triton" for CPU tensors outside the interpreter; here nothing runs.
     for name in ("rejection_sample", "scatter_kv", "commit_tokens", "compact_rows"):
-        sys.modules[f"kernels.{name}"].resolve_backend = lambda backend, device: "triton"
+        sys.modules[f"batched_specdec.kernels.{name}"].resolve_backend = lambda backend, device: "triton"
     records = capture_launches(kernel_calls)
     target = GPUTarget("cuda", args.arch, 32)
     seen = set()

@@ -162,7 +162,7 @@ def test_cuda_graph_settings_on_cuda(monkeypatch):
 
 def test_rejection_sampler_splits_the_vocabulary_for_small_batches_on_a_gpu(fake_cuda, monkeypatch):
     """On a GPU (not the interpreter) a batch too small to fill the SMs is spread over vocabulary chunks."""
-    from kernels import _launch
+    from batched_specdec.kernels import _launch
 
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
     _launch._sm_count.cache_clear()

@@ -15,7 +15,7 @@ from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.ngram import NGramDrafter
-from kernels._launch import interpreting
+from batched_specdec.kernels._launch import interpreting
 
 KERNEL_MODULES = ("rejection_sample", "scatter_kv", "commit_tokens", "compact_rows")
 
@@ -24,7 +24,7 @@ def _route_auto_to_triton(monkeypatch) -> Counter:
     """Make ``backend="auto"`` pick Triton for CPU tensors in every kernel module; count the calls per module."""
     calls: Counter = Counter()
     for name in KERNEL_MODULES:
-        module = sys.modules[f"kernels.{name}"]
+        module = sys.modules[f"batched_specdec.kernels.{name}"]
 
         def routed(backend, device, _name=name, _original=module.resolve_backend):
             if backend == "auto":

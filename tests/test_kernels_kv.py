@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import (
+from batched_specdec.kernels import (
     PLACEHOLDER_TOKEN_ID,
     commit_emitted_tokens,
     commit_emitted_tokens_reference,

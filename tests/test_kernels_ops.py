@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import (
+from batched_specdec.kernels import (
     commit_emitted_tokens,
     commit_emitted_tokens_reference,
     rejection_sample_from_probs,
@@ -15,7 +15,7 @@ from kernels import (
     scatter_kv_at_offsets,
     scatter_kv_at_offsets_reference,
 )
-from kernels._launch import interpreting
+from batched_specdec.kernels._launch import interpreting
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (conftest.py sets it)")
 

@@ -8,9 +8,9 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels._launch as launch
-import kernels.rejection_sample as rs
-from kernels import (
+import batched_specdec.kernels._launch as launch
+import batched_specdec.kernels.rejection_sample as rs
+from batched_specdec.kernels import (
     PLACEHOLDER_TOKEN_ID,
     rejection_sample_from_logits,
     rejection_sample_from_logits_reference,
@@ -425,7 +425,7 @@ def test_gof_rejects_wrong_samplers(wrong):
 @pytest.mark.parametrize("V", [2, 111, 1000])
 def test_all_greedy_fast_reference_equals_full_reference(V):
     """temperature=0 (a number) takes an argmax-only torch path; it must agree with the full reference."""
-    from kernels.rejection_sample import _reference_impl, _temperature_tensor
+    from batched_specdec.kernels.rejection_sample import _reference_impl, _temperature_tensor
 
     B, K = 33, 4
     for trial in range(10):
@@ -443,7 +443,7 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
 
 def test_philox_numpy_words_equal_torch_words():
     """The CPU reference computes Philox in numpy for speed; it must give the torch implementation's bits."""
-    from kernels.philox import _philox_round_words_numpy, _philox_round_words_torch
+    from batched_specdec.kernels.philox import _philox_round_words_numpy, _philox_round_words_torch
 
     g = torch.Generator().manual_seed(0)
     counters = torch.cat([torch.randint(-(2**63), 2**63 - 1, (4000,), generator=g),

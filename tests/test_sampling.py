@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from batched_specdec.processors import MultinomialProcessor, TopKProcessor, sample_from_probs
-from kernels import draw_seed_offset
+from batched_specdec.kernels import draw_seed_offset
 
 
 def test_one_hot_rows_and_zero_probabilities():

@@ -1,8 +1,8 @@
 """Triton kernels for batched speculative decoding, each with a pure-torch ``*_reference`` of the same signature."""
 
-from kernels.commit_tokens import commit_emitted_tokens, commit_emitted_tokens_reference
-from kernels.compact_rows import compact_rows, compact_rows_reference
-from kernels.rejection_sample import (
+from batched_specdec.kernels.commit_tokens import commit_emitted_tokens, commit_emitted_tokens_reference
+from batched_specdec.kernels.compact_rows import compact_rows, compact_rows_reference
+from batched_specdec.kernels.rejection_sample import (
     PLACEHOLDER_TOKEN_ID,
     draw_seed_offset,
     rejection_sample_from_logits,
@@ -10,7 +10,7 @@ from kernels.rejection_sample import (
     rejection_sample_from_probs,
     rejection_sample_from_probs_reference,
 )
-from kernels.scatter_kv import scatter_kv_at_offsets, scatter_kv_at_offsets_reference
+from batched_specdec.kernels.scatter_kv import scatter_kv_at_offsets, scatter_kv_at_offsets_reference
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",

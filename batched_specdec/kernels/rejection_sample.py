@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import rejection_sample_config, resolve_backend
-from kernels.philox import philox_uniform_reference
+from batched_specdec.kernels._launch import rejection_sample_config, resolve_backend
+from batched_specdec.kernels.philox import philox_uniform_reference
 
 PLACEHOLDER_TOKEN_ID = -1
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import resolve_backend, row_block_config
+from batched_specdec.kernels._launch import resolve_backend, row_block_config
 
 
 @triton.jit(do_not_specialize=["max_gen_len"])

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import copy_config, resolve_backend
+from batched_specdec.kernels._launch import copy_config, resolve_backend
 
 
 @triton.jit
