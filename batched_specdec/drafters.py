@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from batched_specdec.inputs import vocab_size
-from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward
 from batched_specdec.kernels import compact_rows
+from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward
 
 
 @dataclass

@@ -30,10 +30,10 @@ from batched_specdec.controller import (
 from batched_specdec.devices import is_cuda, reset_peak_memory
 from batched_specdec.drafters import DraftProposal, as_drafter, draft_cost_ratio
 from batched_specdec.inputs import resolve_request, vocab_size
+from batched_specdec.kernels import draw_seed_offset, rejection_sample_from_logits, rejection_sample_from_probs
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
 from batched_specdec.ragged_batch import GenerationStats, PhaseTimer, RaggedBatch, progress_bar
 from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward, prefill
-from batched_specdec.kernels import draw_seed_offset, rejection_sample_from_logits, rejection_sample_from_probs
 
 __all__ = ["GenerationStats", "autoregressive_generate_batch", "speculative_generate_batch"]
 

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from batched_specdec import capture
 from batched_specdec.devices import host_arrived, host_copy, peak_memory, synchronize
-from batched_specdec.ragged_cache import RaggedKVCache
 from batched_specdec.kernels import commit_emitted_tokens
+from batched_specdec.ragged_cache import RaggedKVCache
 
 COMPACT_FRACTION = 0.25
 """Drop finished rows from the batch once at least this fraction of it is finished."""

@@ -17,7 +17,9 @@ Bytes (the effective-bandwidth formula, :func:`bytes_moved`): one read of the ta
 draft logits ``B*K*V`` in the input dtype, plus the draft tokens read and the ``(B, K+1)`` output tokens and
 ``(B,)`` counts written (int64). This is the minimum any implementation must move; ``eff_GBps`` is that
 divided by the median time, and ``frac_copy_bw`` divides it by the measured bandwidth of a device copy of the
-same number of bytes (``common.copy_bandwidth_gbs``, read + write counted).
+same number of bytes (``common.copy_bandwidth_gbs``, read + write counted). On CUDA every call, the copy included,
+is replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``; ``--no-cudagraph`` for ``do_bench``), so a
+B=1 call's few microseconds are not launch overhead; the ``timer`` column says which timer each row used.
 
 Goals (issue 7, recorded per row in ``goal``): at B=64, K=4, V=151936 the fused kernel reaches >= 60% of copy
 bandwidth and is >= 5x faster than the eager path; at B=1 it takes < 20 us.
@@ -37,13 +39,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import KEY_FIELDS, append_rows, copy_bandwidth_gbs, cpu_note, do_bench, pick_device, run_key
+from common import KEY_FIELDS, append_rows, copy_bandwidth_gbs, cpu_note, pick_device, run_key, timed
 
 import batched_specdec.kernels._launch as launch
 from batched_specdec.kernels import rejection_sample_from_logits
 
 FIELDS = KEY_FIELDS + [
-    "method", "batch", "k", "vocab", "dtype", "status", "median_us", "p20_us", "p80_us", "bytes", "eff_GBps",
+    "method", "batch", "k", "vocab", "dtype", "status", "timer", "median_us", "p20_us", "p80_us", "bytes", "eff_GBps",
     "copy_GBps", "frac_copy_bw", "speedup_vs_eager", "goal", "note",
 ]  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="implementations to time (default: all; the Triton ones are skipped without CUDA)")
     parser.add_argument("--quick", action="store_true", help="CI size: B 1, K 4, V 32000, fp32, few repeats")
     parser.add_argument("--repeats", type=int, default=15, help="timing samples on CPU (median and 20/80%% reported)")
+    parser.add_argument("--no-cudagraph", action="store_true",
+                        help="on CUDA, time with triton.testing.do_bench instead of replaying each call from a CUDA "
+                             "graph (do_bench_cudagraph, the default: launch overhead would dominate small calls)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the shared CPU machines oversubscribe badly with more)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/rejection.csv")
@@ -174,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                     draft_tokens, draft, target = make_inputs(B, K, V, dtype, device)
                     nbytes = bytes_moved(B, K, V, target.element_size())
                     if nbytes not in copy_cache:
-                        copy_cache[nbytes] = copy_bandwidth_gbs(nbytes, device, repeats=repeats)
+                        copy_cache[nbytes] = copy_bandwidth_gbs(nbytes, device, repeats=repeats,
+                                                                cudagraph=not args.no_cudagraph)
                     copy_gbs = copy_cache[nbytes]
                     seed = torch.tensor(1234, dtype=torch.int64, device=device)
                     offset = torch.tensor(0, dtype=torch.int64, device=device)
                     gen = torch.Generator(device=device).manual_seed(0)
                     fns = make_fns(draft_tokens, draft, target, seed, offset, gen)
-                    timed = {}
+                    medians = {}
                     for m in methods:
                         row = dict(key, method=m, batch=B, k=K, vocab=V, dtype=dname, bytes=nbytes,
                                    copy_GBps=copy_gbs, note=note)  # fmt: skip
@@ -189,15 +195,15 @@ def main(argv: list[str] | None = None) -> int:
                                        note="Triton kernel needs CUDA; the interpreter is not timed")  # fmt: skip
                             rows.append(row)
                             continue
-                        med, lo, hi = do_bench(fns[m], device, repeats=repeats)
-                        timed[m] = med
+                        med, lo, hi, timer = timed(fns[m], device, repeats=repeats, cudagraph=not args.no_cudagraph)
+                        medians[m] = med
                         eff = nbytes / (med * 1e-3) / 1e9
-                        row.update(status="measured", median_us=med * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3,
+                        row.update(status="measured", timer=timer, median_us=med * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3,
                                    eff_GBps=eff, frac_copy_bw=eff / copy_gbs)  # fmt: skip
                         rows.append(row)
                     for row in rows[-len(methods):]:
-                        if row["status"] == "measured" and "eager_pytorch" in timed:
-                            row["speedup_vs_eager"] = timed["eager_pytorch"] / timed[row["method"]]
+                        if row["status"] == "measured" and "eager_pytorch" in medians:
+                            row["speedup_vs_eager"] = medians["eager_pytorch"] / medians[row["method"]]
                         if row["method"] == "fused_triton" and row["status"] == "measured":
                             row["goal"] = goal_text(row)
 

@@ -12,6 +12,10 @@ decoding, the n-gram drafter and a 1-layer model draft (gamma 3). Per path and m
   events (``.item()``/``int()`` of a tensor, host tensors included) per step.
 * ``wall_s``: median wall time of the whole call (prefill included) over ``--repeats`` runs, eager and compiled
   alternated; compilation happens in an untimed warm-up run.
+* On CUDA (compiled steps run as CUDA graphs): ``cudagraph_recordings_warmup`` (graphs recorded by the warm-up
+  run), ``cudagraph_recordings_timed`` (recorded during the profiled and timed runs: 0 when the decode state's
+  buffers keep their addresses across calls, as :mod:`batched_specdec.capture` promises) and ``cudagraph_skips``
+  (compiled graphs run without CUDA graphs). Empty on CPU, where there are no CUDA graphs.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_step_overhead.py            # CPU, torch threads = 1
     python benchmarks/bench_step_overhead.py --quick --no-save            # CI size
@@ -31,14 +35,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import KEY_FIELDS, append_rows, cpu_note, pick_device, run_key
+from common import KEY_FIELDS, CudaGraphCounts, append_rows, cpu_note, pick_device, run_key
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from batched_specdec import autoregressive_generate_batch, ragged_batch, speculative_generate_batch
 from batched_specdec.ngram import NGramDrafter
 
 FIELDS = KEY_FIELDS + ["path", "mode", "batch", "tokens_per_row", "steps", "aten_ops_per_step", "host_reads_per_step",
-                       "scalar_reads_per_step", "wall_s", "wall_s_p20", "wall_s_p80", "graphs_compiled", "note"]
+                       "scalar_reads_per_step", "wall_s", "wall_s_p20", "wall_s_p80", "graphs_compiled",
+                       "cudagraph_recordings_warmup", "cudagraph_recordings_timed", "cudagraph_skips", "note"]
 
 
 def tiny_llama(layers: int, seed: int, device: torch.device) -> LlamaForCausalLM:
@@ -79,6 +84,21 @@ def count(run) -> dict:
             "host_reads_per_step": reads[0] / steps}
 
 
+def cudagraph_fields(device, warm: CudaGraphCounts, timed: CudaGraphCounts) -> dict:
+    """The CUDA-graph columns; empty on CPU. ``timed`` accumulated over the profiled and timed runs."""
+    if device.type != "cuda":
+        return {}
+    return {"cudagraph_recordings_warmup": warm.recordings, "cudagraph_recordings_timed": timed.recordings,
+            "cudagraph_skips": warm.skips + timed.skips}
+
+
+def cudagraph_text(row: dict) -> str:
+    if row.get("cudagraph_recordings_warmup") is None:
+        return ""
+    return (f"  CUDA graphs recorded: warm-up {row['cudagraph_recordings_warmup']}, timed runs "
+            f"{row['cudagraph_recordings_timed']}; cudagraph skips {row['cudagraph_skips']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", help="cuda when available, else cpu")
@@ -104,25 +124,34 @@ def main() -> None:
     rows = []
     for path in ("target-only", "ngram", "model"):
         runs = {m: make_run(path, target, draft, prompts, args.tokens, m) for m in modes}
-        graphs = {m: runs[m]().extra.get("graphs_compiled", 0) for m in modes}  # warm-up (compiles), untimed
-        counts = {m: count(runs[m]) for m in modes}
-        times = {m: [] for m in modes}
+        graphs, warm_cg = {}, {}
+        for m in modes:  # warm-up (compiles, records CUDA graphs), untimed
+            with CudaGraphCounts() as cg:
+                graphs[m] = runs[m]().extra.get("graphs_compiled", 0)
+            warm_cg[m] = cg
+        timed_cg = {m: CudaGraphCounts() for m in modes}
+        counts, times = {}, {m: [] for m in modes}
+        for m in modes:
+            with timed_cg[m]:
+                counts[m] = count(runs[m])
         for _ in range(args.repeats):  # alternated
             for m in modes:
-                t0 = time.perf_counter()
-                runs[m]()
-                times[m].append(time.perf_counter() - t0)
+                with timed_cg[m]:
+                    t0 = time.perf_counter()
+                    runs[m]()
+                    times[m].append(time.perf_counter() - t0)
         for m in modes:
             q = statistics.quantiles(times[m], n=5, method="inclusive")
             row = {**run_key(device), "path": path, "mode": "compiled" if m else "eager", "batch": len(prompts),
                    "tokens_per_row": args.tokens, **counts[m], "wall_s": statistics.median(times[m]),
                    "wall_s_p20": q[0], "wall_s_p80": q[3], "graphs_compiled": graphs[m],
+                   **cudagraph_fields(device, warm_cg[m], timed_cg[m]),
                    "note": "synthetic tiny random Llama; " + cpu_note(device)}
             rows.append(row)
             print(f"{path:12s} {row['mode']:9s} steps {row['steps']:4d}  aten ops/step {row['aten_ops_per_step']:7.1f}"
                   f"  host reads/step {row['host_reads_per_step']:.2f}  scalar reads/step "
                   f"{row['scalar_reads_per_step']:.2f}  wall {row['wall_s'] * 1e3:7.1f} ms  "
-                  f"(graphs compiled in warm-up: {graphs[m]})")
+                  f"(graphs compiled in warm-up: {graphs[m]}){cudagraph_text(row)}")
         if len(modes) == 2:
             print(f"{'':12s} eager / compiled wall time: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
     if not args.no_save:

@@ -1,6 +1,7 @@
 """Shared helpers for the benchmark scripts: the row key, CSV appends, timing and measured copy bandwidth.
 
-Timing: on CUDA ``triton.testing.do_bench`` (median with the 20% and 80% quantiles, warm-up excluded); on CPU a
+Timing: on CUDA ``triton.testing.do_bench`` or, for kernels whose launch overhead would dominate,
+``triton.testing.do_bench_cudagraph`` (median with the 20% and 80% quantiles, warm-up excluded); on CPU a
 ``timeit`` median over repeats with the 20%/80% quantiles of the per-call times (one warm-up call excluded).
 """
 
@@ -18,7 +19,8 @@ import timeit
 import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(ROOT, "benchmarks", "results")
+"""Where the CSVs are appended: ``benchmarks/results/``, or ``$BENCH_RESULTS_DIR`` (``gpu_session.sh`` sets it)."""
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -105,17 +107,20 @@ def fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def do_bench(fn, device: torch.device, *, repeats: int = 15, number: int | None = None) -> tuple[float, float, float]:
+def do_bench(fn, device: torch.device, *, repeats: int = 15, number: int | None = None,
+             cudagraph: bool = False) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds per call of ``fn``; warm-up excluded.
 
-    CUDA: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])``. CPU: ``repeats`` timeit samples of
-    ``number`` calls each (chosen so a sample lasts about 20 ms, at least 1), per-call times, median and the
-    20%/80% quantiles.
+    CUDA: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])``, or with ``cudagraph=True``
+    ``triton.testing.do_bench_cudagraph`` (``fn`` replayed from a CUDA graph, so launch overhead is not timed; ``fn``
+    must not synchronise with the host). CPU: ``repeats`` timeit samples of ``number`` calls each (chosen so a
+    sample lasts about 20 ms, at least 1), per-call times, median and the 20%/80% quantiles.
     """
     if device.type == "cuda":
         import triton.testing
 
-        med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        bench = triton.testing.do_bench_cudagraph if cudagraph else triton.testing.do_bench
+        med, lo, hi = bench(fn, quantiles=[0.5, 0.2, 0.8])
         return float(med), float(lo), float(hi)
     t0 = timeit.default_timer()
     fn()  # warm-up, also sizes `number`
@@ -129,12 +134,65 @@ def do_bench(fn, device: torch.device, *, repeats: int = 15, number: int | None 
     return statistics.median(times), q[0], q[3]
 
 
-def copy_bandwidth_gbs(nbytes: int, device: torch.device, *, repeats: int = 15) -> float:
-    """Measured device copy bandwidth (GB/s, 1e9) for a copy of ``nbytes``: read + write, i.e. 2 * nbytes moved."""
+def timed(fn, device: torch.device, *, repeats: int = 15, cudagraph: bool = False) -> tuple[float, float, float, str]:
+    """:func:`do_bench` plus the ``timer`` column: ``timeit`` on CPU, ``do_bench_cudagraph`` or ``do_bench`` on
+    CUDA. A call that cannot be captured in a CUDA graph (it synchronises with the host) is timed with
+    ``do_bench`` instead, and its timer says so."""
+    if device.type != "cuda":
+        return (*do_bench(fn, device, repeats=repeats), "timeit")
+    if cudagraph:
+        try:
+            return (*do_bench(fn, device, repeats=repeats, cudagraph=True), "do_bench_cudagraph")
+        except RuntimeError as exc:  # capture refused (a host sync inside fn)
+            reason = " ".join(str(exc).split())[:80]
+            return (*do_bench(fn, device, repeats=repeats), f"do_bench (graph capture failed: {reason})")
+    return (*do_bench(fn, device, repeats=repeats), "do_bench")
+
+
+class CudaGraphCounts:
+    """Counts, while active, the CUDA graphs torch.compile's cudagraph trees record and the graphs they skip
+    (``counters["inductor"]["cudagraph_skips"]``: a compiled graph run without CUDA graphs, e.g. for a CPU input).
+    Recordings are counted by wrapping ``CUDAGraphTreeManager.record_function`` (a private API: when it is
+    missing, ``recordings`` stays None rather than a false 0)."""
+
+    def __init__(self) -> None:
+        self.recordings: int | None = None
+        self.skips = 0
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+
+        self._counters = counters
+        self._skips0 = counters["inductor"]["cudagraph_skips"]
+        try:
+            from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+        except ImportError:
+            self._manager = None
+            return self
+        self._manager, self._record = CUDAGraphTreeManager, CUDAGraphTreeManager.record_function
+        self.recordings = 0
+        record = self._record
+
+        def counting(manager, *args, **kwargs):
+            self.recordings += 1
+            return record(manager, *args, **kwargs)
+
+        CUDAGraphTreeManager.record_function = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._manager is not None:
+            self._manager.record_function = self._record
+        self.skips = self._counters["inductor"]["cudagraph_skips"] - self._skips0
+
+
+def copy_bandwidth_gbs(nbytes: int, device: torch.device, *, repeats: int = 15, cudagraph: bool = False) -> float:
+    """Measured device copy bandwidth (GB/s, 1e9) for a copy of ``nbytes``: read + write, i.e. 2 * nbytes moved.
+    Timed as the kernels it is compared with are (``cudagraph``)."""
     n = max(1, nbytes // 4)
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    med, _, _ = do_bench(lambda: dst.copy_(src), device, repeats=repeats)
+    med, _, _ = do_bench(lambda: dst.copy_(src), device, repeats=repeats, cudagraph=cudagraph)
     return 2 * n * 4 / (med * 1e-3) / 1e9
 
 

@@ -25,8 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from batched_specdec import kernels
 import batched_specdec.kernels._launch as launch
+from batched_specdec import kernels
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
           torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}

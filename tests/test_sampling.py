@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from scipy.stats import chisquare
 
-from batched_specdec.processors import MultinomialProcessor, TopKProcessor, sample_from_probs
 from batched_specdec.kernels import draw_seed_offset
+from batched_specdec.processors import MultinomialProcessor, TopKProcessor, sample_from_probs
 
 
 def test_one_hot_rows_and_zero_probabilities():

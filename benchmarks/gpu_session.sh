@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One GPU session: every GPU number this project records, in one call of at most 9 minutes on one H100/H200.
+#
+#   bash benchmarks/gpu_session.sh              # on a CUDA machine, from a checkout (no pip install needed)
+#   bash benchmarks/gpu_session.sh --cpu-smoke  # every stage at toy size on the CPU: checks the script
+#
+# Runs from the checkout through PYTHONPATH (no install, no network, no gguf), stage by stage, each under its own
+# time limit so that one failure or hang does not eat the rest:
+#   kernels        every Triton kernel on CUDA against its torch reference (benchmarks/check_kernels.py)
+#   microbench     the rejection sampler in GB/s against the measured copy bandwidth, CUDA-graph timed
+#   e2e_eager      end to end at B = 1, 4, 16, 64: a Qwen2-7B-class target and a 0.5B-class draft, RANDOM weights,
+#                  synthetic acceptance (labelled so in every row), eager
+#   e2e_compiled   the same with compile=True (CUDA graphs), B = 1 and 16
+#   step_overhead  per-step dispatch, host reads, CUDA-graph recordings and cudagraph skips (tiny synthetic model)
+# Output: one folder per session, $OUT/gpu_session_<UTC stamp> when $OUT is set (the device tool brings $OUT
+# back), else benchmarks/results/gpu_session/<UTC stamp>; it holds session.json (device, versions, commit, date,
+# each stage's status and seconds), one log per stage and the results CSVs. When the folder is not already under
+# benchmarks/results/, it is also copied there. The smoke mode writes to $OUT or a temporary folder only.
+set -uo pipefail
+
+SMOKE=0
+case "${1:-}" in
+  --cpu-smoke) SMOKE=1 ;;
+  "") ;;
+  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+  *) echo "gpu_session.sh: unknown argument '$1' (expected --cpu-smoke or nothing)" >&2; exit 2 ;;
+esac
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+if [[ -n "${OUT:-}" ]]; then
+  DIR="$OUT/gpu_session_$STAMP"
+elif [[ $SMOKE == 1 ]]; then
+  DIR="$(mktemp -d)/gpu_session_$STAMP"
+else
+  DIR="$ROOT/benchmarks/results/gpu_session/$STAMP"
+fi
+mkdir -p "$DIR/results" || exit 1
+export BENCH_RESULTS_DIR="$DIR/results"
+STAGES="$DIR/stages.tsv"
+printf 'stage\tstatus\tseconds\tlimit_s\n' > "$STAGES"
+
+if [[ $SMOKE == 0 ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_session.sh: no CUDA device here; run with --cpu-smoke to check the script on the CPU" >&2
+  exit 2
+fi
+
+# stage NAME LIMIT_S COMMAND...: runs COMMAND under its limit, logs to NAME.log, records the outcome.
+stage() {
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name (limit ${limit} s): $*"
+  local t0=$SECONDS
+  (cd "$ROOT" && timeout --kill-after=15 "$limit" "$@") > "$DIR/$name.log" 2>&1
+  local rc=$? status
+  case $rc in
+    0) status=ok ;;
+    124|137) status="timed out" ;;
+    *) status="failed (exit $rc)" ;;
+  esac
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" "$limit" >> "$STAGES"
+  grep -v -e 'FutureWarning' -e 'return forward_call' "$DIR/$name.log" | tail -n 30
+  echo "== $name: $status in $((SECONDS - t0)) s"
+}
+
+if [[ $SMOKE == 1 ]]; then
+  stage kernels 240 "$PY" benchmarks/check_kernels.py --cpu-smoke --json "$DIR/kernels.json"
+  stage microbench 120 "$PY" benchmarks/bench_rejection.py --device cpu --quick
+  stage e2e_eager 240 "$PY" benchmarks/bench_e2e.py --device cpu --models toy --batch-sizes 1 4 --gammas 2 \
+    --alphas 0.8 --max-new-tokens 12 --methods target_only_ours speculative_ours
+  stage e2e_compiled 300 "$PY" benchmarks/bench_e2e.py --device cpu --models toy --compile --batch-sizes 2 \
+    --gammas 2 --alphas 0.8 --max-new-tokens 8 --methods target_only_ours speculative_ours --no-time-split
+  stage step_overhead 240 "$PY" benchmarks/bench_step_overhead.py --device cpu --quick
+else
+  stage kernels 60 "$PY" benchmarks/check_kernels.py --json "$DIR/kernels.json"
+  stage microbench 75 "$PY" benchmarks/bench_rejection.py --batch-sizes 1 8 64 --ks 4 --vocabs 151936 \
+    --dtypes fp32 bf16
+  stage e2e_eager 150 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 4 16 64 --gammas 3 5 --alphas 0.8 \
+    --max-new-tokens 128 --methods target_only_ours speculative_ours
+  stage e2e_compiled 150 "$PY" benchmarks/bench_e2e.py --compile --batch-sizes 1 16 --gammas 3 --alphas 0.8 \
+    --max-new-tokens 128 --methods target_only_ours speculative_ours --no-time-split
+  stage step_overhead 60 "$PY" benchmarks/bench_step_overhead.py
+fi
+
+"$PY" - "$DIR" "$SMOKE" <<'EOF'
+import csv, json, os, subprocess, sys
+
+sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(":")[0], "benchmarks"))
+import torch
+from common import run_key
+
+out, smoke = sys.argv[1], sys.argv[2] == "1"
+device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+info = {**run_key(device), "cpu_smoke": smoke, "stages": list(csv.DictReader(open(os.path.join(out, "stages.tsv")), delimiter="\t"))}
+try:
+    info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                                         "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+except (OSError, subprocess.SubprocessError):
+    info["nvidia_smi"] = "unavailable"
+with open(os.path.join(out, "session.json"), "w") as f:
+    json.dump(info, f, indent=1)
+print(json.dumps(info["stages"], indent=1))
+EOF
+
+if [[ $SMOKE == 0 && "$DIR" != "$ROOT/benchmarks/results/"* ]]; then
+  mkdir -p "$ROOT/benchmarks/results/gpu_session" && cp -r "$DIR" "$ROOT/benchmarks/results/gpu_session/$STAMP"
+fi
+echo "session folder: $DIR"
+# The session fails when a stage did not finish ok.
+! grep -q -v -P '\tok\t|^stage\t' "$STAGES"

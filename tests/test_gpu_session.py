@@ -1,0 +1,86 @@
+"""The prepared GPU session, as far as a CPU can check it: the script's syntax and refusals, the kernel check (and
+that it can fail), the synthetic-acceptance end-to-end path at toy size, and the CUDA-graph counters.
+
+The whole script at toy size is ``bash benchmarks/gpu_session.sh --cpu-smoke`` (about 1.5 minutes here; not run
+in the suite)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_e2e
+import check_kernels
+from common import CudaGraphCounts
+
+
+def run_script(*args, env=None):
+    return subprocess.run(["bash", str(SCRIPT), *args], check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False, capture_output=True).returncode == 0
+
+
+def test_script_refuses_an_unknown_argument_and_a_machine_without_cuda(tmp_path):
+    bad = run_script("--gpu")
+    assert bad.returncode == 2 and "unknown argument '--gpu'" in bad.stderr
+    no_gpu = run_script(env={"OUT": str(tmp_path), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stderr
+
+
+def test_kernel_check_passes_on_the_interpreter_and_fails_on_a_wrong_kernel(tmp_path, monkeypatch, capsys):
+    assert check_kernels.main(["--cpu-smoke", "--json", str(tmp_path / "k.json")]) == 0
+    assert '"ok": true' in (tmp_path / "k.json").read_text()
+    from batched_specdec.kernels import compact_rows_reference
+
+    def wrong(tensors, keep_rows, *, backend="auto"):  # the "kernel" drops the last kept row
+        return compact_rows_reference(tensors, keep_rows[:-1])
+
+    monkeypatch.setattr("batched_specdec.kernels.compact_rows", wrong)
+    assert check_kernels.main(["--cpu-smoke"]) == 1
+    assert "FAIL compact_rows" in capsys.readouterr().out
+
+
+def test_synthetic_acceptance_follows_each_rows_prompt_whatever_the_engines_row_order(capsys):
+    """alpha = 1 proposes the known continuation of every row's own prompt: every draft is accepted, at batch 1
+    and at batch 4 with ragged prompts (which the engine reorders)."""
+    assert bench_e2e.main(["--device", "cpu", "--models", "toy", "--batch-sizes", "1", "4", "--gammas", "3",
+                           "--alphas", "1.0", "--max-new-tokens", "16", "--methods", "speculative_ours",
+                           "--no-save", "--no-warmup"]) == 0  # fmt: skip
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("speculative_ours")]
+    assert len(rows) == 2
+    for row in rows:
+        acceptance, matches = float(row[7]), row[10]
+        assert acceptance == 1.0 and matches == "True", row
+
+
+def test_expected_acceptance_and_drift():
+    assert bench_e2e.expected_acceptance(0.8, 1) == pytest.approx(0.8)
+    assert bench_e2e.expected_acceptance(0.8, 2) == pytest.approx((0.8 + 0.64) / 2)
+    assert bench_e2e.expected_acceptance(1.0, 4) == 1.0
+    assert bench_e2e.e2e_goal(16, 0.8, 1.5, 0.30, 0.59).startswith("not judged: acceptance drifted")
+    assert bench_e2e.e2e_goal(16, 0.8, 1.5, 0.58, 0.59) == ">= 1.3x at B=16: met (1.50x)"
+
+
+def test_cuda_graph_counts_count_recordings_and_skips(monkeypatch):
+    from torch._dynamo.utils import counters
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    monkeypatch.setattr(CUDAGraphTreeManager, "record_function", lambda self, *a: "recorded")
+    with CudaGraphCounts() as cg:
+        assert CUDAGraphTreeManager.record_function(None, [], 0) == "recorded"
+        CUDAGraphTreeManager.record_function(None, [], 1)
+        counters["inductor"]["cudagraph_skips"] += 1
+    assert (cg.recordings, cg.skips) == (2, 1)
+    assert CUDAGraphTreeManager.record_function(None) == "recorded"  # unwrapped again
+    with CudaGraphCounts() as idle:
+        pass
+    assert (idle.recordings, idle.skips) == (0, 0)
