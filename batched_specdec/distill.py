@@ -46,6 +46,7 @@ from batched_specdec.distill_data import (
     generate_data,
     load_target_and_tokenizer,
     self_prompts,
+    target_description,
 )
 from batched_specdec.processors import GreedyProcessor
 
@@ -436,7 +437,7 @@ def print_eval(results: dict, n_prompts: int, args) -> None:
 
 
 def run(args) -> dict:
-    from batched_specdec.draft_model import DraftLoadError, load_distilled_draft, save_draft
+    from batched_specdec.draft_model import DraftLoadError, load_distilled_draft, save_draft, write_manifest
     from batched_specdec.models import ModelLoadError, eos_token_ids, resolve_device
 
     _check_args(args)
@@ -548,6 +549,8 @@ def run(args) -> dict:
         "sequences": summary["data_sequences"], "gen_len": args.gen_len, "data_tokens": summary["data_tokens"],
         "loss_first": summary.get("loss_first"), "loss_last": summary.get("loss_last"),
     })
+    write_manifest(draft_dir, target, target_description(args.target), training=json.loads(
+        (draft_dir / "draft_config.json").read_text()).get("metadata"))
     print(f"draft saved to {draft_dir}")
     if not args.no_eval and eval_prompts:
         loaded = load_distilled_draft(target, draft_dir)

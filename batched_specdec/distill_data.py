@@ -39,6 +39,15 @@ def load_target_and_tokenizer(spec: str, device, dtype):
     return load_target(None if spec == "embedded" else spec, device=device, dtype=dtype, quiet=False)
 
 
+def target_description(spec: str) -> str:
+    """The name a draft's manifest gives its target: the embedded model's file, or the spec as given."""
+    from batched_specdec.models import EMBEDDED_GGUF, EMBEDDED_NAMES, EMBEDDED_PACKAGE
+
+    if spec.lower() in EMBEDDED_NAMES:
+        return f"{EMBEDDED_GGUF.removesuffix('.gguf')} ({EMBEDDED_PACKAGE} GGUF, de-quantized)"
+    return spec
+
+
 def _read_prompt_file(path: str, tokenizer) -> list[list[int]]:
     from batched_specdec.prompts import PromptFileError, encode_prompts, read_prompts_file
 

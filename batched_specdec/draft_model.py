@@ -22,10 +22,15 @@ Files of a saved draft (``save_draft``): ``draft_config.json`` (the Llama config
 vocabulary size, the subset size, the kind: ``"tokens"`` or ``"feature"``), ``draft.safetensors`` (layers, norm,
 head bias, the subset ids and the kind's extra tensors: projections of a narrower token draft, a feature draft's
 ``fc``; float tensors in the storage dtype, default bfloat16). Loaded tensors take the target's dtype.
+``manifest.json`` (written by the distillation tool, :func:`write_manifest`) names the target the draft was trained
+for, with the SHA-256 of that target's float32 weights and the L2 norm of each of its tensors; a draft with a
+manifest loads only for a target whose tensors have the same names, shapes and norms (within
+:data:`NORM_TOLERANCE`, so that float32, bfloat16 and float16 loads of the same weights all match).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -38,6 +43,9 @@ from transformers.models.llama.modeling_llama import LlamaModel
 DEFAULT_DRAFT_DIR = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
 CONFIG_NAME = "draft_config.json"
 WEIGHTS_NAME = "draft.safetensors"
+MANIFEST_NAME = "manifest.json"
+NORM_TOLERANCE = 1e-2
+"""Relative difference allowed between a target tensor's L2 norm and the manifest's (dtype rounding is ~1e-3)."""
 FORMAT_VERSION = 1
 _LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                "hidden_act", "rms_norm_eps", "rope_parameters", "attention_bias", "mlp_bias", "max_position_embeddings")
@@ -297,6 +305,55 @@ def save_draft(draft: SubsetHeadDraft, path: str | Path, *, storage_dtype: torch
     return path
 
 
+def target_tensor_norms(target) -> dict[str, list]:
+    """``name -> [*shape, L2 norm]`` of every parameter of ``target`` (tied ones once), norms in float64."""
+    return {name: [*p.shape, float(p.detach().double().norm())] for name, p in target.named_parameters()}
+
+
+def target_weights_sha256(target) -> str:
+    """SHA-256 over every parameter's name, shape and float32 bytes, in name order (provenance: it identifies the
+    exact weights a draft was trained with; loading checks the dtype-independent norms instead)."""
+    digest = hashlib.sha256()
+    for name, p in sorted(target.named_parameters()):
+        digest.update(f"{name}{tuple(p.shape)}".encode())
+        digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_manifest(path: str | Path, target, target_name: str, training: dict | None = None) -> Path:
+    """Write ``manifest.json`` into the draft directory ``path``: the target's name, weight hash and tensor norms,
+    and what the training recorded (``training``)."""
+    manifest = {"target": target_name, "target_weights_sha256": target_weights_sha256(target),
+                "target_tensor_norms": target_tensor_norms(target), "training": training or {}}
+    out = Path(path) / MANIFEST_NAME
+    out.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    return out
+
+
+def check_manifest(path: str | Path, target) -> None:
+    """Raise :class:`DraftLoadError` unless ``target`` is the model the draft at ``path`` was trained for (same
+    tensor names and shapes, norms within :data:`NORM_TOLERANCE`); a directory without a manifest passes."""
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        return
+    try:
+        manifest = json.loads(file.read_text())
+        want = manifest["target_tensor_norms"]
+    except (ValueError, KeyError) as exc:
+        raise DraftLoadError(f"draft manifest {str(file)!r} is unreadable ({exc})") from exc
+    have = target_tensor_norms(target)
+    trained_for = f"draft {str(path)!r} was trained for {manifest.get('target', 'another target')!r}"
+    if set(have) != set(want):
+        extra = sorted(set(have) ^ set(want))[:3]
+        raise DraftLoadError(f"{trained_for}; this target's tensors differ by name (e.g. {extra})")
+    for name, entry in want.items():
+        shape, norm = entry[:-1], entry[-1]
+        got_shape, got_norm = have[name][:-1], have[name][-1]
+        if got_shape != shape or abs(got_norm - norm) > NORM_TOLERANCE * max(abs(norm), 1e-12):
+            raise DraftLoadError(f"{trained_for}; this target's {name!r} has shape {got_shape} and norm "
+                                 f"{got_norm:.6g}, expected {shape} and {norm:.6g} (another model's weights)")
+
+
 def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> SubsetHeadDraft:
     """Load a draft saved by :func:`save_draft` for ``target_model``, on its device in its dtype, in eval mode: a
     :class:`SubsetHeadDraft`, or a :class:`FeatureHeadDraft` when its config says ``"kind": "feature"``.
@@ -304,7 +361,8 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
     Raises
     ------
     DraftLoadError
-        The directory is missing, incomplete, or was trained for a target of another vocabulary or width.
+        The directory is missing, incomplete, was trained for a target of another vocabulary or width, or its
+        manifest names other target weights (:func:`check_manifest`).
     """
     from safetensors.torch import load_file
 
@@ -319,6 +377,7 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
     if meta.get("format") != FORMAT_VERSION:
         raise DraftLoadError(f"draft {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT_VERSION}")
     _check_target(meta, target_model)
+    check_manifest(path, target_model)
     config_dict = dict(meta["llama_config"])
     config = LlamaConfig.from_dict(config_dict)
     config._attn_implementation = getattr(target_model.config, "_attn_implementation", None) or "sdpa"

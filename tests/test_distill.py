@@ -70,6 +70,16 @@ def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="needs the target model"):
         load_draft(str(out / "draft"), None)
 
+    # the manifest ties the draft to its target's weights: the same model in bfloat16 loads, another one does not
+    manifest = json.loads((out / "draft" / "manifest.json").read_text())
+    assert manifest["target"] == str(tiny_target_dir / "target") and len(manifest["target_weights_sha256"]) == 64
+    load_distilled_draft(target.to(torch.bfloat16), out / "draft")
+    other = tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=4, init_std=0.3)
+    with pytest.raises(DraftLoadError, match="was trained for .*norm"):
+        load_distilled_draft(other, out / "draft")
+    with pytest.raises(ModelLoadError, match="was trained for"):
+        load_draft(str(out / "draft"), other)
+
 
 def test_recorded_teacher_belongs_to_its_own_row(tiny_target_dir, tmp_path):
     """Prompts of different lengths (the engine reorders rows longest first): at a near-greedy temperature every
