@@ -38,11 +38,15 @@ class DraftProposal:
         deterministic drafters (q is one-hot at the draft token).
     num_tokens : Tensor or None
         ``(B,)`` int64 in ``0..gamma``: real draft tokens per row. ``None`` means ``gamma`` for every row.
+    deterministic_rows : Tensor or None
+        ``(B,)`` bool, with ``probs``: rows whose tokens came from a deterministic source (q one-hot at the draft
+        token; their ``probs`` rows are ignored), as a hybrid drafter's n-gram rows. ``None``: no such row.
     """
 
     tokens: Tensor
     probs: Tensor | None = None
     num_tokens: Tensor | None = None
+    deterministic_rows: Tensor | None = None
 
 
 @runtime_checkable

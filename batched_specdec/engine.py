@@ -88,25 +88,28 @@ def _check_step_options(delayed: bool | None, device: torch.device, adaptive: bo
     return bool(delayed)
 
 
-def _no_drafts(rows: int, device: torch.device) -> tuple[Tensor, None, None]:
-    return torch.zeros(rows, 0, dtype=torch.int64, device=device), None, None
+def _no_drafts(rows: int, device: torch.device) -> tuple[Tensor, None, None, None]:
+    return torch.zeros(rows, 0, dtype=torch.int64, device=device), None, None, None
 
 
 def _verify_drafts(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
-                   num_draft: Tensor | None, seed: Tensor, offset: Tensor, row_keys: Tensor) -> tuple[Tensor, Tensor]:
+                   num_draft: Tensor | None, seed: Tensor, offset: Tensor, row_keys: Tensor,
+                   deterministic_rows: Tensor | None) -> tuple[Tensor, Tensor]:
     """Rejection-sample one step's drafts (``k >= 1``) against the verify ``logits``: ``(out_tokens (B, k + 1),
     num_accepted (B,))``. Compiled with ``compile=True``; its randomness comes in as ``seed``/``offset``, keyed per
-    row by ``row_keys`` (the rows' prompt indices)."""
+    row by ``row_keys`` (the rows' prompt indices). ``deterministic_rows`` flags rows whose q is one-hot although
+    ``draft_probs`` is given (a hybrid drafter's n-gram rows)."""
     if processor.is_greedy:
         return rejection_sample_from_logits(draft_tokens, None, logits, 0.0, num_draft_tokens=num_draft, seed=seed,
                                             offset=offset)
     return rejection_sample_from_probs(draft_tokens, draft_probs, processor.probs(logits), num_draft_tokens=num_draft,
-                                       seed=seed, offset=offset, row_keys=row_keys)
+                                       seed=seed, offset=offset, row_keys=row_keys,
+                                       deterministic_rows=deterministic_rows)  # fmt: skip
 
 
 def _accept(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
             num_draft: Tensor | None, generator: torch.Generator | None, zero: Tensor, row_keys: Tensor,
-            compile: bool) -> tuple[Tensor, Tensor]:
+            deterministic_rows: Tensor | None, compile: bool) -> tuple[Tensor, Tensor]:
     """The step's emitted tokens ``(B, k + 1)`` and accepted counts ``(B,)``: a plain target sample when the step
     has no drafts, else :func:`_verify_drafts` (compiled with ``compile``). Every draw is keyed by ``row_keys``."""
     if draft_tokens.shape[1] == 0:
@@ -114,7 +117,7 @@ def _accept(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tenso
         return token[:, None], torch.zeros_like(token)
     # Drawn as the sampler would draw them itself (so seeded outputs do not depend on compile); greedy draws none.
     seed, offset = (zero, zero) if processor.is_greedy else draw_seed_offset(generator, logits.device)
-    args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset, row_keys)
+    args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset, row_keys, deterministic_rows)
     return capture.run_compiled(_verify_drafts, logits.device, *args) if compile else _verify_drafts(*args)
 
 
@@ -126,12 +129,14 @@ def _emitted_logprobs(logits: Tensor, out_tokens: Tensor, processor: LogitsProce
 
 def _propose(drafter, batch: RaggedBatch, plan: StepPlan, controller, processor, generator, max_len: int, device):
     """Ask the drafter for the plan's drafts, apply the row budgets and cut the verify width to what is worth
-    verifying. Returns ``(draft_tokens, draft_probs, num_draft)`` with ``k`` columns, ``k`` possibly 0."""
+    verifying. Returns ``(draft_tokens, draft_probs, num_draft, deterministic_rows)`` with ``k`` columns, ``k``
+    possibly 0."""
     k = plan.draft_len
     proposal: DraftProposal = drafter.propose(batch.token_buffer, batch.seq_lens, k, processor, generator, max_len,
                                               batch.row_ids)
     tokens = proposal.tokens.to(device)
     probs = None if proposal.probs is None else proposal.probs.to(device)
+    onehot = None if probs is None or proposal.deterministic_rows is None else proposal.deterministic_rows.to(device)
     num = proposal.num_tokens
     # Proposal lengths within budget, when the drafter may propose fewer than asked and the host knows the lengths
     # without a sync (a drafter that always proposes k adds nothing to what the plan already weighed).
@@ -145,7 +150,7 @@ def _propose(drafter, batch: RaggedBatch, plan: StepPlan, controller, processor,
         tokens = tokens[:, :width]
         probs = None if probs is None else probs[:, :width]
         num = None if num is None else num.clamp_max(width)
-    return tokens, probs, num
+    return tokens, probs, num, onehot
 
 
 @torch.inference_mode()
@@ -284,11 +289,11 @@ def speculative_generate_batch(
         plan = controller.plan(batch.host_row_ids, ~batch.host_finished)
         draft_timing_usable = not catching_up
         if plan.draft_len > 0:
-            draft_tokens, draft_probs, num_draft = _propose(drafter, batch, plan, controller, processor, gen, max_len,
-                                                            device)
+            draft_tokens, draft_probs, num_draft, onehot = _propose(drafter, batch, plan, controller, processor, gen,
+                                                                    max_len, device)
             catching_up = False
         else:
-            draft_tokens, draft_probs, num_draft = _no_drafts(batch.size, device)
+            draft_tokens, draft_probs, num_draft, onehot = _no_drafts(batch.size, device)
             if hasattr(drafter, "note_target_only_step"):
                 drafter.note_target_only_step()
                 catching_up = True
@@ -304,7 +309,7 @@ def speculative_generate_batch(
         timer.lap("verify")
 
         out_tokens, num_accepted = _accept(processor, draft_tokens, draft_probs, logits, num_draft, gen, zero,
-                                           batch.row_ids, compile)
+                                           batch.row_ids, onehot, compile)
         controller.mark("verify")
         timer.lap("sampling")
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from batched_specdec.drafters import DraftProposal
 
-__all__ = ["NGramDrafter", "ngram_lookup"]
+__all__ = ["NGramDrafter", "ngram_lookup", "ngram_lookup_with_match"]
 
 
 def _check_ngram_sizes(max_ngram: int, min_ngram: int) -> None:
@@ -37,6 +37,18 @@ def ngram_lookup(
     max_ngram: int = 3,
     min_ngram: int = 1,
 ) -> tuple[Tensor, Tensor]:
+    """``(tokens, num_tokens)`` of :func:`ngram_lookup_with_match`."""
+    tokens, num_tokens, _ = ngram_lookup_with_match(token_buffer, seq_lens, gamma, max_ngram, min_ngram)
+    return tokens, num_tokens
+
+
+def ngram_lookup_with_match(
+    token_buffer: Tensor,
+    seq_lens: Tensor,
+    gamma: int,
+    max_ngram: int = 3,
+    min_ngram: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Propose up to ``gamma`` tokens per row by n-gram lookup in the row's own committed tokens.
 
     For row ``b`` with committed tokens ``t = token_buffer[b, :seq_lens[b]]`` (length ``L``), and for
@@ -65,6 +77,8 @@ def ngram_lookup(
         last committed token (a valid id).
     num_tokens : Tensor
         ``(B,)`` int64 in ``0..gamma``: the number of real draft tokens per row.
+    match_len : Tensor
+        ``(B,)`` int64: the length ``n`` of the matched n-gram, 0 where none matched.
     """
     _check_ngram_sizes(max_ngram, min_ngram)
     if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
@@ -90,6 +104,7 @@ def ngram_lookup(
     # shifted comparison.
     running = pos.unsqueeze(0) <= (lens - 2).unsqueeze(1)  # (B, S) bool
     best_end = torch.full((B,), -1, dtype=torch.long, device=device)
+    best_n = torch.zeros(B, dtype=torch.long, device=device)
     for k in range(min(max_ngram, S)):
         suffix_k = tokens.gather(1, (lens - 1 - k).clamp(min=0).unsqueeze(1))  # (B, 1)
         eq = torch.zeros_like(running)
@@ -100,6 +115,7 @@ def ngram_lookup(
             end_n = torch.where(running, pos, -1).amax(dim=1)  # (B,) latest match end, -1 if none
             # n grows with k, so a later match overrides: the longest n that matches wins.
             best_end = torch.where(end_n >= 0, end_n, best_end)
+            best_n = torch.where(end_n >= 0, n, best_n)
 
     found = best_end >= 0
     start = best_end + 1  # first continuation position, <= L - 1 when found
@@ -108,7 +124,7 @@ def ngram_lookup(
     idx = (start.unsqueeze(1) + slots).clamp(0, S - 1)
     last = tokens.gather(1, (lens - 1).clamp(0, S - 1).unsqueeze(1))  # (B, 1)
     draft = torch.where(slots < num_tokens.unsqueeze(1), tokens.gather(1, idx), last)
-    return draft, num_tokens
+    return draft, num_tokens, best_n
 
 
 class NGramDrafter:

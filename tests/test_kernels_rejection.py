@@ -542,3 +542,30 @@ def test_row_keys_make_a_rows_decisions_independent_of_its_position(backend, mon
     assert all(torch.equal(a, b) for a, b in zip(default, explicit))
     with pytest.raises(ValueError, match=r"row_keys must be None or a \(7,\) int64 tensor"):
         rejection_sample_from_probs(draft_tokens, q, p, row_keys=keys[:3], **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_rows_decide_as_a_call_without_draft_probs(backend, monkeypatch):
+    """A row flagged in ``deterministic_rows`` (its q one-hot at its drafts, its draft_probs row ignored) makes the
+    same decisions as in a call with ``draft_probs=None``; the other rows are unaffected by the flags. Probs and
+    logits, with the same seeds and keys."""
+    B, K, V = 6, 3, 97
+    be = _use(backend, monkeypatch)
+    target_logits, draft_logits, draft_tokens, _ = _random_problem(B, K, V, torch.float32, seed=9)
+    p, q = torch.softmax(target_logits, -1), torch.softmax(draft_logits, -1)
+    num_draft = torch.tensor([3, 2, 3, 0, 1, 3])
+    flags = torch.tensor([True, False, True, True, False, False])
+    kw = {"seed": torch.tensor(5), "offset": torch.tensor(77), "num_draft_tokens": num_draft, "backend": be}
+    mixed = rejection_sample_from_probs(draft_tokens, q, p, deterministic_rows=flags, **kw)
+    onehot = rejection_sample_from_probs(draft_tokens, None, p, **kw)
+    model = rejection_sample_from_probs(draft_tokens, q, p, **kw)
+    for got, want_on, want_off in zip(mixed, onehot, model):
+        assert torch.equal(got[flags], want_on[flags]) and torch.equal(got[~flags], want_off[~flags])
+    mixed_l = rejection_sample_from_logits(draft_tokens, draft_logits, target_logits, 0.7, deterministic_rows=flags,
+                                           **kw)
+    onehot_l = rejection_sample_from_logits(draft_tokens, None, target_logits, 0.7, **kw)
+    model_l = rejection_sample_from_logits(draft_tokens, draft_logits, target_logits, 0.7, **kw)
+    for got, want_on, want_off in zip(mixed_l, onehot_l, model_l):
+        assert torch.equal(got[flags], want_on[flags]) and torch.equal(got[~flags], want_off[~flags])
+    with pytest.raises(ValueError, match=r"deterministic_rows must be None or a \(6,\) bool tensor"):
+        rejection_sample_from_probs(draft_tokens, q, p, deterministic_rows=flags.long(), **kw)

@@ -88,6 +88,7 @@ def _accept_at(
     greedy,
     inv_t,
     m_p, s_p, a_p, m_q, s_q,  # softmax statistics of position j (logits only)
+    onehot,  # [BLOCK_B] rows whose q is one-hot at their draft token (a deterministic source; HAS_DRAFT only)
     draft_tokens_ptr, p_rows, q_rows,
     stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv,
     seed,
@@ -108,6 +109,7 @@ def _accept_at(
         if IS_LOGITS:
             q_ok = verify & (greedy == 0)
             q_d = tl.exp(tl.where(q_ok, q_d * inv_t - m_q, -float("inf"))) / tl.where(q_ok, s_q, 1.0)
+        q_d = tl.where(onehot, 1.0, q_d)
     else:
         q_d = tl.full([BLOCK_B], 1.0, tl.float32)
     u = tl.rand(seed, counter_row + j * (V + 1) + V)
@@ -124,6 +126,7 @@ def _race(
     m_p_stop, s_p_stop, m_q_stop, s_q_stop,  # softmax statistics at the stop position (logits only)
     d_stop,  # [BLOCK_B] draft token at the stop position, -1 for bonus rows
     has_q,  # [BLOCK_B] rows stopped by a rejection (not bonus)
+    onehot,  # [BLOCK_B] rows whose q is one-hot at the draft token (HAS_DRAFT only)
     sample,  # [BLOCK_B] rows that sample (not greedy, in range)
     seed,
     counter_stop,  # [BLOCK_B] Philox counter of column 0 at the stop position
@@ -160,6 +163,7 @@ def _race(
                 q = tl.exp(xq.to(tl.float32) * inv_t[:, None] - m_q_stop[:, None]) / s_q_safe[:, None]
             else:
                 q = tl.load(q_stop[:, None] + cols64[None, :] * stride_qv, mask=mask_q, other=0.0).to(tl.float32)
+            q = tl.where(onehot[:, None], tl.where(cols64[None, :] == d_stop[:, None], 1.0, 0.0), q)
         else:
             q = tl.where(cols64[None, :] == d_stop[:, None], 1.0, 0.0)
         r = tl.maximum(p - q, 0.0)
@@ -208,6 +212,14 @@ def _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr,
 
 
 @triton.jit
+def _onehot_rows(onehot_ptr, rows, row_mask, HAS_DRAFT: tl.constexpr):
+    """Rows whose q is one-hot at their draft token: a deterministic source in a batch that has a draft q."""
+    if HAS_DRAFT:
+        return tl.load(onehot_ptr + rows, mask=row_mask, other=0) != 0
+    return rows < 0
+
+
+@triton.jit
 def _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS: tl.constexpr, BLOCK_B: tl.constexpr):
     """(n, greedy, inv_t) of each row: real draft slots, temperature-0 flag, 1 / temperature (1 when greedy)."""
     n = tl.load(num_draft_ptr + rows, mask=row_mask, other=0)
@@ -223,7 +235,7 @@ def _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS: tl.con
 
 @triton.jit
 def _verify_positions(
-    rows, row_mask, n, greedy, inv_t,
+    rows, row_mask, n, greedy, inv_t, onehot,
     draft_tokens_ptr, p_rows, q_rows,
     stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv,
     seed, counter_row, K, V,
@@ -275,7 +287,7 @@ def _verify_positions(
                             q_rows + j * stride_qk, stride_qv, inv_t, verify & (greedy == 0), 0, V, BLOCK_B, BLOCK_V
                         )
         accept = _accept_at(
-            j, rows, verify, greedy, inv_t, m_p, s_p, a_p, m_q, s_q, draft_tokens_ptr, p_rows, q_rows,
+            j, rows, verify, greedy, inv_t, m_p, s_p, a_p, m_q, s_q, onehot, draft_tokens_ptr, p_rows, q_rows,
             stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, V,
             IS_LOGITS, HAS_DRAFT, BLOCK_B,
         )  # fmt: skip
@@ -301,6 +313,7 @@ def _rejection_sample_kernel(
     seed_ptr,  # [] int64
     offset_ptr,  # [] int64
     row_keys_ptr,  # [B] int64
+    onehot_ptr,  # [B] bool: rows whose q is one-hot at the draft token (not read when HAS_DRAFT is False)
     out_tokens_ptr,  # [B, K + 1] int64
     num_accepted_ptr,  # [B] int64
     # strides
@@ -332,9 +345,10 @@ def _rejection_sample_kernel(
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, BLOCK_B)
     seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr,
                                                      draft_ptr, stride_pb, stride_qb, K, V)
+    onehot = _onehot_rows(onehot_ptr, rows, row_mask, HAS_DRAFT)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
-        rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
+        rows, row_mask, n, greedy, inv_t, onehot, draft_tokens_ptr, p_rows, q_rows,
         stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, K, V,
         seed_ptr, seed_ptr, 1,  # no partial statistics
         IS_LOGITS, HAS_DRAFT, False, BLOCK_B, BLOCK_V, 1,
@@ -346,7 +360,7 @@ def _rejection_sample_kernel(
     d_stop = tl.load(draft_tokens_ptr + rows * stride_db + stop * stride_dk, mask=has_q, other=-1)
     best_r, tok_r, _, tok_p = _race(
         p_rows + stop * stride_pk, q_rows + stop * stride_qk, stride_pv, stride_qv, inv_t,
-        m_p_stop, s_p_stop, m_q_stop, s_q_stop, d_stop, has_q, row_mask & (greedy == 0),
+        m_p_stop, s_p_stop, m_q_stop, s_q_stop, d_stop, has_q, onehot, row_mask & (greedy == 0),
         seed, counter_row + stop * (V + 1), 0, V, IS_LOGITS, HAS_DRAFT, BLOCK_B, BLOCK_V,
     )  # fmt: skip
     token = tl.where(greedy, a_p_stop, tl.where(best_r >= 0.0, tok_r, tok_p))
@@ -422,6 +436,7 @@ def _merge_stats(ptr, base, stride_split, NUM_SPLITS, HAS_ARGMAX: tl.constexpr, 
 def _split_race_kernel(
     draft_tokens_ptr, draft_ptr, target_ptr, num_draft_ptr, temperature_ptr, seed_ptr, offset_ptr,
     row_keys_ptr,  # [B] int64
+    onehot_ptr,  # [B] bool
     p_stats_ptr, q_stats_ptr,
     race_ptr,  # [B, NUM_SPLITS, 2] fp32: best_r, best_p of the chunk
     race_tok_ptr,  # [B, NUM_SPLITS, 2] int64: tok_r, tok_p of the chunk
@@ -441,9 +456,10 @@ def _split_race_kernel(
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, 1)
     seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr,
                                                      draft_ptr, stride_pb, stride_qb, K, V)
+    onehot = _onehot_rows(onehot_ptr, rows, row_mask, HAS_DRAFT)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
-        rows, row_mask, n, greedy, inv_t, draft_tokens_ptr, p_rows, q_rows,
+        rows, row_mask, n, greedy, inv_t, onehot, draft_tokens_ptr, p_rows, q_rows,
         stride_db, stride_dk, stride_pk, stride_pv, stride_qk, stride_qv, seed, counter_row, K, V,
         p_stats_ptr, q_stats_ptr, NUM_SPLITS,
         IS_LOGITS, HAS_DRAFT, True, 1, BLOCK_V, BLOCK_S,
@@ -454,7 +470,7 @@ def _split_race_kernel(
     v_start = split * CHUNK
     best_r, tok_r, best_p, tok_p = _race(
         p_rows + stop * stride_pk, q_rows + stop * stride_qk, stride_pv, stride_qv, inv_t,
-        m_p_stop, s_p_stop, m_q_stop, s_q_stop, d_stop, has_q, row_mask & (greedy == 0),
+        m_p_stop, s_p_stop, m_q_stop, s_q_stop, d_stop, has_q, onehot, row_mask & (greedy == 0),
         seed, counter_row + stop * (V + 1), v_start, tl.minimum(v_start + CHUNK, V),
         IS_LOGITS, HAS_DRAFT, 1, BLOCK_V,
     )  # fmt: skip
@@ -605,6 +621,18 @@ def _row_keys(row_keys, B, device):
     return row_keys
 
 
+def _deterministic_rows(rows, B, device):
+    """The (B,) bool one-hot-q flags (all False when None)."""
+    if rows is None:
+        return torch.zeros(B, dtype=torch.bool, device=device)
+    if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (B,) or rows.dtype != torch.bool:
+        got = (tuple(rows.shape), rows.dtype) if isinstance(rows, torch.Tensor) else rows
+        raise ValueError(f"deterministic_rows must be None or a ({B},) bool tensor, got {got}")
+    if rows.device != device:
+        raise ValueError(f"deterministic_rows is on {rows.device} but the inputs are on {device}")
+    return rows
+
+
 def _temperature_tensor(temperature, B, device):
     if isinstance(temperature, torch.Tensor):
         if tuple(temperature.shape) not in ((B,), ()) or not temperature.dtype.is_floating_point:
@@ -623,7 +651,7 @@ def _temperature_tensor(temperature, B, device):
 # Torch implementation (the reference) and the Triton launch, both on prepared inputs.
 
 
-def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits):
+def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, onehot, is_logits):
     B, K = draft_tokens.shape
     V = target.shape[2]
     device = draft_tokens.device
@@ -660,6 +688,8 @@ def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, o
         q_d = torch.exp(x_q.gather(2, d_safe[..., None])[..., 0] - m_q) / s_q
     else:
         q_d = draft.gather(2, d_safe[..., None])[..., 0]
+    if draft is not None:
+        q_d = torch.where(onehot[:, None], torch.ones_like(q_d), q_d)
     u = philox_uniform_reference(seed, counter_row[:, None] + pos[None, :K] * (V + 1) + V)
     accept = u * q_d < p_d
     if is_logits:
@@ -675,14 +705,16 @@ def _reference_impl(draft_tokens, draft, target, num_draft, temperature, seed, o
     else:
         p = target.gather(1, stop[:, None, None].expand(B, 1, V))[:, 0]
     stop_q = stop.clamp_max(K - 1)[:, None]
+    onehot_q = (torch.arange(V, device=device)[None, :] == d.gather(1, stop_q)).to(torch.float32)
     if draft is None:
-        d_stop = d.gather(1, stop_q)
-        q = (torch.arange(V, device=device)[None, :] == d_stop).to(torch.float32)
-    elif is_logits:
-        xq_stop = x_q.gather(1, stop_q[..., None].expand(B, 1, V))[:, 0]
-        q = torch.exp(xq_stop - m_q.gather(1, stop_q)) / s_q.gather(1, stop_q)
+        q = onehot_q
     else:
-        q = draft.gather(1, stop_q[..., None].expand(B, 1, V))[:, 0]
+        if is_logits:
+            xq_stop = x_q.gather(1, stop_q[..., None].expand(B, 1, V))[:, 0]
+            q = torch.exp(xq_stop - m_q.gather(1, stop_q)) / s_q.gather(1, stop_q)
+        else:
+            q = draft.gather(1, stop_q[..., None].expand(B, 1, V))[:, 0]
+        q = torch.where(onehot[:, None], onehot_q, q)
     q = torch.where(is_bonus[:, None], torch.zeros_like(q), q)
     r = torch.clamp_min(p - q, 0.0)
     uv = philox_uniform_reference(
@@ -722,7 +754,7 @@ def _greedy_reference_impl(draft_tokens, target_logits, num_draft):
     return out, stop
 
 
-def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits):
+def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, onehot, is_logits):
     B, K = draft_tokens.shape
     V = target.shape[2]
     device = draft_tokens.device
@@ -733,12 +765,12 @@ def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offs
     q_strides = draft.stride() if draft is not None else (0, 0, 0)
     t = temperature if temperature is not None else num_draft  # placeholder, never read for probs
     if cfg["NUM_SPLITS"] > 1:
-        _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, is_logits,
-                           draft is not None, out, num_acc, cfg)
+        _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, onehot,
+                           is_logits, draft is not None, out, num_acc, cfg)
         return out, num_acc
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     _rejection_sample_kernel[grid](
-        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, out, num_acc,
+        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, onehot, out, num_acc,
         draft_tokens.stride(0), draft_tokens.stride(1),
         *q_strides,
         *target.stride(),
@@ -754,7 +786,7 @@ def _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offs
     return out, num_acc
 
 
-def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, is_logits,
+def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, onehot, is_logits,
                        has_draft, out, num_acc, cfg):
     """The three launches of the vocabulary-split path (see the kernels above); fills ``out`` and ``num_acc``."""
     B, K = draft_tokens.shape
@@ -777,7 +809,7 @@ def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, o
     race_tok = torch.empty((B, splits, 2), dtype=torch.int64, device=device)
     greedy_tok = torch.empty((B,), dtype=torch.int64, device=device)
     _split_race_kernel[(B, splits)](
-        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, p_stats, q_stats,
+        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, onehot, p_stats, q_stats,
         race, race_tok, num_acc, greedy_tok,
         draft_tokens.stride(0), draft_tokens.stride(1), *q_strides, *target.stride(),
         K, V, chunk, splits,
@@ -795,26 +827,27 @@ def _triton_split_impl(draft_tokens, q, q_strides, target, num_draft, t, seed, o
 @torch.library.custom_op("batched_specdec::rejection_sample", mutates_args=())
 def _rejection_sample_op(draft_tokens: torch.Tensor, draft: torch.Tensor | None, target: torch.Tensor,
                          num_draft: torch.Tensor, temperature: torch.Tensor | None, seed: torch.Tensor,
-                         offset: torch.Tensor, row_keys: torch.Tensor,
+                         offset: torch.Tensor, row_keys: torch.Tensor, onehot: torch.Tensor,
                          is_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path (fused or vocabulary-split, inputs already checked) as a torch custom op, so compiled graphs
     and CUDA graphs call it as one node."""
-    return _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits)
+    return _triton_impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, onehot,
+                        is_logits)
 
 
 @_rejection_sample_op.register_fake
-def _(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits):
+def _(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, onehot, is_logits):
     B, K = draft_tokens.shape
     return draft_tokens.new_empty((B, K + 1)), draft_tokens.new_empty((B,))
 
 
-def _run(backend, draft_tokens, draft, target, num_draft, temperature, generator, seed, offset, row_keys,
+def _run(backend, draft_tokens, draft, target, num_draft, temperature, generator, seed, offset, row_keys, onehot,
          is_logits):
     device = draft_tokens.device
     backend = resolve_backend(backend, device)
     seed, offset = _seed_offset(generator, seed, offset, device)
     impl = _rejection_sample_op if backend == "triton" else _reference_impl
-    return impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, is_logits)
+    return impl(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys, onehot, is_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -831,6 +864,7 @@ def rejection_sample_from_probs(
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     row_keys: torch.Tensor | None = None,
+    deterministic_rows: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify draft tokens against target probabilities with speculative rejection sampling.
@@ -856,6 +890,10 @@ def rejection_sample_from_probs(
     row_keys : torch.Tensor, optional
         (B,) int64 in ``[0, 2**20)``, distinct: what each row's random numbers are keyed by (the engines pass each
         row's prompt index), so a row's decisions do not depend on its position in the batch. None: ``0..B-1``.
+    deterministic_rows : torch.Tensor, optional
+        (B,) bool: rows whose drafts came from a deterministic source (an n-gram match in a batch whose other rows
+        drafted from a model): their q is one-hot at the draft token and their ``draft_probs`` rows are ignored.
+        No one-hot tensor is built. None: no such row. Ignored when ``draft_probs`` is None (every row one-hot).
     backend : {"auto", "triton", "torch"}
         "auto": Triton for CUDA tensors, the torch reference otherwise.
 
@@ -869,8 +907,9 @@ def rejection_sample_from_probs(
     B, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_probs, draft_probs, num_draft_tokens, "probs")
     draft_probs = _pad_draft_vocab(draft_probs, V, is_logits=False)
     keys = _row_keys(row_keys, B, draft_tokens.device)
+    onehot = _deterministic_rows(deterministic_rows, B, draft_tokens.device)
     return _run(backend, draft_tokens, draft_probs, target_probs, num_draft, None, generator, seed, offset, keys,
-                False)
+                onehot, False)
 
 
 def rejection_sample_from_probs_reference(
@@ -883,12 +922,14 @@ def rejection_sample_from_probs_reference(
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     row_keys: torch.Tensor | None = None,
+    deterministic_rows: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch :func:`rejection_sample_from_probs` (``backend`` is ignored); same arguments and results."""
     return rejection_sample_from_probs(
         draft_tokens, draft_probs, target_probs, num_draft_tokens=num_draft_tokens,
-        generator=generator, seed=seed, offset=offset, row_keys=row_keys, backend="torch",
+        generator=generator, seed=seed, offset=offset, row_keys=row_keys, deterministic_rows=deterministic_rows,
+        backend="torch",
     )  # fmt: skip
 
 
@@ -903,6 +944,7 @@ def rejection_sample_from_logits(
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     row_keys: torch.Tensor | None = None,
+    deterministic_rows: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling on logits, with softmax(logits / temperature) of both sides fused (fp32 math).
@@ -920,7 +962,7 @@ def rejection_sample_from_logits(
         float >= 0 or a (B,) float tensor (values must be >= 0; not checked, that would need a host sync).
         A row with temperature 0 is verified greedily: drafts are accepted while they equal argmax(target)
         (ties -> lowest index), then argmax(target) at the stop position is emitted.
-    num_draft_tokens, generator, seed, offset, row_keys, backend
+    num_draft_tokens, generator, seed, offset, row_keys, deterministic_rows, backend
         As in :func:`rejection_sample_from_probs`.
 
     Returns
@@ -938,8 +980,9 @@ def rejection_sample_from_logits(
     if all_greedy and resolve_backend(backend, draft_tokens.device) == "torch":
         _seed_offset(generator, seed, offset, draft_tokens.device)  # consume the generator as the kernel path does
         return _greedy_reference_impl(draft_tokens, target_logits, num_draft)
+    onehot = _deterministic_rows(deterministic_rows, B, draft_tokens.device)
     return _run(backend, draft_tokens, draft_logits, target_logits, num_draft, t, generator, seed, offset, keys,
-                True)
+                onehot, True)
 
 
 def rejection_sample_from_logits_reference(
@@ -953,10 +996,12 @@ def rejection_sample_from_logits_reference(
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     row_keys: torch.Tensor | None = None,
+    deterministic_rows: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch :func:`rejection_sample_from_logits` (``backend`` is ignored); same arguments and results."""
     return rejection_sample_from_logits(
         draft_tokens, draft_logits, target_logits, temperature, num_draft_tokens=num_draft_tokens,
-        generator=generator, seed=seed, offset=offset, row_keys=row_keys, backend="torch",
+        generator=generator, seed=seed, offset=offset, row_keys=row_keys, deterministic_rows=deterministic_rows,
+        backend="torch",
     )  # fmt: skip

@@ -1,0 +1,129 @@
+"""The hybrid drafter: every row, every step, drafts from whichever source its own evidence favours.
+
+Two sources: an n-gram match in the row's own committed tokens (:mod:`batched_specdec.ngram`: free, and right
+for long stretches on copy and edit tasks) and a model draft (a :class:`~batched_specdec.drafters.FeatureDrafter`
+over the target's features, or a :class:`~batched_specdec.drafters.ModelDrafter`: useful on free text, where there
+is little to copy). All rows are verified in the one verify forward, whatever their source.
+
+Per row the drafter keeps the acceptance it has measured for each source (an exponential average of accepted /
+proposed over the steps the row drafted from it, read off how far the row's committed length grew), starting from
+a prior. A row drafts from its n-gram match when the match is at least ``min_match`` tokens long and the n-gram
+estimate, raised by ``match_bonus`` per matched token beyond ``min_match`` (longer matches are accepted more), is
+at least the model's; else from the model. The choice depends only on committed tokens and on that evidence, never
+on this step's sampled drafts, so verification stays exact: greedy output is the target's, and under sampling the
+n-gram rows are verified with a one-hot q (``DraftProposal.deterministic_rows``), the model rows with the model's q.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batched_specdec.drafters import DraftProposal
+from batched_specdec.ngram import NGramDrafter, ngram_lookup_with_match
+
+NGRAM_PRIOR = 0.5
+"""Acceptance assumed for a row's n-gram source before the row has drafted from it."""
+MODEL_PRIOR = 0.4
+"""Acceptance assumed for a row's model source before the row has drafted from it."""
+EVIDENCE_WEIGHT = 0.3
+"""Weight of the latest step in a row's acceptance estimate of the source it drafted from."""
+
+
+class HybridDrafter:
+    """Per-row choice between an n-gram match and a model draft (see the module docstring).
+
+    Parameters
+    ----------
+    model_drafter : FeatureDrafter or ModelDrafter
+        The model source. It proposes for every row each step (one batched forward chain); rows that take their
+        n-gram match ignore its tokens.
+    ngram : NGramDrafter, optional
+        The n-gram source's sizes (default ``NGramDrafter()``: n = 3 down to 1).
+    min_match : int
+        Shortest n-gram match a row drafts from (default 2: one-token matches are too often wrong).
+    match_bonus : float
+        Added to a row's n-gram estimate per matched token beyond ``min_match``.
+    """
+
+    def __init__(self, model_drafter, ngram: NGramDrafter | None = None, min_match: int = 2,
+                 match_bonus: float = 0.1) -> None:
+        if isinstance(min_match, bool) or not isinstance(min_match, int) or min_match < 1:
+            raise ValueError(f"min_match must be an int >= 1, got {min_match!r}")
+        self.model_drafter = model_drafter
+        self.ngram = ngram or NGramDrafter()
+        if min_match > self.ngram.max_ngram:
+            raise ValueError(f"min_match {min_match} is longer than the n-gram source's max_ngram "
+                             f"{self.ngram.max_ngram}: no match could qualify")
+        self.min_match = min_match
+        self.match_bonus = float(match_bonus)
+        self.vocab_size = model_drafter.vocab_size
+        self.uses_target_features = getattr(model_drafter, "uses_target_features", False)
+        self.model = getattr(model_drafter, "model", None)  # the cost prior of the adaptive controller
+        self._evidence: dict[str, Tensor] = {}
+        self._drafted_rows: Tensor | None = None  # (2,) int64 on the device: (row, step) pairs per source
+
+    def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
+        self.model_drafter.start(token_buffer, seq_lens, max_seq_len)
+        batch, device = seq_lens.shape[0], seq_lens.device
+        self._evidence = {
+            "ngram": torch.full((batch,), NGRAM_PRIOR, device=device),
+            "model": torch.full((batch,), MODEL_PRIOR, device=device),
+            "used_ngram": torch.zeros(batch, dtype=torch.bool, device=device),
+            "proposed": torch.zeros(batch, dtype=torch.int64, device=device),  # last step's real drafts, 0: none
+            "seq_lens": seq_lens.clone(),
+        }
+        if self._drafted_rows is None or self._drafted_rows.device != device:
+            self._drafted_rows = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def observe_features(self, hidden: Tensor, first_position, rows: int | None = None) -> None:
+        self.model_drafter.observe_features(hidden, first_position, rows)
+
+    def note_target_only_step(self) -> None:
+        if hasattr(self.model_drafter, "note_target_only_step"):
+            self.model_drafter.note_target_only_step()
+        self._evidence["proposed"].zero_()  # the growth up to the next proposal is not this step's acceptance
+
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
+                row_keys=None) -> DraftProposal:
+        self._learn(seq_lens)
+        scan = token_buffer[:, : max(1, min(int(max_seq_len), token_buffer.shape[1]))]
+        ng_tokens, ng_num, match = ngram_lookup_with_match(scan, seq_lens, gamma, self.ngram.max_ngram,
+                                                           self.ngram.min_ngram)  # fmt: skip
+        ev = self._evidence
+        ngram_score = ev["ngram"] + self.match_bonus * (match - self.min_match).clamp_min(0)
+        use_ngram = (ng_num > 0) & (match >= self.min_match) & (ngram_score >= ev["model"])
+        model = self.model_drafter.propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
+                                           row_keys)  # fmt: skip
+        device = model.tokens.device
+        use = use_ngram.to(device)
+        tokens = torch.where(use[:, None], ng_tokens.to(device), model.tokens)
+        model_num = model.num_tokens if model.num_tokens is not None else torch.full_like(ng_num, gamma)
+        num = torch.where(use_ngram, ng_num, model_num.to(ng_num.device))
+        ev["used_ngram"] = use_ngram
+        ev["proposed"] = num.clone()
+        ev["seq_lens"] = seq_lens.clone()
+        drafted = num > 0
+        self._drafted_rows += torch.stack([(use_ngram & drafted).sum(), (~use_ngram & drafted).sum()])
+        return DraftProposal(tokens=tokens, probs=model.probs, num_tokens=num,
+                             deterministic_rows=use if model.probs is not None else None)
+
+    def _learn(self, seq_lens: Tensor) -> None:
+        """Fold the last step's acceptance into the estimate of the source each row drafted from."""
+        ev = self._evidence
+        proposed = ev["proposed"]
+        drafted = proposed > 0
+        accepted = (seq_lens - ev["seq_lens"] - 1).clamp(min=0)
+        rate = torch.minimum(accepted, proposed).float() / proposed.clamp_min(1).float()
+        for source, rows in (("ngram", drafted & ev["used_ngram"]), ("model", drafted & ~ev["used_ngram"])):
+            updated = (1 - EVIDENCE_WEIGHT) * ev[source] + EVIDENCE_WEIGHT * rate
+            ev[source] = torch.where(rows, updated, ev[source])
+
+    def source_counts(self) -> dict[str, int]:
+        """(row, step) pairs that drafted from each source since this drafter was made (one host read)."""
+        counts = [0, 0] if self._drafted_rows is None else self._drafted_rows.tolist()
+        return {"ngram": counts[0], "model": counts[1]}
+
+    def keep_rows(self, rows: Tensor) -> None:
+        self.model_drafter.keep_rows(rows)
+        self._evidence = {k: v.index_select(0, rows.to(v.device)) for k, v in self._evidence.items()}

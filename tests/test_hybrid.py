@@ -1,0 +1,74 @@
+"""The hybrid drafter: rows drafting from n-gram matches and rows drafting from a model in one batch stay exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import GOF_ALPHA, _chi_square_pvalue, _exact_first_two, _ragged_prompts
+from test_feature_draft import feature_head
+from tiny_models import tiny_causal_lm
+
+from batched_specdec import (
+    GreedyProcessor,
+    MultinomialProcessor,
+    autoregressive_generate_batch,
+    speculative_generate_batch,
+)
+from batched_specdec.drafters import FeatureDrafter, ModelDrafter
+from batched_specdec.hybrid import HybridDrafter
+from batched_specdec.ngram import NGramDrafter
+
+VOCAB = 96
+
+
+def _copy_and_free_prompts(n: int) -> list[list[int]]:
+    """Half the rows repeat a phrase (their n-gram matches are long), half are random (no match)."""
+    free = _ragged_prompts(n - n // 2, VOCAB, 30, seed=4)
+    phrase = [5, 17, 33, 8, 61, 2, 40, 9]
+    return [p if i % 2 else (phrase * 3)[: 10 + i] for i, p in enumerate(free + free[: n // 2])][:n]
+
+
+@pytest.mark.parametrize("source", ["feature", "model"])
+def test_hybrid_greedy_output_is_the_targets(source):
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, seed=3, init_std=0.3)
+    model = (FeatureDrafter(feature_head(target, seed=1)) if source == "feature"
+             else ModelDrafter(tiny_causal_lm("llama", vocab_size=VOCAB, seed=7, layers=1)))  # fmt: skip
+    drafter = HybridDrafter(model, NGramDrafter(max_ngram=3))
+    prompts = _copy_and_free_prompts(6)
+    budgets = [24, 9, 30, 16, 24, 5]
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=budgets, eos_tokens_id=[])
+    for gamma in (3, "auto"):
+        got, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=gamma, max_gen_len=budgets,
+                                               logits_processor=GreedyProcessor(), eos_tokens_id=[])
+        assert got == expected, gamma
+    counts = drafter.source_counts()
+    assert counts["ngram"] > 0 and counts["model"] > 0, counts
+
+
+def test_hybrid_sampled_rows_of_both_sources_follow_the_target():
+    """One batch: rows whose prompt repeats (n-gram drafts, one-hot q) and rows that do not (model drafts, the
+    model's q). The first two tokens of each prompt follow the target's exact joint law."""
+    processor = MultinomialProcessor(1.0)
+    target = tiny_causal_lm("llama", vocab_size=8, seed=20, init_std=0.15)
+    drafter = HybridDrafter(ModelDrafter(tiny_causal_lm("llama", vocab_size=8, seed=21, init_std=0.15, layers=1)))
+    copy, free = [1, 4, 2, 6, 1, 4, 2, 6, 1, 4], [3, 5, 0]
+    n = 4000
+    outputs, _, stats = speculative_generate_batch([copy, free] * n, drafter, target, gamma=2,
+                                                   logits_processor=processor, max_gen_len=2, eos_tokens_id=[],
+                                                   seed=5)  # fmt: skip
+    counts = drafter.source_counts()
+    assert counts["ngram"] >= n and counts["model"] >= n, counts
+    assert 0.0 < stats.acceptance_rate < 1.0
+    for k, prompt in enumerate((copy, free)):
+        pairs = torch.tensor([o[:2] for o in outputs[k::2]])
+        observed = torch.zeros(8, 8)
+        observed.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(n), accumulate=True)
+        assert _chi_square_pvalue(observed, _exact_first_two(target, prompt, processor)) > GOF_ALPHA, prompt
+
+
+def test_hybrid_rejects_a_match_length_no_ngram_can_have():
+    model = ModelDrafter(tiny_causal_lm("llama", vocab_size=8, seed=21, layers=1))
+    with pytest.raises(ValueError, match="min_match 4 is longer than the n-gram source's max_ngram 3"):
+        HybridDrafter(model, NGramDrafter(max_ngram=3), min_match=4)
+    with pytest.raises(ValueError, match="min_match must be an int >= 1, got 0"):
+        HybridDrafter(model, min_match=0)
