@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     target: str = "embedded"
-    draft: str = "ngram"
+    draft: str = "auto"
     ngram_max: int = 3
     ngram_min: int = 1
     gamma: int | str = "auto"
@@ -184,7 +184,7 @@ def validate(config: RunConfig) -> None:
         f"ngram_max must be >= ngram_min ({config.ngram_min}), got {config.ngram_max}",
     )
     need(
-        config.draft.lower() == "ngram"
+        config.draft.lower() in ("ngram", "hybrid", "auto")
         or (config.ngram_max, config.ngram_min) == (RunConfig.ngram_max, RunConfig.ngram_min),
-        f"ngram_max/ngram_min apply to --draft ngram only, but the draft is {config.draft!r}",
+        f"ngram_max/ngram_min apply to --draft ngram, hybrid and auto only, but the draft is {config.draft!r}",
     )

@@ -272,7 +272,8 @@ def init_from_target(draft: SubsetHeadDraft, target, layer_ids: list[int] | None
     draft.model.norm.load_state_dict(tmodel.norm.state_dict())
 
 
-def _check_target(config: dict, target) -> None:
+def check_target_sizes(config: dict, target) -> None:
+    """Raise :class:`DraftLoadError` unless ``target`` has the vocabulary and width the draft ``config`` was made for."""
     tcfg = target.config
     hidden = int(config.get("target_hidden_size", config["hidden_size"]))
     if int(config["vocab_size"]) != int(tcfg.vocab_size) or hidden != int(tcfg.hidden_size):
@@ -376,7 +377,7 @@ def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> 
         raise DraftLoadError(f"draft config {str(path / CONFIG_NAME)!r} is not valid JSON ({exc})") from exc
     if meta.get("format") != FORMAT_VERSION:
         raise DraftLoadError(f"draft {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-    _check_target(meta, target_model)
+    check_target_sizes(meta, target_model)
     check_manifest(path, target_model)
     config_dict = dict(meta["llama_config"])
     config = LlamaConfig.from_dict(config_dict)

@@ -412,7 +412,7 @@ def _run_batch(rows, max_gen_lens, drafter, target, settings, eos, gamma, gamma_
 def generate(
     prompts,
     target,
-    draft="ngram",
+    draft="auto",
     tokenizer=None,
     generation_config=None,
     *,
@@ -437,8 +437,9 @@ def generate(
         prompts (lists of ints, 1-D int tensors or arrays) are used as they are. Mixing the two is an error.
     target : PreTrainedModel
         The causal LM whose output is reproduced exactly.
-    draft : "ngram", str, PreTrainedModel, Drafter or None
-        ``"ngram"`` (model-free prompt lookup, the default), another spec for
+    draft : "auto", str, PreTrainedModel, Drafter or None
+        ``"auto"`` (the default: per row, an n-gram match or the draft shipped for ``target``, where one ships for
+        it; else ``"ngram"``, model-free prompt lookup), another spec for
         :func:`~batched_specdec.models.load_draft` (loaded on every call: load it once for repeated calls), a
         loaded draft model whose vocabulary is the target's or a prefix of it, a drafter instance, or None for
         target-only decoding (:func:`~batched_specdec.autoregressive_generate_batch`).

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Run lossless batched speculative decoding and target-only decoding on the same prompts and "
-        "compare speed. Defaults use the embedded SmolLM2-135M-Instruct target and the n-gram draft.",
+        "compare speed. Defaults use the embedded SmolLM2-135M-Instruct target and --draft auto.",
         argument_default=None,
     )
     p.add_argument(
@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--draft",
-        help=f"draft: ngram (model-free, prompt lookup), a draft directory written by "
+        help=f"draft: auto (hybrid where a draft ships for the target, else ngram), ngram (model-free, prompt "
+        f"lookup), hybrid (per row, the n-gram match or the shipped draft), distilled (the shipped draft), a draft "
+        f"directory written by "
         f"python -m batched_specdec.distill (a token or a feature draft), or a model spec like --target that shares "
         f"the target's vocabulary "
         f"[default: {d.draft}]",
@@ -78,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ngram-max",
         type=int,
-        help=f"--draft ngram: longest n-gram looked up first [default: {d.ngram_max}]",
+        help=f"--draft ngram, hybrid or auto: longest n-gram looked up first [default: {d.ngram_max}]",
     )
     p.add_argument(
         "--ngram-min",
         type=int,
-        help=f"--draft ngram: shortest n-gram tried; larger proposes less often but more accurately "
+        help=f"--draft ngram, hybrid or auto: shortest n-gram tried; larger proposes less often but more accurately "
         f"[default: {d.ngram_min}]",
     )
     p.add_argument(

