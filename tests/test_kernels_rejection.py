@@ -437,7 +437,8 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
         num_draft = torch.randint(0, K + 1, (B,), generator=g)
         fast = rejection_sample_from_logits(drafts, None, logits, 0.0, num_draft_tokens=num_draft, backend="torch")
         full = _reference_impl(drafts, None, logits, num_draft, _temperature_tensor(0.0, B, drafts.device),
-                               torch.tensor(1), torch.tensor(2), torch.arange(B), True)
+                               torch.tensor(1), torch.tensor(2), torch.arange(B),
+                               torch.zeros(B, dtype=torch.bool), True)
         assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
 
 
