@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 
@@ -12,7 +12,7 @@ setup(
     description="Lossless batched speculative decoding over ragged prompts for Hugging Face causal LMs, with Triton kernels",
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=["batched_specdec", "batched_specdec.kernels"],
+    packages=find_packages(include=["batched_specdec", "batched_specdec.*"]),
     # drafts/: distilled drafts shipped for built-in targets (draft_config.json, draft.safetensors, card)
     package_data={"batched_specdec": ["data/*.jsonl", "drafts/*/*"]},
     include_package_data=True,

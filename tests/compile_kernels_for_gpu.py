@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability to compile for (90 = H100)")
     args = parser.parse_args(argv)
     # The wrappers refuse backend="triton" for CPU tensors outside the interpreter; here nothing runs.
-    for name in ("rejection_sample", "scatter_kv", "commit_tokens", "compact_rows"):
+    for name in ("rejection_sample.api", "scatter_kv", "commit_tokens", "compact_rows"):
         sys.modules[f"batched_specdec.kernels.{name}"].resolve_backend = lambda backend, device: "triton"
     records = capture_launches(kernel_calls)
     target = GPUTarget("cuda", args.arch, 32)

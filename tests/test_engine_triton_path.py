@@ -17,7 +17,7 @@ from batched_specdec import MultinomialProcessor, autoregressive_generate_batch,
 from batched_specdec.kernels._launch import interpreting
 from batched_specdec.ngram import NGramDrafter
 
-KERNEL_MODULES = ("rejection_sample", "scatter_kv", "commit_tokens", "compact_rows")
+KERNEL_MODULES = ("rejection_sample.api", "scatter_kv", "commit_tokens", "compact_rows")
 
 
 def _route_auto_to_triton(monkeypatch) -> Counter:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batched_specdec.kernels._launch as launch
-import batched_specdec.kernels.rejection_sample as rs
+import batched_specdec.kernels.rejection_sample.reference as rs
 from batched_specdec.kernels import (
     PLACEHOLDER_TOKEN_ID,
     rejection_sample_from_logits,
@@ -17,6 +17,7 @@ from batched_specdec.kernels import (
     rejection_sample_from_probs,
     rejection_sample_from_probs_reference,
 )
+from batched_specdec.kernels.philox import philox_uniform_reference
 
 
 def _gen(seed):
@@ -274,7 +275,7 @@ def test_philox_reference_matches_tl_rand():
     counter = torch.randint(-(2**62), 2**62, (500,), generator=_gen(0))
     out = torch.empty(500)
     _rand_kernel[(1,)](seed, counter, out, 500, BLOCK=512)
-    assert torch.equal(out, rs.philox_uniform_reference(seed, counter))
+    assert torch.equal(out, philox_uniform_reference(seed, counter))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,7 +426,8 @@ def test_gof_rejects_wrong_samplers(wrong):
 @pytest.mark.parametrize("V", [2, 111, 1000])
 def test_all_greedy_fast_reference_equals_full_reference(V):
     """temperature=0 (a number) takes an argmax-only torch path; it must agree with the full reference."""
-    from batched_specdec.kernels.rejection_sample import _reference_impl, _temperature_tensor
+    from batched_specdec.kernels.rejection_sample.api import _temperature_tensor
+    from batched_specdec.kernels.rejection_sample.reference import rejection_sample_from_logits_impl
 
     B, K = 33, 4
     for trial in range(10):
@@ -436,9 +438,9 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
                              torch.randint(0, V, (B, K), generator=g))
         num_draft = torch.randint(0, K + 1, (B,), generator=g)
         fast = rejection_sample_from_logits(drafts, None, logits, 0.0, num_draft_tokens=num_draft, backend="torch")
-        full = _reference_impl(drafts, None, logits, num_draft, _temperature_tensor(0.0, B, drafts.device),
-                               torch.tensor(1), torch.tensor(2), torch.arange(B),
-                               torch.zeros(B, dtype=torch.bool), True)
+        full = rejection_sample_from_logits_impl(drafts, None, logits, _temperature_tensor(0.0, B, drafts.device),
+                                                 num_draft, torch.tensor(1), torch.tensor(2), torch.arange(B),
+                                                 torch.zeros(B, dtype=torch.bool))
         assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
 
 

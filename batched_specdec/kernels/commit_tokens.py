@@ -214,9 +214,9 @@ def commit_emitted_tokens_reference(
     eos_token_ids: torch.Tensor,
     max_gen_len: int,
     *,
-    backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
-    """Pure-torch :func:`commit_emitted_tokens` (``backend`` is ignored); same arguments, results and updates."""
+    """Pure-torch :func:`commit_emitted_tokens`: the same arguments but ``backend``, the same results and
+    updates."""
     return commit_emitted_tokens(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens,
                                  eos_token_ids, max_gen_len, backend="torch", validate=validate)  # fmt: skip

@@ -80,8 +80,6 @@ def compact_rows(tensors: list[torch.Tensor], keep_rows: torch.Tensor, *, backen
     return out
 
 
-def compact_rows_reference(
-    tensors: list[torch.Tensor], keep_rows: torch.Tensor, *, backend: str = "auto"
-) -> list[torch.Tensor]:
-    """Pure-torch :func:`compact_rows` (``backend`` is ignored); same arguments and results."""
+def compact_rows_reference(tensors: list[torch.Tensor], keep_rows: torch.Tensor) -> list[torch.Tensor]:
+    """Pure-torch :func:`compact_rows`: the same arguments but ``backend``, the same results."""
     return compact_rows(tensors, keep_rows, backend="torch")

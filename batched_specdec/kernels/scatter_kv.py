@@ -152,9 +152,8 @@ def scatter_kv_at_offsets_reference(
     value_states: torch.Tensor,
     cache_lens: torch.Tensor,
     *,
-    backend: str = "auto",
     validate: bool = True,
 ) -> None:
-    """Pure-torch :func:`scatter_kv_at_offsets` (``backend`` is ignored); same arguments, in place."""
+    """Pure-torch :func:`scatter_kv_at_offsets`: the same arguments but ``backend``, in place."""
     scatter_kv_at_offsets(key_cache, value_cache, key_states, value_states, cache_lens, backend="torch",
                           validate=validate)
