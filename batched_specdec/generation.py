@@ -20,24 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation, make_controller
-from batched_specdec.drafters import as_drafter
-from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
-from batched_specdec.inputs import (
-    batch_seed,
-    check_attention_settings,
-    check_positive_int,
-    check_tokenizer,
-    input_device,
-    normalise_prompts,
-    resolve_eos,
-    text_config,
-    vocab_size,
-)
+from batched_specdec.checks import OptionError, check_positive_int, check_seed
+from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation
+from batched_specdec.decode.stats import GenerationStats
+from batched_specdec.drafting import as_drafter
+from batched_specdec.model_info import input_device, max_positions, vocab_size
+from batched_specdec.options import normalise_prompts, resolve_options
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor, make_processor
 from batched_specdec.prompts import encode_prompts
-from batched_specdec.ragged_batch import GenerationStats, add_counts
 from batched_specdec.ragged_cache import PREFILL_CHUNK
+from batched_specdec.runner import decode_prompt_set
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationResult", "SamplingSettings", "generate", "resolve_sampling"]
 
@@ -113,7 +105,7 @@ class GenerationResult:
     stats : GenerationStats
         All batches merged: per-row lists (``accepted``, ``proposed``, ``generated``, ``logprobs``) in prompt order,
         counts and times summed over batches (they run one after another), ``tokens_per_s`` over the summed decode
-        time, histograms summed, peak memory the largest; see :func:`merge_stats`.
+        time, histograms summed, peak memory the largest; see :func:`~batched_specdec.decode.stats.merge_stats`.
     batch_stats : list of GenerationStats
         Each internal batch's own stats, in the order the batches ran.
     batches : list of list of int
@@ -147,7 +139,7 @@ def _set_fields(config, name: str, *, strict: bool) -> dict:
     from transformers import GenerationConfig
 
     if not isinstance(config, GenerationConfig):
-        raise TypeError(f"{name} must be a transformers.GenerationConfig or None, got {type(config).__name__}")
+        raise OptionError(f"{name} must be a transformers.GenerationConfig or None, got {type(config).__name__}")
     known = _generation_config_fields()
     fields = {}
     for key, value in config.to_diff_dict().items():
@@ -155,7 +147,7 @@ def _set_fields(config, name: str, *, strict: bool) -> dict:
             continue
         if key not in known:
             if strict:
-                raise ValueError(f"{name} has {key}={value!r}, which is not a GenerationConfig field")
+                raise OptionError(f"{name} has {key}={value!r}, which is not a GenerationConfig field")
             continue
         fields[key] = value
     return fields
@@ -179,7 +171,7 @@ def _refuse_unsupported(effective: dict, sources: dict, do_sample: bool) -> None
         hint = ""
         if name in NEUTRAL and sources[name] != "a keyword argument":
             hint = f"; pass {name}={NEUTRAL[name]!r} to generate() to decode without it"
-        raise ValueError(
+        raise OptionError(
             f"{name}={value!r} (from {sources[name]}) is not supported: generate() applies only "
             f"{', '.join(HONOURED)}, and ignoring {name} would change the output{hint}"
         )
@@ -193,12 +185,12 @@ def _sampling_processor(effective: dict) -> LogitsProcessor:
     top_k = effective.get("top_k", TRANSFORMERS_DEFAULTS["top_k"])
     top_p = effective.get("top_p", TRANSFORMERS_DEFAULTS["top_p"])
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} with do_sample=True: expected a float > 0 "
+        raise OptionError(f"temperature={temperature!r} with do_sample=True: expected a float > 0 "
                          "(use do_sample=False for greedy decoding)")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r}: expected an int >= 0 (0 turns top-k off)")
+        raise OptionError(f"top_k={top_k!r}: expected an int >= 0 (0 turns top-k off)")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r}: expected a float in (0, 1] (1.0 turns top-p off)")
+        raise OptionError(f"top_p={top_p!r}: expected a float in (0, 1] (1.0 turns top-p off)")
     return make_processor(float(temperature), int(top_k) if top_k else None, float(top_p) if top_p < 1 else None)
 
 
@@ -224,7 +216,7 @@ def resolve_sampling(target, generation_config=None, **overrides) -> SamplingSet
     known = _generation_config_fields()
     for key in overrides:
         if key not in known:
-            raise TypeError(f"generate() got an unexpected keyword argument {key!r}; generation settings are "
+            raise OptionError(f"generate() got an unexpected keyword argument {key!r}; generation settings are "
                             f"GenerationConfig fields: {', '.join(HONOURED)} (others are refused)")
     model_config = getattr(target, "generation_config", None)
     layers = [
@@ -252,27 +244,27 @@ def resolve_sampling(target, generation_config=None, **overrides) -> SamplingSet
 def _encode(prompts, tokenizer, chat_template: bool | None) -> list:
     """Token ids of every prompt: strings through the tokenizer (and chat template), id sequences as they are."""
     if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__} "
+        raise OptionError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__} "
                         "(wrap a single prompt in a list)")
     if len(prompts) == 0:
-        raise ValueError("prompts is empty: expected at least one prompt")
+        raise OptionError("prompts is empty: expected at least one prompt")
     if chat_template not in (None, True, False):
-        raise ValueError(f"chat_template must be None (apply when the tokenizer has one), True or False, "
+        raise OptionError(f"chat_template must be None (apply when the tokenizer has one), True or False, "
                          f"got {chat_template!r}")
     is_text = [isinstance(p, str) for p in prompts]
     if not any(is_text):
         if chat_template:
-            raise ValueError("chat_template=True needs string prompts; token-id prompts are used as they are")
+            raise OptionError("chat_template=True needs string prompts; token-id prompts are used as they are")
         return list(prompts)
     if not all(is_text):
         first_ids = is_text.index(False)
-        raise ValueError(f"prompts mix strings and token ids (prompt {is_text.index(True)} is a string, prompt "
+        raise OptionError(f"prompts mix strings and token ids (prompt {is_text.index(True)} is a string, prompt "
                          f"{first_ids} is {type(prompts[first_ids]).__name__}): pass all strings or all token ids")
     if tokenizer is None:
-        raise ValueError("string prompts need a tokenizer: pass tokenizer= (load_target returns one), "
+        raise OptionError("string prompts need a tokenizer: pass tokenizer= (load_target returns one), "
                          "or pass token-id lists")
     if chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=False "
+        raise OptionError("chat_template=True but the tokenizer has no chat template; pass chat_template=False "
                          "to encode the prompts as plain text")
     return encode_prompts(tokenizer, list(prompts), chat_template=chat_template)
 
@@ -288,125 +280,22 @@ def _resolve_draft(draft, target, attention: str, prefill_chunk: int, compile: b
     return as_drafter(draft, vocab_size(target), attention=attention, prefill_chunk=prefill_chunk, compile=compile)
 
 
-def _max_gen_lens(rows: list[list[int]], settings: SamplingSettings, max_positions: int | None) -> list[int]:
+def _max_gen_lens(rows: list[list[int]], settings: SamplingSettings, positions: int | None) -> list[int]:
     """Each prompt's token budget: ``max_new_tokens``, else what ``max_length`` leaves, else the default (capped to
     the model's context; a prompt that fills it is left to the engine's position check)."""
     if settings.max_new_tokens is not None:
         return [settings.max_new_tokens] * len(rows)
     if settings.max_length is None:
-        cap = [DEFAULT_MAX_NEW_TOKENS if max_positions is None else max_positions - len(r) for r in rows]
+        cap = [DEFAULT_MAX_NEW_TOKENS if positions is None else positions - len(r) for r in rows]
         return [max(1, min(DEFAULT_MAX_NEW_TOKENS, c)) for c in cap]
     lens = []
     for i, row in enumerate(rows):
         room = settings.max_length - len(row)
         if room < 1:
-            raise ValueError(f"max_length={settings.max_length} leaves no room to generate for prompt {i} "
+            raise OptionError(f"max_length={settings.max_length} leaves no room to generate for prompt {i} "
                              f"({len(row)} tokens); raise max_length or set max_new_tokens")
         lens.append(room)
     return lens
-
-
-def _batch_seeds(seed: int | None, num_batches: int) -> list[int | None]:
-    """One seed per internal batch, derived from ``seed`` and the batch index by :func:`inputs.batch_seed`."""
-    if seed is None:
-        return [None] * num_batches
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    return [batch_seed(int(seed), i) for i in range(num_batches)]
-
-
-def _length_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Prompt indices grouped into batches of similar prompt length: a batch's attention spans and buffers follow
-    its longest row, so mixing lengths across batches wastes less. Results are put back in prompt order."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _sum_histograms(histograms: list[list[int]]) -> list[int]:
-    total: list[int] = []
-    for h in histograms:
-        add_counts(total, h)
-    return total
-
-
-def _merge_controllers(summaries: list[dict | None]) -> dict | None:
-    """Draft-length and width histograms summed, step-cost means weighted by steps, the last batch's cost model."""
-    summaries = [s for s in summaries if s]
-    if not summaries:
-        return None
-    steps = [s["predicted_steps"] for s in summaries]  # the steps each batch's means are over
-
-    def mean(key: str) -> float | None:
-        pairs = [(s[key], n) for s, n in zip(summaries, steps) if s[key] is not None]
-        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs and sum(n for _, n in pairs) else None
-
-    return {
-        "draft_length_histogram": _sum_histograms([s["draft_length_histogram"] for s in summaries]),
-        "verify_width_histogram": _sum_histograms([s["verify_width_histogram"] for s in summaries]),
-        "predicted_step_s_mean": mean("predicted_step_s_mean"),
-        "measured_step_s_mean": mean("measured_step_s_mean"),
-        "predicted_steps": sum(steps),
-        "draft_length_per_step": [k for s in summaries for k in s["draft_length_per_step"]],
-        "cost_model": summaries[-1]["cost_model"],
-    }
-
-
-def _in_prompt_order(per_batch: list[list], batches: list[list[int]], num_prompts: int) -> list:
-    out = [None] * num_prompts
-    for values, indices in zip(per_batch, batches):
-        for i, v in zip(indices, values):
-            out[i] = v
-    return out
-
-
-def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], num_prompts: int) -> GenerationStats:
-    """One :class:`GenerationStats` for batches that ran one after another.
-
-    Per-row lists are put in prompt order (``batches[j]`` holds the prompt indices of batch ``j``'s rows), counts,
-    steps and times are summed, ``tokens_per_target_forward`` and the rates are recomputed from the sums, histograms
-    are summed, the peak memory is the largest, and ``extra["batches"]`` is the number of batches.
-    """
-    generated_tokens = sum(s.generated_tokens for s in batch_stats)
-    wall = sum(s.wall_time_s for s in batch_stats)
-    # tokens_per_target_forward = tokens / (row, step) pairs, so the pairs of each batch are tokens / that ratio
-    row_steps = sum(s.generated_tokens / s.tokens_per_target_forward for s in batch_stats
-                    if s.tokens_per_target_forward > 0)
-    accepted = _in_prompt_order([s.accepted for s in batch_stats], batches, num_prompts)
-    proposed = _in_prompt_order([s.proposed for s in batch_stats], batches, num_prompts)
-    splits = [s.time_split for s in batch_stats if s.time_split]
-    peaks = [s.peak_memory_bytes for s in batch_stats if s.peak_memory_bytes is not None]
-    has_logprobs = all(s.logprobs is not None for s in batch_stats)
-    return GenerationStats(
-        accepted=accepted,
-        proposed=proposed,
-        generated=_in_prompt_order([s.generated for s in batch_stats], batches, num_prompts),
-        target_forwards=sum(s.target_forwards for s in batch_stats),
-        tokens_per_target_forward=generated_tokens / row_steps if row_steps else 0.0,
-        acceptance_histogram=_sum_histograms([s.acceptance_histogram for s in batch_stats]),
-        wall_time_s=wall,
-        generated_tokens=generated_tokens,
-        tokens_per_s=generated_tokens / wall if wall > 0 else 0.0,
-        acceptance_rate=sum(accepted) / max(sum(proposed), 1),
-        peak_memory_bytes=max(peaks) if peaks else None,
-        peak_memory_kind=batch_stats[0].peak_memory_kind if batch_stats else "",
-        time_split={k: sum(s[k] for s in splits) for k in splits[0]} if splits else None,
-        steps=sum(s.steps for s in batch_stats),
-        compactions=sum(s.compactions for s in batch_stats),
-        logprobs=_in_prompt_order([s.logprobs for s in batch_stats], batches, num_prompts) if has_logprobs else None,
-        controller=_merge_controllers([s.controller for s in batch_stats]),
-        extra={"batches": len(batch_stats)},
-    )
-
-
-def _run_batch(rows, max_gen_lens, drafter, target, settings, eos, gamma, gamma_max, seed, engine_kwargs):
-    """Decode one internal batch; returns ``(outputs, stats)``. With ``gamma="auto"`` every batch reads and updates
-    the same step costs (:func:`batched_specdec.controller.shared_cost_model`, keyed by target, drafter, device)."""
-    common = {"logits_processor": settings.processor, "max_gen_len": max_gen_lens, "eos_tokens_id": eos, "seed": seed,
-              **engine_kwargs}
-    if drafter is None:
-        return autoregressive_generate_batch(rows, target, return_stats=True, **common)
-    outputs, _, stats = speculative_generate_batch(rows, drafter, target, gamma=gamma, gamma_max=gamma_max, **common)
-    return outputs, stats
 
 
 def generate(
@@ -461,13 +350,14 @@ def generate(
         As in :func:`~batched_specdec.speculative_generate_batch`; with ``"auto"`` each batch's controller starts
         from the step costs measured in the batches (and calls) before it.
     seed : int, optional
-        Seeds sampling; each batch gets its own seed drawn from it, so batches are not correlated. Seeded samples
+        Seeds sampling; each batch gets its own seed derived from it and the index of its first prompt
+        (:mod:`batched_specdec.runner`), so batches are not correlated. Seeded samples
         are reproducible with an integer ``gamma`` or ``draft=None``; with ``gamma="auto"`` the draft lengths
         follow measured timings, so samples differ between runs (each correctly distributed).
     return_logprobs : bool
         Fill ``.logprobs`` (and ``.stats.logprobs``).
     progress : bool
-        A progress bar per batch.
+        A progress bar counting finished prompts and generated tokens.
     attention, prefill_chunk :
         As in :func:`~batched_specdec.speculative_generate_batch`: the attention backend (default ``"auto"``) and
         the prompt tokens per row per prefill forward.
@@ -481,39 +371,25 @@ def generate(
     Returns
     -------
     GenerationResult
-        ``.texts``, ``.token_ids``, ``.stats`` (all batches merged, see :func:`merge_stats`), ``.batch_stats``,
+        ``.texts``, ``.token_ids``, ``.stats`` (all batches merged, see :func:`~batched_specdec.decode.stats.merge_stats`), ``.batch_stats``,
         ``.batches`` and ``.logprobs``.
     """
     settings = resolve_sampling(target, generation_config, **overrides)
-    check_tokenizer(tokenizer)
-    batch_size = check_positive_int("batch_size", batch_size)
-    check_attention_settings(attention, prefill_chunk)
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
-        raise TypeError("generate() takes gamma as an int or 'auto'; a controller instance (built for one batch's "
-                        "rows) goes to speculative_generate_batch")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False, got {compile!r}")
+        raise OptionError("generate() takes gamma as an int or 'auto'; a controller instance (built for one batch's "
+                          "rows) goes to speculative_generate_batch")
+    options = resolve_options(target, tokenizer=tokenizer, logits_processor=settings.processor,
+                              eos_tokens_id=settings.eos_token_id, gamma=gamma, gamma_max=gamma_max,
+                              attention=attention, prefill_chunk=prefill_chunk, compile=compile,
+                              return_logprobs=return_logprobs, progress=progress)
+    batch_size, seed = check_positive_int("batch_size", batch_size), check_seed(seed)
     drafter = _resolve_draft(draft, target, attention, prefill_chunk, compile)
-    make_controller(gamma, gamma_max, 1, input_device(target))  # checks gamma and gamma_max before any compute
     ids = _encode(prompts, tokenizer, chat_template)
-    vocab = vocab_size(target)
-    max_positions = getattr(text_config(target), "max_position_embeddings", None)
+    vocab, positions = vocab_size(target), max_positions(target)
     rows = normalise_prompts(ids, vocab, [0] * len(ids), None)
-    max_gen_lens = _max_gen_lens(rows, settings, max_positions)
-    normalise_prompts(rows, vocab, max_gen_lens, max_positions)
-    eos = resolve_eos(settings.eos_token_id, target, tokenizer, vocab)
-    batches = _length_sorted_batches(rows, batch_size)
-    seeds = _batch_seeds(seed, len(batches))
-    engine_kwargs = {"progress": progress, "return_logprobs": return_logprobs, "attention": attention,
-                     "prefill_chunk": prefill_chunk, "compile": compile}
-    outputs, batch_stats = [], []
-    for indices, seed_of_batch in zip(batches, seeds):
-        out, stats = _run_batch([rows[i] for i in indices], [max_gen_lens[i] for i in indices], drafter, target,
-                                settings, eos, gamma, gamma_max, seed_of_batch, engine_kwargs)
-        outputs.append(out)
-        batch_stats.append(stats)
-    token_ids = _in_prompt_order(outputs, batches, len(rows))
-    merged = merge_stats(batch_stats, batches, len(rows))
-    texts = None if tokenizer is None else tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-    return GenerationResult(texts=texts, token_ids=token_ids, stats=merged, batch_stats=batch_stats, batches=batches,
-                            logprobs=merged.logprobs)
+    max_gen_lens = _max_gen_lens(rows, settings, positions)
+    normalise_prompts(rows, vocab, max_gen_lens, positions)
+    result = decode_prompt_set(target, drafter, rows, max_gen_lens, options, batch_size=batch_size, seed=seed)
+    texts = None if tokenizer is None else tokenizer.batch_decode(result.outputs, skip_special_tokens=True)
+    return GenerationResult(texts=texts, token_ids=result.outputs, stats=result.stats,
+                            batch_stats=result.batch_stats, batches=result.batches, logprobs=result.stats.logprobs)

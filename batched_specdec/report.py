@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
+
 from batched_specdec.devices import device_name
-from batched_specdec.ragged_batch import add_counts
 
 MANTISSA_BITS = {"float32": 23, "bfloat16": 7, "float16": 10}
 """Stored mantissa bits per dtype: a logit's rounding step is ``|logit| * 2**-bits``."""
@@ -64,155 +66,149 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-class Totals:
-    """Sums of per-batch measurements for one method."""
+SPREAD_TOO_WIDE = 0.15
+"""A speedup whose repeats span more than this fraction of their median is reported as too noisy to trust."""
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.wall = 0.0
-        self.target_forwards = 0
-        self.accepted = 0
-        self.proposed = 0
-        self.histogram: list[int] = []
-        self.row_steps = 0
-        self.tpf_weighted = 0.0
-        self.peak_memory: int | None = None
-        self.peak_memory_kind = ""
-        self.time_split: dict[str, float] = {}
-        self.draft_lengths: list[int] = []  # gamma auto: steps per chosen draft length
-        self.controller_steps = 0
-        self.predicted_s = self.measured_s = 0.0
 
-    def add_stats(self, stats) -> None:
-        self.target_forwards += int(getattr(stats, "target_forwards", 0) or 0)
-        self.accepted += sum(getattr(stats, "accepted", []) or [])
-        self.proposed += sum(getattr(stats, "proposed", []) or [])
-        hist = list(getattr(stats, "acceptance_histogram", []) or [])
-        add_counts(self.histogram, hist)
-        weight = sum(hist) or int(getattr(stats, "target_forwards", 0) or 0)
-        self.row_steps += weight
-        self.tpf_weighted += weight * float(getattr(stats, "tokens_per_target_forward", 0.0) or 0.0)
-        peak = getattr(stats, "peak_memory_bytes", None)
-        if peak is not None:
-            self.peak_memory = max(self.peak_memory or 0, int(peak))
-            self.peak_memory_kind = getattr(stats, "peak_memory_kind", "") or self.peak_memory_kind
-        for key, value in (getattr(stats, "time_split", None) or {}).items():
-            self.time_split[key] = self.time_split.get(key, 0.0) + float(value)
-        self.add_controller(getattr(stats, "controller", None))
+@dataclass
+class Timing:
+    """Tokens/s of each repeat of both methods (the same prompts each time; target-only None without a
+    baseline), in the order the repeats ran."""
 
-    def add_controller(self, summary: dict | None) -> None:
-        if not summary:
-            return
-        add_counts(self.draft_lengths, summary["draft_length_histogram"])
-        if summary["predicted_step_s_mean"] is not None:
-            n = summary["predicted_steps"]
-            self.controller_steps += n
-            self.predicted_s += n * summary["predicted_step_s_mean"]
-            self.measured_s += n * summary["measured_step_s_mean"]
-
-    @classmethod
-    def merged(cls, parts: list[Totals]) -> Totals:
-        """Totals of processes that ran at the same time: sums, except wall time and peak memory (the maximum)."""
-        total = cls()
-        for part in parts:
-            total.tokens += part.tokens
-            total.wall = max(total.wall, part.wall)
-            total.target_forwards += part.target_forwards
-            total.accepted += part.accepted
-            total.proposed += part.proposed
-            add_counts(total.histogram, part.histogram)
-            total.row_steps += part.row_steps
-            total.tpf_weighted += part.tpf_weighted
-            if part.peak_memory is not None:
-                total.peak_memory = max(total.peak_memory or 0, part.peak_memory)
-                total.peak_memory_kind = part.peak_memory_kind
-            for key, value in part.time_split.items():
-                total.time_split[key] = total.time_split.get(key, 0.0) + value
-            add_counts(total.draft_lengths, part.draft_lengths)
-            total.controller_steps += part.controller_steps
-            total.predicted_s += part.predicted_s
-            total.measured_s += part.measured_s
-        return total
+    baseline: list[float] | None
+    speculative: list[float]
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall if self.wall > 0 else 0.0
+    def speedups(self) -> list[float] | None:
+        if not self.baseline:
+            return None
+        return [s / b for s, b in zip(self.speculative, self.baseline) if b > 0]
 
     @property
-    def tokens_per_target_forward(self) -> float | None:
-        return self.tpf_weighted / self.row_steps if self.row_steps else None
+    def speedup(self) -> float | None:
+        """The median of the per-repeat speedups."""
+        ratios = self.speedups
+        return statistics.median(ratios) if ratios else None
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        ratios = self.speedups
+        return (min(ratios), max(ratios)) if ratios else None
+
+    @property
+    def too_noisy(self) -> bool:
+        spread, median = self.spread, self.speedup
+        return spread is not None and median is not None and (spread[1] - spread[0]) > SPREAD_TOO_WIDE * median
 
     def as_dict(self) -> dict:
-        return {
-            "generated_tokens": self.tokens,
-            "wall_time_s": self.wall,
-            "tokens_per_s": self.tokens_per_s,
-            "target_forwards": self.target_forwards,
-            "tokens_per_target_forward": self.tokens_per_target_forward,
-            "accepted": self.accepted,
-            "proposed": self.proposed,
-            "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
-            "acceptance_histogram": self.histogram,
-            "peak_memory_bytes": self.peak_memory,
-            "peak_memory_kind": self.peak_memory_kind,
-            "time_split_s": self.time_split or None,
-            "draft_length_histogram": self.draft_lengths or None,
-            "controller_predicted_step_s": self.predicted_s / self.controller_steps if self.controller_steps else None,
-            "controller_measured_step_s": self.measured_s / self.controller_steps if self.controller_steps else None,
-        }
-
-    def controller_line(self) -> str | None:
-        """One line on what gamma auto chose: the draft-length mix and predicted against measured step time."""
-        if not self.draft_lengths:
-            return None
-        steps = sum(self.draft_lengths)
-        mix = ", ".join(f"{k}: {n / steps:.0%}" for k, n in enumerate(self.draft_lengths) if n)
-        mean = sum(k * n for k, n in enumerate(self.draft_lengths)) / steps
-        line = f"gamma auto: draft length per step {mean:.2f} on average ({mix} of {steps} steps)"
-        if self.controller_steps:
-            line += (f"; step time predicted {1e3 * self.predicted_s / self.controller_steps:.1f} ms, measured "
-                     f"{1e3 * self.measured_s / self.controller_steps:.1f} ms")
-        return line
+        return {"baseline_tokens_per_s": self.baseline, "speculative_tokens_per_s": self.speculative,
+                "speedups": self.speedups, "speedup_median": self.speedup, "speedup_spread": self.spread,
+                "too_noisy": self.too_noisy}
 
 
-def print_report(console, config, base, spec, speedup, device) -> None:
+def stats_dict(stats) -> dict:
+    """The results JSON's summary of one method's merged :class:`~batched_specdec.GenerationStats`."""
+    controller = stats.controller or {}
+    steps = controller.get("predicted_steps") or 0
+    return {
+        "generated_tokens": stats.generated_tokens,
+        "wall_time_s": stats.wall_time_s,
+        "tokens_per_s": stats.tokens_per_s,
+        "target_forwards": stats.target_forwards,
+        "tokens_per_target_forward": stats.tokens_per_target_forward,
+        "accepted": sum(stats.accepted),
+        "proposed": sum(stats.proposed),
+        "acceptance_rate": sum(stats.accepted) / sum(stats.proposed) if sum(stats.proposed) else None,
+        "acceptance_histogram": stats.acceptance_histogram,
+        "peak_memory_bytes": stats.peak_memory_bytes,
+        "peak_memory_kind": stats.peak_memory_kind,
+        "time_split_s": stats.time_split,
+        "draft_length_histogram": controller.get("draft_length_histogram"),
+        "controller_predicted_step_s": controller.get("predicted_step_s_mean") if steps else None,
+        "controller_measured_step_s": controller.get("measured_step_s_mean") if steps else None,
+        "sources": stats.extra.get("sources"),
+    }
+
+
+def controller_line(stats) -> str | None:
+    """One line on what gamma auto chose: the draft-length mix and predicted against measured step time."""
+    controller = stats.controller or {}
+    lengths = controller.get("draft_length_histogram")
+    if not lengths or not sum(lengths):
+        return None
+    steps = sum(lengths)
+    mix = ", ".join(f"{k}: {n / steps:.0%}" for k, n in enumerate(lengths) if n)
+    mean = sum(k * n for k, n in enumerate(lengths)) / steps
+    line = f"gamma auto: draft length per step {mean:.2f} on average ({mix} of {steps} steps)"
+    if controller.get("predicted_steps"):
+        line += (f"; step time predicted {1e3 * controller['predicted_step_s_mean']:.1f} ms, measured "
+                 f"{1e3 * controller['measured_step_s_mean']:.1f} ms")
+    return line
+
+
+def _speedup_cell(timing: Timing) -> str:
+    if timing.speedup is None:
+        return "n/a (--no-baseline)"
+    low, high = timing.spread
+    cell = f"{timing.speedup:.2f}x"
+    if len(timing.speedups) > 1:
+        cell += f" ({low:.2f}-{high:.2f}x over {len(timing.speedups)} repeats)"
+    return cell
+
+
+def print_report(console, config, base, spec, timing: Timing, device) -> None:
+    """The comparison table: tokens/s (median over the repeats), speedup with its spread, acceptance, tokens per
+    target forward, peak memory; then the acceptance histogram and what gamma auto chose."""
     from rich.table import Table
 
     table = Table(title=f"Speculative decoding vs target-only on {device_name(device)}")
     table.add_column("metric")
-    if not config.no_baseline:
+    if base is not None:
         table.add_column("target-only", justify="right")
     table.add_column(f"speculative ({config.draft}, gamma={config.gamma})", justify="right")
 
     def row(name, b, s):
-        table.add_row(name, *([b] if not config.no_baseline else []), s)
+        table.add_row(name, *([b] if base is not None else []), s)
 
-    row("generated tokens", f"{base.tokens}", f"{spec.tokens}")
-    row("wall time", f"{base.wall:.2f} s", f"{spec.wall:.2f} s")
-    row("tokens/s", f"{base.tokens_per_s:.1f}", f"{spec.tokens_per_s:.1f}")
-    row("speedup", "1.00x", f"{speedup:.2f}x" if speedup is not None else "n/a (--no-baseline)")
-    row("target forwards", f"{base.target_forwards}", f"{spec.target_forwards}")
-    tpf = spec.tokens_per_target_forward
-    row("tokens per target forward (per row)", "1.00", f"{tpf:.2f}" if tpf is not None else "n/a")
-    rate = spec.accepted / spec.proposed if spec.proposed else None
-    row("acceptance rate", "-", f"{rate:.1%} ({spec.accepted}/{spec.proposed})" if rate is not None else "n/a")
-    kind = spec.peak_memory_kind or base.peak_memory_kind
-    row(f"peak memory ({kind or 'n/a'})", _fmt_bytes(base.peak_memory), _fmt_bytes(spec.peak_memory))
+    b = base if base is not None else spec  # the baseline column is absent without a baseline
+    row("generated tokens", f"{b.generated_tokens}", f"{spec.generated_tokens}")
+    row("tokens/s (median)", f"{statistics.median(timing.baseline or [0]):.1f}",
+        f"{statistics.median(timing.speculative):.1f}")
+    row("speedup", "1.00x", _speedup_cell(timing))
+    row("target forwards", f"{b.target_forwards}", f"{spec.target_forwards}")
+    row("tokens per target forward (per row)", "1.00", f"{spec.tokens_per_target_forward:.2f}")
+    accepted, proposed = sum(spec.accepted), sum(spec.proposed)
+    rate = f"{accepted / proposed:.1%} ({accepted}/{proposed})" if proposed else "n/a"
+    row("acceptance rate", "-", rate)
+    kind = spec.peak_memory_kind or b.peak_memory_kind
+    row(f"peak memory ({kind or 'n/a'})", _fmt_bytes(b.peak_memory_bytes), _fmt_bytes(spec.peak_memory_bytes))
     if spec.time_split:
-        split = ", ".join(f"{k} {v:.2f} s" for k, v in spec.time_split.items())
-        row("time split", "-", split)
+        row("time split", "-", ", ".join(f"{k} {v:.2f} s" for k, v in spec.time_split.items()))
     console.print(table)
-
-    if spec.histogram:
+    if timing.too_noisy:
+        console.print(f"[yellow]The repeats' speedups span {timing.spread[0]:.2f}-{timing.spread[1]:.2f}x: too wide "
+                      "to trust (another job shares the machine?); rerun with more --repeats on a quiet machine.[/]")
+    if spec.acceptance_histogram and proposed:
         hist = Table(title="Acceptance histogram: (row, step) pairs that accepted j draft tokens")
-        total = sum(spec.histogram) or 1
-        for j in range(len(spec.histogram)):
+        total = sum(spec.acceptance_histogram) or 1
+        for j in range(len(spec.acceptance_histogram)):
             hist.add_column(f"j={j}", justify="right")
-        hist.add_row(*(f"{n} ({n / total:.0%})" for n in spec.histogram))
+        hist.add_row(*(f"{n} ({n / total:.0%})" for n in spec.acceptance_histogram))
         console.print(hist)
-    line = spec.controller_line()
-    if line:
-        console.print(line)
+    for line in (controller_line(spec), sources_line(spec)):
+        if line:
+            console.print(line)
+
+
+def sources_line(stats) -> str | None:
+    """Where the accepted draft tokens came from, for a drafter with several sources (the hybrid drafter)."""
+    sources = stats.extra.get("sources")
+    if not sources:
+        return None
+    total = sum(v["accepted"] for v in sources.values()) or 1
+    parts = [f"{name}: {v['accepted']} accepted of {v['proposed']} proposed in {v['rows']} (row, step) pairs "
+             f"({v['accepted'] / total:.0%} of accepted tokens)" for name, v in sources.items()]
+    return "draft sources: " + "; ".join(parts)
 
 
 def print_processes(console, processes: list[dict]) -> None:

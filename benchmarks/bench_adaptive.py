@@ -34,9 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import KEY_FIELDS, RESULTS_DIR, append_rows, cpu_note, pick_device, run_key, synchronize
 
+from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
-from batched_specdec.models import eos_token_ids, load_target
-from batched_specdec.ngram import NGramDrafter
+from batched_specdec.model_info import vocab_size
+from batched_specdec.models import load_target
+from batched_specdec.options import resolve_eos
 from batched_specdec.prompts import encode_prompts
 
 FIELDS = KEY_FIELDS + [
@@ -103,7 +105,7 @@ def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     target, tokenizer = load_target("embedded", device=device, quiet=True)
     draft = make_draft(args.draft, target)
-    eos = eos_token_ids(target, tokenizer)
+    eos = resolve_eos(None, target, tokenizer, vocab_size(target))
     methods = ["target_only"] + [f"gamma={g}" for g in args.gammas] + ["auto"]
     key, rows = run_key(device), []
     warm = encode_prompts(tokenizer, ["Hello"])

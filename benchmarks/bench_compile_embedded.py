@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: F401  (puts the repository root on sys.path)
 
 from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.models import load_target
-from batched_specdec.ngram import NGramDrafter
 from batched_specdec.prompts import builtin_prompts, encode_prompts
 
 

@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import KEY_FIELDS, append_rows, cpu_note, pick_device, run_key, synchronize
 
-from batched_specdec.drafters import DraftProposal, ModelDrafter
+from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.processors import GreedyProcessor
 
@@ -69,10 +69,10 @@ FIELDS = KEY_FIELDS + [
 ]  # fmt: skip
 
 
-class SyntheticAcceptanceDrafter:
+class SyntheticAcceptanceDrafter(Drafter):
     """Benchmark-only drafter: real draft-model cost, controlled acceptance.
 
-    Every step runs :class:`~batched_specdec.drafters.ModelDrafter`'s forwards on the real draft model, then
+    Every step runs :class:`~batched_specdec.drafting.ModelDrafter`'s forwards on the real draft model, then
     replaces each draft slot ``i`` of row ``b`` with ``known[p_b, g_b + i]`` (the target-only greedy continuation
     of the row's prompt ``p_b`` at the row's next positions, ``g_b`` tokens generated so far) with probability
     ``alpha``. ``known`` is in prompt order; the engine's rows are not (it orders them by length and compacts
@@ -146,23 +146,24 @@ def random_qwen2(size: str, vocab: int, dtype, device):
 
 
 def load_cpu_models(args):
-    from batched_specdec.models import eos_token_ids, load_target, pad_token_id
+    from batched_specdec.model_info import vocab_size
+    from batched_specdec.models import load_target
+    from batched_specdec.options import resolve_eos
 
     target, tokenizer = load_target(None, device="cpu", quiet=True)
     draft, draft_name = None, "ngram"
     try:
-        from batched_specdec.draft_model import load_distilled_draft
+        from batched_specdec.drafting.heads import load_distilled_draft
 
         draft = load_distilled_draft(target)
-        draft_name = "distilled (batched_specdec.draft_model)"
+        draft_name = "distilled (batched_specdec.drafting.heads)"
     except Exception as exc:  # noqa: BLE001 -- missing module or files: the documented default draft is n-gram
         print(f"distilled draft not used ({type(exc).__name__}: {exc}); using the n-gram drafter")
     if draft is None:
-        from batched_specdec.ngram import NGramDrafter
+        from batched_specdec.drafting.ngram import NGramDrafter
 
         draft = NGramDrafter()
-    eos = eos_token_ids(target, tokenizer)
-    return target, tokenizer, draft, draft_name, eos, pad_token_id(tokenizer, eos)
+    return target, tokenizer, draft, draft_name, resolve_eos(None, target, tokenizer, vocab_size(target)), None
 
 
 def cpu_prompts(tokenizer, n: int) -> list[list[int]]:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import KEY_FIELDS, append_rows, do_bench, pick_device, run_key
 
-from batched_specdec.ngram import ngram_lookup
+from batched_specdec.drafting.ngram import ngram_lookup
 
 FIELDS = KEY_FIELDS + [
     "method", "batch", "seq_len", "gamma", "max_ngram", "median_ms", "p20_ms", "p80_ms", "note",

@@ -38,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import KEY_FIELDS, CudaGraphCounts, append_rows, cpu_note, pick_device, run_key
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from batched_specdec import autoregressive_generate_batch, ragged_batch, speculative_generate_batch
-from batched_specdec.ngram import NGramDrafter
+from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.decode import batch as ragged_batch
+from batched_specdec.drafting.ngram import NGramDrafter
 
 FIELDS = KEY_FIELDS + ["path", "mode", "batch", "tokens_per_row", "steps", "aten_ops_per_step", "host_reads_per_step",
                        "scalar_reads_per_step", "wall_s", "wall_s_p20", "wall_s_p80", "graphs_compiled",

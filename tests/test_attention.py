@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from batched_specdec import autoregressive_generate_batch, generate, ragged_cache, speculative_generate_batch
 from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, ragged_attention_forward
-from batched_specdec.ngram import NGramDrafter
+from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
 
 CPU = torch.device("cpu")
@@ -228,7 +228,7 @@ def test_model_forward_leaves_the_models_attention_setting_as_it_was():
 ])
 def test_bad_attention_settings_are_errors_before_compute(kwargs, match, monkeypatch):
     model = tiny_causal_lm("llama")
-    monkeypatch.setattr("batched_specdec.engine.prefill", None)  # any compute would fail differently
+    monkeypatch.setattr("batched_specdec.decode.session.prefill", None)  # any compute would fail differently
     with pytest.raises(ValueError, match=match):
         speculative_generate_batch([[1, 2]], NGramDrafter(), model, **kwargs)
     with pytest.raises(ValueError, match=match):

@@ -19,7 +19,7 @@ from batched_specdec import (
     capture,
     speculative_generate_batch,
 )
-from batched_specdec.ngram import NGramDrafter
+from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.ragged_cache import RaggedKVCache
 
 VOCAB = 96
@@ -189,8 +189,8 @@ def test_generate_and_the_cli_pass_compile_through(models, prompts, monkeypatch)
     for drafter in (None, draft):
         calls.clear()
         generate(prompts, target, draft=drafter, gamma=2, max_new_tokens=4, compile=True)
-        assert "_forward" in calls and "_commit" in calls
-        assert ("_verify_drafts" in calls) == (drafter is not None)
+        assert "_forward" in calls and "commit_step" in calls
+        assert ("verify_drafts" in calls) == (drafter is not None)
     with pytest.raises(TypeError, match="compile must be"):
         generate(prompts, target, compile=1)
 

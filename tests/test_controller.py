@@ -21,8 +21,8 @@ from batched_specdec.controller import (
     forget_cost_models,
     shared_cost_model,
 )
-from batched_specdec.drafters import DraftProposal, ModelDrafter
-from batched_specdec.ngram import NGramDrafter
+from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter
+from batched_specdec.drafting.ngram import NGramDrafter
 
 CPU = torch.device("cpu")
 
@@ -111,23 +111,16 @@ def test_sampled_first_two_tokens_follow_target_with_switching_plans(schedule):
     assert _chi_square_pvalue(counts, _exact_first_two(target, prompt, processor)) > GOF_ALPHA
 
 
-class ConstantDrafter:
+class ConstantDrafter(Drafter):
     """Proposes the same token everywhere: one the target never emits in the test, so never accepted."""
-
-    vocab_size = None
 
     def __init__(self, token: int) -> None:
         self.token = token
-
-    def start(self, token_buffer, seq_lens, max_seq_len) -> None:
-        pass
 
     def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
                 row_keys=None) -> DraftProposal:
         return DraftProposal(tokens=torch.full((token_buffer.shape[0], gamma), self.token, dtype=torch.int64))
 
-    def keep_rows(self, rows) -> None:
-        pass
 
 
 def test_never_accepted_draft_goes_to_target_only_steps(llama_pair):
@@ -267,7 +260,7 @@ def test_auto_calls_share_measured_step_costs_per_target_and_drafter():
 def test_narrow_verify_on_cpu_is_padded_without_changing_outputs_or_counts(llama_pair, monkeypatch):
     """At B = 1 a gamma-1 or gamma-2 verify is widened to engine.CPU_MIN_VERIFY_TOKENS tokens (torch's CPU linears
     are slower at 2-3 tokens than at 4); the padding drafts are never accepted nor counted as proposed."""
-    from batched_specdec import engine
+    from batched_specdec.decode import session as engine
 
     target, draft = llama_pair
     widths = []

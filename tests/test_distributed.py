@@ -14,7 +14,8 @@ import pytest
 from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, speculative_generate_batch
-from batched_specdec.distributed import batch_seed, run_on_prompt_shards, speculative_generate_distributed
+from batched_specdec.distributed import run_on_prompt_shards, speculative_generate_distributed
+from batched_specdec.options import batch_seed
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 GROUP_WORKER = Path(__file__).with_name("process_group_worker.py")

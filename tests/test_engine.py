@@ -244,7 +244,7 @@ def test_stats_are_consistent(llama_pair):
     [
         ({"prompts": []}, "prompts is empty"),
         ({"prompts": [[1, 2], []]}, "prompt 1 is empty"),
-        ({"gamma": 0}, "gamma must be an int >= 1, got 0"),
+        ({"gamma": 0}, "gamma must be an int >= 1 or 'auto', got 0"),
         ({"max_gen_len": 0}, "max_gen_len must be an int >= 1, got 0"),
         ({"prompts": [[1, 96]]}, r"token id 96, expected an int in \[0, 96\)"),
         ({"prompts": [[1, -1]]}, r"token id -1"),

@@ -14,8 +14,8 @@ import pytest
 from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.kernels._launch import interpreting
-from batched_specdec.ngram import NGramDrafter
 
 KERNEL_MODULES = ("rejection_sample.api", "scatter_kv", "commit_tokens", "compact_rows")
 

@@ -21,9 +21,9 @@ from tiny_models import save_tiny_model_dir, tiny_causal_lm, tiny_gemma3_multimo
 
 from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.config import ConfigError
+from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.main import build_parser, parse_config
 from batched_specdec.models import ModelLoadError, load_draft, load_target, resolve_attn_implementation
-from batched_specdec.ngram import NGramDrafter
 from batched_specdec.ragged_cache import RaggedKVCache
 
 VOCAB = 128

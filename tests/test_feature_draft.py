@@ -11,12 +11,13 @@ from tiny_models import greedy_reference, tiny_causal_lm
 from batched_specdec import (
     MultinomialProcessor,
     autoregressive_generate_batch,
-    engine,
     speculative_generate_batch,
 )
 from batched_specdec.controller import StaticSpeculation, StepPlan
-from batched_specdec.draft_model import FeatureHeadDraft, draft_config_from_target, init_from_target
-from batched_specdec.drafters import FeatureDrafter
+from batched_specdec.decode import session as engine
+from batched_specdec.drafting import FeatureDrafter
+from batched_specdec.drafting.heads import FeatureHeadDraft
+from batched_specdec.training.save import draft_config_from_target, init_from_target
 
 VOCAB = 96
 
@@ -161,7 +162,7 @@ def test_feature_head_needs_features_of_the_right_shape(target):
 def test_unrolled_training_passes_see_what_the_drafts_of_a_step_see(target):
     """Pass m of the training-time test at pair i must equal the m-th draft of a step whose last committed pair is
     i - m + 1: a no-cache forward over the real pairs up to there, then the head's own predicted features."""
-    from batched_specdec.distill_feature import unrolled_features
+    from batched_specdec.training.feature import unrolled_features
 
     draft = feature_head(target, seed=2)
     ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import torch
 from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, capture, speculative_generate_batch
-from batched_specdec.ragged_batch import RaggedBatch
+from batched_specdec.decode.batch import RaggedBatch
 from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
 
 CPU = torch.device("cpu")

@@ -14,9 +14,9 @@ from batched_specdec import (
     autoregressive_generate_batch,
     speculative_generate_batch,
 )
-from batched_specdec.drafters import FeatureDrafter, ModelDrafter
-from batched_specdec.hybrid import HybridDrafter
-from batched_specdec.ngram import NGramDrafter
+from batched_specdec.drafting import FeatureDrafter, ModelDrafter
+from batched_specdec.drafting.hybrid import HybridDrafter
+from batched_specdec.drafting.ngram import NGramDrafter
 
 VOCAB = 96
 

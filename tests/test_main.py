@@ -81,20 +81,20 @@ def test_config_file_and_cli_override(tmp_path, suffix):
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="gamma must be >= 1 or 'auto', got 0"):
+    with pytest.raises(ConfigError, match="gamma must be an int >= 1 or 'auto', got 0"):
         build_config({}, {"gamma": 0})
-    with pytest.raises(ConfigError, match="gamma must be an integer >= 1 or 'auto', got 'fast'"):
+    with pytest.raises(ConfigError, match="gamma must be an int >= 1 or 'auto', got 'fast'"):
         build_config({"gamma": "fast"})
-    with pytest.raises(ConfigError, match="gamma_max applies to gamma 'auto' only, but gamma is 3"):
+    with pytest.raises(ConfigError, match="gamma_max=4 only applies with gamma='auto', got gamma=3"):
         build_config({}, {"gamma": 3, "gamma_max": 4})
-    with pytest.raises(ConfigError, match="gamma_max must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="gamma_max must be an int >= 1, got 0"):
         build_config({}, {"gamma_max": 0})
     assert build_config({"gamma": "4"}).gamma == 4 and build_config().gamma == "auto"
     with pytest.raises(ConfigError, match="top_k/top_p need sampling"):
         build_config({"top_k": 5})
-    with pytest.raises(ConfigError, match="ngram_min must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="min_ngram must be an int >= 1, got 0"):
         build_config({}, {"ngram_min": 0})
-    with pytest.raises(ConfigError, match=r"ngram_max must be >= ngram_min \(3\), got 2"):
+    with pytest.raises(ConfigError, match=r"max_ngram must be >= min_ngram \(3\), got 2"):
         build_config({}, {"ngram_min": 3, "ngram_max": 2})
     with pytest.raises(ConfigError, match="apply to --draft ngram, hybrid and auto only, but the draft is 'some/model'"):
         build_config({"draft": "some/model"}, {"ngram_max": 5})
@@ -137,8 +137,8 @@ def test_error_unreadable_config(tmp_path, capsys):
 
 
 def test_error_bad_values(capsys):
-    assert "gamma must be >= 1 or 'auto', got 0" in run_main_expect_error(["--gamma", "0"], capsys)
-    assert "gamma must be an integer >= 1 or 'auto', got 'abc'" in run_main_expect_error(["--gamma", "abc"], capsys)
+    assert "gamma must be an int >= 1 or 'auto', got 0" in run_main_expect_error(["--gamma", "0"], capsys)
+    assert "gamma must be an int >= 1 or 'auto', got 'abc'" in run_main_expect_error(["--gamma", "abc"], capsys)
     assert "batch_size" in run_main_expect_error(["--batch-size", "-1"], capsys)
     assert "top_p" in run_main_expect_error(["--temperature", "1", "--top-p", "1.5"], capsys)
     assert "unknown device 'tpu'" in run_main_expect_error(["--device", "tpu"], capsys)

@@ -11,6 +11,7 @@ from tiny_models import tiny_causal_lm
 
 from batched_specdec import models
 from batched_specdec.models import ModelLoadError, load_draft, load_target, resolve_device, resolve_dtype
+from batched_specdec.options import DEFAULT_PAD_TOKEN_ID, resolve_eos, resolve_pad
 
 WORDS = [
     "the",
@@ -84,14 +85,14 @@ def test_load_local_dir(tiny_dir):
     assert all(not p.requires_grad for p in model.parameters())
     assert next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
-    assert models.eos_token_ids(model, tokenizer) == [1]
-    assert models.pad_token_id(tokenizer, [1]) == 2
+    assert resolve_eos(None, model, tokenizer, model.config.vocab_size) == [1]
+    assert resolve_pad(None, model.config.vocab_size) == DEFAULT_PAD_TOKEN_ID
     draft = load_draft(tiny_dir, model, device="cpu")
     assert draft is not model and draft.config.vocab_size == model.config.vocab_size
 
 
 def test_load_draft_ngram_is_default(tiny_dir):
-    from batched_specdec.ngram import NGramDrafter
+    from batched_specdec.drafting.ngram import NGramDrafter
 
     assert isinstance(load_draft(None, None), NGramDrafter)
     assert isinstance(load_draft("ngram", None), NGramDrafter)
@@ -153,7 +154,7 @@ def test_embedded_gguf_loads_and_cache_is_reused(capsys):
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
 
-    eos = models.eos_token_ids(model, tokenizer)
+    eos = resolve_eos(None, model, tokenizer, model.config.vocab_size)
     assert tokenizer.convert_ids_to_tokens(eos[0]) == "<|im_end|>"
     prompt = encode_prompts(tokenizer, ["What is 2+3? Answer with just the number."])
     out = autoregressive_generate_batch(
@@ -162,6 +163,5 @@ def test_embedded_gguf_loads_and_cache_is_reused(capsys):
         GreedyProcessor(),
         max_gen_len=8,
         eos_tokens_id=eos,
-        pad_token_id=models.pad_token_id(tokenizer, eos),
     )
     assert "5" in tokenizer.decode(out[0], skip_special_tokens=True)

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_causal_lm
 
-from batched_specdec.drafters import Drafter
-from batched_specdec.ngram import NGramDrafter, ngram_lookup
+from batched_specdec.drafting import Drafter
+from batched_specdec.drafting.ngram import NGramDrafter, ngram_lookup
 from batched_specdec.processors import GreedyProcessor, MultinomialProcessor
 
 
@@ -47,8 +47,8 @@ def lookup(rows, gamma, max_ngram=3, min_ngram=1, width=None, stale=0):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"min_ngram": 0}, ValueError, "min_ngram must be >= 1, got 0"),
-        ({"min_ngram": -2, "max_ngram": 3}, ValueError, "min_ngram must be >= 1, got -2"),
+        ({"min_ngram": 0}, ValueError, "min_ngram must be an int >= 1, got 0"),
+        ({"min_ngram": -2, "max_ngram": 3}, ValueError, "min_ngram must be an int >= 1, got -2"),
         ({"max_ngram": 1, "min_ngram": 2}, ValueError, r"max_ngram must be >= min_ngram \(2\), got 1"),
         ({"max_ngram": 2.5}, TypeError, "max_ngram must be an int >= 1, got 2.5"),
         ({"min_ngram": True}, TypeError, "min_ngram must be an int >= 1, got True"),

@@ -15,19 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batched_specdec.drafters import DraftProposal
+from batched_specdec.checks import check_ngram_sizes, check_positive_int
+from batched_specdec.drafting.base import Drafter, DraftProposal
 
 __all__ = ["NGramDrafter", "ngram_lookup", "ngram_lookup_with_match"]
-
-
-def _check_ngram_sizes(max_ngram: int, min_ngram: int) -> None:
-    for name, value in (("min_ngram", min_ngram), ("max_ngram", max_ngram)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if min_ngram < 1:
-        raise ValueError(f"min_ngram must be >= 1, got {min_ngram!r}")
-    if max_ngram < min_ngram:
-        raise ValueError(f"max_ngram must be >= min_ngram ({min_ngram}), got {max_ngram!r}")
 
 
 def ngram_lookup(
@@ -80,9 +71,8 @@ def ngram_lookup_with_match(
     match_len : Tensor
         ``(B,)`` int64: the length ``n`` of the matched n-gram, 0 where none matched.
     """
-    _check_ngram_sizes(max_ngram, min_ngram)
-    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
+    check_ngram_sizes(max_ngram, min_ngram)
+    check_positive_int("gamma", gamma)
     if token_buffer.dim() != 2:
         raise ValueError(f"token_buffer must be 2-D (B, S), got shape {tuple(token_buffer.shape)}")
     if seq_lens.shape != token_buffer.shape[:1]:
@@ -127,10 +117,10 @@ def ngram_lookup_with_match(
     return draft, num_tokens, best_n
 
 
-class NGramDrafter:
+class NGramDrafter(Drafter):
     """Drafter that proposes continuations of the row's latest n-gram from the row's own committed tokens.
 
-    Stateless: every step re-reads the engine's token buffer, so :meth:`start` and :meth:`keep_rows` do nothing.
+    Stateless: every step re-reads the session's token buffer (the base class's hooks, which do nothing, suffice).
     Plug it in as the draft of ``speculative_generate_batch(prompts, NGramDrafter(...), target, ...)``.
 
     Parameters
@@ -141,15 +131,8 @@ class NGramDrafter:
         Shortest n-gram tried, ``>= 1``. Larger values propose less often but more accurately.
     """
 
-    vocab_size: int | None = None
-
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
-        _check_ngram_sizes(max_ngram, min_ngram)
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
-
-    def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
-        """Nothing to set up: the drafter keeps no state between steps."""
+        self.max_ngram, self.min_ngram = check_ngram_sizes(max_ngram, min_ngram)
 
     def propose(
         self,
@@ -187,9 +170,6 @@ class NGramDrafter:
             token_buffer = token_buffer[:, : max(1, min(int(max_seq_len), token_buffer.shape[1]))]
         draft, num_tokens = ngram_lookup(token_buffer, seq_lens, gamma, self.max_ngram, self.min_ngram)
         return DraftProposal(tokens=draft, probs=None, num_tokens=num_tokens)
-
-    def keep_rows(self, rows: Tensor) -> None:
-        """Nothing to drop: the drafter keeps no per-row state."""
 
     def __repr__(self) -> str:
         return f"NGramDrafter(max_ngram={self.max_ngram}, min_ngram={self.min_ngram})"

@@ -16,13 +16,13 @@ verification compares argmaxes, and the draft's argmax is always a subset token.
 
 :class:`FeatureHeadDraft` is the EAGLE-style variant: the same shared embedding and subset head, plus an ``fc`` that
 lets its layer read the target's own final hidden state next to each token (see
-:class:`batched_specdec.drafters.FeatureDrafter` for how it drafts).
+:class:`batched_specdec.drafting.feature.FeatureDrafter` for how it drafts).
 
-Files of a saved draft (``save_draft``): ``draft_config.json`` (the Llama config of the layers, the target's
+Files of a saved draft (:func:`batched_specdec.training.save.save_draft`): ``draft_config.json`` (the Llama config of the layers, the target's
 vocabulary size, the subset size, the kind: ``"tokens"`` or ``"feature"``), ``draft.safetensors`` (layers, norm,
 head bias, the subset ids and the kind's extra tensors: projections of a narrower token draft, a feature draft's
 ``fc``; float tensors in the storage dtype, default bfloat16). Loaded tensors take the target's dtype.
-``manifest.json`` (written by the distillation tool, :func:`write_manifest`) names the target the draft was trained
+``manifest.json`` (written by the distillation tool, :func:`batched_specdec.training.save.write_manifest`) names the target the draft was trained
 for, with the SHA-256 of that target's float32 weights and the L2 norm of each of its tensors; a draft with a
 manifest loads only for a target whose tensors have the same names, shapes and norms (within
 :data:`NORM_TOLERANCE`, so that float32, bfloat16 and float16 loads of the same weights all match).
@@ -30,7 +30,6 @@ manifest loads only for a target whose tensors have the same names, shapes and n
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -40,7 +39,10 @@ from transformers import LlamaConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
 
+from batched_specdec.model_info import cache_keyword
+
 DEFAULT_DRAFT_DIR = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
+"""Where the draft shipped for the embedded target (SmolLM2-135M-Instruct) lives inside the package."""
 CONFIG_NAME = "draft_config.json"
 WEIGHTS_NAME = "draft.safetensors"
 MANIFEST_NAME = "manifest.json"
@@ -55,53 +57,17 @@ class DraftLoadError(ValueError):
     """A draft directory that cannot be loaded for this target; the message is one line."""
 
 
-def draft_config_from_target(target_config, num_layers: int, width: int | None = None) -> LlamaConfig:
-    """The Llama config of a ``num_layers``-layer draft with the target's attention geometry.
-
-    ``width`` (default: the target's hidden size) must be a multiple of the target's head dimension; a narrower
-    draft keeps the head dimension and the query/KV head ratio and scales the MLP with the width."""
-    kwargs = {k: getattr(target_config, k) for k in _LAYER_KEYS if getattr(target_config, k, None) is not None}
-    if "head_dim" not in kwargs:
-        kwargs["head_dim"] = target_config.hidden_size // target_config.num_attention_heads
-    target_width = int(target_config.hidden_size)
-    if width is not None and int(width) != target_width:
-        head_dim = int(kwargs["head_dim"])
-        if width < head_dim or width % head_dim:
-            raise ValueError(f"draft width {width} must be a positive multiple of the target's head dimension "
-                             f"{head_dim}")
-        heads = width // head_dim
-        group = max(1, int(target_config.num_attention_heads) // int(target_config.num_key_value_heads))
-        kwargs.update(
-            hidden_size=int(width),
-            num_attention_heads=heads,
-            num_key_value_heads=heads // group if heads % group == 0 else heads,
-            intermediate_size=round(int(target_config.intermediate_size) * width / target_width),
-        )
-    config = LlamaConfig(
-        vocab_size=int(target_config.vocab_size),
-        num_hidden_layers=int(num_layers),
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=getattr(target_config, "bos_token_id", None),
-        eos_token_id=getattr(target_config, "eos_token_id", None),
-        **kwargs,
-    )
-    config._attn_implementation = getattr(target_config, "_attn_implementation", None) or "sdpa"
-    config.target_hidden_size = target_width
-    return config
-
-
 class SubsetHeadDraft(nn.Module):
     """``N`` decoder layers over the target's embedding, with an output head restricted to ``vocab_ids``.
 
     Callable like an HF causal LM (``input_ids``, 4D additive ``attention_mask``, ``position_ids``,
-    ``past_key_values``, ``use_cache``, ``logits_to_keep``) and returns ``.logits`` of shape ``(B, Q', V)`` over the
+    ``cache``, ``use_cache``, ``logits_to_keep``) and returns ``.logits`` of shape ``(B, Q', V)`` over the
     target's full vocabulary, ``-inf`` outside the subset.
 
     Parameters
     ----------
     config : LlamaConfig
-        From :func:`draft_config_from_target`; ``vocab_size`` is the target's.
+        From :func:`batched_specdec.training.save.draft_config_from_target`; ``vocab_size`` is the target's.
     target : PreTrainedModel
         Supplies the input embedding module (shared) and the output-embedding rows of the subset (gathered).
     vocab_ids : Tensor
@@ -119,6 +85,7 @@ class SubsetHeadDraft(nn.Module):
         inner.pad_token_id = None
         inner._attn_implementation = config._attn_implementation
         self.model = LlamaModel(inner)
+        self._cache_kw = cache_keyword(self.model)  # read once, outside any compiled forward
         # A plain attribute outside the module tree: not a parameter of the draft, not saved, never trained.
         self.__dict__["_target_embed"] = target.get_input_embeddings()
         target_width = int(target.config.hidden_size)
@@ -170,7 +137,7 @@ class SubsetHeadDraft(nn.Module):
         input_ids: Tensor,
         attention_mask=None,
         position_ids: Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool = True,
         logits_to_keep: int = 0,
         compute_logits: bool = True,
@@ -182,15 +149,15 @@ class SubsetHeadDraft(nn.Module):
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{self._cache_kw: cache},
             **kwargs,  # ragged_attention (each row's positions); a feature draft's features
         )
         if not compute_logits:
-            return CausalLMOutputWithPast(logits=None, past_key_values=past_key_values)
+            return CausalLMOutputWithPast(logits=None, past_key_values=cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.full_logits(hidden), past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=self.full_logits(hidden), past_key_values=cache)
 
     def full_logits(self, hidden: Tensor) -> Tensor:
         """``(..., V)`` logits over the target's whole vocabulary, ``-inf`` outside the subset."""
@@ -254,24 +221,6 @@ class FeatureHeadDraft(SubsetHeadDraft):
         return {"fc": self.fc.weight}
 
 
-def init_from_target(draft: SubsetHeadDraft, target, layer_ids: list[int] | None) -> None:
-    """Copy target layers ``layer_ids`` (one per draft layer) and the final norm into the draft.
-
-    ``None`` keeps the random initialisation of the layers (the norm is still copied)."""
-    tmodel = target.model
-    if draft.in_proj is not None:
-        if layer_ids is not None:
-            raise ValueError(f"a draft of width {draft.config.hidden_size} cannot copy layers of the target's width "
-                             f"{target.config.hidden_size}; initialise it randomly")
-        return
-    if layer_ids is not None:
-        if len(layer_ids) != len(draft.model.layers):
-            raise ValueError(f"{len(layer_ids)} init layers given for a {len(draft.model.layers)}-layer draft")
-        for dst, src in zip(draft.model.layers, layer_ids):
-            dst.load_state_dict(tmodel.layers[src].state_dict())
-    draft.model.norm.load_state_dict(tmodel.norm.state_dict())
-
-
 def check_target_sizes(config: dict, target) -> None:
     """Raise :class:`DraftLoadError` unless ``target`` has the vocabulary and width the draft ``config`` was made for."""
     tcfg = target.config
@@ -283,52 +232,9 @@ def check_target_sizes(config: dict, target) -> None:
         )
 
 
-def save_draft(draft: SubsetHeadDraft, path: str | Path, *, storage_dtype: torch.dtype = torch.bfloat16,
-               metadata: dict | None = None) -> Path:
-    """Write the draft's own tensors (layers, norm, head bias, subset ids) and its config to ``path``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().to("cpu", storage_dtype).contiguous()
-               for k, v in draft.model.state_dict().items() if not k.startswith("embed_tokens")}
-    tensors["head_bias"] = draft.head_bias.detach().to("cpu", storage_dtype).contiguous()
-    for key, value in draft.extra_tensors().items():
-        tensors[key] = value.detach().to("cpu", storage_dtype).contiguous()
-    tensors["vocab_ids"] = draft.vocab_ids.detach().to("cpu", torch.int32).contiguous()
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": str(FORMAT_VERSION)})
-    config = {"format": FORMAT_VERSION, "llama_config": draft.config.to_dict(), "subset_size": len(draft.vocab_ids),
-              "vocab_size": draft.config.vocab_size, "hidden_size": draft.config.hidden_size,
-              "target_hidden_size": int(draft._target_embed.weight.shape[1]), "kind": draft.kind}
-    if metadata:
-        config["metadata"] = metadata
-    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-    return path
-
-
 def target_tensor_norms(target) -> dict[str, list]:
     """``name -> [*shape, L2 norm]`` of every parameter of ``target`` (tied ones once), norms in float64."""
     return {name: [*p.shape, float(p.detach().double().norm())] for name, p in target.named_parameters()}
-
-
-def target_weights_sha256(target) -> str:
-    """SHA-256 over every parameter's name, shape and float32 bytes, in name order (provenance: it identifies the
-    exact weights a draft was trained with; loading checks the dtype-independent norms instead)."""
-    digest = hashlib.sha256()
-    for name, p in sorted(target.named_parameters()):
-        digest.update(f"{name}{tuple(p.shape)}".encode())
-        digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def write_manifest(path: str | Path, target, target_name: str, training: dict | None = None) -> Path:
-    """Write ``manifest.json`` into the draft directory ``path``: the target's name, weight hash and tensor norms,
-    and what the training recorded (``training``)."""
-    manifest = {"target": target_name, "target_weights_sha256": target_weights_sha256(target),
-                "target_tensor_norms": target_tensor_norms(target), "training": training or {}}
-    out = Path(path) / MANIFEST_NAME
-    out.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-    return out
 
 
 def check_manifest(path: str | Path, target) -> None:
@@ -356,7 +262,7 @@ def check_manifest(path: str | Path, target) -> None:
 
 
 def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> SubsetHeadDraft:
-    """Load a draft saved by :func:`save_draft` for ``target_model``, on its device in its dtype, in eval mode: a
+    """Load a draft saved by :func:`~batched_specdec.training.save.save_draft` for ``target_model``, on its device in its dtype, in eval mode: a
     :class:`SubsetHeadDraft`, or a :class:`FeatureHeadDraft` when its config says ``"kind": "feature"``.
 
     Raises

@@ -1,4 +1,4 @@
-"""Distil a small draft for a target: ``python -m batched_specdec.distill``.
+"""Distil a small draft for a target: ``python -m batched_specdec.training``.
 
 Pipeline (every stage is cached under ``--output-dir``, so an interrupted run resumes where it stopped):
 
@@ -10,35 +10,33 @@ Pipeline (every stage is cached under ``--output-dir``, so an interrupted run re
    costs no second target forward. Rows run without an EOS stop so that they stay aligned with the recorded
    steps; past the end of a turn the target keeps writing further chat turns, which is still its own text.
 3. Vocabulary subset: the ``--vocab-subset`` ids the target emits or ranks first most often in that data.
-4. Training: a :class:`~batched_specdec.draft_model.SubsetHeadDraft` (``--layers`` decoder layers initialised
+4. Training: a :class:`~batched_specdec.drafting.heads.SubsetHeadDraft` (``--layers`` decoder layers initialised
    from target layers, or of a narrower ``--width`` with random initialisation and projections to and from the
    target's width; final norm, subset head over the target's output embedding), loss
    ``KL(p_target || q_draft)`` where ``p_target`` is the recorded top-k distribution restricted to the subset and
    renormalised, and ``q_draft`` the draft's softmax over the subset. AdamW, linear warm-up, cosine decay.
-   With ``--kind feature``, an EAGLE-style :class:`~batched_specdec.draft_model.FeatureHeadDraft` over the
-   target's own hidden states instead (:mod:`batched_specdec.distill_feature`).
+   With ``--kind feature``, an EAGLE-style :class:`~batched_specdec.drafting.heads.FeatureHeadDraft` over the
+   target's own hidden states instead (:mod:`batched_specdec.training.feature`).
 5. Evaluation on the held-out prompts: greedy speculative decoding with the draft (``--gamma``), its acceptance
    rate, its exactness against target-only decoding, and the speedup over target-only decoding in the same run,
    at batch 1 and at ``--eval-batch-size``.
 
 Prompts may be token ids (a JSONL file with an ``"ids"`` list per line), so targets without a tokenizer work.
-Stages 1-3 live in :mod:`batched_specdec.distill_data`.
+Stages 1-3 live in :mod:`batched_specdec.training.data`, the draft's files in :mod:`batched_specdec.training.save`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from batched_specdec.distill_data import (
+from batched_specdec.training.data import (
     DistillError,
     base_prompts,
     choose_vocab_subset,
@@ -48,7 +46,7 @@ from batched_specdec.distill_data import (
     self_prompts,
     target_description,
 )
-from batched_specdec.processors import GreedyProcessor
+from batched_specdec.training.loop import TrainSet, evaluate, print_eval, train
 
 __all__ = ["DistillError", "build_parser", "main", "run"]
 
@@ -60,7 +58,7 @@ DEFAULT_OUTPUT_DIR = "distill-run"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m batched_specdec.distill",
+        prog="python -m batched_specdec.training",
         description="Distil a small speculative-decoding draft from a target model on the target's own generations.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -154,61 +152,6 @@ def _check_args(args) -> None:
         raise DistillError(f"--temperature must be > 0, got {args.temperature}")
 
 
-class TrainSet:
-    """Examples ``(input_ids, teacher ids, teacher log-probs, first loss position)`` from the generated chunks."""
-
-    def __init__(self, chunks: list[dict], seq_len: int, exclude: frozenset = frozenset()) -> None:
-        self.items = []
-        for ch in chunks:
-            if not ch.get("teacher_aligned"):
-                raise DistillError("a data chunk was written before the recorded teacher log-probabilities were "
-                                   "aligned with their rows (they belong to other prompts of the chunk); delete the "
-                                   "run's data-* directory and generate again (--kind feature does not read them)")
-            for i, prompt in enumerate(ch["prompts"]):
-                if tuple(prompt) in exclude:
-                    continue
-                gen = ch["gen"][i]
-                p = len(prompt)
-                # position p-1+j predicts gen[j]; inputs are prompt + gen[:-1]
-                ids = torch.cat([torch.tensor(prompt, dtype=torch.int64), gen[:-1]])[:seq_len]
-                n_loss = len(ids) - (p - 1)
-                if n_loss <= 0:
-                    continue
-                self.items.append((ids, ch["top_ids"][i, :n_loss], ch["top_vals"][i, :n_loss], p - 1))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def batch(self, indices: list[int], device) -> tuple[torch.Tensor, ...]:
-        items = [self.items[i] for i in indices]
-        width = max(len(it[0]) for it in items)
-        k = items[0][1].shape[-1]
-        ids = torch.zeros(len(items), width, dtype=torch.int64)
-        t_ids = torch.zeros(len(items), width, k, dtype=torch.int64)
-        t_vals = torch.full((len(items), width, k), float("-inf"))
-        mask = torch.zeros(len(items), width, dtype=torch.bool)
-        for r, (x, ti, tv, start) in enumerate(items):
-            ids[r, : len(x)] = x
-            t_ids[r, start:start + len(ti)] = ti.long()
-            t_vals[r, start:start + len(ti)] = tv.float()
-            mask[r, start:start + len(ti)] = True
-        return ids.to(device), t_ids.to(device), t_vals.to(device), mask.to(device)
-
-
-def kl_loss(draft, full_to_sub: torch.Tensor, ids, t_ids, t_vals, mask) -> torch.Tensor:
-    """Mean over masked positions of KL(p || q): p the teacher's top-k restricted to the subset, renormalised."""
-    hidden = draft.hidden_states(ids, use_cache=False)[mask]  # (M, H)
-    logq = torch.log_softmax(draft.subset_logits(hidden).float(), dim=-1)  # (M, K)
-    sub = full_to_sub[t_ids[mask]]  # (M, k), -1 outside the subset
-    vals = t_vals[mask].masked_fill(sub < 0, float("-inf"))
-    keep = torch.isfinite(vals).any(dim=-1)
-    logp = torch.log_softmax(vals[keep], dim=-1)
-    p = logp.exp()
-    q_at = logq[keep].gather(1, sub[keep].clamp_min(0))
-    terms = torch.where(p > 0, p * (logp - q_at), torch.zeros_like(p))
-    return terms.sum(-1).mean() if keep.any() else hidden.sum() * 0.0
-
-
 # --- model construction ---------------------------------------------------------------------------------------------
 
 
@@ -232,7 +175,7 @@ def init_layers(spec: str, num_layers: int, target_layers: int) -> list[int] | N
 
 def draft_plan(target, args):
     """The draft's Llama config and the target layers it copies (None: random), checked against the target."""
-    from batched_specdec.draft_model import draft_config_from_target
+    from batched_specdec.training.save import draft_config_from_target
 
     layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
     width = args.width or int(target.config.hidden_size)
@@ -258,7 +201,7 @@ def main_job_prompts(tokenizer) -> frozenset:
 
 def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path, exclude: frozenset):
     """A feature draft, its training set with the target's features (cached next to the data), and its loss."""
-    from batched_specdec.distill_feature import FeatureTrainSet, build_feature_draft, feature_loss
+    from batched_specdec.training.feature import FeatureTrainSet, build_feature_draft, feature_loss
 
     layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
     draft = build_feature_draft(target, vocab_ids, args.layers, layer_ids)
@@ -273,7 +216,8 @@ def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path, exclude: fro
 
 
 def build_draft(target, args, vocab_ids: torch.Tensor):
-    from batched_specdec.draft_model import SubsetHeadDraft, init_from_target
+    from batched_specdec.drafting.heads import SubsetHeadDraft
+    from batched_specdec.training.save import init_from_target
 
     if getattr(target.config, "model_type", None) not in ("llama",) and not hasattr(target, "model"):
         raise DistillError("the draft is built from Llama-style decoder layers; the target must be a Llama-like LM")
@@ -287,203 +231,31 @@ def build_draft(target, args, vocab_ids: torch.Tensor):
     return draft, layer_ids
 
 
-# --- training -------------------------------------------------------------------------------------------------------
-
-
-def _lr_at(step: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
-def train(draft, train_set, vocab_ids, args, out_dir: Path, device, loss_fn=None) -> dict:
-    """Train ``draft`` in place; checkpoint every ``--checkpoint-every`` steps and on Ctrl-C. Returns a summary.
-
-    ``loss_fn(*train_set.batch(indices, device))`` is the loss (default: :func:`kl_loss` of a token draft)."""
-    ckpt_path = out_dir / "checkpoint.pt"
-    draft.float().train()
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    full_to_sub = torch.full((draft.config.vocab_size,), -1, dtype=torch.int64, device=device)
-    full_to_sub[vocab_ids.to(device)] = torch.arange(len(vocab_ids), device=device)
-    step, losses, elapsed_before = 0, [], 0.0
-    if args.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if not torch.equal(ck["vocab_ids"].cpu(), vocab_ids.cpu()):
-            raise DistillError(f"{ckpt_path} was trained with another vocabulary subset; remove it or change "
-                               "--output-dir")
-        if ck.get("args", {}).get("kind", "tokens") != args.kind:
-            raise DistillError(f"{ckpt_path} is a checkpoint of a --kind {ck['args'].get('kind', 'tokens')} draft, "
-                               f"not --kind {args.kind}; remove it or change --output-dir")
-        draft.load_state_dict(ck["draft"], strict=False)
-        opt.load_state_dict(ck["optimizer"])
-        step, losses, elapsed_before = ck["step"], ck["losses"], ck.get("elapsed_s", 0.0)
-        print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr, flush=True)
-    rng = random.Random(args.seed * 7919 + step)
-    order: list[int] = []
-
-    def save(reason: str) -> None:
-        state = {k: v for k, v in draft.state_dict().items()}
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"step": step, "draft": state, "optimizer": opt.state_dict(), "losses": losses,
-                    "vocab_ids": vocab_ids.cpu(), "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                    "args": vars(args)}, tmp)
-        tmp.rename(ckpt_path)
-        print(f"checkpoint ({reason}) at step {step}: {ckpt_path}", file=sys.stderr, flush=True)
-
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    interrupted = False
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        while step < args.steps:
-            if len(order) < args.batch_size:
-                extra = list(range(len(train_set)))
-                rng.shuffle(extra)
-                order += extra
-            idx, order = order[: args.batch_size], order[args.batch_size:]
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, args)
-            batch = train_set.batch(idx, device)
-            loss = kl_loss(draft, full_to_sub, *batch) if loss_fn is None else loss_fn(*batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", avg10=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-            elif step % 10 == 0 or step == args.steps:
-                print(f"step {step}/{args.steps} loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
-                save("periodic")
-    except KeyboardInterrupt:
-        interrupted = True
-        save("interrupted")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if bar is not None:
-            bar.close()
-    if not interrupted:
-        save("final")
-    draft.eval().requires_grad_(False)
-    return {"steps": step, "losses": losses, "interrupted": interrupted,
-            "train_time_s": elapsed_before + time.perf_counter() - t0}
-
-
-# --- evaluation -----------------------------------------------------------------------------------------------------
-
-
-def evaluate(draft, target, prompts: list[list[int]], args, eos_ids: list[int]) -> dict:
-    """Greedy acceptance, exactness and speedup over target-only decoding on ``prompts``, batch 1 and batched."""
-    from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
-
-    common = {"logits_processor": GreedyProcessor(), "max_gen_len": args.eval_gen_len,
-              "eos_tokens_id": eos_ids}
-    # warm-up (allocator, first-call overheads) excluded from timings
-    speculative_generate_batch(prompts[:1], draft, target, gamma=args.gamma, logits_processor=GreedyProcessor(),
-                               max_gen_len=4, eos_tokens_id=[])
-    autoregressive_generate_batch(prompts[:1], target, GreedyProcessor(), max_gen_len=4, eos_tokens_id=[])
-    results = {}
-    for bs in sorted({1, min(args.eval_batch_size, len(prompts))}):
-        ar_time = sd_time = 0.0
-        ar_tok = sd_tok = acc = prop = rejections = 0
-        exact = True
-        for i in range(0, len(prompts), bs):
-            part = prompts[i:i + bs]
-            ar_out, ar_stats = autoregressive_generate_batch(part, target, return_stats=True, **common)
-            sd_out, _, sd_stats = speculative_generate_batch(part, draft, target, gamma=args.gamma, **common)
-            exact &= ar_out == sd_out
-            ar_time += ar_stats.wall_time_s
-            sd_time += sd_stats.wall_time_s
-            ar_tok += ar_stats.generated_tokens
-            sd_tok += sd_stats.generated_tokens
-            acc += sum(sd_stats.accepted)
-            prop += sum(sd_stats.proposed)
-            rejections += sum(sd_stats.acceptance_histogram[: args.gamma])  # row-steps that stopped at a rejection
-        results[bs] = {
-            "acceptance_rate": acc / max(prop, 1),
-            # Leviathan et al.'s alpha, estimated: the chance that a draft token that gets verified is accepted.
-            # acceptance_rate also counts drafts after a rejection, which are never verified, so it is lower.
-            "per_position_acceptance": acc / max(acc + rejections, 1),
-            "target_only_tokens_per_s": ar_tok / ar_time,
-            "speculative_tokens_per_s": sd_tok / sd_time,
-            "speedup": (sd_tok / sd_time) / (ar_tok / ar_time),
-            "exact": exact,
-            "tokens": sd_tok,
-        }
-    return results
-
-
-def print_eval(results: dict, n_prompts: int, args) -> None:
-    print(f"held-out evaluation: {n_prompts} prompts never used for training, greedy, gamma={args.gamma}, "
-          f"{args.eval_gen_len} new tokens per prompt")
-    for bs, r in results.items():
-        print(f"  batch {bs}: acceptance {r['acceptance_rate']:.3f} per draft token (per verified position "
-              f"{r['per_position_acceptance']:.3f}), speculative "
-              f"{r['speculative_tokens_per_s']:.2f} tok/s vs target-only {r['target_only_tokens_per_s']:.2f} tok/s "
-              f"-> speedup {r['speedup']:.2f}x, outputs identical to target-only: {r['exact']}")
-
-
 # --- main -----------------------------------------------------------------------------------------------------------
 
 
-def run(args) -> dict:
-    from batched_specdec.draft_model import DraftLoadError, load_distilled_draft, save_draft, write_manifest
-    from batched_specdec.models import ModelLoadError, eos_token_ids, resolve_device
-
-    _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t_start = time.perf_counter()
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _sources(args) -> list[str]:
     sources = [s.strip() for s in args.prompts.split(",") if s.strip()]
     if not sources:
         raise DistillError("--prompts is empty: expected built-in, self, or a FILE")
     for src in sources:
         if src not in ("built-in", "self") and not Path(src).is_file():
             raise DistillError(f"prompt source {src!r} is not built-in, self, or an existing file")
-    try:
-        device = resolve_device(args.device)
-        target, tokenizer = load_target_and_tokenizer(args.target, device, args.dtype)
-    except ModelLoadError as exc:
-        raise DistillError(str(exc)) from exc
-    eos_ids = eos_token_ids(target, tokenizer) if tokenizer is not None else []
-    if tokenizer is not None:
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end, int) and end >= 0 and end != getattr(tokenizer, "unk_token_id", None) and end not in eos_ids:
-            eos_ids.append(end)
+    return sources
 
-    if not args.eval_only:
-        draft_plan(target, args)  # bad --layers/--width/--init fail here, before any generation
-    pool = base_prompts(sources, tokenizer)
-    rng = random.Random(args.seed)
+
+def _split_prompts(pool: list[list[int]], args) -> tuple[list[list[int]], list[list[int]]]:
+    """``(eval_prompts, train_prompts)``: ``--eval-prompts`` of the built-in/file prompts held out, by seed."""
     shuffled = pool[:]
-    rng.shuffle(shuffled)
+    random.Random(args.seed).shuffle(shuffled)
     if args.eval_prompts > len(shuffled):
         raise DistillError(f"--eval-prompts {args.eval_prompts} is more than the {len(shuffled)} built-in/file prompts")
-    eval_prompts, train_prompts = shuffled[: args.eval_prompts], shuffled[args.eval_prompts:]
+    return shuffled[: args.eval_prompts], shuffled[args.eval_prompts:]
 
-    if args.eval_only:
-        try:
-            draft = load_distilled_draft(target, args.eval_only)
-        except DraftLoadError as exc:
-            raise DistillError(str(exc)) from exc
-        results = evaluate(draft, target, eval_prompts, args, eos_ids)
-        print_eval(results, len(eval_prompts), args)
-        return {"eval": results}
 
-    summary: dict = {"eval_prompts": len(eval_prompts)}
+def _training_sequences(target, tokenizer, sources, train_prompts, args, out_dir: Path) -> list[list[int]]:
+    """The prompts of every training sequence: the training prompts plus (with ``self``) the target's own user
+    turns (cached), cycled to ``--sequences`` and shuffled, each cut to leave room for ``--gen-len``."""
     if "self" in sources:
         sp_path = out_dir / f"self_prompts-{args.self_prompts}-seed{args.seed}.json"
         if sp_path.is_file():
@@ -501,6 +273,10 @@ def run(args) -> dict:
     max_pos = getattr(target.config, "max_position_embeddings", None)
     if max_pos is not None:
         seqs = [s[-(max_pos - args.gen_len - 2):] for s in seqs]
+    return seqs
+
+
+def _data(target, seqs: list[list[int]], args, out_dir: Path, summary: dict) -> tuple[list[dict], Path]:
     data_dir = out_dir / f"data-{data_key(args, seqs)}"
     t0 = time.perf_counter()
     chunks = generate_data(target, seqs, args, data_dir)
@@ -509,9 +285,13 @@ def run(args) -> dict:
     summary["data_sequences"] = sum(len(ch["prompts"]) for ch in chunks)
     print(f"data: {summary['data_sequences']} sequences, {summary['data_tokens']} generated tokens in {data_dir}",
           file=sys.stderr)
-    if args.data_only:
-        return summary
+    return chunks, data_dir
 
+
+def _train_draft(target, tokenizer, chunks, data_dir: Path, sources, eos_ids, args, out_dir: Path, device,
+                 summary: dict):
+    """Choose the vocabulary subset, build the draft and its training set, and train it; returns
+    ``(draft, layer_ids, train result)``."""
     vocab_ids = choose_vocab_subset(chunks, args.vocab_subset, int(target.config.vocab_size), eos_ids)
     covered = torch.zeros(int(target.config.vocab_size), dtype=torch.bool)
     covered[vocab_ids] = True
@@ -540,21 +320,70 @@ def run(args) -> dict:
         summary["loss_first"] = sum(losses[:n]) / n
         summary["loss_last"] = sum(losses[-n:]) / n
         print(f"loss: first {n} steps {summary['loss_first']:.4f} -> last {n} steps {summary['loss_last']:.4f}")
-    if result["interrupted"]:
-        print(f"interrupted at step {result['steps']}; rerun with --resume to continue", file=sys.stderr)
-        return summary
+    return draft, layer_ids, result
+
+
+def _save(draft, layer_ids, result: dict, target, args, out_dir: Path, summary: dict) -> Path:
+    """Write the draft and its manifest (the target's name and weight checksum, what the training recorded)."""
+    from batched_specdec.training.save import save_draft, write_manifest
+
     draft_dir = save_draft(draft, out_dir / "draft", storage_dtype=getattr(torch, args.storage_dtype), metadata={
-        "target": args.target, "kind": args.kind, "layers": args.layers, "width": draft.config.hidden_size, "init_layers": layer_ids,
-        "steps": result["steps"],
-        "sequences": summary["data_sequences"], "gen_len": args.gen_len, "data_tokens": summary["data_tokens"],
-        "loss_first": summary.get("loss_first"), "loss_last": summary.get("loss_last"),
+        "target": args.target, "kind": args.kind, "layers": args.layers, "width": draft.config.hidden_size,
+        "init_layers": layer_ids, "steps": result["steps"], "sequences": summary["data_sequences"],
+        "gen_len": args.gen_len, "data_tokens": summary["data_tokens"], "loss_first": summary.get("loss_first"),
+        "loss_last": summary.get("loss_last"),
     })
     write_manifest(draft_dir, target, target_description(args.target), training=json.loads(
         (draft_dir / "draft_config.json").read_text()).get("metadata"))
     print(f"draft saved to {draft_dir}")
+    return draft_dir
+
+
+def run(args) -> dict:
+    """Every stage of the pipeline (module docstring); returns the run's summary (also ``summary.json``)."""
+    from batched_specdec.drafting.heads import DraftLoadError, load_distilled_draft
+    from batched_specdec.model_info import vocab_size
+    from batched_specdec.models import ModelLoadError, resolve_device
+    from batched_specdec.options import resolve_eos
+
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = _sources(args)
+    try:
+        device = resolve_device(args.device)
+        target, tokenizer = load_target_and_tokenizer(args.target, device, args.dtype)
+    except ModelLoadError as exc:
+        raise DistillError(str(exc)) from exc
+    eos_ids = resolve_eos(None, target, tokenizer, vocab_size(target))
+    if not args.eval_only:
+        draft_plan(target, args)  # bad --layers/--width/--init fail here, before any generation
+    eval_prompts, train_prompts = _split_prompts(base_prompts(sources, tokenizer), args)
+    if args.eval_only:
+        try:
+            draft = load_distilled_draft(target, args.eval_only)
+        except DraftLoadError as exc:
+            raise DistillError(str(exc)) from exc
+        results = evaluate(draft, target, eval_prompts, args, eos_ids)
+        print_eval(results, len(eval_prompts), args)
+        return {"eval": results}
+    summary: dict = {"eval_prompts": len(eval_prompts)}
+    seqs = _training_sequences(target, tokenizer, sources, train_prompts, args, out_dir)
+    chunks, data_dir = _data(target, seqs, args, out_dir, summary)
+    if args.data_only:
+        return summary
+    draft, layer_ids, result = _train_draft(target, tokenizer, chunks, data_dir, sources, eos_ids, args, out_dir,
+                                            device, summary)
+    if result["interrupted"]:
+        print(f"interrupted at step {result['steps']}; rerun with --resume to continue", file=sys.stderr)
+        return summary
+    draft_dir = _save(draft, layer_ids, result, target, args, out_dir, summary)
     if not args.no_eval and eval_prompts:
-        loaded = load_distilled_draft(target, draft_dir)
-        results = evaluate(loaded, target, eval_prompts, args, eos_ids)
+        results = evaluate(load_distilled_draft(target, draft_dir), target, eval_prompts, args, eos_ids)
         print_eval(results, len(eval_prompts), args)
         summary["eval"] = results
     summary["total_time_s"] = time.perf_counter() - t_start

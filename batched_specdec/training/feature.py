@@ -1,4 +1,4 @@
-"""Training a feature draft (``python -m batched_specdec.distill --kind feature``): an EAGLE-style head that reads
+"""Training a feature draft (``python -m batched_specdec.training --kind feature``): an EAGLE-style head that reads
 the target's own final hidden states (:class:`~batched_specdec.draft_model.FeatureHeadDraft`).
 
 Data are the distillation tool's: the target's own sampled continuations of the training prompts. The features
@@ -194,7 +194,8 @@ def unrolled_mask(pairs: int, passes: int, dtype: torch.dtype, device) -> Tensor
 def build_feature_draft(target, vocab_ids: Tensor, num_layers: int, layer_ids: list[int] | None):
     """A :class:`FeatureHeadDraft` of ``num_layers`` layers at the target's width, its layers copied from target
     layers ``layer_ids`` (None: random), its norm from the target's, ``fc`` starting as embedding + feature."""
-    from batched_specdec.draft_model import FeatureHeadDraft, draft_config_from_target, init_from_target
+    from batched_specdec.drafting.heads import FeatureHeadDraft
+    from batched_specdec.training.save import draft_config_from_target, init_from_target
 
     draft = FeatureHeadDraft(draft_config_from_target(target.config, num_layers), target, vocab_ids)
     init_from_target(draft, target, layer_ids)

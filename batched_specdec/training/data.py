@@ -1,4 +1,4 @@
-"""Prompts and data of the distillation tool (``python -m batched_specdec.distill``): the target and its tokenizer,
+"""Prompts and data of the distillation tool (``python -m batched_specdec.training``): the target and its tokenizer,
 the training prompts (built-in, files, self-written user turns), the target's own sampled continuations with the
 teacher's top-k log-probabilities recorded while sampling, and the draft's vocabulary subset."""
 

@@ -1,8 +1,9 @@
 """The hybrid drafter: every row, every step, drafts from whichever source its own evidence favours.
 
-Two sources: an n-gram match in the row's own committed tokens (:mod:`batched_specdec.ngram`: free, and right
-for long stretches on copy and edit tasks) and a model draft (a :class:`~batched_specdec.drafters.FeatureDrafter`
-over the target's features, or a :class:`~batched_specdec.drafters.ModelDrafter`: useful on free text, where there
+Two sources: an n-gram match in the row's own committed tokens (:mod:`batched_specdec.drafting.ngram`: free, and right
+for long stretches on copy and edit tasks) and a model draft (a
+:class:`~batched_specdec.drafting.feature.FeatureDrafter` over the target's features, or a
+:class:`~batched_specdec.drafting.model.ModelDrafter`: useful on free text, where there
 is little to copy). All rows are verified in the one verify forward, whatever their source.
 
 Per row the drafter keeps the acceptance it has measured for each source (an exponential average of accepted /
@@ -19,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batched_specdec.drafters import DraftProposal
-from batched_specdec.ngram import NGramDrafter, ngram_lookup_with_match
+from batched_specdec.checks import OptionError, check_positive_int
+from batched_specdec.drafting.base import Drafter, DraftProposal
+from batched_specdec.drafting.ngram import NGramDrafter, ngram_lookup_with_match
 
 NGRAM_PRIOR = 0.5
 """Acceptance assumed for a row's n-gram source before the row has drafted from it."""
@@ -30,7 +32,7 @@ EVIDENCE_WEIGHT = 0.3
 """Weight of the latest step in a row's acceptance estimate of the source it drafted from."""
 
 
-class HybridDrafter:
+class HybridDrafter(Drafter):
     """Per-row choice between an n-gram match and a model draft (see the module docstring).
 
     Parameters
@@ -48,18 +50,17 @@ class HybridDrafter:
 
     def __init__(self, model_drafter, ngram: NGramDrafter | None = None, min_match: int = 2,
                  match_bonus: float = 0.1) -> None:
-        if isinstance(min_match, bool) or not isinstance(min_match, int) or min_match < 1:
-            raise ValueError(f"min_match must be an int >= 1, got {min_match!r}")
+        check_positive_int("min_match", min_match)
         self.model_drafter = model_drafter
         self.ngram = ngram or NGramDrafter()
         if min_match > self.ngram.max_ngram:
-            raise ValueError(f"min_match {min_match} is longer than the n-gram source's max_ngram "
+            raise OptionError(f"min_match {min_match} is longer than the n-gram source's max_ngram "
                              f"{self.ngram.max_ngram}: no match could qualify")
         self.min_match = min_match
         self.match_bonus = float(match_bonus)
         self.vocab_size = model_drafter.vocab_size
-        self.uses_target_features = getattr(model_drafter, "uses_target_features", False)
-        self.model = getattr(model_drafter, "model", None)  # the cost prior of the adaptive controller
+        self.uses_target_features = model_drafter.uses_target_features
+        self.model = model_drafter.model  # the draft forwards drafting costs
         self._evidence: dict[str, Tensor] = {}
         self._drafted_rows: Tensor | None = None  # (2,) int64 on the device: (row, step) pairs per source
 
@@ -80,8 +81,7 @@ class HybridDrafter:
         self.model_drafter.observe_features(hidden, first_position, rows)
 
     def note_target_only_step(self) -> None:
-        if hasattr(self.model_drafter, "note_target_only_step"):
-            self.model_drafter.note_target_only_step()
+        self.model_drafter.note_target_only_step()
         self._evidence["proposed"].zero_()  # the growth up to the next proposal is not this step's acceptance
 
     def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
@@ -106,7 +106,8 @@ class HybridDrafter:
         drafted = num > 0
         self._drafted_rows += torch.stack([(use_ngram & drafted).sum(), (~use_ngram & drafted).sum()])
         return DraftProposal(tokens=tokens, probs=model.probs, num_tokens=num,
-                             deterministic_rows=use if model.probs is not None else None)
+                             deterministic_rows=use if model.probs is not None else None,
+                             includes_catch_up=model.includes_catch_up)
 
     def _learn(self, seq_lens: Tensor) -> None:
         """Fold the last step's acceptance into the estimate of the source each row drafted from."""

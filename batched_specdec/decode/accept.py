@@ -1,0 +1,70 @@
+"""The accept phase of a step: which of the verified tokens each row keeps, and the one token it adds.
+
+A step with drafts rejection-samples them against the verify logits (:mod:`batched_specdec.kernels.rejection_sample`);
+a step without drafts samples one target token per row. Every draw is keyed by the rows' prompt indices
+(``row_keys``), so a row's tokens do not depend on its position in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batched_specdec import capture
+from batched_specdec.controller import min_verify_tokens
+from batched_specdec.kernels import draw_seed_offset, rejection_sample_from_logits, rejection_sample_from_probs
+from batched_specdec.processors import LogitsProcessor
+
+
+def pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device):
+    """Widen a verify of fewer than ``controller.min_verify_tokens(device)`` tokens (4 on CPU) with padding drafts
+    (copies of the last draft, and of its q) past every row's ``num_draft``, which rejection sampling never accepts
+    or reads. ``tokens`` ``(B, k)``, ``probs`` ``(B, k, V)`` or None, ``num`` ``(B,)`` or None (``k`` per row)."""
+    rows, k = tokens.shape
+    least = min_verify_tokens(device)
+    if k == 0 or rows * (k + 1) >= least:
+        return tokens, probs, num
+    extra = -(-least // rows) - 1 - k
+    num = torch.full((rows,), k, dtype=torch.int64, device=tokens.device) if num is None else num
+    tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1)
+    if probs is not None:
+        probs = torch.cat([probs, probs[:, -1:].expand(-1, extra, -1)], dim=1)
+    return tokens, probs, num
+
+
+def verify_drafts(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
+                  num_draft: Tensor | None, seed: Tensor, offset: Tensor, row_keys: Tensor,
+                  deterministic_rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Rejection-sample one step's drafts (``k >= 1``) against the verify ``logits`` ``(B, k + 1, V)``:
+    ``(out_tokens (B, k + 1), num_accepted (B,))``. Compiled with ``compile=True``; its randomness comes in as
+    ``seed``/``offset``. ``deterministic_rows`` ``(B,)`` flags rows whose q is one-hot although ``draft_probs`` is
+    given (a hybrid drafter's n-gram rows)."""
+    if processor.is_greedy:
+        return rejection_sample_from_logits(draft_tokens, None, logits, 0.0, num_draft_tokens=num_draft, seed=seed,
+                                            offset=offset)
+    return rejection_sample_from_probs(draft_tokens, draft_probs, processor.probs(logits), num_draft_tokens=num_draft,
+                                       seed=seed, offset=offset, row_keys=row_keys,
+                                       deterministic_rows=deterministic_rows)  # fmt: skip
+
+
+def accept(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
+           num_draft: Tensor | None, generator: torch.Generator | None, row_keys: Tensor,
+           deterministic_rows: Tensor | None, compile: bool) -> tuple[Tensor, Tensor]:
+    """The step's emitted tokens ``(B, k + 1)`` and accepted counts ``(B,)``: a plain target sample when the step
+    has no drafts (``k == 0``), else :func:`verify_drafts` (compiled with ``compile``)."""
+    if draft_tokens.shape[1] == 0:
+        token, _ = processor.sample(logits[:, 0], generator, row_keys)
+        return token[:, None], torch.zeros_like(token)
+    # Drawn as the sampler would draw them itself (so seeded outputs do not depend on compile); greedy draws none.
+    if processor.is_greedy:
+        seed = offset = torch.zeros((), dtype=torch.int64, device=logits.device)
+    else:
+        seed, offset = draw_seed_offset(generator, logits.device)
+    args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset, row_keys, deterministic_rows)
+    return capture.run_compiled(verify_drafts, logits.device, *args) if compile else verify_drafts(*args)
+
+
+def emitted_logprobs(logits: Tensor, out_tokens: Tensor, processor: LogitsProcessor) -> Tensor:
+    """``(B, W)`` target log-probability of each emitted token under the processed distribution at its position."""
+    logp = torch.log_softmax(processor.process(logits), dim=-1)
+    return logp.gather(2, out_tokens.clamp_min(0)[:, :, None])[:, :, 0]

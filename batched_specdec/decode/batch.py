@@ -1,0 +1,220 @@
+"""Per-row decoding state: committed tokens, lengths, budgets and finished flags, and the host's view of them.
+
+Every row keeps its committed tokens ``s_b`` (prompt + emitted) in ``token_buffer[b, :seq_lens[b]]``. Rows finish
+at their own EOS or generation budget and are compacted away once enough of the batch is done. The host reads one
+small tensor per step (:meth:`RaggedBatch.sync`, which returns a :class:`HostView`); everything else stays on the
+device. The session (:mod:`batched_specdec.decode.session`) commits each step's tokens into these buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from batched_specdec import capture
+from batched_specdec.devices import host_arrived, host_copy
+
+COMPACT_FRACTION = 0.25
+"""Drop finished rows from the batch once at least this fraction of it is finished."""
+
+
+@dataclass
+class HostView:
+    """What the host knows after a step's sync (all host tensors, one entry per row of the batch).
+
+    ``finished`` and ``seq_lens`` are the rows' flags and committed lengths; ``generated`` counts every token
+    generated so far (rows compacted away included); ``extra`` holds the per-row counts the session asked to read
+    with them, ``(n_extra, B)`` int64 (the controller's proposed and accepted counts)."""
+
+    finished: Tensor
+    seq_lens: Tensor
+    generated: int
+    extra: Tensor
+
+    @property
+    def all_finished(self) -> bool:
+        return bool(self.finished.all())
+
+
+class RaggedBatch:
+    """Per-row decoding state on the target's input device; rows may be dropped (compacted) as they finish.
+
+    Rows are held longest prompt first (:attr:`row_ids` maps them back to prompt order), so that the rows with
+    prompt left in any prefill chunk are a prefix of the batch. Per-row generation budgets share the one scalar
+    limit of the commit kernel: row ``b`` starts with ``gen_lens[b] = max(max_gen_lens) - max_gen_lens[b]``, so it
+    reaches the limit after its own budget.
+
+    With ``compile=True`` the per-row buffers are static and pooled (graph-stable across calls). With
+    ``delayed_host_read=True`` the host's view is one step behind the device: :meth:`sync` starts a non-blocking
+    copy of this step's state and reads the previous step's, and :meth:`max_live_seq_len` adds the last commit's
+    width, which the host has not seen yet.
+    """
+
+    def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], capacity: int, pad_token_id: int,
+                 device: torch.device, *, logprobs: bool = False, compile: bool = False,
+                 delayed_host_read: bool = False) -> None:
+        batch = len(prompts)
+        self.prompt_lens_host = [len(p) for p in prompts]  # in prompt order, for the results
+        order = sorted(range(batch), key=lambda i: -len(prompts[i]))
+        prompts = [prompts[i] for i in order]
+        max_gen_lens = [max_gen_lens[i] for i in order]
+        lens = [len(p) for p in prompts]
+        self.prefill_widths = [n - 1 for n in lens]
+        self.max_prompt_len = max(lens)
+        self.max_gen_len = max(max_gen_lens)
+        self.capacity = capacity
+        self.compile = compile
+        self.device = device
+        padded = torch.full((batch, capacity), pad_token_id, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        self.token_buffer = self._device_state("tokens", padded)
+        self.logprob_buffer = self._device_state("logprobs", torch.zeros(batch, capacity)) if logprobs else None
+        self.seq_lens = self._device_state("seq_lens", torch.tensor(lens, dtype=torch.int64))
+        self.gen_lens = self._device_state("gen_lens", torch.tensor([self.max_gen_len - m for m in max_gen_lens]))
+        self.finished = self._device_state("finished", torch.zeros(batch, dtype=torch.bool))
+        self.row_ids = self._device_state("row_ids", torch.tensor(order, dtype=torch.int64))
+        self.host_row_ids = torch.tensor(order, dtype=torch.int64)
+        # Results of every original row, filled when rows are compacted away and at the end.
+        self.final_tokens = torch.empty_like(self.token_buffer)
+        self.final_logprobs = None if self.logprob_buffer is None else torch.empty_like(self.logprob_buffer)
+        self.final_seq_lens = torch.empty_like(self.seq_lens)
+        self.host_prompt_lens = torch.tensor(lens)
+        self.view = HostView(torch.zeros(batch, dtype=torch.bool), torch.tensor(lens), 0,
+                             torch.zeros(0, batch, dtype=torch.int64))
+        self.dropped_generated = 0  # tokens of rows compacted away
+        self.live_row_steps = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
+        self.last_width = 0  # tokens per row the last commit may have added
+        self.delayed = delayed_host_read
+        # a step's state on its way to the host (delayed read): (host tensor, event, rows kept since or None)
+        self._pending: tuple[Tensor, object, Tensor | None] | None = None
+        self.unseen_width = 0  # tokens per row the last commit may have added that the host view does not show
+
+    def _device_state(self, role: str, values: Tensor) -> Tensor:
+        """``values`` (host) in a device buffer: pooled and static with ``compile`` (graph-stable across calls)."""
+        buffer = capture.new_buffer(f"batch.{role}", values.shape, values.dtype, self.device, self.compile)
+        return buffer.copy_(values)
+
+    def _kept(self, buffer: Tensor, rows: Tensor) -> Tensor:
+        """``buffer[rows]``; with ``compile``, written into the front of ``buffer`` itself (same addresses)."""
+        return capture.copy_to_front(buffer, buffer[rows]) if self.compile else buffer[rows]
+
+    @property
+    def size(self) -> int:
+        return self.token_buffer.shape[0]
+
+    def last_tokens(self) -> Tensor:
+        """``(B, 1)``: every row's last committed token."""
+        return self.token_buffer.gather(1, (self.seq_lens - 1)[:, None])
+
+    def sync(self, extra: list[Tensor] = ()) -> HostView:
+        """The one host synchronisation per step: done flags, lengths, and any ``extra`` ``(B,)`` int64 tensors.
+
+        With the delayed read, this step's state starts its way to pinned host memory (an event marks its arrival)
+        and the view becomes the previous step's, which has long arrived: the host waits for nothing."""
+        state = torch.cat([self.finished.to(torch.int64), self.seq_lens, *extra])
+        if not self.delayed:
+            self._apply(state.cpu(), len(extra))
+            return self.view
+        if extra:
+            raise ValueError("the delayed host read carries no extra per-row counts (the adaptive controller needs "
+                             "them at once)")
+        previous, self._pending = self._pending, (*host_copy(state), None)
+        # The host view now lags by exactly this step's commit (after the first step: the prompts, by the first).
+        self.unseen_width = self.last_width
+        if previous is not None:
+            host, event, kept = previous
+            host = host_arrived(host, event)
+            if kept is not None:  # rows were compacted after this state was taken: drop theirs
+                host = host.view(2, -1)[:, kept].reshape(-1)
+            self._apply(host, 0)
+        return self.view
+
+    def _apply(self, host: Tensor, n_extra: int) -> None:
+        b = self.size
+        seq_lens = host[b : 2 * b]
+        generated = int((seq_lens - self.host_prompt_lens).sum()) + self.dropped_generated
+        self.view = HostView(host[:b].bool(), seq_lens, generated, host[2 * b :].view(n_extra, b))
+
+    @property
+    def row_steps(self) -> int:
+        """(row, step) pairs in which the row was live (a read of the device: for results, not for the loop)."""
+        return int(self.live_row_steps)
+
+    def max_live_seq_len(self) -> int:
+        """An upper bound on every live row's committed length, from the host view (plus what it has not seen)."""
+        live = self.view.seq_lens[~self.view.finished]
+        return (int(live.max()) if live.numel() else int(self.view.seq_lens.max())) + self.unseen_width
+
+    def flush(self) -> None:
+        """Copy every row's results to the per-prompt result buffers."""
+        self.final_tokens.index_copy_(0, self.row_ids, self.token_buffer)
+        self.final_seq_lens.index_copy_(0, self.row_ids, self.seq_lens)
+        if self.logprob_buffer is not None:
+            self.final_logprobs.index_copy_(0, self.row_ids, self.logprob_buffer)
+
+    def keep_rows(self, rows: Tensor, host_rows: Tensor) -> None:
+        """Keep ``rows`` (on the device) of the batch; ``host_rows`` is the same index on the host."""
+        self.flush()
+        self.token_buffer, self.seq_lens, self.gen_lens, self.finished, self.row_ids = (
+            self._kept(t, rows) for t in (self.token_buffer, self.seq_lens, self.gen_lens, self.finished, self.row_ids)
+        )
+        if self.logprob_buffer is not None:
+            self.logprob_buffer = self._kept(self.logprob_buffer, rows)
+        view = self.view
+        kept = torch.zeros(view.seq_lens.shape[0], dtype=torch.bool)
+        kept[host_rows] = True
+        self.dropped_generated += int((view.seq_lens - self.host_prompt_lens)[~kept].sum())
+        self.view = HostView(view.finished[host_rows], view.seq_lens[host_rows], view.generated,
+                             view.extra[:, host_rows])
+        self.host_prompt_lens = self.host_prompt_lens[host_rows]
+        self.host_row_ids = self.host_row_ids[host_rows]
+        if self._pending is not None:  # the state in flight has the old rows: keep these when it arrives
+            host, event, _ = self._pending
+            self._pending = (host, event, host_rows)
+
+    def rows_to_keep(self, finished: Tensor) -> Tensor | None:
+        """Ascending indices (on the host) of the rows to keep given ``finished`` (a host view), or None to keep
+        the batch as it is.
+
+        Eager: the live rows, once at least :data:`COMPACT_FRACTION` of the batch finished. With ``compile``: only
+        when the live rows fit a smaller power of two (:func:`capture.batch_bucket`), and then exactly that many
+        rows, the live ones and the first finished ones, which stay frozen, so compiled graphs see few batch sizes.
+        """
+        done = int(finished.sum())
+        if done == 0 or done == self.size:
+            return None
+        if not self.compile:
+            return None if done < COMPACT_FRACTION * self.size else torch.arange(self.size)[~finished]
+        bucket = capture.batch_bucket(self.size - done)
+        if bucket >= self.size:
+            return None
+        fillers = torch.arange(self.size)[finished][: bucket - (self.size - done)]
+        keep = torch.zeros(self.size, dtype=torch.bool)
+        keep[~finished] = True
+        keep[fillers] = True
+        return torch.arange(self.size)[keep]
+
+    def record_logprobs(self, start: Tensor, logprobs: Tensor) -> None:
+        """Store ``(B, W)`` log-probabilities of the tokens committed from positions ``start`` ``(B,)`` on. Slots
+        past a row's committed count land past its length (stale, never read); the capacity has room."""
+        cols = start[:, None] + torch.arange(logprobs.shape[1], device=start.device)[None, :]
+        self.logprob_buffer.scatter_(1, cols, logprobs.float())
+
+    def outputs(self) -> list[list[int]]:
+        """Every prompt's continuation (prompt excluded), in prompt order."""
+        self.flush()
+        tokens = self.final_tokens.cpu()
+        seq = self.final_seq_lens.cpu().tolist()
+        starts = self.prompt_lens_host
+        return [tokens[i, starts[i] : seq[i]].tolist() for i in range(tokens.shape[0])]
+
+    def output_logprobs(self) -> list[list[float]] | None:
+        if self.final_logprobs is None:
+            return None
+        values = self.final_logprobs.cpu()
+        seq = self.final_seq_lens.cpu().tolist()
+        starts = self.prompt_lens_host
+        return [values[i, starts[i] : seq[i]].tolist() for i in range(values.shape[0])]

@@ -1,0 +1,275 @@
+"""The decode session: one batch's state and the step that advances it.
+
+A :class:`DecodeSession` owns the rows (:class:`~batched_specdec.decode.batch.RaggedBatch`), the target's ragged KV
+cache, the drafter, the controller and the compile policy, and is the only thing that changes them. Its
+:meth:`~DecodeSession.step` reads top to bottom:
+
+1. plan: the controller picks the step's draft length ``k`` (0..gamma_max) and per-row budgets;
+2. draft: the drafter proposes up to ``k`` tokens per row (skipped when ``k == 0``);
+3. verify: one target forward over ``[s_b[-1], d_1..d_k]`` per row through the ragged cache;
+4. accept: rejection sampling keeps 0..k drafts per row and adds one recovered or bonus token
+   (:mod:`batched_specdec.decode.accept`); with ``k == 0`` a plain target sample;
+5. commit: the emitted tokens are appended, EOS and budgets checked, the cache pruned to ``|s_b| - 1`` entries
+   (``kernels.commit_emitted_tokens``: lengths only, no KV bytes move);
+6. sync: the one host read of the step (:meth:`RaggedBatch.sync`), whose view the controller learns from, and
+   compaction of finished rows (rows, cache and drafter, in that order).
+
+Target-only decoding is a session without a drafter: every step plans ``k = 0``. With ``compile=True`` the verify
+forward, the rejection sampling and the commit run compiled (:mod:`batched_specdec.capture`); a step's randomness
+is drawn eagerly from the generator first, so seeded outputs do not depend on ``compile``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from batched_specdec import capture
+from batched_specdec.controller import CPU_MIN_VERIFY_TOKENS, StaticSpeculation, make_controller, shared_cost_model
+from batched_specdec.decode.accept import accept, emitted_logprobs, pad_verify
+from batched_specdec.decode.batch import HostView, RaggedBatch
+from batched_specdec.decode.stats import GenerationStats, PhaseTimer, progress_bar
+from batched_specdec.devices import peak_memory, reset_peak_memory
+from batched_specdec.drafting.base import Drafter, DraftProposal, draft_cost_ratio
+from batched_specdec.kernels import commit_emitted_tokens
+from batched_specdec.options import DecodeOptions, DecodeRequest
+from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
+
+
+def commit_step(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos, max_gen_len):
+    """The step's commit (compiled with ``compile=True``); the buffers are the session's own, so no checks."""
+    return commit_emitted_tokens(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos,
+                                 max_gen_len, validate=False)
+
+
+class DecodeSession:
+    """One batch of prompts decoded by ``target``, speculatively with ``drafter`` or target-only without.
+
+    Parameters
+    ----------
+    target : PreTrainedModel
+        The model whose output is reproduced exactly.
+    drafter : Drafter or None
+        Proposes the drafts; None decodes target-only.
+    request : DecodeRequest
+        The checked prompts and per-row budgets (:func:`batched_specdec.options.resolve_prompts`).
+    options : DecodeOptions
+        Everything else, resolved once (:func:`batched_specdec.options.resolve_options`).
+    generator : torch.Generator or None
+        The run's random stream (sampling only).
+    """
+
+    @torch.inference_mode()
+    def __init__(self, target, drafter: Drafter | None, request: DecodeRequest, options: DecodeOptions,
+                 generator: torch.Generator | None) -> None:
+        self.target, self.drafter, self.options, self.generator = target, drafter, options, generator
+        self.device = device = request.device
+        n_rows = len(request.rows)
+        self.controller = self._make_controller(n_rows)
+        verify_room = max(self.controller.gamma_max, CPU_MIN_VERIFY_TOKENS) if drafter is not None else 0
+        self.capacity = capture.stable_capacity(max(map(len, request.rows)) + request.max_gen_len + verify_room + 2,
+                                                options.compile)
+        self.rows = RaggedBatch(request.rows, request.max_gen_lens, self.capacity, options.pad_token_id, device,
+                                logprobs=options.return_logprobs, compile=options.compile,
+                                delayed_host_read=options.delayed_host_read)
+        self.cache = RaggedKVCache(target.config, n_rows, self.capacity, device, options.attention, options.compile)
+        self.eos = torch.tensor(list(options.eos_token_ids) or [-1], dtype=torch.int64, device=device)
+        self.accepted = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.proposed = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.histogram = torch.zeros(self.controller.gamma_max + 1, dtype=torch.int64, device=device)
+        self.timer = PhaseTimer(options.collect_stats, device)
+        self.steps = self.compactions = 0
+        self.budget = sum(request.max_gen_lens)  # tokens the progress bar counts to
+        self.bar = None
+
+    def _make_controller(self, n_rows: int):
+        if self.drafter is None:
+            return StaticSpeculation(0)
+        gamma, device = self.options.gamma, self.device
+        ratio = draft_cost_ratio(self.drafter, self.target)
+        costs = shared_cost_model(self.target, self.drafter, device, ratio, compiled=self.options.compile) \
+            if gamma == "auto" else None
+        return make_controller(gamma, self.options.gamma_max, n_rows, device, ratio, cost_model=costs)
+
+    # --- the run ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self) -> tuple[list[list[int]], GenerationStats]:
+        """Prefill, step until every row has finished, and return the outputs (prompt order) and the stats."""
+        reset_peak_memory(self.device)
+        t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
+        self.prefill()
+        label = "target-only" if self.drafter is None else "speculative"
+        self.bar = progress_bar(self.options.progress, self.budget, label)
+        while not self.step():
+            pass
+        if self.bar is not None:
+            self.bar.close()
+        outputs, stats = self.results(t0)
+        stats.extra["graphs_compiled"] = capture.graphs_compiled() - graphs0
+        return outputs, stats
+
+    def prefill(self) -> None:
+        """Fill the target cache with ``s_b[:-1]`` of every row, in ragged chunks; a feature drafter receives each
+        chunk's final hidden states."""
+        rows, drafter = self.rows, self.drafter
+        on_hidden = None
+        if drafter is not None:
+            drafter.start(rows.token_buffer[:, : rows.max_prompt_len], rows.seq_lens, self.capacity)
+            on_hidden = drafter.observe_features if drafter.uses_target_features else None
+        prefill(self.target, self.cache, rows.token_buffer, rows.prefill_widths, self.options.prefill_chunk,
+                on_hidden=on_hidden)
+
+    def step(self) -> bool:
+        """One step: plan, draft, verify, accept, commit, sync. Returns True once every row has finished."""
+        timer, controller, rows = self.timer, self.controller, self.rows
+        timer.start()
+        if self.options.compile:
+            capture.step_begin(self.device)
+        controller.start_step()
+        graphs_before = capture.graphs_compiled()
+        max_len = rows.max_live_seq_len()
+        plan = controller.plan(rows.host_row_ids, ~rows.view.finished)
+        drafts = self._draft(plan, max_len)
+        controller.mark("draft")
+        timer.lap("draft")
+        logits = self._verify(drafts.tokens, max_len)
+        timer.lap("verify")
+        out_tokens, num_accepted = accept(self.options.processor, drafts.tokens, drafts.probs, logits,
+                                          drafts.num_tokens, self.generator, rows.row_ids, drafts.deterministic_rows,
+                                          self.options.compile)
+        controller.mark("verify")
+        timer.lap("sampling")
+        counts = self._commit(out_tokens, num_accepted, logits, drafts)
+        finished_before, host_rows = rows.view.finished, rows.host_row_ids
+        view = self._sync(counts)
+        if controller.adaptive:
+            controller.observe(host_rows, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
+                               drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
+                               timing_usable=capture.graphs_compiled() == graphs_before)
+        timer.lap("bookkeeping")
+        if view.all_finished:
+            return True
+        # Compaction follows the state after the previous step in both read modes (what the delayed read has now),
+        # so the batch's row layout, and with it every seeded random draw, is the same with and without the delay.
+        self._compact(view.finished if self.options.delayed_host_read else finished_before)
+        return False
+
+    # --- the phases ------------------------------------------------------------------------------------------
+
+    def _draft(self, plan, max_len: int) -> DraftProposal:
+        """The plan's drafts within the row budgets, cut to the width worth verifying and padded to the device's
+        narrowest efficient verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
+        rows, device = self.rows, self.device
+        if plan.draft_len == 0:
+            if self.drafter is not None:
+                self.drafter.note_target_only_step()
+            return DraftProposal(torch.zeros(rows.size, 0, dtype=torch.int64, device=device))
+        k = plan.draft_len
+        proposal = self.drafter.propose(rows.token_buffer, rows.seq_lens, k, self.options.processor, self.generator,
+                                        max_len, rows.row_ids)
+        tokens = proposal.tokens.to(device)
+        probs = None if proposal.probs is None else proposal.probs.to(device)
+        onehot = None if probs is None or proposal.deterministic_rows is None else proposal.deterministic_rows.to(device)
+        num = proposal.num_tokens
+        # Proposal lengths within budget, when the drafter may propose fewer than asked and the host knows the
+        # lengths without a sync (a drafter that always proposes k adds nothing to what the plan already weighed).
+        lengths = torch.minimum(num, plan.budgets) if plan.budgets is not None and num is not None and \
+            num.device.type == "cpu" else None
+        if plan.budgets is not None:
+            budgets = plan.budgets.to(device, non_blocking=True)
+            num = budgets if num is None else torch.minimum(num.to(device), budgets)
+        width = self.controller.choose_width(plan, lengths, rows.host_row_ids, ~rows.view.finished)
+        if width < k:
+            tokens = tokens[:, :width]
+            probs = None if probs is None else probs[:, :width]
+            num = None if num is None else num.clamp_max(width)
+        tokens, probs, num = pad_verify(tokens, probs, num, device)
+        return DraftProposal(tokens, probs, num, onehot, proposal.includes_catch_up)
+
+    def _verify(self, draft_tokens: Tensor, max_len: int) -> Tensor:
+        """The target's logits ``(B, k + 1, V)`` over ``[s_b[-1], d_1..d_k]``; a feature drafter receives the final
+        hidden states of all ``k + 1`` positions (it keeps only what rows commit: the rest is rewritten before it is
+        read)."""
+        k = draft_tokens.shape[1]
+        self.cache.set_span(max_len + k)
+        last = self.rows.last_tokens()
+        inputs = last if k == 0 else torch.cat([last, draft_tokens], dim=1)
+        if self.drafter is None or not self.drafter.uses_target_features:
+            return model_forward(self.target, self.cache, inputs).to(self.device)
+        logits, hidden = model_forward(self.target, self.cache, inputs, return_hidden=True)
+        self.drafter.observe_features(hidden, self.cache.lens)
+        return logits.to(self.device)
+
+    def _commit(self, out_tokens: Tensor, num_accepted: Tensor, logits: Tensor, drafts: DraftProposal) -> list[Tensor]:
+        """Append each live row's emitted tokens, detect EOS and budgets, prune the target cache to
+        ``seq_lens - 1`` and count the step's drafts. Returns the per-row counts the controller reads at the sync
+        (proposed and accepted, with ``gamma="auto"``), else nothing."""
+        rows, options = self.rows, self.options
+        start = rows.seq_lens.clone() if options.return_logprobs else None
+        live = ~rows.finished
+        rows.live_row_steps += live.sum()
+        args = (out_tokens, num_accepted, rows.token_buffer, rows.seq_lens, rows.gen_lens, rows.finished,
+                self.cache.lens, self.eos, rows.max_gen_len)
+        committed = capture.run_compiled(commit_step, self.device, *args) if options.compile else commit_step(*args)
+        rows.last_width = out_tokens.shape[1]
+        self.cache.set_lens(self.cache.lens)
+        if start is not None:
+            rows.record_logprobs(start, emitted_logprobs(logits, out_tokens, options.processor))
+        if self.drafter is None:
+            return []
+        # Drafts past a row's stop (EOS or budget) in its last step count neither as proposed nor as accepted.
+        k = drafts.tokens.shape[1]
+        proposed = torch.full_like(num_accepted, k) if drafts.num_tokens is None else drafts.num_tokens
+        proposed = torch.where(rows.finished, torch.minimum(proposed, committed), proposed) * live
+        accepted = torch.minimum(num_accepted, committed) * live
+        self.accepted.index_add_(0, rows.row_ids, accepted)
+        self.proposed.index_add_(0, rows.row_ids, proposed)
+        self.histogram.index_add_(0, accepted, live.to(torch.int64))
+        return [proposed, accepted] if self.controller.adaptive else []
+
+    def _sync(self, counts: list[Tensor]) -> HostView:
+        """The step's one host read (flags, lengths and ``counts``) and the progress bar."""
+        self.steps += 1
+        view = self.rows.sync(counts)
+        if self.bar is not None:
+            self.bar.update(view.generated - self.bar.n)
+        return view
+
+    def _compact(self, finished: Tensor) -> None:
+        """Drop finished rows (host ``(B,)`` flags) from the rows, the cache and the drafter when enough have
+        finished (:meth:`RaggedBatch.rows_to_keep`)."""
+        host_keep = self.rows.rows_to_keep(finished)
+        if host_keep is None:
+            return
+        keep = host_keep.to(self.device)  # built on the host from the step's sync: no device-to-host read here
+        self.rows.keep_rows(keep, host_keep)
+        self.cache.keep_rows(keep)
+        if self.drafter is not None:
+            self.drafter.keep_rows(keep)
+        self.compactions += 1
+
+    # --- results ---------------------------------------------------------------------------------------------
+
+    def results(self, t0: float) -> tuple[list[list[int]], GenerationStats]:
+        """The outputs in prompt order and the :class:`GenerationStats` of the run that started at ``t0``."""
+        rows = self.rows
+        outputs = rows.outputs()
+        wall = time.perf_counter() - t0
+        generated = [len(o) for o in outputs]
+        total = sum(generated)
+        row_steps = rows.row_steps
+        accepted, proposed = self.accepted.tolist(), self.proposed.tolist()
+        histogram = self.histogram.tolist() if self.drafter is not None else [row_steps]
+        peak, peak_kind = peak_memory(self.device)
+        stats = GenerationStats(
+            accepted=accepted, proposed=proposed, generated=generated, target_forwards=self.steps,
+            tokens_per_target_forward=total / max(row_steps, 1), acceptance_histogram=histogram, wall_time_s=wall,
+            generated_tokens=total, tokens_per_s=total / wall if wall > 0 else 0.0,
+            acceptance_rate=sum(accepted) / max(sum(proposed), 1), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+            time_split=dict(self.timer.split) if self.options.collect_stats else None, steps=self.steps,
+            compactions=self.compactions, logprobs=rows.output_logprobs(), controller=self.controller.summary(),
+        )
+        return outputs, stats

@@ -1,0 +1,101 @@
+"""What a drafter is: the base class every drafter implements, and the proposal it returns.
+
+A drafter sees the committed tokens of every row and proposes up to ``gamma`` draft tokens per row. The session
+(:mod:`batched_specdec.decode.session`) verifies them with the target; nothing a drafter does can change the output
+distribution, only the speed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DraftProposal:
+    """The draft tokens of one step.
+
+    Attributes
+    ----------
+    tokens : Tensor
+        ``(B, gamma)`` int64. Slots at or past ``num_tokens[b]`` are ignored but must hold valid token ids.
+    probs : Tensor or None
+        ``(B, gamma, V)`` float32: the exact distribution each draft token was drawn from. ``None`` for
+        deterministic drafters (q is one-hot at the draft token).
+    num_tokens : Tensor or None
+        ``(B,)`` int64 in ``0..gamma``: real draft tokens per row. ``None`` means ``gamma`` for every row.
+    deterministic_rows : Tensor or None
+        ``(B,)`` bool, with ``probs``: rows whose tokens came from a deterministic source (q one-hot at the draft
+        token; their ``probs`` rows are ignored), as a hybrid drafter's n-gram rows. ``None``: no such row.
+    includes_catch_up : bool
+        The drafter also fed tokens it had missed (the prompts, or steps without drafts) while proposing, so the
+        time it took is not the cost of its draft forwards alone.
+    """
+
+    tokens: Tensor
+    probs: Tensor | None = None
+    num_tokens: Tensor | None = None
+    deterministic_rows: Tensor | None = None
+    includes_catch_up: bool = False
+
+
+class Drafter(ABC):
+    """Base class of every drafter: :meth:`propose`, and hooks whose defaults do nothing.
+
+    The session owns the committed tokens: ``token_buffer`` is ``(B, S)`` int64 and row ``b``'s committed tokens
+    (prompt + emitted) are ``token_buffer[b, :seq_lens[b]]``; entries past ``seq_lens[b]`` are stale. ``seq_lens``
+    is ``(B,)`` int64 on the same device. Every method is called with the session's current (possibly compacted)
+    batch. With ``gamma="auto"`` the session asks for a different ``gamma`` (1..gamma_max) each step, may verify
+    only a prefix of a proposal, and runs steps with no drafts without calling :meth:`propose` (it calls
+    :meth:`note_target_only_step` instead).
+
+    Losslessness needs one rule from a drafter that proposes fewer tokens than asked: a row's proposal length may
+    depend on committed tokens and on the drafter's own state, never on the draft tokens it sampled in this step
+    (the session may cut a proposal to a width chosen from the lengths). Every built-in drafter keeps it.
+    """
+
+    vocab_size: int | None = None
+    """Size of the vocabulary the drafter proposes from, or None when it proposes ids it saw (n-gram)."""
+    uses_target_features: bool = False
+    """Whether the drafter reads the target's final hidden states (:meth:`observe_features`)."""
+    model = None
+    """The draft model whose forwards drafting costs (None for a model-free drafter)."""
+
+    def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
+        """Called once before the first step with the prompts; ``max_seq_len`` bounds every row's length."""
+
+    @abstractmethod
+    def propose(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, logits_processor,
+                generator: torch.Generator | None, max_seq_len: int, row_keys: Tensor | None = None) -> DraftProposal:
+        """Propose up to ``gamma`` draft tokens per row. Must not synchronise with the host.
+
+        ``max_seq_len`` is the largest ``seq_lens`` of a live row (known on the host), for sizing attention spans.
+        ``row_keys`` (``(B,)`` int64, the rows' prompt indices) keys a sampling drafter's random draws
+        (``logits_processor.sample(logits, generator, row_keys)``), so a row's drafts do not depend on its position
+        in the batch.
+        """
+
+    def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | None = None) -> None:
+        """The target's final hidden states ``(R, W, H)`` of positions ``first_position + j`` for rows ``[:rows]``
+        (all when None), from every prefill chunk and verify forward. Only drafters with
+        :attr:`uses_target_features` are called."""
+
+    def note_target_only_step(self) -> None:
+        """The session ran a step without drafts (draft length 0)."""
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Drop finished rows: keep ``rows`` (``(N,)`` int64, ascending) of the current batch, in that order."""
+
+    def source_counts(self) -> dict[str, int] | None:
+        """(row, step) pairs that drafted from each source, for a drafter with several (None otherwise)."""
+        return None
+
+
+def draft_cost_ratio(drafter: Drafter, target_model) -> float | None:
+    """A model draft's parameter count over the target's (a prior for its cost); None for model-free drafters."""
+    if drafter.model is None:
+        return None
+    return sum(p.numel() for p in drafter.model.parameters()) / max(sum(p.numel() for p in target_model.parameters()), 1)

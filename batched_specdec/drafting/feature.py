@@ -1,0 +1,107 @@
+"""An EAGLE-style feature draft as drafter: it drafts from the target's own final hidden states."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batched_specdec.drafting.base import DraftProposal
+from batched_specdec.drafting.model import ModelDrafter
+from batched_specdec.kernels import compact_rows
+from batched_specdec.ragged_cache import PREFILL_CHUNK, model_forward
+
+
+class FeatureDrafter(ModelDrafter):
+    """A :class:`~batched_specdec.drafting.heads.FeatureHeadDraft` as drafter: it drafts from the target's features.
+
+    The session hands it the target's final hidden states of every position it runs (prefill chunks, every verify
+    forward: :meth:`observe_features`); it keeps them in a ``(B, capacity, H)`` buffer by position, so the features
+    of committed positions are always the target's own (positions a verify wrote past what a row committed are
+    rewritten by the row's next verify before they are read). Its cache entry at position ``i`` is the draft's
+    layer over the pair ``(f_i, x_{i+1})``: row ``b``'s committed pairs are ``i < |s_b| - 1``.
+
+    A step feeds the pairs committed since the last proposal (at most the verify widths seen since, for every row;
+    a row with fewer rewrites committed pairs with identical inputs) in one forward, reads the predicted feature
+    and ``q`` at each row's last committed pair, and continues for ``gamma - 1`` forwards on its own predicted
+    features. A row with no committed pair yet (a one-token prompt before its first step) proposes nothing.
+    Lossless as every drafter: ``q`` is exactly the distribution each draft token was sampled from.
+    """
+
+    uses_target_features = True
+
+    def __init__(self, model, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> None:
+        super().__init__(model, attention, prefill_chunk)
+        self.features: Tensor | None = None
+
+    def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
+        super().start(token_buffer, seq_lens, max_seq_len)
+        batch = token_buffer.shape[0]
+        hidden = int(self.model.config.hidden_size)
+        self.features = torch.zeros(batch, max_seq_len, hidden, dtype=self.model.dtype, device=self.device)
+        self._tokens_behind = 0  # the prefill's observations add every committed pair of the prompts
+
+    def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | None = None) -> None:
+        """Keep the target's final hidden states ``hidden`` ``(R, W, H)`` of positions ``first_position[r] + j``
+        (``(R,)`` int64, or an int for every row) for rows ``[:rows]`` (all when None): up to ``W`` new committed
+        pairs per row for the next proposal to feed. Also ``ragged_cache.prefill``'s ``on_hidden``."""
+        buf = self.features if rows is None else self.features[:rows]
+        r, w, h = hidden.shape
+        first = torch.as_tensor(first_position, dtype=torch.int64, device=self.device).expand(r)
+        idx = first[:, None] + torch.arange(w, device=self.device)[None, :]
+        buf.scatter_(1, idx[:, :, None].expand(r, w, h), hidden.to(device=self.device, dtype=buf.dtype))
+        self._tokens_behind += w
+
+    def note_target_only_step(self) -> None:
+        self._missed_steps = True  # its pair was counted by observe_features (a verify of width 1)
+
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
+                row_keys=None) -> DraftProposal:
+        device = self.device
+        generator = self._generator_on(device, generator)
+        tokens, pairs = token_buffer.to(device), seq_lens.to(device) - 1
+        self.cache.set_span(max_seq_len + gamma)
+        logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), max(self._tokens_behind, 1))
+        self._tokens_behind = 0
+        self.cache.set_lens(pairs.clamp_min(1))
+
+        def next_logits(token: Tensor) -> Tensor:  # the pair (own predicted feature, drafted token)
+            nonlocal feature
+            logits, hidden = model_forward(self.model, self.cache, token[:, None], logits_to_keep=1,
+                                           return_hidden=True, features=feature[:, None])
+            feature = hidden[:, 0]
+            return logits[:, 0]
+
+        drafted, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits, row_keys)
+        return DraftProposal(tokens=drafted, probs=draft_probs, num_tokens=torch.where(pairs > 0, gamma, 0),
+                             includes_catch_up=self._caught_up())
+
+    def _feed_pairs(self, tokens: Tensor, ends: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """Write the pairs ``[ends - width, ends)`` of every row (from 0 for shorter rows) and return the logits
+        ``(B, V)`` and predicted features ``(B, H)`` at each row's pair ``ends - 1``. Wider than ``prefill_chunk``,
+        all but the last pair go first, in chunks; columns past a row's last pair repeat it beyond its length."""
+        if width > self.prefill_chunk:
+            first = (ends - width).clamp_min(0)
+            for start in range(0, width - 1, self.prefill_chunk):
+                self._pairs_forward(tokens, first + start, ends - 1, min(self.prefill_chunk, width - 1 - start))
+            width = 1
+        first = (ends - width).clamp_min(0)
+        hidden = self._pairs_forward(tokens, first, ends, width)
+        col = (ends - 1 - first)[:, None, None]
+        feature = hidden.gather(1, col.expand(-1, 1, hidden.shape[-1]))[:, 0]
+        return self.model.full_logits(feature), feature
+
+    def _pairs_forward(self, tokens: Tensor, first: Tensor, ends: Tensor, cols: int) -> Tensor:
+        """One forward over pairs ``first + j`` (``j < cols``, clamped to ``ends - 1``) at those positions; returns
+        the predicted features ``(B, cols, H)``."""
+        self.cache.set_lens(first)
+        idx = torch.minimum(first[:, None] + torch.arange(cols, device=first.device)[None, :], ends[:, None] - 1)
+        idx = idx.clamp_min(0)  # a row with nothing to write in this forward writes placeholders past its length
+        feats = self.features.gather(1, idx[:, :, None].expand(-1, -1, self.features.shape[-1]))
+        _, hidden = model_forward(self.model, self.cache, self._draft_ids(tokens.gather(1, idx + 1)),
+                                  return_hidden=True, features=feats, compute_logits=False)
+        return hidden
+
+    def keep_rows(self, rows: Tensor) -> None:
+        super().keep_rows(rows)
+        # After the cache (released layer by layer): the peak is this buffer twice, about one target layer's KV.
+        (self.features,) = compact_rows([self.features], rows.to(self.device))
