@@ -109,7 +109,6 @@ def load(config: RunConfig, console, state) -> Loaded:
     from batched_specdec.drafting import as_drafter
     from batched_specdec.model_info import vocab_size
     from batched_specdec.models import load_draft, load_target, resolve_device, resolve_dtype
-    from batched_specdec.options import resolve_options
     from batched_specdec.processors import make_processor
     from batched_specdec.prompts import builtin_prompts, encode_prompts, read_prompts_file, select_prompts
 
@@ -129,11 +128,7 @@ def load(config: RunConfig, console, state) -> Loaded:
                        max_ngram=config.ngram_max, min_ngram=config.ngram_min)
     load_s = time.perf_counter() - t0
     processor = make_processor(config.temperature, config.top_k, config.top_p)
-    common = {"tokenizer": tokenizer, "logits_processor": processor, "attention": config.attention,
-              "prefill_chunk": config.prefill_chunk, "compile": config.compile}
-    options = {"baseline": resolve_options(model, **common),
-               "speculative": resolve_options(model, gamma=config.gamma, gamma_max=config.gamma_max,
-                                              collect_stats=config.time_split, **common)}
+    options = method_options(config, model, tokenizer, processor)
     drafter = as_drafter(draft, vocab_size(model), attention=config.attention, prefill_chunk=config.prefill_chunk,
                          compile=config.compile)
     prompts = encode_prompts(tokenizer, texts)
@@ -144,6 +139,18 @@ def load(config: RunConfig, console, state) -> Loaded:
                   f"{config.repeats} repeats of each method.")
     console.print(_decoding_line(config, processor))
     return Loaded(model, tokenizer, drafter, device, dtype, texts, prompts, options, load_s)
+
+
+def method_options(config: RunConfig, model, tokenizer, processor) -> dict:
+    """Each method's :class:`~batched_specdec.options.DecodeOptions`, resolved by the library's rules (EOS ids
+    from the generation config first, as :func:`~batched_specdec.generate` does)."""
+    from batched_specdec.options import resolve_options
+
+    common = {"tokenizer": tokenizer, "logits_processor": processor, "attention": config.attention,
+              "prefill_chunk": config.prefill_chunk, "compile": config.compile}
+    return {"baseline": resolve_options(model, **common),
+            "speculative": resolve_options(model, gamma=config.gamma, gamma_max=config.gamma_max,
+                                           collect_stats=config.time_split, **common)}
 
 
 def _decoding_line(config: RunConfig, processor) -> str:

@@ -187,7 +187,8 @@ def test_auto_is_the_same_call_with_timings_and_stats(llama_pair):
     assert outputs == autoregressive_generate_batch(prompts, target, max_gen_len=20, eos_tokens_id=[])
     summary = stats.controller
     assert len(summary["draft_length_histogram"]) == 5 and sum(summary["draft_length_histogram"]) == stats.steps
-    assert summary["measured_step_s_mean"] > 0 and summary["predicted_step_s_mean"] > 0
+    assert 0 < summary["measured_step_s_mean"] * summary["predicted_steps"] <= stats.wall_time_s
+    assert summary["predicted_step_s_mean"] > 0
     assert len(stats.acceptance_histogram) == 5
 
 

@@ -7,6 +7,7 @@ or a wrong call there fails here instead of on the first GPU run.
 
 from __future__ import annotations
 
+import resource
 from types import SimpleNamespace
 
 import pytest
@@ -90,8 +91,10 @@ def test_synchronize_and_peak_memory_call_cuda_on_cuda_only(fake_cuda):
     cpu = torch.device("cpu")
     devices.synchronize(cpu)
     devices.reset_peak_memory(cpu)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     peak, kind = devices.peak_memory(cpu)
-    assert kind == "process_max_rss" and peak > 0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert kind == "process_max_rss" and 1024 * before <= peak <= 1024 * after  # in bytes
     assert fake_cuda == []
 
 

@@ -19,12 +19,13 @@ import pytest
 import torch
 from tiny_models import save_tiny_model_dir, tiny_causal_lm, tiny_gemma3_multimodal
 
-from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec import GreedyProcessor, autoregressive_generate_batch, generate, speculative_generate_batch
 from batched_specdec.config import ConfigError
 from batched_specdec.drafting.ngram import NGramDrafter
-from batched_specdec.main import build_parser, parse_config
+from batched_specdec.main import build_parser, method_options, parse_config
 from batched_specdec.models import ModelLoadError, load_draft, load_target, resolve_attn_implementation
 from batched_specdec.ragged_cache import RaggedKVCache
+from batched_specdec.runner import decode_prompt_set
 
 VOCAB = 128
 MAX_NEW = 20
@@ -94,6 +95,44 @@ def test_family_greedy_matches_generate_with_eos_from_generation_config(family, 
         assert outputs == expected, type(drafter).__name__
         assert sum(stats.proposed) > 0
     assert autoregressive_generate_batch(prompts, target, max_gen_len=MAX_NEW, attention=attention) == expected
+
+
+class _Tokenizer:
+    """What generate() and the CLI read of a tokenizer for token-id prompts: an EOS id and decoding."""
+
+    chat_template = None
+
+    def __init__(self, eos_token_id: int) -> None:
+        self.eos_token_id = eos_token_id
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, row)) for row in rows]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_cli_and_generate_stop_on_the_same_eos_ids(family):
+    """The generation config names the EOS ids; the model config and the tokenizer name another id, which the
+    rows emit mid-row (a rule that took their union would cut those rows short). The CLI's options and generate()
+    stop exactly where model.generate does."""
+    target, _ = _family_pair(family)
+    prompts = _ragged_prompts()
+    free = [_hf_greedy(target, p) for p in prompts]
+    configured = _eos_ids(target.generation_config.eos_token_id)
+    other = _mid_row_token(free, configured)
+    target.config.get_text_config().eos_token_id = other
+    tokenizer = _Tokenizer(other)
+    expected = [_hf_greedy(target, p) for p in prompts]
+    assert any(other in row[:-1] for row in expected), "the other id never occurs: the test could not fail"
+
+    options = method_options(parse_config(["--gamma", "2"]), target, tokenizer, GreedyProcessor())
+    assert options["speculative"].eos_token_ids == options["baseline"].eos_token_ids == tuple(configured)
+    for method in ("baseline", "speculative"):
+        drafter = NGramDrafter() if method == "speculative" else None
+        cli = decode_prompt_set(target, drafter, prompts, [MAX_NEW] * len(prompts), options[method], batch_size=2)
+        assert cli.outputs == expected, method
+    assert generate(prompts, target, draft=None, tokenizer=tokenizer, max_new_tokens=MAX_NEW).token_ids == expected
+    assert generate(prompts, target, draft="ngram", tokenizer=tokenizer, gamma=2,
+                    max_new_tokens=MAX_NEW).token_ids == expected
 
 
 def test_composite_config_keeps_decoder_settings_in_the_text_config():

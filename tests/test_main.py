@@ -244,7 +244,11 @@ def test_end_to_end_greedy(tiny_dir, tmp_path, capsys, draft):
     spec, base = results["speculative"], results["baseline"]
     assert spec["generated_tokens"] == base["generated_tokens"] > 0
     assert sum(spec["acceptance_histogram"]) > 0 and len(spec["acceptance_histogram"]) == 4
-    assert results["speedup"] > 0 and results["environment"]["torch"]
+    timing = results["timing"]
+    assert len(timing["speedups"]) == len(timing["baseline_tokens_per_s"]) == 3  # the default --repeats
+    assert timing["speedups"] == [s / b for s, b in zip(timing["speculative_tokens_per_s"],
+                                                        timing["baseline_tokens_per_s"])]
+    assert results["speedup"] == sorted(timing["speedups"])[1] and results["environment"]["torch"]
     if draft == "target":
         assert spec["acceptance_rate"] == 1.0
 
