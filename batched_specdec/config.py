@@ -39,6 +39,7 @@ class RunConfig:
     gamma: int | str = "auto"
     gamma_max: int | None = None
     batch_size: int = 4
+    schedule: str = "continuous"
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int | None = None
@@ -163,6 +164,8 @@ def validate(config: RunConfig) -> None:
     if config.attention not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown attention backend {config.attention!r}: expected one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
+    if config.schedule not in ("continuous", "static"):
+        raise ConfigError(f"schedule must be one of continuous, static, got {config.schedule!r}")
     if not config.target or not config.draft:
         raise ConfigError("target and draft must not be empty")
     if config.draft.lower() not in ("ngram", "hybrid", "auto") and \
@@ -234,7 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"--gamma auto: the longest draft a step may ask for [default: {GAMMA_MAX_DEFAULT}]",
     )
-    p.add_argument("--batch-size", type=int, help=f"prompts decoded together in one batch [default: {d.batch_size}]")
+    p.add_argument("--batch-size", type=int,
+                   help=f"prompts decoded at the same time (the batch's slots) [default: {d.batch_size}]")
+    p.add_argument(
+        "--schedule",
+        help="continuous: a prompt that finishes leaves its slot to the next queued prompt while the others keep "
+        "decoding; static: batches of similar prompt length, one after another (both methods alike) "
+        f"[default: {d.schedule}]",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,

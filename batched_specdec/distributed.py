@@ -26,9 +26,9 @@ from batched_specdec.checks import check_positive_int, check_seed
 from batched_specdec.drafting import as_drafter
 from batched_specdec.engine import GREEDY
 from batched_specdec.model_info import vocab_size
-from batched_specdec.options import resolve_options, resolve_prompts
+from batched_specdec.options import resolve_options, resolve_prompts, run_seed
 from batched_specdec.processors import LogitsProcessor
-from batched_specdec.runner import decode_prompt_set
+from batched_specdec.runner import check_schedule, decode_prompt_set
 
 
 def process_state() -> PartialState:
@@ -127,7 +127,8 @@ def run_on_prompt_shards(
 
 
 def speculative_generate_distributed(prompts: Sequence, draft_model, target_model, *, batch_size: int = 16,
-                                     seed: int | None = None, max_gen_len: int | list[int] = 40,
+                                     schedule: str = "continuous", seed: int | None = None,
+                                     max_gen_len: int | list[int] = 40,
                                      logits_processor: LogitsProcessor = GREEDY,
                                      **options) -> tuple[list[list[int]], list[float], list[dict]]:
     """:func:`~batched_specdec.speculative_generate_batch` over a prompt set split across processes.
@@ -136,11 +137,12 @@ def speculative_generate_distributed(prompts: Sequence, draft_model, target_mode
     process decodes its shard with the prompt-set runner (:func:`batched_specdec.runner.decode_prompt_set`); the
     other keyword arguments (``gamma``, ``eos_tokens_id``, ``attention``, ...) are the engine's, checked on every
     process before any compute. Returns the outputs and per-row acceptance in prompt order, and per-process
-    summaries (tokens, wall time, tokens/s) ordered by process index. With ``seed=s`` each batch samples from the
-    runner's stream for it, ``batch_seed(s, index of its first prompt)``: batches are not correlated, and a run is
-    reproducible for the same prompts, ``batch_size`` and number of processes.
+    summaries (tokens, wall time, tokens/s) ordered by process index. ``schedule`` is the runner's (continuous by
+    default). With ``seed=s`` prompt ``i`` of the whole set samples under its own key ``prompt_seed(s, i)``: its
+    tokens do not depend on the number of processes, the batch size, the schedule or the other prompts.
     """
-    batch_size, seed = check_positive_int("batch_size", batch_size), check_seed(seed)
+    batch_size, schedule = check_positive_int("batch_size", batch_size), check_schedule(schedule)
+    seed = run_seed(check_seed(seed), None)  # one seed for every process (None: each would draw its own)
     resolved = resolve_options(target_model, logits_processor=logits_processor, **options)
     request = resolve_prompts(prompts, target_model, max_gen_len)
     drafter = as_drafter(draft_model, vocab_size(target_model), attention=resolved.attention,
@@ -148,7 +150,7 @@ def speculative_generate_distributed(prompts: Sequence, draft_model, target_mode
 
     def run_shard(shard: list, indices: list[int]) -> tuple[dict, dict]:
         result = decode_prompt_set(target_model, drafter, shard, [request.max_gen_lens[i] for i in indices], resolved,
-                                   batch_size=batch_size, seed=seed, prompt_ids=indices)
+                                   batch_size=batch_size, seed=seed, schedule=schedule, prompt_ids=indices)
         stats = result.stats
         alpha = [a / p if p else 0.0 for a, p in zip(stats.accepted, stats.proposed)]
         return {"outputs": result.outputs, "alpha": alpha}, {

@@ -10,7 +10,7 @@ from batched_specdec.decode.session import DecodeSession
 from batched_specdec.decode.stats import GenerationStats
 from batched_specdec.drafting import as_drafter
 from batched_specdec.model_info import vocab_size
-from batched_specdec.options import make_generator, resolve_options, resolve_prompts
+from batched_specdec.options import resolve_options, resolve_prompts, run_seed
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor
 from batched_specdec.ragged_cache import PREFILL_CHUNK
 
@@ -75,7 +75,10 @@ def speculative_generate_batch(
     gamma_max : int, optional
         Largest draft length with ``gamma="auto"`` (default 8).
     seed, generator : optional
-        Randomness for sampling processors: a seed, or a ``torch.Generator`` on the target's device.
+        Randomness for sampling processors: a seed, or a ``torch.Generator`` one seed is drawn from (one host read
+        per call), or neither (one draw from torch's default generator). Prompt ``i`` samples under its own Philox
+        key, ``options.prompt_seed(seed, i)``, at counters that follow its length, so its tokens do not depend on the
+        other prompts or on its place in the batch.
     collect_stats : bool
         Also measure the time split (synchronises the device between phases).
     progress : bool
@@ -121,7 +124,7 @@ def speculative_generate_batch(
     request = resolve_prompts(prompts, target_model, max_gen_len)
     drafter = as_drafter(draft_model, vocab_size(target_model), attention=attention, prefill_chunk=prefill_chunk,
                          compile=compile)
-    session = DecodeSession(target_model, drafter, request, options, make_generator(seed, generator, request.device))
+    session = DecodeSession(target_model, drafter, request, options, run_seed(seed, generator))
     outputs, stats = session.run()
     alpha = [a / p if p else 0.0 for a, p in zip(stats.accepted, stats.proposed)]
     return outputs, alpha, stats
@@ -160,6 +163,6 @@ def autoregressive_generate_batch(
                               prefill_chunk=prefill_chunk, compile=compile, delayed_host_read=delayed_host_read,
                               return_logprobs=return_logprobs, progress=progress)
     request = resolve_prompts(prompts, model, max_gen_len)
-    session = DecodeSession(model, None, request, options, make_generator(seed, generator, request.device))
+    session = DecodeSession(model, None, request, options, run_seed(seed, generator))
     outputs, stats = session.run()
     return (outputs, stats) if return_stats or return_logprobs else outputs

@@ -29,7 +29,7 @@ from batched_specdec.options import normalise_prompts, resolve_options
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor, make_processor
 from batched_specdec.prompts import encode_prompts
 from batched_specdec.ragged_cache import PREFILL_CHUNK
-from batched_specdec.runner import decode_prompt_set
+from batched_specdec.runner import check_schedule, decode_prompt_set
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationResult", "SamplingSettings", "generate", "resolve_sampling"]
 
@@ -107,9 +107,10 @@ class GenerationResult:
         counts and times summed over batches (they run one after another), ``tokens_per_s`` over the summed decode
         time, histograms summed, peak memory the largest; see :func:`~batched_specdec.decode.stats.merge_stats`.
     batch_stats : list of GenerationStats
-        Each internal batch's own stats, in the order the batches ran.
+        Each session's own stats, in the order they ran (one with the continuous schedule, one per batch with the
+        static one).
     batches : list of list of int
-        The prompt indices of each internal batch (its rows, in row order).
+        The prompt indices of each session.
     logprobs : list of list of float or None
         With ``return_logprobs=True``: per emitted token, the target's log-probability under the processed
         distribution it was sampled from (aligned with ``token_ids``).
@@ -306,6 +307,7 @@ def generate(
     generation_config=None,
     *,
     batch_size: int = 16,
+    schedule: str = "continuous",
     chat_template: bool | None = None,
     gamma: int | str = "auto",
     gamma_max: int | None = None,
@@ -343,15 +345,20 @@ def generate(
         ``generation_config``, then transformers' defaults (greedy; top-k 50 when sampling); new tokens default to
         :data:`DEFAULT_MAX_NEW_TOKENS`.
     batch_size : int
-        Prompts decoded together. Batches group prompts of similar length; results come back in prompt order.
+        Prompts decoded at the same time (the batch's rows, its slots). Results come back in prompt order.
+    schedule : {"continuous", "static"}
+        ``"continuous"`` (the default) keeps every slot busy: a prompt that finishes leaves its slot to the next
+        queued prompt while the others keep decoding. ``"static"`` decodes batches of similar prompt length one
+        after another (:mod:`batched_specdec.runner`). Outputs are the same either way.
     chat_template : bool or None
         None applies the tokenizer's chat template when it has one, False never, True requires one.
     gamma, gamma_max :
         As in :func:`~batched_specdec.speculative_generate_batch`; with ``"auto"`` each batch's controller starts
         from the step costs measured in the batches (and calls) before it.
     seed : int, optional
-        Seeds sampling; each batch gets its own seed derived from it and the index of its first prompt
-        (:mod:`batched_specdec.runner`), so batches are not correlated. Seeded samples
+        Seeds sampling: each prompt samples under its own key derived from it and the prompt's index
+        (:mod:`batched_specdec.runner`), so prompts are not correlated and a prompt's tokens do not depend on the
+        schedule, the batch size or the other prompts. Seeded samples
         are reproducible with an integer ``gamma`` or ``draft=None``; with ``gamma="auto"`` the draft lengths
         follow measured timings, so samples differ between runs (each correctly distributed).
     return_logprobs : bool
@@ -389,7 +396,8 @@ def generate(
     rows = normalise_prompts(ids, vocab, [0] * len(ids), None)
     max_gen_lens = _max_gen_lens(rows, settings, positions)
     normalise_prompts(rows, vocab, max_gen_lens, positions)
-    result = decode_prompt_set(target, drafter, rows, max_gen_lens, options, batch_size=batch_size, seed=seed)
+    result = decode_prompt_set(target, drafter, rows, max_gen_lens, options, batch_size=batch_size, seed=seed,
+                               schedule=check_schedule(schedule))
     texts = None if tokenizer is None else tokenizer.batch_decode(result.outputs, skip_special_tokens=True)
     return GenerationResult(texts=texts, token_ids=result.outputs, stats=result.stats,
                             batch_stats=result.batch_stats, batches=result.batches, logprobs=result.stats.logprobs)

@@ -134,7 +134,7 @@ def load(config: RunConfig, console, state) -> Loaded:
     prompts = encode_prompts(tokenizer, texts)
     where = f" across {state.num_processes} processes" if state.num_processes > 1 else ""
     console.print(f"Loaded in {load_s:.1f} s. {len(prompts)} prompts ({min(map(len, prompts))}-"
-                  f"{max(map(len, prompts))} tokens) in batches of up to {config.batch_size}{where}; draft "
+                  f"{max(map(len, prompts))} tokens), {config.batch_size} slots ({config.schedule}){where}; draft "
                   f"{config.draft}, gamma {config.gamma}, up to {config.max_new_tokens} new tokens, "
                   f"{config.repeats} repeats of each method.")
     console.print(_decoding_line(config, processor))
@@ -163,7 +163,7 @@ def _decoding_line(config: RunConfig, processor) -> str:
 
 
 def _decode(method: str, config: RunConfig, loaded: Loaded, rows: list[list[int]], ids: list[int] | None = None,
-            budget: int | None = None, on_batch=None):
+            budget: int | None = None, on_prompt=None):
     """One method over ``rows``: ``(PromptSetResult, seconds)`` with the device synchronised around it."""
     from batched_specdec.devices import reset_peak_memory, synchronize
     from batched_specdec.runner import decode_prompt_set
@@ -174,7 +174,7 @@ def _decode(method: str, config: RunConfig, loaded: Loaded, rows: list[list[int]
     t = time.perf_counter()
     result = decode_prompt_set(loaded.model, drafter, rows, [budget or config.max_new_tokens] * len(rows),
                                loaded.options[method], batch_size=config.batch_size, seed=config.seed,
-                               prompt_ids=ids, on_batch=on_batch)
+                               schedule=config.schedule, prompt_ids=ids, on_prompt=on_prompt)
     synchronize(loaded.device)
     return result, time.perf_counter() - t
 
@@ -216,7 +216,7 @@ def decode_shard(config: RunConfig, loaded: Loaded, shard: list[list[int]], ids:
         for repeat in range(config.repeats):
             for method in _method_order(config, repeat):
                 done = progress.tasks[tasks[method]].completed
-                result, seconds = _decode(method, config, loaded, shard, ids, on_batch=lambda n, _t, m=method, d=done:
+                result, seconds = _decode(method, config, loaded, shard, ids, on_prompt=lambda n, _t, m=method, d=done:
                                           progress.update(tasks[m], completed=d + n))
                 result.stats.wall_time_s = seconds
                 runs[method].append(result.stats)

@@ -8,8 +8,10 @@ to be written in several places live here once:
   list), else the tokenizer's ``eos_token_id``, as ``model.generate`` does; ``[]`` means none.
 * pad id (:func:`resolve_pad`): the one given, else :data:`DEFAULT_PAD_TOKEN_ID`. It only fills buffer slots past a
   row's length, which are masked, so it never acts as a token.
-* seeds (:func:`batch_seed`): a prompt set decoded in batches gives each batch its own stream, derived from the
-  seed and the index of the batch's first prompt.
+* seeds (:func:`prompt_seed`): every prompt draws its random numbers under its own Philox key, derived from the
+  run's seed and the prompt's index in the prompt set, at counters that follow how far the prompt has got
+  (:class:`~batched_specdec.processors.RowDraws`). So a prompt's seeded samples do not depend on its batch, its
+  slot, the schedule or the other prompts.
 """
 
 from __future__ import annotations
@@ -69,11 +71,17 @@ class DecodeOptions:
 
 @dataclass
 class DecodeRequest:
-    """A checked batch: prompts as lists of ints, one generation budget per row, the device."""
+    """A checked batch: prompts as lists of ints, one generation budget per row, each prompt's index in its prompt
+    set (``keys``, default ``0..B-1``: what its random draws and per-row statistics are keyed by), the device."""
 
     rows: list[list[int]]
     max_gen_lens: list[int]
     device: torch.device
+    keys: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = list(range(len(self.rows)))
 
     @property
     def max_gen_len(self) -> int:
@@ -244,16 +252,18 @@ def resolve_pad(pad_token_id, vocab: int) -> int:
     return int(pad_token_id)
 
 
-def make_generator(seed, generator, device: torch.device) -> torch.Generator | None:
-    """The run's random stream: from ``seed``, or the caller's ``generator``, or None (torch's default)."""
+def run_seed(seed, generator) -> int:
+    """The run's seed: ``seed``; else one draw from ``generator`` (one host read per call); else one draw from
+    torch's default generator (so ``torch.manual_seed`` reproduces a run)."""
     seed = check_seed(seed)
     if seed is not None and generator is not None:
         raise OptionError("give either seed or generator, not both")
     if seed is not None:
-        return torch.Generator(device=device).manual_seed(seed)
+        return seed
     if generator is not None and not isinstance(generator, torch.Generator):
         raise OptionError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
 
 
 _MASK64 = (1 << 64) - 1
@@ -266,16 +276,16 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def batch_seed(seed: int, first_prompt_index: int) -> int:
-    """The seed of the batch whose first prompt is ``first_prompt_index`` in the whole prompt set.
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The Philox key (a signed 64-bit int) of the prompt at ``prompt_index`` in a prompt set decoded with ``seed``.
 
     ``(seed, index)`` is packed into 64 bits (seed in the high half, index in the low half), which is injective for
-    seeds and indices in ``[0, 2**32)``, then mixed by a bijection. So seed ``s`` batch ``i`` never gets the stream of
-    seed ``s + 1`` batch ``j`` (as ``seed + i`` would), and neighbouring seeds or batches get unrelated streams.
-    Seeds outside ``[0, 2**32)`` are first hashed into it. (torch's CPU generator keeps only the low 32 bits of
-    a seed, so there distinct derived seeds coincide with chance 2**-32 per pair; CUDA's keeps all 64.)
+    seeds and indices in ``[0, 2**32)``, then mixed by a bijection. So seed ``s`` prompt ``i`` never gets the key of
+    seed ``s + 1`` prompt ``j`` (as ``seed + i`` would), and neighbouring seeds or prompts get unrelated streams.
+    Seeds outside ``[0, 2**32)`` are first hashed into it.
     """
     seed = int(seed)
     if not 0 <= seed < 1 << 32:
         seed = _mix64(seed & _MASK64) >> 32
-    return _mix64((seed << 32) | (int(first_prompt_index) & 0xFFFFFFFF))
+    key = _mix64((seed << 32) | (int(prompt_index) & 0xFFFFFFFF))
+    return key - (1 << 64) if key >= 1 << 63 else key

@@ -8,12 +8,44 @@ same processor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from batched_specdec.checks import OptionError, check_positive_int, check_sampling, check_temperature, check_top_p
 from batched_specdec.kernels import draw_seed_offset
 from batched_specdec.kernels.philox import philox_uint31_reference
+
+DRAW_BLOCK = 2**26
+"""Philox counters a row owns per committed length: a step's draws of a row start at ``length * DRAW_BLOCK``
+under the row's own key (:class:`RowDraws`), so no two steps of a row share a counter and no row shares a key."""
+VERIFY_DRAWS = 0
+"""Where the rejection sampler's counters start in a row's block: ``(K + 1) * (V + 1)`` of them (< 2**25)."""
+DRAFT_DRAWS = 2**25
+"""Where a drafter's counters start in a row's block: two per draft token."""
+SAMPLE_DRAWS = 2**25 + 2**20
+"""Where a plain target sample's two counters sit in a row's block (a step without drafts)."""
+
+
+@dataclass(frozen=True)
+class RowDraws:
+    """Where each row's random numbers come from: ``seeds`` ``(B,)`` int64, each row's Philox key (one per
+    prompt: :func:`batched_specdec.options.prompt_seed`), and ``offsets`` ``(B,)`` int64, each row's first counter.
+
+    A session builds one per step, ``RowDraws(row_seeds, seq_lens * DRAW_BLOCK)``, so a row's draws depend on its
+    prompt, the run's seed and how far it has got, never on its slot, its batch or the step count: seeded samples
+    do not change with the batch size, the schedule or the other prompts."""
+
+    seeds: Tensor
+    offsets: Tensor
+
+    def at(self, first: int) -> RowDraws:
+        """The same rows' counters from ``first`` on within their blocks."""
+        return RowDraws(self.seeds, self.offsets + first)
+
+    def to(self, device) -> RowDraws:
+        return RowDraws(self.seeds.to(device), self.offsets.to(device))
 
 
 class LogitsProcessor:
@@ -44,10 +76,10 @@ class LogitsProcessor:
     def _filter(self, scaled_logits: Tensor) -> Tensor:
         return scaled_logits
 
-    def sample(self, logits: Tensor, generator: torch.Generator | None = None,
-               row_keys: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None, row_keys: Tensor | None = None,
+               draws: RowDraws | None = None) -> tuple[Tensor, Tensor | None]:
         """Draw one token per row of ``logits`` (``(B, V)``) on its device, with no host read
-        (:func:`sample_from_probs`, from a seed and offset drawn from ``generator``).
+        (:func:`sample_from_probs`, from ``draws``, or from a seed and offset drawn from ``generator``).
 
         Parameters
         ----------
@@ -56,8 +88,10 @@ class LogitsProcessor:
         generator : torch.Generator, optional
             The run's seeded stream (on the logits' device); None uses torch's default generator.
         row_keys : Tensor, optional
-            ``(B,)`` int64: what each row's draws are keyed by (the engines pass each row's prompt index), so a
-            row's token does not depend on its position in the batch. None: the positions ``0..B-1``.
+            ``(B,)`` int64: what each row's draws from ``generator`` are keyed by, so a row's token does not depend
+            on its position in the batch. None: the positions ``0..B-1``.
+        draws : RowDraws, optional
+            Each row's Philox key and counters (the session's); then ``generator`` and ``row_keys`` are not used.
 
         Returns
         -------
@@ -69,6 +103,8 @@ class LogitsProcessor:
         if self.is_greedy:
             return logits.argmax(dim=-1), None
         probs = self.probs(logits)
+        if draws is not None:
+            return sample_from_probs(probs, draws.seeds, draws.offsets), probs
         seed, offset = draw_seed_offset(generator, probs.device)
         return sample_from_probs(probs, seed, offset, row_keys), probs
 
@@ -93,7 +129,8 @@ def sample_from_probs(probs: Tensor, seed: Tensor, offset: Tensor, row_keys: Ten
 
     Inverse-CDF sampling in float64: row ``b`` takes the first token whose cumulative probability exceeds
     ``u_b * sum(probs[b])``, where ``u_b`` is a uniform of 62 random bits from the two Philox draws at counters
-    ``offset + 2 * row_keys[b]`` and ``offset + 2 * row_keys[b] + 1`` under ``seed``
+    ``o_b`` and ``o_b + 1`` under the row's seed, ``o_b = offset + 2 * row_keys[b]`` (or ``offset[b]`` for a
+    per-row offset)
     (:func:`kernels.philox.philox_uint31_reference`, ``tl.rand``'s bits). Two random numbers per row, not ``V``:
     an exponential race would need one Philox draw per vocabulary entry, several times a CPU forward's sampling
     cost at V = 49152. A token of probability 0 is never drawn. No host read, no ``torch.multinomial`` (which
@@ -104,10 +141,11 @@ def sample_from_probs(probs: Tensor, seed: Tensor, offset: Tensor, row_keys: Ten
     probs : Tensor
         ``(B, V)`` float, non-negative, each row with positive mass.
     seed, offset : Tensor
-        int64 scalars on ``probs``' device (:func:`kernels.draw_seed_offset`).
+        int64 on ``probs``' device: scalars (:func:`kernels.draw_seed_offset`), or ``(B,)``, each row's own Philox
+        key and first counter (:class:`RowDraws`).
     row_keys : Tensor, optional
-        ``(B,)`` int64 >= 0 on ``probs``' device: row ``b``'s draws depend on ``row_keys[b]``, never on ``b``.
-        None: ``0..B-1``.
+        ``(B,)`` int64 >= 0 on ``probs``' device, with a scalar offset: row ``b``'s draws depend on ``row_keys[b]``,
+        never on ``b``. None: ``0..B-1``.
 
     Returns
     -------
@@ -122,9 +160,13 @@ def sample_from_probs(probs: Tensor, seed: Tensor, offset: Tensor, row_keys: Ten
     1
     """
     b = probs.shape[0]
-    keys = torch.arange(b, device=probs.device) if row_keys is None else row_keys
-    counters = offset + 2 * keys[:, None] + torch.arange(2, device=probs.device)[None, :]
-    words = philox_uint31_reference(seed, counters).double()  # (B, 2), 31 random bits each
+    if offset.dim() == 1:
+        first = offset
+    else:
+        first = offset + 2 * (torch.arange(b, device=probs.device) if row_keys is None else row_keys)
+    counters = first[:, None] + torch.arange(2, device=probs.device)[None, :]
+    key = seed[:, None] if seed.dim() == 1 else seed
+    words = philox_uint31_reference(key, counters).double()  # (B, 2), 31 random bits each
     u = (words[:, 0] + words[:, 1] * 2.0**-31) * 2.0**-31  # in [0, 1]: 1 only by rounding, clamped below
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1]

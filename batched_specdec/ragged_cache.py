@@ -117,7 +117,7 @@ class RaggedKVCache(Cache):
         self.role = role
         self.lens = capture.new_buffer(f"{role}.lens", (batch_size,), torch.int64, device, compile).zero_()
         self.span = min(capacity, SPAN_BUCKET)
-        self.rows: int | None = None  # forwards cover rows [:self.rows] only (ragged prefill); None: all rows
+        self.rows: int | Tensor | None = None  # forwards cover rows [:rows], or the rows of an index; None: all
         self.key_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
         self.value_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
         self._lens_on: dict[torch.device, Tensor] = {}
@@ -143,11 +143,19 @@ class RaggedKVCache(Cache):
             kbuf = self.key_buffers[layer_idx] = self._buffer(f"key.{layer_idx}", shape, key_states)
             self.value_buffers[layer_idx] = self._buffer(f"value.{layer_idx}", shape, value_states)
         vbuf = self.value_buffers[layer_idx]
+        lens = self._lens_for(key_states.device)
+        if isinstance(self.rows, Tensor):  # a forward over some rows: write into a copy of their span, then back
+            idx = self.rows.to(kbuf.device)
+            kspan, vspan = kbuf[:, :, : self.span], vbuf[:, :, : self.span]
+            krows, vrows = kspan.index_select(0, idx), vspan.index_select(0, idx)
+            scatter_kv_at_offsets(krows, vrows, key_states, value_states, lens, validate=False)
+            kspan.index_copy_(0, idx, krows)
+            vspan.index_copy_(0, idx, vrows)
+            return krows, vrows
         if self.rows is not None:
             kbuf, vbuf = kbuf[: self.rows], vbuf[: self.rows]
         # Shapes fit by construction: no per-layer checks (the cache built the buffers from the model's own K/V).
-        scatter_kv_at_offsets(kbuf, vbuf, key_states, value_states, self._lens_for(key_states.device),
-                              validate=False)
+        scatter_kv_at_offsets(kbuf, vbuf, key_states, value_states, lens, validate=False)
         return kbuf[:, :, : self.span], vbuf[:, :, : self.span]
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -171,7 +179,10 @@ class RaggedKVCache(Cache):
             return self.lens  # the common case, and the only one a compiled forward sees: no dict, no copy
         lens = self._lens_on.get(device)
         if lens is None:
-            lens = self.lens if self.rows is None else self.lens[: self.rows]
+            if isinstance(self.rows, Tensor):
+                lens = self.lens.index_select(0, self.rows.to(self.lens.device))
+            else:
+                lens = self.lens if self.rows is None else self.lens[: self.rows]
             lens = self._lens_on[device] = lens.to(device, non_blocking=True)
         return lens
 
@@ -181,8 +192,9 @@ class RaggedKVCache(Cache):
             self.lens.copy_(lens)
         self._lens_on = {}
 
-    def set_rows(self, rows: int | None) -> None:
-        """Let forwards cover only rows ``[:rows]`` (``None``: every row); the other rows are left untouched."""
+    def set_rows(self, rows: int | Tensor | None) -> None:
+        """Let forwards cover only rows ``[:rows]``, or the rows of an index tensor ``(R,)`` int64 (a prefill of
+        prompts that entered some rows), or every row (``None``); the other rows are left untouched."""
         self.rows = rows
         self._lens_on = {}
 
@@ -340,40 +352,52 @@ def _last_hidden_captured(model, captured: list, enabled: bool):
 
 
 def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chunk: int = PREFILL_CHUNK,
-            on_hidden=None) -> None:
+            on_hidden=None, rows: Tensor | None = None) -> None:
     """Write ``tokens[b, :widths[b]]`` of every row into ``cache`` (positions ``0 .. widths[b] - 1``), ``chunk``
-    columns per forward, each forward over only the rows with tokens left; then set the lengths to ``widths``.
+    columns per forward, each forward over only the rows with tokens left; then set their lengths to ``widths``.
 
     Rows must come longest first (``widths`` non-increasing), so that the rows of every chunk are a prefix of the
-    batch and the cache's buffers are sliced, not gathered. A forward is at most ``rows x chunk`` tokens wide; a
-    row shorter than its chunk's width writes placeholder entries past its length, which stay invisible.
+    batch (or of ``rows``). A forward is at most ``rows x chunk`` tokens wide; a row shorter than its chunk's width
+    writes placeholder entries past its length, which stay invisible.
 
     Parameters
     ----------
     tokens : Tensor
-        ``(B, >= widths[0])`` int64 on the model's input device.
+        ``(B, >= widths[0])`` int64 on the model's input device: the whole batch's token buffer.
     widths : list of int
-        Tokens per row to write (host values, >= 0), non-increasing.
+        Tokens per row to write (host values, >= 0), non-increasing: one per row of the batch, or with ``rows`` one
+        per entry of ``rows``.
     chunk : int
         Columns per forward (>= 1).
     on_hidden : callable, optional
-        ``on_hidden(hidden, start, rows)`` after each forward, with the decoder's final hidden states ``(rows, W, H)``
-        of the chunk's positions ``start .. start + W - 1`` of rows ``[:rows]`` (a feature drafter's input).
+        ``on_hidden(hidden, start, rows)`` after each forward, with the decoder's final hidden states ``(R, W, H)``
+        of the chunk's positions ``start .. start + W - 1`` of the forward's rows: ``[:R]`` (an int), or an index
+        tensor with ``rows`` (a feature drafter's input).
+    rows : Tensor, optional
+        ``(R,)`` int64 host indices of the rows to prefill (prompts that entered those rows); the other rows'
+        cache entries and lengths are left as they are. None: every row.
     """
     if any(a < b for a, b in itertools.pairwise(widths)):
         raise ValueError(f"prefill needs rows ordered longest first, got widths {widths}")
     if chunk < 1:
         raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
     device = cache.lens.device
+    index = None if rows is None else rows.to(device)
     for start in range(0, widths[0] if widths else 0, chunk):
-        rows = sum(1 for w in widths if w > start)
+        active = sum(1 for w in widths if w > start)
         width = min(chunk, widths[0] - start)
-        cache.set_rows(rows)
-        cache.set_lens(torch.full((cache.batch_size,), start, dtype=torch.int64, device=device))
+        if index is None:
+            cache.set_rows(active)
+            cache.set_lens(torch.full((cache.batch_size,), start, dtype=torch.int64, device=device))
+            chunk_tokens = tokens[:active, start : start + width]
+        else:
+            cache.set_rows(index[:active])
+            cache.set_lens(cache.lens.index_fill(0, index, start))
+            chunk_tokens = tokens.index_select(0, index[:active])[:, start : start + width]
         cache.set_span(start + width)
-        out = model_forward(model, cache, tokens[:rows, start : start + width], logits_to_keep=1,
-                            return_hidden=on_hidden is not None)
+        out = model_forward(model, cache, chunk_tokens, logits_to_keep=1, return_hidden=on_hidden is not None)
         if on_hidden is not None:
-            on_hidden(out[1], start, rows)
+            on_hidden(out[1], start, active if index is None else index[:active])
     cache.set_rows(None)
-    cache.set_lens(torch.tensor(widths, dtype=torch.int64, device=device))
+    final = torch.tensor(widths, dtype=torch.int64, device=device)
+    cache.set_lens(final if index is None else cache.lens.index_copy(0, index, final))

@@ -1,26 +1,37 @@
-"""Decoding a whole prompt set: ordering, batching, seeds and merged stats, in one place.
+"""Decoding a whole prompt set: the schedule, seeds and merged stats, in one place.
 
 :func:`~batched_specdec.generate`, the CLI and the multi-process path
-(:func:`~batched_specdec.distributed.speculative_generate_distributed`) all decode their prompts here. Prompts are
-grouped into batches of similar length (a batch's attention spans and buffers follow its longest row), each batch is
-one :class:`~batched_specdec.decode.session.DecodeSession`, and results come back in prompt order.
+(:func:`~batched_specdec.distributed.speculative_generate_distributed`) all decode their prompts here, with one of
+two schedules over ``batch_size`` slots:
 
-The seed rule: with ``seed=s`` the batch whose first prompt has index ``i`` in the prompt set samples from
-``options.batch_seed(s, i)``, so batches are not correlated and a run is reproducible for the same prompts and
-batch size.
+* ``"continuous"`` (the default): one :class:`~batched_specdec.decode.session.DecodeSession` of ``batch_size`` rows;
+  whenever rows finish, the next queued prompts are prefilled into them (their rows only) and the other rows keep
+  their state, so every step verifies a full batch while prompts remain. Output lengths vary a lot in real prompt
+  sets; in fixed batches the end of every batch runs at a fraction of its width.
+* ``"static"``: prompts grouped into batches of similar length, one session per batch, each run to its end.
+
+The seed rule: with ``seed=s`` prompt ``i`` of the set samples under its own Philox key
+``options.prompt_seed(s, i)``, at counters that follow its own length, so its tokens are the same whatever the
+schedule, the batch size and the other prompts. Results come back in prompt order.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from batched_specdec.checks import check_positive_int
+import torch
+
+from batched_specdec.checks import OptionError, check_positive_int, check_seed
 from batched_specdec.decode.session import DecodeSession
 from batched_specdec.decode.stats import GenerationStats, in_prompt_order, merge_stats
 from batched_specdec.drafting.base import Drafter
 from batched_specdec.model_info import input_device
-from batched_specdec.options import DecodeOptions, DecodeRequest, batch_seed, make_generator
+from batched_specdec.options import DecodeOptions, DecodeRequest, run_seed
+
+SCHEDULES = ("continuous", "static")
+"""How a prompt set is batched: see the module docstring."""
 
 
 @dataclass
@@ -32,11 +43,11 @@ class PromptSetResult:
     outputs : list of list of int
         Each prompt's continuation, in prompt order.
     stats : GenerationStats
-        All batches merged (:func:`~batched_specdec.decode.stats.merge_stats`).
+        The whole set's statistics, per-prompt lists in prompt order.
     batch_stats : list of GenerationStats
-        Each batch's own stats, in the order the batches ran.
+        Each session's own stats, in the order they ran (one for the continuous schedule).
     batches : list of list of int
-        The prompt indices of each batch (its rows, in row order).
+        The prompt indices of each session, in the order they entered it.
     """
 
     outputs: list[list[int]]
@@ -51,10 +62,17 @@ def length_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[i
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def check_schedule(schedule) -> str:
+    if schedule not in SCHEDULES:
+        raise OptionError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return schedule
+
+
+@torch.inference_mode()
 def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], max_gen_lens: list[int],
                       options: DecodeOptions, *, batch_size: int, seed: int | None = None,
-                      prompt_ids: list[int] | None = None,
-                      on_batch: Callable[[int, int], None] | None = None) -> PromptSetResult:
+                      schedule: str = "continuous", prompt_ids: list[int] | None = None,
+                      on_prompt: Callable[[int, int], None] | None = None) -> PromptSetResult:
     """Decode checked prompts ``rows`` (token-id lists) with per-prompt budgets ``max_gen_lens``.
 
     Parameters
@@ -65,42 +83,87 @@ def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], ma
         As resolved by :func:`~batched_specdec.options.resolve_options`; with ``options.progress`` one bar counts
         finished prompts and generated tokens.
     batch_size : int
-        Prompts decoded together.
+        Slots: prompts decoded at the same time.
     seed : int, optional
-        Seeds sampling by the seed rule (module docstring).
+        Seeds sampling by the seed rule (module docstring); None draws one from torch's default generator.
+    schedule : {"continuous", "static"}
+        See the module docstring.
     prompt_ids : list of int, optional
-        The index of each of ``rows`` in the whole prompt set (a process' shard of it); default ``0..len(rows)-1``.
-    on_batch : callable, optional
-        ``on_batch(prompts_done, tokens_generated)`` after each batch (the CLI's progress display).
+        Each prompt's index in the whole prompt set (a process' shard of it): what its random draws are keyed by.
+        Default ``0..len(rows)-1``.
+    on_prompt : callable, optional
+        ``on_prompt(prompts_done, tokens_generated)`` as prompts finish (the CLI's progress display).
     """
-    batch_size = check_positive_int("batch_size", batch_size)
-    prompt_ids = list(range(len(rows))) if prompt_ids is None else prompt_ids
+    batch_size, schedule = check_positive_int("batch_size", batch_size), check_schedule(schedule)
+    seed = run_seed(check_seed(seed), None)
+    if not rows:  # a process' empty shard of a prompt set smaller than the number of processes
+        return PromptSetResult([], merge_stats([], [], 0), [], [])
+    keys = list(range(len(rows))) if prompt_ids is None else list(prompt_ids)
     device = input_device(target)
-    batches = length_sorted_batches(rows, batch_size)
-    session_options = replace(options, progress=False)
-    bar = _prompt_bar(options.progress, len(rows), "target-only" if drafter is None else "speculative")
-    outputs, batch_stats, done, tokens = [], [], 0, 0
-    for indices in batches:
-        generator = None if seed is None else make_generator(batch_seed(seed, prompt_ids[indices[0]]), None, device)
-        request = DecodeRequest([rows[i] for i in indices], [max_gen_lens[i] for i in indices], device)
-        out, stats = DecodeSession(target, drafter, request, session_options, generator).run()
-        outputs.append(out)
-        batch_stats.append(stats)
-        done, tokens = done + len(indices), tokens + stats.generated_tokens
-        if bar is not None:
-            bar.update(len(indices))
-            bar.set_postfix(tokens=tokens)
-        if on_batch is not None:
-            on_batch(done, tokens)
-    if bar is not None:
-        bar.close()
+    progress = _Progress(options.progress, len(rows), "target-only" if drafter is None else "speculative", on_prompt)
+    options = replace(options, progress=False)
+    if schedule == "continuous":
+        request = DecodeRequest(rows, max_gen_lens, device, keys)
+        out, stats = _continuous(DecodeSession(target, drafter, request, options, seed, slots=batch_size), progress)
+        batches, outputs, batch_stats = [list(range(len(rows)))], [out], [stats]
+    else:
+        batches, outputs, batch_stats = length_sorted_batches(rows, batch_size), [], []
+        for indices in batches:
+            request = DecodeRequest([rows[i] for i in indices], [max_gen_lens[i] for i in indices], device,
+                                    [keys[i] for i in indices])
+            out, stats = DecodeSession(target, drafter, request, options, seed).run()
+            outputs.append(out)
+            batch_stats.append(stats)
+            progress.done(len(indices), stats.generated_tokens)
+    progress.close()
     merged = merge_stats(batch_stats, batches, len(rows))
     return PromptSetResult(in_prompt_order(outputs, batches, len(rows)), merged, batch_stats, batches)
 
 
-def _prompt_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def _continuous(session: DecodeSession, progress: _Progress) -> tuple[list[list[int]], GenerationStats]:
+    """Step ``session`` until every prompt of its request has been decoded, refilling finished rows from the queue
+    (in prompt order). Returns the outputs (prompt order) and the stats."""
+    t0, graphs0 = session.start()
+    total = len(session.request.rows)
+    queue = deque(range(session.rows.size, total))
+    while True:
+        refilling = bool(queue)
+        done = session.step(compact=not refilling)
+        if refilling:
+            free = session.free_rows()
+            if len(free):
+                session.admit([queue.popleft() for _ in range(min(len(free), len(queue)))])
+        view = session.rows.view
+        finished = total - len(queue) - int((~view.finished).sum())  # entered minus still decoding
+        if finished != progress.prompts:
+            progress.update(finished, view.generated)
+        if done and not refilling:
+            break
+    return session.finish(t0, graphs0)
 
-    return tqdm(total=total, desc=desc, unit="prompt", leave=False)
+
+class _Progress:
+    """One bar over a prompt set: finished prompts, with the tokens generated so far."""
+
+    def __init__(self, enabled: bool, total: int, desc: str, callback) -> None:
+        self.callback, self.prompts, self.tokens = callback, 0, 0
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="prompt", leave=False)
+
+    def done(self, prompts: int, tokens: int) -> None:
+        self.update(self.prompts + prompts, self.tokens + tokens)
+
+    def update(self, prompts: int, tokens: int) -> None:
+        if self.bar is not None:
+            self.bar.update(prompts - self.prompts)
+            self.bar.set_postfix(tokens=tokens)
+        self.prompts, self.tokens = prompts, tokens
+        if self.callback is not None:
+            self.callback(prompts, tokens)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -75,42 +75,54 @@ class SyntheticAcceptanceDrafter(Drafter):
     Every step runs :class:`~batched_specdec.drafting.ModelDrafter`'s forwards on the real draft model, then
     replaces each draft slot ``i`` of row ``b`` with ``known[p_b, g_b + i]`` (the target-only greedy continuation
     of the row's prompt ``p_b`` at the row's next positions, ``g_b`` tokens generated so far) with probability
-    ``alpha``. ``known`` is in prompt order; the engine's rows are not (it orders them by length and compacts
-    them), so each row finds its prompt through the ``row_keys`` the engine passes (the prompt indices). Under greedy
-    verification a slot holding the known token is accepted (the target's argmax is that token) and any other
-    token is rejected, so per-token acceptance is about ``alpha``. Proposals are deterministic (``probs=None``).
-    No host synchronisation.
+    ``alpha``. ``known`` is in prompt order; the session's rows are not (it orders them by length, compacts them
+    and refills them), so each row finds its prompt by its prompt tokens when it enters (``prompts``, the same
+    token lists the session decodes; one host read per entry, none per step). Under greedy verification a slot
+    holding the known token is accepted (the target's argmax is that token) and any other token is rejected, so
+    per-token acceptance is about ``alpha``. Proposals are deterministic (``probs=None``).
     """
 
-    vocab_size = None
-
-    def __init__(self, draft_model, known: torch.Tensor, alpha: float, seed: int = 0) -> None:
+    def __init__(self, draft_model, known: torch.Tensor, alpha: float, prompts: list[list[int]], seed: int = 0) -> None:
         self.inner = ModelDrafter(draft_model)
-        self.vocab_size = self.inner.vocab_size
         self.known = known  # (P, N) int64 on the draft's device, one row per prompt, in prompt order
         self.alpha = alpha
         self.generator = torch.Generator(device=known.device).manual_seed(seed)
-        self.prompt_lens = None
+        self.index = {tuple(p): i for i, p in enumerate(prompts)}
+        self.prompt_lens = self.row_prompts = None
+
+    def _prompts_of(self, token_buffer, rows, lens) -> list[int]:
+        tokens = token_buffer.index_select(0, rows).cpu()
+        return [self.index[tuple(tokens[r, :n].tolist())] for r, n in enumerate(lens)]
 
     def start(self, token_buffer, seq_lens, max_seq_len):
         self.inner.start(token_buffer, seq_lens, max_seq_len)
-        self.prompt_lens = seq_lens.clone().to(self.known.device)
+        device = self.known.device
+        self.prompt_lens = seq_lens.clone().to(device)
+        rows = torch.arange(seq_lens.shape[0], device=token_buffer.device)
+        self.row_prompts = torch.tensor(self._prompts_of(token_buffer, rows, seq_lens.tolist()), device=device)
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len, row_keys=None):
-        own = self.inner.propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
-                                 row_keys).tokens
+    def admit_rows(self, token_buffer, rows, prompt_lens):
+        self.inner.admit_rows(token_buffer, rows, prompt_lens)
+        device = self.known.device
+        index = rows.to(device)
+        self.prompt_lens.index_copy_(0, index, torch.tensor(prompt_lens, device=device))
+        found = self._prompts_of(token_buffer, rows, prompt_lens)
+        self.row_prompts.index_copy_(0, index, torch.tensor(found, device=device))
+
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None):
+        own = self.inner.propose(token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws).tokens
         device = self.known.device
         gen = seq_lens.to(device) - self.prompt_lens
         idx = (gen[:, None] + torch.arange(gamma, device=device)[None, :]).clamp(max=self.known.shape[1] - 1)
-        rows = (row_keys.to(device) if row_keys is not None
-                else torch.arange(seq_lens.shape[0], device=device))  # fmt: skip
-        known = self.known.index_select(0, rows).gather(1, idx)
+        known = self.known.index_select(0, self.row_prompts).gather(1, idx)
         take = torch.rand(known.shape, generator=self.generator, device=device) < self.alpha
         return DraftProposal(tokens=torch.where(take, known, own.to(device)))
 
     def keep_rows(self, rows):
         self.inner.keep_rows(rows)
-        self.prompt_lens = self.prompt_lens.index_select(0, rows.to(self.known.device))
+        index = rows.to(self.known.device)
+        self.prompt_lens = self.prompt_lens.index_select(0, index)
+        self.row_prompts = self.row_prompts.index_select(0, index)
 
 
 # --- models ------------------------------------------------------------------------------------------------------
@@ -197,7 +209,7 @@ def warm_up(all_prompts, batch_sizes, gammas, alpha, target, drafter, run_kw, sy
         ref_out = autoregressive_generate_batch(prompts, target, **run_kw)
         known = known_tokens(ref_out, device) if synthetic else None
         for g in gammas:
-            speculative_generate_batch(prompts, drafter(alpha if synthetic else None, known), target, gamma=g,
+            speculative_generate_batch(prompts, drafter(alpha if synthetic else None, known, prompts), target, gamma=g,
                                        **run_kw)
     synchronize(device)
     print(f"warm-up (every B and gamma once, untimed): {time.perf_counter() - t0:.1f} s")
@@ -358,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     run_kw = {"logits_processor": proc, "max_gen_len": max_new, "eos_tokens_id": eos, "pad_token_id": pad,
               "compile": args.compile}
 
-    def drafter(alpha, known):
-        return SyntheticAcceptanceDrafter(draft_model, known, alpha, args.seed) if synthetic else draft
+    def drafter(alpha, known, prompts):
+        return SyntheticAcceptanceDrafter(draft_model, known, alpha, prompts, args.seed) if synthetic else draft
 
     if not args.no_warmup:
         warm_up(all_prompts, batch_sizes, gammas, max(alphas), target, drafter, run_kw, synthetic, device)
@@ -414,11 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         for alpha in alphas if synthetic else [None]:
             for g in gammas:
                 gc.collect()
-                out, _, st = speculative_generate_batch(prompts, drafter(alpha, known), target, gamma=g,
+                out, _, st = speculative_generate_batch(prompts, drafter(alpha, known, prompts), target, gamma=g,
                                                         collect_stats=not gpu, **run_kw)  # fmt: skip
                 split = st.time_split
                 if gpu and not args.no_time_split:
-                    split = speculative_generate_batch(prompts, drafter(alpha, known), target, gamma=g,
+                    split = speculative_generate_batch(prompts, drafter(alpha, known, prompts), target, gamma=g,
                                                        collect_stats=True, **run_kw)[2].time_split  # fmt: skip
                 speedup = st.tokens_per_s / base_tps
                 expected = expected_acceptance(alpha, g) if synthetic else None

@@ -117,8 +117,7 @@ class ConstantDrafter(Drafter):
     def __init__(self, token: int) -> None:
         self.token = token
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
-                row_keys=None) -> DraftProposal:
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None) -> DraftProposal:
         return DraftProposal(tokens=torch.full((token_buffer.shape[0], gamma), self.token, dtype=torch.int64))
 
 

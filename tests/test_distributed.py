@@ -15,7 +15,9 @@ from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, speculative_generate_batch
 from batched_specdec.distributed import run_on_prompt_shards, speculative_generate_distributed
-from batched_specdec.options import batch_seed
+from batched_specdec.drafting import as_drafter
+from batched_specdec.options import prompt_seed, resolve_options
+from batched_specdec.runner import decode_prompt_set
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 GROUP_WORKER = Path(__file__).with_name("process_group_worker.py")
@@ -72,35 +74,35 @@ def test_single_process_distributed_equals_batch_call():
         speculative_generate_distributed(prompts, draft, target, batch_size=0)
 
 
-def test_each_batch_samples_from_its_own_stream():
-    """Identical prompts in different batches under one seed get different samples, the same ones every run, and
-    each batch's stream is ``batch_seed(seed, index of its first prompt)``."""
+def test_each_prompt_samples_from_its_own_stream():
+    """Identical prompts under one seed get different samples, the same ones every run, whatever the batch size
+    and schedule: prompt ``i`` draws under its own key ``prompt_seed(seed, i)``, so decoding it alone with index ``i``
+    gives its tokens."""
     target = tiny_causal_lm("llama", seed=0, init_std=0.15)  # flat distributions: samples of 12 tokens differ
     draft = tiny_causal_lm("llama", seed=1, layers=1, init_std=0.15)
     prompts = [[1, 2, 3]] * 3
-    kwargs = {"batch_size": 1, "gamma": 3, "logits_processor": MultinomialProcessor(1.0), "max_gen_len": 12,
-              "eos_tokens_id": []}
-    first, _, _ = speculative_generate_distributed(prompts, draft, target, seed=7, **kwargs)
-    again, _, _ = speculative_generate_distributed(prompts, draft, target, seed=7, **kwargs)
+    kwargs = {"gamma": 3, "logits_processor": MultinomialProcessor(1.0), "max_gen_len": 12, "eos_tokens_id": []}
+    first, _, _ = speculative_generate_distributed(prompts, draft, target, seed=7, batch_size=1, **kwargs)
+    again, _, _ = speculative_generate_distributed(prompts, draft, target, seed=7, batch_size=3, schedule="static",
+                                                   **kwargs)
     assert again == first
     assert len({tuple(o) for o in first}) == 3
+    options = resolve_options(target, logits_processor=kwargs["logits_processor"], eos_tokens_id=[], gamma=3)
     for i in range(3):
-        single = speculative_generate_batch(prompts[:1], draft, target, seed=batch_seed(7, i),
-                                            **{k: v for k, v in kwargs.items() if k != "batch_size"})[0]
-        assert single == [first[i]]
+        alone = decode_prompt_set(target, as_drafter(draft, 96), prompts[:1], [12], options, batch_size=1, seed=7,
+                                  prompt_ids=[i])
+        assert alone.outputs == [first[i]]
     with pytest.raises(ValueError, match="seed must be an int, got 'x'"):
         speculative_generate_distributed(prompts, draft, target, seed="x")
 
 
-def test_batch_seeds_differ_across_seeds_and_batches():
-    """Not seed + index: seed s batch i + 1 and seed s + 1 batch i get different streams. Distinct in the low 32
-    bits too, which is all torch's CPU generator keeps of a seed."""
+def test_prompt_seeds_differ_across_seeds_and_prompts():
+    """Not seed + index: seed s prompt i + 1 and seed s + 1 prompt i get different keys; keys are signed 64-bit."""
     grid = [(s, i) for s in [*range(64), 2**32 - 1] for i in range(64)]
-    seeds = [batch_seed(s, i) for s, i in grid]
+    seeds = [prompt_seed(s, i) for s, i in grid]
     assert len(set(seeds)) == len(grid)
-    assert len({x & 0xFFFFFFFF for x in seeds}) == len(grid)
-    assert all(0 <= x < 2**64 for x in seeds)
-    assert batch_seed(2**40, 0) != batch_seed(2**40 + 1, 0) and 0 <= batch_seed(-5, 3) < 2**64
+    assert all(-(2**63) <= x < 2**63 for x in seeds)
+    assert prompt_seed(2**40, 0) != prompt_seed(2**40 + 1, 0) and -(2**63) <= prompt_seed(-5, 3) < 2**63
 
 
 @pytest.mark.parametrize("num_prompts", [5, 1])  # uneven split; fewer prompts than processes

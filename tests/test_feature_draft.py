@@ -85,8 +85,8 @@ class CheckingFeatureDrafter(FeatureDrafter):
         super().__init__(model)
         self.target, self.checked = target, 0
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len, row_keys=None):
-        proposal = super().propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len, row_keys)
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None):
+        proposal = super().propose(token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws)
         for b, n in enumerate(seq_lens.tolist()):
             if n < 2:
                 continue

@@ -66,7 +66,8 @@ def _no_compute(model):
 
 def test_texts_are_decoded_ids_order_kept_and_greedy_equals_target_only(embedded):
     model, tokenizer = embedded
-    result = generate(PROMPTS, model, tokenizer=tokenizer, batch_size=2, max_new_tokens=NEW, eos_token_id=[])
+    result = generate(PROMPTS, model, tokenizer=tokenizer, batch_size=2, schedule="static", max_new_tokens=NEW,
+                      eos_token_id=[])
     assert isinstance(result, GenerationResult)
     assert result.texts == tokenizer.batch_decode(result.token_ids, skip_special_tokens=True)
     assert all(len(ids) == NEW for ids in result.token_ids)
@@ -245,7 +246,7 @@ def test_auto_gamma_batches_share_one_cost_model(tiny, monkeypatch):
 
     monkeypatch.setattr(controller_module, "AdaptiveSpeculation", Recording)
     result = generate([[1, 2, 3], [4, 5, 6, 7], [8, 9]], target, draft, max_new_tokens=5, eos_token_id=[],
-                      batch_size=1, gamma_max=3)
+                      batch_size=1, schedule="static", gamma_max=3)
     # one controller per batch, all on the same cost model
     assert len(seen) == 3 and seen[0] is not None and all(c is seen[0] for c in seen)
     merged = result.stats.controller

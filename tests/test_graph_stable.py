@@ -16,6 +16,7 @@ from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
 CPU = torch.device("cpu")
 PROMPTS = [[3, 9, 27, 8], [44], [10, 20, 30, 40, 50, 60], [7, 7, 7], [5, 6], [11, 12, 13], [90, 91, 92, 93, 94]]
 BUDGETS = [2, 4, 6, 8, 10, 12, 14]  # rows finish one after another: 7 -> 4 -> 2 -> 1 live rows, compiled
+SEEDS = list(range(len(PROMPTS)))  # the rows' Philox keys
 
 
 def test_batch_bucket_and_capacity():
@@ -26,24 +27,24 @@ def test_batch_bucket_and_capacity():
 
 
 def test_compiled_rows_to_keep_stops_at_powers_of_two_and_keeps_finished_rows_as_fillers():
-    batch = RaggedBatch(PROMPTS, BUDGETS, 32, 0, CPU, compile=True)
+    batch = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU, compile=True)
     finished = torch.tensor([True, True, False, False, False, False, False])
     assert batch.rows_to_keep(finished) is None  # 5 live rows need 8: stay at 7
     finished[2] = True
     assert batch.rows_to_keep(finished).tolist() == [3, 4, 5, 6]  # 4 live rows fill bucket 4
-    eager = RaggedBatch(PROMPTS, BUDGETS, 32, 0, CPU)
+    eager = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU)
     assert eager.rows_to_keep(finished).tolist() == [3, 4, 5, 6]
 
 
 def test_compiled_rows_to_keep_fills_the_bucket():
-    batch = RaggedBatch(PROMPTS[:6], BUDGETS[:6], 32, 0, CPU, compile=True)
+    batch = RaggedBatch(PROMPTS[:6], BUDGETS[:6], SEEDS[:6], 32, max(BUDGETS), 0, CPU, compile=True)
     finished = torch.tensor([True, False, True, True, False, False])  # 3 live rows: bucket 4, one filler
     assert batch.rows_to_keep(finished).tolist() == [0, 1, 4, 5]
 
 
 def test_batch_buffers_keep_their_addresses_across_calls_and_compaction():
     capture.BUFFERS.release()
-    first = RaggedBatch(PROMPTS, BUDGETS, 32, 0, CPU, compile=True)
+    first = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU, compile=True)
     addresses = [t.data_ptr() for t in (first.token_buffer, first.seq_lens, first.gen_lens, first.finished)]
     tokens_before = first.token_buffer.clone()
     keep = torch.tensor([1, 3, 4, 6])
@@ -51,12 +52,13 @@ def test_batch_buffers_keep_their_addresses_across_calls_and_compaction():
     assert [t.data_ptr() for t in (first.token_buffer, first.seq_lens, first.gen_lens, first.finished)] == addresses
     assert torch.equal(first.token_buffer, tokens_before[keep]) and first.size == 4
     allocations = capture.BUFFERS.allocations
-    second = RaggedBatch(PROMPTS[::-1], BUDGETS, 32, 0, CPU, compile=True)  # same shapes: the same buffers
+    # same shapes: the same buffers
+    second = RaggedBatch(PROMPTS[::-1], BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU, compile=True)
     assert capture.BUFFERS.allocations == allocations
     assert [t.data_ptr() for t in (second.token_buffer, second.seq_lens, second.gen_lens, second.finished)] == \
         addresses
     assert second.seq_lens.tolist() == sorted(map(len, PROMPTS), reverse=True)  # refilled, not stale
-    eager = RaggedBatch(PROMPTS, BUDGETS, 32, 0, CPU)
+    eager = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU)
     assert eager.token_buffer.data_ptr() not in addresses
 
 

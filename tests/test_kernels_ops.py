@@ -56,9 +56,9 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.batched_specdec.scatter_kv_at_offsets, _scatter_inputs(), test_utils=OPCHECK)
     torch.library.opcheck(torch.ops.batched_specdec.commit_emitted_tokens, _commit_inputs(), test_utils=OPCHECK)
     d, q, p, n, seed, offset = _rejection_inputs()
-    keys, onehot = torch.tensor([3, 0, 2, 1]), torch.tensor([False, True, False, False])
-    torch.library.opcheck(torch.ops.batched_specdec.rejection_sample, (d, q, p, n, None, seed, offset, keys, onehot,
-                                                                     False),
+    seeds, offsets = torch.tensor([7, seed, -3, 2**40]), offset + torch.tensor([3, 0, 2, 1]) * 2**20
+    onehot = torch.tensor([False, True, False, False])
+    torch.library.opcheck(torch.ops.batched_specdec.rejection_sample, (d, q, p, n, None, seeds, offsets, onehot, False),
                           test_utils=OPCHECK)
 
 

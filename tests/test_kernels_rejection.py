@@ -439,7 +439,7 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
         num_draft = torch.randint(0, K + 1, (B,), generator=g)
         fast = rejection_sample_from_logits(drafts, None, logits, 0.0, num_draft_tokens=num_draft, backend="torch")
         full = rejection_sample_from_logits_impl(drafts, None, logits, _temperature_tensor(0.0, B, drafts.device),
-                                                 num_draft, torch.tensor(1), torch.tensor(2), torch.arange(B),
+                                                 num_draft, torch.full((B,), 1), 2 + torch.arange(B) * (K + 1) * (V + 1),
                                                  torch.zeros(B, dtype=torch.bool))
         assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
 
@@ -545,6 +545,44 @@ def test_row_keys_make_a_rows_decisions_independent_of_its_position(backend, mon
     assert all(torch.equal(a, b) for a, b in zip(default, explicit))
     with pytest.raises(ValueError, match=r"row_keys must be None or a \(7,\) int64 tensor"):
         rejection_sample_from_probs(draft_tokens, q, p, row_keys=keys[:3], **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_row_seeds_and_offsets_key_each_row_by_itself(backend, monkeypatch):
+    """Per-row Philox keys and first counters: a row's decisions follow its own (seed, offset), wherever it sits and
+    whatever the other rows are; every backend makes the reference's decisions; one seed with one offset and row
+    keys is the same as that seed per row with the keyed offsets."""
+    B, K, V = 7, 3, 111
+    be = _use(backend, monkeypatch)
+    target_logits, draft_logits, draft_tokens, _ = _random_problem(B, K, V, torch.float32, seed=8)
+    p, q = torch.softmax(target_logits, -1), torch.softmax(draft_logits, -1)
+    num_draft = torch.tensor([3, 0, 1, 2, 3, 3, 1])
+    seeds = torch.tensor([5, -7, 2**62, 11, -(2**63), 0, 123456789])
+    offsets = torch.tensor([0, 2**26, 5 * 2**26, 3, 2**40, 17, 2**26 + 9])
+    perm = torch.tensor([6, 2, 0, 5, 1, 4, 3])
+    out, acc = rejection_sample_from_probs(draft_tokens, q, p, num_draft_tokens=num_draft, seed=seeds, offset=offsets,
+                                           backend=be)
+    ref = rejection_sample_from_probs_reference(draft_tokens, q, p, num_draft_tokens=num_draft, seed=seeds,
+                                                offset=offsets)
+    assert torch.equal(out, ref[0]) and torch.equal(acc, ref[1])
+    out_p, acc_p = rejection_sample_from_probs(draft_tokens[perm], q[perm], p[perm], num_draft_tokens=num_draft[perm],
+                                               seed=seeds[perm], offset=offsets[perm], backend=be)
+    assert torch.equal(out[perm], out_p) and torch.equal(acc[perm], acc_p)
+    lo, lacc = rejection_sample_from_logits(draft_tokens, draft_logits, target_logits, 0.8, num_draft_tokens=num_draft,
+                                            seed=seeds, offset=offsets, backend=be)
+    lref = rejection_sample_from_logits_reference(draft_tokens, draft_logits, target_logits, 0.8,
+                                                  num_draft_tokens=num_draft, seed=seeds, offset=offsets)
+    assert torch.equal(lo, lref[0]) and torch.equal(lacc, lref[1])
+    keys = torch.tensor([4, 0, 6, 1, 3, 2, 5])
+    one = rejection_sample_from_probs(draft_tokens, q, p, num_draft_tokens=num_draft, seed=torch.tensor(9),
+                                      offset=torch.tensor(100), row_keys=keys, backend=be)
+    per_row = rejection_sample_from_probs(draft_tokens, q, p, num_draft_tokens=num_draft, seed=torch.full((B,), 9),
+                                          offset=100 + keys * (K + 1) * (V + 1), backend=be)
+    assert all(torch.equal(a, b) for a, b in zip(one, per_row))
+    with pytest.raises(ValueError, match="row_keys applies to a one-element offset"):
+        rejection_sample_from_probs(draft_tokens, q, p, seed=seeds, offset=offsets, row_keys=keys)
+    with pytest.raises(ValueError, match=r"seed must be a one-element or a \(7,\) int64 tensor"):
+        rejection_sample_from_probs(draft_tokens, q, p, seed=seeds[:3], offset=offsets)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

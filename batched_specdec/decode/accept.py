@@ -1,8 +1,9 @@
 """The accept phase of a step: which of the verified tokens each row keeps, and the one token it adds.
 
 A step with drafts rejection-samples them against the verify logits (:mod:`batched_specdec.kernels.rejection_sample`);
-a step without drafts samples one target token per row. Every draw is keyed by the rows' prompt indices
-(``row_keys``), so a row's tokens do not depend on its position in the batch.
+a step without drafts samples one target token per row. Every draw comes from the row's own Philox key and
+counters (:class:`~batched_specdec.processors.RowDraws`), so a row's tokens do not depend on its position in the
+batch, on the other rows or on the schedule.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from torch import Tensor
 
 from batched_specdec import capture
 from batched_specdec.controller import min_verify_tokens
-from batched_specdec.kernels import draw_seed_offset, rejection_sample_from_logits, rejection_sample_from_probs
-from batched_specdec.processors import LogitsProcessor
+from batched_specdec.kernels import rejection_sample_from_logits, rejection_sample_from_probs
+from batched_specdec.processors import SAMPLE_DRAWS, VERIFY_DRAWS, LogitsProcessor, RowDraws
 
 
 def pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device):
@@ -33,34 +34,31 @@ def pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device:
 
 
 def verify_drafts(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
-                  num_draft: Tensor | None, seed: Tensor, offset: Tensor, row_keys: Tensor,
+                  num_draft: Tensor | None, seeds: Tensor, offsets: Tensor,
                   deterministic_rows: Tensor | None) -> tuple[Tensor, Tensor]:
     """Rejection-sample one step's drafts (``k >= 1``) against the verify ``logits`` ``(B, k + 1, V)``:
     ``(out_tokens (B, k + 1), num_accepted (B,))``. Compiled with ``compile=True``; its randomness comes in as
-    ``seed``/``offset``. ``deterministic_rows`` ``(B,)`` flags rows whose q is one-hot although ``draft_probs`` is
-    given (a hybrid drafter's n-gram rows)."""
+    each row's Philox key and first counter ``seeds``/``offsets`` ``(B,)``. ``deterministic_rows`` ``(B,)`` flags
+    rows whose q is one-hot although ``draft_probs`` is given (a hybrid drafter's n-gram rows)."""
     if processor.is_greedy:
-        return rejection_sample_from_logits(draft_tokens, None, logits, 0.0, num_draft_tokens=num_draft, seed=seed,
-                                            offset=offset)
+        return rejection_sample_from_logits(draft_tokens, None, logits, 0.0, num_draft_tokens=num_draft, seed=seeds,
+                                            offset=offsets)
     return rejection_sample_from_probs(draft_tokens, draft_probs, processor.probs(logits), num_draft_tokens=num_draft,
-                                       seed=seed, offset=offset, row_keys=row_keys,
-                                       deterministic_rows=deterministic_rows)  # fmt: skip
+                                       seed=seeds, offset=offsets, deterministic_rows=deterministic_rows)
 
 
 def accept(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,
-           num_draft: Tensor | None, generator: torch.Generator | None, row_keys: Tensor,
-           deterministic_rows: Tensor | None, compile: bool) -> tuple[Tensor, Tensor]:
+           num_draft: Tensor | None, draws: RowDraws, deterministic_rows: Tensor | None,
+           compile: bool) -> tuple[Tensor, Tensor]:
     """The step's emitted tokens ``(B, k + 1)`` and accepted counts ``(B,)``: a plain target sample when the step
-    has no drafts (``k == 0``), else :func:`verify_drafts` (compiled with ``compile``)."""
+    has no drafts (``k == 0``), else :func:`verify_drafts` (compiled with ``compile``). ``draws`` are the rows'
+    Philox keys and this step's counters (:class:`~batched_specdec.processors.RowDraws`)."""
     if draft_tokens.shape[1] == 0:
-        token, _ = processor.sample(logits[:, 0], generator, row_keys)
+        token, _ = processor.sample(logits[:, 0], draws=draws.at(SAMPLE_DRAWS))
         return token[:, None], torch.zeros_like(token)
-    # Drawn as the sampler would draw them itself (so seeded outputs do not depend on compile); greedy draws none.
-    if processor.is_greedy:
-        seed = offset = torch.zeros((), dtype=torch.int64, device=logits.device)
-    else:
-        seed, offset = draw_seed_offset(generator, logits.device)
-    args = (processor, draft_tokens, draft_probs, logits, num_draft, seed, offset, row_keys, deterministic_rows)
+    verifying = draws.at(VERIFY_DRAWS)
+    args = (processor, draft_tokens, draft_probs, logits, num_draft, verifying.seeds, verifying.offsets,
+            deterministic_rows)
     return capture.run_compiled(verify_drafts, logits.device, *args) if compile else verify_drafts(*args)
 
 

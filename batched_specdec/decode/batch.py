@@ -1,9 +1,10 @@
 """Per-row decoding state: committed tokens, lengths, budgets and finished flags, and the host's view of them.
 
-Every row keeps its committed tokens ``s_b`` (prompt + emitted) in ``token_buffer[b, :seq_lens[b]]``. Rows finish
-at their own EOS or generation budget and are compacted away once enough of the batch is done. The host reads one
-small tensor per step (:meth:`RaggedBatch.sync`, which returns a :class:`HostView`); everything else stays on the
-device. The session (:mod:`batched_specdec.decode.session`) commits each step's tokens into these buffers.
+Every row keeps its committed tokens ``s_b`` (prompt + emitted) in ``token_buffer[b, :seq_lens[b]]``. A row holds
+one prompt from its admission until it is retired: its results are copied out on the device (no host read) when it
+leaves the batch (compaction), when its slot takes the next prompt (continuous batching), or at the end. The host
+reads one small tensor per step (:meth:`RaggedBatch.sync`, which returns a :class:`HostView`); everything else stays
+on the device. The session (:mod:`batched_specdec.decode.session`) commits each step's tokens into these buffers.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class HostView:
     """What the host knows after a step's sync (all host tensors, one entry per row of the batch).
 
     ``finished`` and ``seq_lens`` are the rows' flags and committed lengths; ``generated`` counts every token
-    generated so far (rows compacted away included); ``extra`` holds the per-row counts the session asked to read
-    with them, ``(n_extra, B)`` int64 (the controller's proposed and accepted counts)."""
+    generated so far (rows that left included); ``extra`` holds the per-row counts the session asked to read with
+    them, ``(n_extra, B)`` int64 (the controller's proposed and accepted counts)."""
 
     finished: Tensor
     seq_lens: Tensor
@@ -39,12 +40,13 @@ class HostView:
 
 
 class RaggedBatch:
-    """Per-row decoding state on the target's input device; rows may be dropped (compacted) as they finish.
+    """Per-row decoding state on the target's input device.
 
-    Rows are held longest prompt first (:attr:`row_ids` maps them back to prompt order), so that the rows with
-    prompt left in any prefill chunk are a prefix of the batch. Per-row generation budgets share the one scalar
-    limit of the commit kernel: row ``b`` starts with ``gen_lens[b] = max(max_gen_lens) - max_gen_lens[b]``, so it
-    reaches the limit after its own budget.
+    Rows are first filled longest prompt first (``prompts`` given to the constructor), so that the rows with prompt
+    left in any prefill chunk are a prefix of the batch; :meth:`admit` puts later prompts into any retired rows.
+    :attr:`row_ids` is each row's prompt index within the session (its results and statistics are kept under it),
+    :attr:`row_seeds` its Philox key. Per-row generation budgets share the one scalar limit of the commit kernel:
+    a row starts with ``gen_lens = max_gen_len - its budget``, so it reaches the limit after its own budget.
 
     With ``compile=True`` the per-row buffers are static and pooled (graph-stable across calls). With
     ``delayed_host_read=True`` the host's view is one step behind the device: :meth:`sync` starts a non-blocking
@@ -52,39 +54,34 @@ class RaggedBatch:
     width, which the host has not seen yet.
     """
 
-    def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], capacity: int, pad_token_id: int,
-                 device: torch.device, *, logprobs: bool = False, compile: bool = False,
-                 delayed_host_read: bool = False) -> None:
+    def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], seeds: list[int], capacity: int,
+                 max_gen_len: int, pad_token_id: int, device: torch.device, *, logprobs: bool = False,
+                 compile: bool = False, delayed_host_read: bool = False) -> None:
         batch = len(prompts)
-        self.prompt_lens_host = [len(p) for p in prompts]  # in prompt order, for the results
         order = sorted(range(batch), key=lambda i: -len(prompts[i]))
-        prompts = [prompts[i] for i in order]
-        max_gen_lens = [max_gen_lens[i] for i in order]
-        lens = [len(p) for p in prompts]
+        lens = [len(prompts[i]) for i in order]
         self.prefill_widths = [n - 1 for n in lens]
         self.max_prompt_len = max(lens)
-        self.max_gen_len = max(max_gen_lens)
-        self.capacity = capacity
-        self.compile = compile
-        self.device = device
+        self.max_gen_len = max_gen_len
+        self.capacity, self.compile, self.device, self.pad_token_id = capacity, compile, device, pad_token_id
         padded = torch.full((batch, capacity), pad_token_id, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            padded[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        for row, i in enumerate(order):
+            padded[row, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.int64)
         self.token_buffer = self._device_state("tokens", padded)
         self.logprob_buffer = self._device_state("logprobs", torch.zeros(batch, capacity)) if logprobs else None
         self.seq_lens = self._device_state("seq_lens", torch.tensor(lens, dtype=torch.int64))
-        self.gen_lens = self._device_state("gen_lens", torch.tensor([self.max_gen_len - m for m in max_gen_lens]))
+        self.gen_lens = self._device_state("gen_lens", torch.tensor([max_gen_len - max_gen_lens[i] for i in order]))
         self.finished = self._device_state("finished", torch.zeros(batch, dtype=torch.bool))
         self.row_ids = self._device_state("row_ids", torch.tensor(order, dtype=torch.int64))
+        self.row_seeds = self._device_state("row_seeds", torch.tensor([seeds[i] for i in order], dtype=torch.int64))
         self.host_row_ids = torch.tensor(order, dtype=torch.int64)
-        # Results of every original row, filled when rows are compacted away and at the end.
-        self.final_tokens = torch.empty_like(self.token_buffer)
-        self.final_logprobs = None if self.logprob_buffer is None else torch.empty_like(self.logprob_buffer)
-        self.final_seq_lens = torch.empty_like(self.seq_lens)
         self.host_prompt_lens = torch.tensor(lens)
+        self.host_retired = torch.zeros(batch, dtype=torch.bool)  # rows whose results were copied out
+        self.prompt_lens: dict[int, int] = {i: len(p) for i, p in enumerate(prompts)}  # per prompt index
         self.view = HostView(torch.zeros(batch, dtype=torch.bool), torch.tensor(lens), 0,
                              torch.zeros(0, batch, dtype=torch.int64))
-        self.dropped_generated = 0  # tokens of rows compacted away
+        self.left_generated = 0  # tokens of rows that left the batch or their slot
+        self.retired: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # (ids host, tokens, lens, logprobs)
         self.live_row_steps = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
         self.last_width = 0  # tokens per row the last commit may have added
         self.delayed = delayed_host_read
@@ -109,6 +106,8 @@ class RaggedBatch:
         """``(B, 1)``: every row's last committed token."""
         return self.token_buffer.gather(1, (self.seq_lens - 1)[:, None])
 
+    # --- the host's view ------------------------------------------------------------------------------------
+
     def sync(self, extra: list[Tensor] = ()) -> HostView:
         """The one host synchronisation per step: done flags, lengths, and any ``extra`` ``(B,)`` int64 tensors.
 
@@ -125,17 +124,27 @@ class RaggedBatch:
         # The host view now lags by exactly this step's commit (after the first step: the prompts, by the first).
         self.unseen_width = self.last_width
         if previous is not None:
-            host, event, kept = previous
-            host = host_arrived(host, event)
-            if kept is not None:  # rows were compacted after this state was taken: drop theirs
-                host = host.view(2, -1)[:, kept].reshape(-1)
-            self._apply(host, 0)
+            self._apply_arrived(previous)
         return self.view
+
+    def _apply_arrived(self, pending) -> None:
+        host, event, kept = pending
+        host = host_arrived(host, event)
+        if kept is not None:  # rows were compacted after this state was taken: drop theirs
+            host = host.view(2, -1)[:, kept].reshape(-1)
+        self._apply(host, 0)
+
+    def drain(self) -> None:
+        """Make the host view current (delayed read: wait for the state in flight), before rows change hands."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._apply_arrived(pending)
+            self.unseen_width = 0
 
     def _apply(self, host: Tensor, n_extra: int) -> None:
         b = self.size
         seq_lens = host[b : 2 * b]
-        generated = int((seq_lens - self.host_prompt_lens).sum()) + self.dropped_generated
+        generated = int((seq_lens - self.host_prompt_lens).sum()) + self.left_generated
         self.view = HostView(host[:b].bool(), seq_lens, generated, host[2 * b :].view(n_extra, b))
 
     @property
@@ -148,29 +157,68 @@ class RaggedBatch:
         live = self.view.seq_lens[~self.view.finished]
         return (int(live.max()) if live.numel() else int(self.view.seq_lens.max())) + self.unseen_width
 
-    def flush(self) -> None:
-        """Copy every row's results to the per-prompt result buffers."""
-        self.final_tokens.index_copy_(0, self.row_ids, self.token_buffer)
-        self.final_seq_lens.index_copy_(0, self.row_ids, self.seq_lens)
-        if self.logprob_buffer is not None:
-            self.final_logprobs.index_copy_(0, self.row_ids, self.logprob_buffer)
+    def retirable(self) -> Tensor:
+        """Host indices of the rows that finished (host view) and whose results are still in them."""
+        return torch.nonzero(self.view.finished & ~self.host_retired).flatten()
+
+    # --- rows entering and leaving -------------------------------------------------------------------------
+
+    def retire(self, rows: Tensor) -> None:
+        """Copy the results of ``rows`` (host indices, finished) out of the batch, on the device: no host read."""
+        rows = rows[~self.host_retired[rows]]
+        if rows.numel() == 0:
+            return
+        idx = rows.to(self.device)
+        logprobs = None if self.logprob_buffer is None else self.logprob_buffer.index_select(0, idx)
+        self.retired.append((self.host_row_ids[rows].clone(), self.token_buffer.index_select(0, idx),
+                             self.seq_lens.index_select(0, idx), logprobs))
+        self.host_retired[rows] = True
+
+    def admit(self, rows: Tensor, prompts: list[list[int]], max_gen_lens: list[int], ids: list[int],
+              seeds: list[int]) -> None:
+        """Put ``prompts`` (prompt indices ``ids``, Philox keys ``seeds``) into the retired ``rows`` (host
+        indices); their KV cache rows are the session's to fill. The host view shows them live at once."""
+        if not bool(self.host_retired[rows].all()):
+            raise RuntimeError(f"rows {rows.tolist()} still hold results: retire them before admitting prompts")
+        self.left_generated += int((self.view.seq_lens[rows] - self.host_prompt_lens[rows]).sum())
+        lens = torch.tensor([len(p) for p in prompts])
+        padded = torch.full((len(prompts), self.capacity), self.pad_token_id, dtype=torch.int64)
+        for r, p in enumerate(prompts):
+            padded[r, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        idx = rows.to(self.device)
+        self.token_buffer.index_copy_(0, idx, padded.to(self.device))
+        self.seq_lens.index_copy_(0, idx, lens.to(self.device))
+        gen = torch.tensor([self.max_gen_len - m for m in max_gen_lens], dtype=torch.int64)
+        self.gen_lens.index_copy_(0, idx, gen.to(self.device))
+        self.finished.index_fill_(0, idx, False)
+        self.row_ids.index_copy_(0, idx, torch.tensor(ids, dtype=torch.int64, device=self.device))
+        self.row_seeds.index_copy_(0, idx, torch.tensor(seeds, dtype=torch.int64, device=self.device))
+        self.host_row_ids[rows] = torch.tensor(ids, dtype=torch.int64)
+        self.host_prompt_lens[rows] = lens
+        self.host_retired[rows] = False
+        self.view.finished[rows] = False
+        self.view.seq_lens[rows] = lens
+        self.prompt_lens.update({i: len(p) for i, p in zip(ids, prompts)})
 
     def keep_rows(self, rows: Tensor, host_rows: Tensor) -> None:
-        """Keep ``rows`` (on the device) of the batch; ``host_rows`` is the same index on the host."""
-        self.flush()
-        self.token_buffer, self.seq_lens, self.gen_lens, self.finished, self.row_ids = (
-            self._kept(t, rows) for t in (self.token_buffer, self.seq_lens, self.gen_lens, self.finished, self.row_ids)
+        """Keep ``rows`` (on the device) of the batch; ``host_rows`` is the same index on the host. Rows that
+        leave are retired first."""
+        kept = torch.zeros(self.size, dtype=torch.bool)
+        kept[host_rows] = True
+        self.retire(torch.nonzero(~kept).flatten())
+        self.token_buffer, self.seq_lens, self.gen_lens, self.finished, self.row_ids, self.row_seeds = (
+            self._kept(t, rows) for t in (self.token_buffer, self.seq_lens, self.gen_lens, self.finished,
+                                          self.row_ids, self.row_seeds)
         )
         if self.logprob_buffer is not None:
             self.logprob_buffer = self._kept(self.logprob_buffer, rows)
         view = self.view
-        kept = torch.zeros(view.seq_lens.shape[0], dtype=torch.bool)
-        kept[host_rows] = True
-        self.dropped_generated += int((view.seq_lens - self.host_prompt_lens)[~kept].sum())
+        self.left_generated += int((view.seq_lens - self.host_prompt_lens)[~kept].sum())
         self.view = HostView(view.finished[host_rows], view.seq_lens[host_rows], view.generated,
                              view.extra[:, host_rows])
         self.host_prompt_lens = self.host_prompt_lens[host_rows]
         self.host_row_ids = self.host_row_ids[host_rows]
+        self.host_retired = self.host_retired[host_rows]
         if self._pending is not None:  # the state in flight has the old rows: keep these when it arrives
             host, event, _ = self._pending
             self._pending = (host, event, host_rows)
@@ -203,18 +251,20 @@ class RaggedBatch:
         cols = start[:, None] + torch.arange(logprobs.shape[1], device=start.device)[None, :]
         self.logprob_buffer.scatter_(1, cols, logprobs.float())
 
-    def outputs(self) -> list[list[int]]:
-        """Every prompt's continuation (prompt excluded), in prompt order."""
-        self.flush()
-        tokens = self.final_tokens.cpu()
-        seq = self.final_seq_lens.cpu().tolist()
-        starts = self.prompt_lens_host
-        return [tokens[i, starts[i] : seq[i]].tolist() for i in range(tokens.shape[0])]
+    # --- results -------------------------------------------------------------------------------------------
 
-    def output_logprobs(self) -> list[list[float]] | None:
-        if self.final_logprobs is None:
-            return None
-        values = self.final_logprobs.cpu()
-        seq = self.final_seq_lens.cpu().tolist()
-        starts = self.prompt_lens_host
-        return [values[i, starts[i] : seq[i]].tolist() for i in range(values.shape[0])]
+    def results(self) -> tuple[dict[int, list[int]], dict[int, list[float]] | None]:
+        """Every prompt's continuation (and log-probabilities), by prompt index: the rows still in the batch are
+        retired first. One host read of what was copied out."""
+        self.retire(torch.nonzero(~self.host_retired).flatten())
+        outputs: dict[int, list[int]] = {}
+        logprobs: dict[int, list[float]] | None = None if self.logprob_buffer is None else {}
+        for ids, tokens, lens, lps in self.retired:
+            tokens, lens = tokens.cpu(), lens.cpu().tolist()
+            values = None if lps is None else lps.cpu()
+            for r, i in enumerate(ids.tolist()):
+                start = self.prompt_lens[i]
+                outputs[i] = tokens[r, start : lens[r]].tolist()
+                if logprobs is not None:
+                    logprobs[i] = values[r, start : lens[r]].tolist()
+        return outputs, logprobs

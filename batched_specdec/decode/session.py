@@ -34,7 +34,8 @@ from batched_specdec.decode.stats import GenerationStats, PhaseTimer, progress_b
 from batched_specdec.devices import peak_memory, reset_peak_memory
 from batched_specdec.drafting.base import Drafter, DraftProposal, draft_cost_ratio
 from batched_specdec.kernels import commit_emitted_tokens
-from batched_specdec.options import DecodeOptions, DecodeRequest
+from batched_specdec.options import DecodeOptions, DecodeRequest, prompt_seed
+from batched_specdec.processors import DRAFT_DRAWS, DRAW_BLOCK, RowDraws
 from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
 
 
@@ -45,7 +46,9 @@ def commit_step(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, fini
 
 
 class DecodeSession:
-    """One batch of prompts decoded by ``target``, speculatively with ``drafter`` or target-only without.
+    """A set of prompts decoded by ``target``, speculatively with ``drafter`` or target-only without, in ``slots``
+    rows: all at once (the default), or a few at a time, later prompts entering rows that finished
+    (:meth:`admit`, continuous batching).
 
     Parameters
     ----------
@@ -54,59 +57,78 @@ class DecodeSession:
     drafter : Drafter or None
         Proposes the drafts; None decodes target-only.
     request : DecodeRequest
-        The checked prompts and per-row budgets (:func:`batched_specdec.options.resolve_prompts`).
+        Every prompt the session may decode, checked, with per-prompt budgets and keys
+        (:func:`batched_specdec.options.resolve_prompts`); its buffers are sized once for all of them.
     options : DecodeOptions
         Everything else, resolved once (:func:`batched_specdec.options.resolve_options`).
-    generator : torch.Generator or None
-        The run's random stream (sampling only).
+    seed : int
+        The run's seed: prompt ``i`` draws under the Philox key ``prompt_seed(seed, request.keys[i])``.
+    slots : int, optional
+        Rows of the batch; the first ``slots`` prompts enter at once. None: every prompt.
     """
 
     @torch.inference_mode()
-    def __init__(self, target, drafter: Drafter | None, request: DecodeRequest, options: DecodeOptions,
-                 generator: torch.Generator | None) -> None:
-        self.target, self.drafter, self.options, self.generator = target, drafter, options, generator
+    def __init__(self, target, drafter: Drafter | None, request: DecodeRequest, options: DecodeOptions, seed: int,
+                 slots: int | None = None) -> None:
+        self.target, self.drafter, self.options, self.request = target, drafter, options, request
         self.device = device = request.device
-        n_rows = len(request.rows)
-        self.controller = self._make_controller(n_rows)
+        n_prompts = len(request.rows)
+        slots = n_prompts if slots is None else min(slots, n_prompts)
+        self.prompt_seeds = [prompt_seed(seed, key) for key in request.keys]
+        self.controller = self._make_controller(n_prompts)
         verify_room = max(self.controller.gamma_max, CPU_MIN_VERIFY_TOKENS) if drafter is not None else 0
-        self.capacity = capture.stable_capacity(max(map(len, request.rows)) + request.max_gen_len + verify_room + 2,
-                                                options.compile)
-        self.rows = RaggedBatch(request.rows, request.max_gen_lens, self.capacity, options.pad_token_id, device,
-                                logprobs=options.return_logprobs, compile=options.compile,
+        longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
+        self.capacity = capture.stable_capacity(longest + verify_room + 2, options.compile)
+        first = range(slots)
+        self.rows = RaggedBatch([request.rows[i] for i in first], [request.max_gen_lens[i] for i in first],
+                                self.prompt_seeds[:slots], self.capacity, request.max_gen_len, options.pad_token_id,
+                                device, logprobs=options.return_logprobs, compile=options.compile,
                                 delayed_host_read=options.delayed_host_read)
-        self.cache = RaggedKVCache(target.config, n_rows, self.capacity, device, options.attention, options.compile)
+        self.cache = RaggedKVCache(target.config, slots, self.capacity, device, options.attention, options.compile)
         self.eos = torch.tensor(list(options.eos_token_ids) or [-1], dtype=torch.int64, device=device)
-        self.accepted = torch.zeros(n_rows, dtype=torch.int64, device=device)
-        self.proposed = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.accepted = torch.zeros(n_prompts, dtype=torch.int64, device=device)
+        self.proposed = torch.zeros(n_prompts, dtype=torch.int64, device=device)
         self.histogram = torch.zeros(self.controller.gamma_max + 1, dtype=torch.int64, device=device)
         self.timer = PhaseTimer(options.collect_stats, device)
         self.steps = self.compactions = 0
-        self.budget = sum(request.max_gen_lens)  # tokens the progress bar counts to
         self.bar = None
 
-    def _make_controller(self, n_rows: int):
+    def _make_controller(self, n_prompts: int):
         if self.drafter is None:
             return StaticSpeculation(0)
         gamma, device = self.options.gamma, self.device
         ratio = draft_cost_ratio(self.drafter, self.target)
         costs = shared_cost_model(self.target, self.drafter, device, ratio, compiled=self.options.compile) \
             if gamma == "auto" else None
-        return make_controller(gamma, self.options.gamma_max, n_rows, device, ratio, cost_model=costs)
+        return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs)
 
     # --- the run ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def run(self) -> tuple[list[list[int]], GenerationStats]:
-        """Prefill, step until every row has finished, and return the outputs (prompt order) and the stats."""
-        reset_peak_memory(self.device)
-        t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
-        self.prefill()
+        """Decode every prompt at once: prefill, step until every row has finished, and return the outputs (prompt
+        order) and the stats."""
+        t0, graphs0 = self.start()
         label = "target-only" if self.drafter is None else "speculative"
-        self.bar = progress_bar(self.options.progress, self.budget, label)
+        self.bar = progress_bar(self.options.progress, sum(self.request.max_gen_lens), label)
         while not self.step():
             pass
         if self.bar is not None:
             self.bar.close()
+        return self.finish(t0, graphs0)
+
+    @torch.inference_mode()
+    def start(self) -> tuple[float, int]:
+        """Reset the peak-memory window and prefill the first prompts; returns the clock and graph count to pass
+        to :meth:`finish`."""
+        reset_peak_memory(self.device)
+        t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
+        self.prefill()
+        return t0, graphs0
+
+    @torch.inference_mode()
+    def finish(self, t0: float, graphs0: int) -> tuple[list[list[int]], GenerationStats]:
+        """The outputs in prompt order and the stats of the run started at ``t0``."""
         outputs, stats = self.results(t0)
         stats.extra["graphs_compiled"] = capture.graphs_compiled() - graphs0
         return outputs, stats
@@ -122,8 +144,38 @@ class DecodeSession:
         prefill(self.target, self.cache, rows.token_buffer, rows.prefill_widths, self.options.prefill_chunk,
                 on_hidden=on_hidden)
 
-    def step(self) -> bool:
-        """One step: plan, draft, verify, accept, commit, sync. Returns True once every row has finished."""
+    @torch.inference_mode()
+    def free_rows(self) -> Tensor:
+        """Host indices of the rows that can take a prompt: finished, their results copied out (finished rows are
+        retired here first, on the device)."""
+        self.rows.retire(self.rows.retirable())
+        return torch.nonzero(self.rows.view.finished & self.rows.host_retired).flatten()
+
+    @torch.inference_mode()
+    def admit(self, prompts: list[int]) -> None:
+        """Put the request's prompts ``prompts`` (indices) into free rows (:meth:`free_rows`), fill their cache rows
+        (a prefill over those rows only: no other row's KV moves) and reset what the drafter keeps for them."""
+        rows = self.free_rows()[: len(prompts)]
+        if len(rows) < len(prompts):
+            raise RuntimeError(f"{len(prompts)} prompts to admit but only {len(rows)} free rows")
+        request = self.request
+        self.rows.drain()  # the host view must be current: these rows change hands now
+        self.rows.admit(rows, [request.rows[i] for i in prompts], [request.max_gen_lens[i] for i in prompts],
+                        prompts, [self.prompt_seeds[i] for i in prompts])
+        order = sorted(range(len(prompts)), key=lambda r: -len(request.rows[prompts[r]]))
+        widths = [len(request.rows[prompts[r]]) - 1 for r in order]
+        on_hidden = None
+        if self.drafter is not None and self.drafter.uses_target_features:
+            on_hidden = self.drafter.observe_features
+        prefill(self.target, self.cache, self.rows.token_buffer, widths, self.options.prefill_chunk,
+                on_hidden=on_hidden, rows=rows[order])
+        if self.drafter is not None:
+            self.drafter.admit_rows(self.rows.token_buffer, rows.to(self.device), [len(request.rows[i]) for i in prompts])
+
+    @torch.inference_mode()
+    def step(self, compact: bool = True) -> bool:
+        """One step: plan, draft, verify, accept, commit, sync. Returns True once every row has finished.
+        ``compact=False`` keeps finished rows in the batch (they are about to take new prompts)."""
         timer, controller, rows = self.timer, self.controller, self.rows
         timer.start()
         if self.options.compile:
@@ -138,7 +190,7 @@ class DecodeSession:
         logits = self._verify(drafts.tokens, max_len)
         timer.lap("verify")
         out_tokens, num_accepted = accept(self.options.processor, drafts.tokens, drafts.probs, logits,
-                                          drafts.num_tokens, self.generator, rows.row_ids, drafts.deterministic_rows,
+                                          drafts.num_tokens, self._draws(), drafts.deterministic_rows,
                                           self.options.compile)
         controller.mark("verify")
         timer.lap("sampling")
@@ -153,9 +205,14 @@ class DecodeSession:
         if view.all_finished:
             return True
         # Compaction follows the state after the previous step in both read modes (what the delayed read has now),
-        # so the batch's row layout, and with it every seeded random draw, is the same with and without the delay.
-        self._compact(view.finished if self.options.delayed_host_read else finished_before)
+        # so the batch's row layout is the same with and without the delay.
+        if compact:
+            self._compact(view.finished if self.options.delayed_host_read else finished_before)
         return False
+
+    def _draws(self) -> RowDraws:
+        """Each row's Philox key and this step's first counter: keyed by the prompt and its committed length."""
+        return RowDraws(self.rows.row_seeds, self.rows.seq_lens * DRAW_BLOCK)
 
     # --- the phases ------------------------------------------------------------------------------------------
 
@@ -168,8 +225,8 @@ class DecodeSession:
                 self.drafter.note_target_only_step()
             return DraftProposal(torch.zeros(rows.size, 0, dtype=torch.int64, device=device))
         k = plan.draft_len
-        proposal = self.drafter.propose(rows.token_buffer, rows.seq_lens, k, self.options.processor, self.generator,
-                                        max_len, rows.row_ids)
+        proposal = self.drafter.propose(rows.token_buffer, rows.seq_lens, k, self.options.processor, max_len,
+                                        self._draws().at(DRAFT_DRAWS))
         tokens = proposal.tokens.to(device)
         probs = None if proposal.probs is None else proposal.probs.to(device)
         onehot = None if probs is None or proposal.deterministic_rows is None else proposal.deterministic_rows.to(device)
@@ -255,12 +312,13 @@ class DecodeSession:
 
     def results(self, t0: float) -> tuple[list[list[int]], GenerationStats]:
         """The outputs in prompt order and the :class:`GenerationStats` of the run that started at ``t0``."""
-        rows = self.rows
-        outputs = rows.outputs()
+        by_prompt, logprobs = self.rows.results()
+        n = len(self.request.rows)
+        outputs = [by_prompt[i] for i in range(n)]
         wall = time.perf_counter() - t0
         generated = [len(o) for o in outputs]
         total = sum(generated)
-        row_steps = rows.row_steps
+        row_steps = self.rows.row_steps
         accepted, proposed = self.accepted.tolist(), self.proposed.tolist()
         histogram = self.histogram.tolist() if self.drafter is not None else [row_steps]
         peak, peak_kind = peak_memory(self.device)
@@ -270,6 +328,7 @@ class DecodeSession:
             generated_tokens=total, tokens_per_s=total / wall if wall > 0 else 0.0,
             acceptance_rate=sum(accepted) / max(sum(proposed), 1), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
             time_split=dict(self.timer.split) if self.options.collect_stats else None, steps=self.steps,
-            compactions=self.compactions, logprobs=rows.output_logprobs(), controller=self.controller.summary(),
+            compactions=self.compactions, logprobs=None if logprobs is None else [logprobs[i] for i in range(n)],
+            controller=self.controller.summary(),
         )
         return outputs, stats

@@ -10,8 +10,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
+
+from batched_specdec.processors import RowDraws
 
 
 @dataclass
@@ -68,14 +69,15 @@ class Drafter(ABC):
         """Called once before the first step with the prompts; ``max_seq_len`` bounds every row's length."""
 
     @abstractmethod
-    def propose(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, logits_processor,
-                generator: torch.Generator | None, max_seq_len: int, row_keys: Tensor | None = None) -> DraftProposal:
+    def propose(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, logits_processor, max_seq_len: int,
+                draws: RowDraws | None = None) -> DraftProposal:
         """Propose up to ``gamma`` draft tokens per row. Must not synchronise with the host.
 
         ``max_seq_len`` is the largest ``seq_lens`` of a live row (known on the host), for sizing attention spans.
-        ``row_keys`` (``(B,)`` int64, the rows' prompt indices) keys a sampling drafter's random draws
-        (``logits_processor.sample(logits, generator, row_keys)``), so a row's drafts do not depend on its position
-        in the batch.
+        ``draws`` holds each row's Philox key and first counter for this step (the session's
+        :class:`~batched_specdec.processors.RowDraws`, already shifted to the drafter's counters): a sampling
+        drafter draws draft token ``i`` with ``logits_processor.sample(logits, draws=draws.at(2 * i))``, so a row's
+        drafts depend on its prompt and position only, never on its place in the batch. None: greedy only.
         """
 
     def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | None = None) -> None:
@@ -85,6 +87,11 @@ class Drafter(ABC):
 
     def note_target_only_step(self) -> None:
         """The session ran a step without drafts (draft length 0)."""
+
+    def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
+        """New prompts entered ``rows`` (``(R,)`` int64 on the session's device): their tokens are in
+        ``token_buffer`` ``(B, S)``, ``prompt_lens`` (host ints) long. Reset what the drafter keeps for those rows. The target's features of
+        their prompts (a feature drafter) arrive through :meth:`observe_features` first."""
 
     def keep_rows(self, rows: Tensor) -> None:
         """Drop finished rows: keep ``rows`` (``(N,)`` int64, ascending) of the current batch, in that order."""

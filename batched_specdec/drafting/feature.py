@@ -40,24 +40,30 @@ class FeatureDrafter(ModelDrafter):
         self.features = torch.zeros(batch, max_seq_len, hidden, dtype=self.model.dtype, device=self.device)
         self._tokens_behind = 0  # the prefill's observations add every committed pair of the prompts
 
-    def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | None = None) -> None:
+    def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | Tensor | None = None) -> None:
         """Keep the target's final hidden states ``hidden`` ``(R, W, H)`` of positions ``first_position[r] + j``
-        (``(R,)`` int64, or an int for every row) for rows ``[:rows]`` (all when None): up to ``W`` new committed
-        pairs per row for the next proposal to feed. Also ``ragged_cache.prefill``'s ``on_hidden``."""
-        buf = self.features if rows is None else self.features[:rows]
+        (``(R,)`` int64, or an int for every row) for rows ``[:rows]``, the rows of an index tensor, or all (None):
+        up to ``W`` new committed pairs per row for the next proposal to feed. Also ``ragged_cache.prefill``'s
+        ``on_hidden``."""
         r, w, h = hidden.shape
         first = torch.as_tensor(first_position, dtype=torch.int64, device=self.device).expand(r)
-        idx = first[:, None] + torch.arange(w, device=self.device)[None, :]
-        buf.scatter_(1, idx[:, :, None].expand(r, w, h), hidden.to(device=self.device, dtype=buf.dtype))
+        idx = (first[:, None] + torch.arange(w, device=self.device)[None, :])[:, :, None].expand(r, w, h)
+        values = hidden.to(device=self.device, dtype=self.features.dtype)
+        if isinstance(rows, Tensor):  # a prefill of prompts that entered some rows
+            index = rows.to(self.device)
+            self.features.index_copy_(0, index, self.features.index_select(0, index).scatter_(1, idx, values))
+        else:
+            (self.features if rows is None else self.features[:rows]).scatter_(1, idx, values)
         self._tokens_behind += w
 
     def note_target_only_step(self) -> None:
         self._missed_steps = True  # its pair was counted by observe_features (a verify of width 1)
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
-                row_keys=None) -> DraftProposal:
+    def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
+        self._missed_steps = True  # the new rows' pairs were counted by observe_features during their prefill
+
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None) -> DraftProposal:
         device = self.device
-        generator = self._generator_on(device, generator)
         tokens, pairs = token_buffer.to(device), seq_lens.to(device) - 1
         self.cache.set_span(max_seq_len + gamma)
         logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), max(self._tokens_behind, 1))
@@ -71,7 +77,7 @@ class FeatureDrafter(ModelDrafter):
             feature = hidden[:, 0]
             return logits[:, 0]
 
-        drafted, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits, row_keys)
+        drafted, draft_probs = self._sample_chain(logits, gamma, logits_processor, next_logits, draws)
         return DraftProposal(tokens=drafted, probs=draft_probs, num_tokens=torch.where(pairs > 0, gamma, 0),
                              includes_catch_up=self._caught_up())
 

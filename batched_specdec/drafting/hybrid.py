@@ -77,15 +77,22 @@ class HybridDrafter(Drafter):
         if self._drafted_rows is None or self._drafted_rows.device != device:
             self._drafted_rows = torch.zeros(2, dtype=torch.int64, device=device)
 
-    def observe_features(self, hidden: Tensor, first_position, rows: int | None = None) -> None:
+    def observe_features(self, hidden: Tensor, first_position, rows: int | Tensor | None = None) -> None:
         self.model_drafter.observe_features(hidden, first_position, rows)
+
+    def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
+        self.model_drafter.admit_rows(token_buffer, rows, prompt_lens)
+        ev, index = self._evidence, rows.to(self._evidence["seq_lens"].device)
+        ev["ngram"].index_fill_(0, index, NGRAM_PRIOR)
+        ev["model"].index_fill_(0, index, MODEL_PRIOR)
+        ev["used_ngram"].index_fill_(0, index, False)
+        ev["proposed"].index_fill_(0, index, 0)  # no step of these rows to learn from yet
 
     def note_target_only_step(self) -> None:
         self.model_drafter.note_target_only_step()
         self._evidence["proposed"].zero_()  # the growth up to the next proposal is not this step's acceptance
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
-                row_keys=None) -> DraftProposal:
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None) -> DraftProposal:
         self._learn(seq_lens)
         scan = token_buffer[:, : max(1, min(int(max_seq_len), token_buffer.shape[1]))]
         ng_tokens, ng_num, match = ngram_lookup_with_match(scan, seq_lens, gamma, self.ngram.max_ngram,
@@ -93,8 +100,7 @@ class HybridDrafter(Drafter):
         ev = self._evidence
         ngram_score = ev["ngram"] + self.match_bonus * (match - self.min_match).clamp_min(0)
         use_ngram = (ng_num > 0) & (match >= self.min_match) & (ngram_score >= ev["model"])
-        model = self.model_drafter.propose(token_buffer, seq_lens, gamma, logits_processor, generator, max_seq_len,
-                                           row_keys)  # fmt: skip
+        model = self.model_drafter.propose(token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws)
         device = model.tokens.device
         use = use_ngram.to(device)
         tokens = torch.where(use[:, None], ng_tokens.to(device), model.tokens)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from batched_specdec.drafting.base import Drafter, DraftProposal
 from batched_specdec.model_info import vocab_size
+from batched_specdec.processors import RowDraws
 from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward
 
 
@@ -39,7 +40,6 @@ class ModelDrafter(Drafter):
         embeddings = model.get_input_embeddings()
         self._max_input_id = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]) - 1
         self.cache = None
-        self._generator: torch.Generator | None = None
         self._tokens_behind = 0
         self._missed_steps = True  # the next proposal also feeds what the drafter missed (prompts, plain steps)
 
@@ -49,7 +49,6 @@ class ModelDrafter(Drafter):
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         batch, _ = token_buffer.shape
-        self._generator = None
         self._missed_steps = True
         # The prompts are fed lazily, by the first propose: a run that never drafts (gamma auto on a
         # workload where drafting cannot pay) never pays the draft's prefill.
@@ -57,19 +56,10 @@ class ModelDrafter(Drafter):
         self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device, self.attention, self.compile,
                                    role="draft")
 
-    def propose(
-        self,
-        token_buffer: Tensor,
-        seq_lens: Tensor,
-        gamma: int,
-        logits_processor,
-        generator: torch.Generator | None,
-        max_seq_len: int,
-        row_keys: Tensor | None = None,
-    ) -> DraftProposal:
+    def propose(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, logits_processor, max_seq_len: int,
+                draws: RowDraws | None = None) -> DraftProposal:
         cache = self.cache
         device = self.device
-        generator = self._generator_on(device, generator)
         seq_lens = seq_lens.to(device)
         cache.set_span(max_seq_len + gamma)
         if self._tokens_behind:
@@ -88,7 +78,7 @@ class ModelDrafter(Drafter):
         def next_logits(token: Tensor) -> Tensor:
             return model_forward(self.model, cache, token[:, None], logits_to_keep=1)[:, 0]
 
-        tokens, draft_probs = self._sample_chain(logits, gamma, logits_processor, generator, next_logits, row_keys)
+        tokens, draft_probs = self._sample_chain(logits, gamma, logits_processor, next_logits, draws)
         return DraftProposal(tokens=tokens, probs=draft_probs, includes_catch_up=self._caught_up())
 
     def _caught_up(self) -> bool:
@@ -96,14 +86,14 @@ class ModelDrafter(Drafter):
         missed, self._missed_steps = self._missed_steps, False
         return missed
 
-    def _sample_chain(self, logits: Tensor, gamma: int, logits_processor, generator, next_logits, row_keys):
+    def _sample_chain(self, logits: Tensor, gamma: int, logits_processor, next_logits, draws: RowDraws | None):
         """Sample ``gamma`` draft tokens, the first from ``logits``, each later one from ``next_logits(previous
         token)`` (one draft forward, after which the cache grows by one); returns ``(tokens (B, gamma), q or
-        None)``. Draws are keyed by ``row_keys``."""
-        keys = None if row_keys is None else row_keys.to(logits.device)
+        None)``. Token ``i`` is drawn from ``draws.at(2 * i)``."""
+        draws = None if draws is None else draws.to(logits.device)
         tokens, probs = [], []
         for i in range(gamma):
-            token, prob = logits_processor.sample(logits, generator, keys)
+            token, prob = logits_processor.sample(logits, draws=None if draws is None else draws.at(2 * i))
             tokens.append(token)
             probs.append(prob)
             if i + 1 < gamma:
@@ -141,15 +131,11 @@ class ModelDrafter(Drafter):
         self._tokens_behind += 1
         self._missed_steps = True
 
+    def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
+        """New prompts' tokens are fed with the next catch-up (every row's last tokens are rewritten with identical
+        entries, the new rows' from position 0)."""
+        self._tokens_behind = max(self._tokens_behind, max(prompt_lens) - 2)
+        self._missed_steps = True
+
     def keep_rows(self, rows: Tensor) -> None:
         self.cache.keep_rows(rows)
-
-    def _generator_on(self, device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
-        """The run's generator lives on the target's device; a draft elsewhere gets its own generator, seeded
-        once from the run's (one host read per run, not per step)."""
-        if generator is None or generator.device == device:
-            return generator
-        if self._generator is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-            self._generator = torch.Generator(device=device).manual_seed(seed)
-        return self._generator

@@ -134,16 +134,8 @@ class NGramDrafter(Drafter):
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram, self.min_ngram = check_ngram_sizes(max_ngram, min_ngram)
 
-    def propose(
-        self,
-        token_buffer: Tensor,
-        seq_lens: Tensor,
-        gamma: int,
-        logits_processor=None,
-        generator: torch.Generator | None = None,
-        max_seq_len: int | None = None,
-        row_keys: Tensor | None = None,
-    ) -> DraftProposal:
+    def propose(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, logits_processor=None,
+                max_seq_len: int | None = None, draws=None) -> DraftProposal:
         """Propose up to ``gamma`` draft tokens per row; see :func:`ngram_lookup`.
 
         Parameters
@@ -154,7 +146,7 @@ class NGramDrafter(Drafter):
             ``(B,)`` int64 committed lengths, on the device of ``token_buffer``.
         gamma : int
             Maximum number of draft tokens per row.
-        logits_processor, generator, row_keys
+        logits_processor, draws
             Unused: the proposals are deterministic whatever the sampling settings.
         max_seq_len : int, optional
             The largest ``seq_lens`` of a live row (known on the host). The lookup then scans only

@@ -133,16 +133,16 @@ class RecordingProcessor(MultinomialProcessor):
 
     def __init__(self, temperature: float, top_k: int) -> None:
         super().__init__(temperature)
-        self.top_k = top_k
+        self.record_top_k = top_k
         self.values: list[torch.Tensor] = []
         self.ids: list[torch.Tensor] = []
 
-    def sample(self, logits, generator=None, row_keys=None):
+    def sample(self, logits, generator=None, row_keys=None, draws=None):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        vals, ids = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+        vals, ids = logprobs.topk(min(self.record_top_k, logprobs.shape[-1]), dim=-1)
         self.values.append(vals.to(torch.float16))
         self.ids.append(ids.to(torch.int32))
-        return super().sample(logits, generator, row_keys)
+        return super().sample(logits, generator, row_keys, draws)
 
 
 def data_key(args, prompts: list[list[int]]) -> str:

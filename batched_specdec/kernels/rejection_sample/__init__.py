@@ -11,10 +11,12 @@ Per row b with k = num_draft_tokens[b] real draft slots, for j = 0..k-1 the draf
 rejection j the recovered token is sampled from norm(max(0, p_j - q_j)) (falling back to p_j when that is all
 zero through rounding); if all k drafts are accepted the bonus token is sampled from p_k.
 
-Randomness. Every random number is a Philox4x32-10 draw keyed by an int64 ``seed`` at the int64 counter
-``offset + (key_b * (K + 1) + j) * (V + 1) + c``, with ``key_b = row_keys[b]`` (default ``b``), so a row's draws
-follow its key and not its position in the batch: ``c = V`` gives the acceptance uniform of (b, j), ``c = v < V``
-the uniform behind the exponential E_v = -log(u_v) of vocabulary entry v at position j. The recovered/bonus
+Randomness. Every random number of row b is a Philox4x32-10 draw keyed by the row's int64 seed at the int64 counter
+``offset_b + j * (V + 1) + c``: ``c = V`` gives the acceptance uniform of (b, j), ``c = v < V`` the uniform behind
+the exponential E_v = -log(u_v) of vocabulary entry v at position j. The callers give one seed for every row or one
+per row, and either each row's first counter ``offset_b`` or one ``offset`` with ``offset_b = offset + row_keys[b] *
+(K + 1) * (V + 1)`` (``row_keys`` default ``0..B-1``), so a row's draws follow its key, not its position in the
+batch. The recovered/bonus
 token is the exponential race ``argmax_v r_v / E_v`` over the unnormalised weights r (an exact sample of
 r / sum(r); ties go to the lowest index). The kernel uses ``tl.rand``; the reference reproduces its bits with a
 pure-torch Philox (same uint32 -> float conversion), so both backends make the same decisions from the same

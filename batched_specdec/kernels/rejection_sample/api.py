@@ -67,21 +67,35 @@ def _pad_draft_vocab(draft, V, is_logits):
     return torch.nn.functional.pad(draft, (0, V - draft.shape[2]), value=fill)
 
 
-def _seed_offset(generator, seed, offset, device):
-    """int64 scalar seed and offset on ``device``, drawn with torch when not given (no host sync)."""
+def _seed_offset(generator, seed, offset, B, device):
+    """Seed and offset on ``device``, each one element or ``(B,)`` (per row), drawn with torch when not given (no
+    host sync)."""
     if (seed is None) != (offset is None):
-        raise ValueError("seed and offset must be given together (int64 scalar tensors), or neither")
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("give either generator or seed/offset, not both")
-        for name, value in (("seed", seed), ("offset", offset)):
-            if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dtype != torch.int64:
-                got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
-                raise ValueError(f"{name} must be a one-element int64 tensor, got {got}")
-            if value.device != device:
-                raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
-        return seed.reshape(()), offset.reshape(())
-    return draw_seed_offset(generator, device)
+        raise ValueError("seed and offset must be given together (int64 tensors), or neither")
+    if seed is None:
+        return draw_seed_offset(generator, device)
+    if generator is not None:
+        raise ValueError("give either generator or seed/offset, not both")
+    for name, value in (("seed", seed), ("offset", offset)):
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or \
+                not (value.numel() == 1 or tuple(value.shape) == (B,)):
+            got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+            raise ValueError(f"{name} must be a one-element or a ({B},) int64 tensor, got {got}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
+    return seed, offset
+
+
+def _row_streams(seed, offset, row_keys, B, K, V, device):
+    """Each row's Philox key and first counter, ``(B,)`` int64 each. A one-element ``seed`` keys every row; a
+    one-element ``offset`` gives row ``b`` the counters from ``offset + row_keys[b] * (K + 1) * (V + 1)``, a
+    ``(B,)`` one is each row's first counter (then ``row_keys`` must be None)."""
+    seeds = seed.reshape(1).expand(B).contiguous() if seed.numel() == 1 else seed
+    if offset.numel() == 1:
+        return seeds, offset.reshape(()) + _row_keys(row_keys, B, device) * ((K + 1) * (V + 1))
+    if row_keys is not None:
+        raise ValueError("row_keys applies to a one-element offset; a per-row offset is each row's first counter")
+    return seeds, offset
 
 
 def draw_seed_offset(generator: torch.Generator | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,15 +153,17 @@ def _temperature_tensor(temperature, B, device):
 
 def _run(backend, draft_tokens, draft, target, num_draft, temperature, generator, seed, offset, row_keys, onehot,
          is_logits):
+    B, K = draft_tokens.shape
     device = draft_tokens.device
-    seed, offset = _seed_offset(generator, seed, offset, device)
+    seed, offset = _seed_offset(generator, seed, offset, B, device)
+    seeds, offsets = _row_streams(seed, offset, row_keys, B, K, target.shape[2], device)
     if resolve_backend(backend, device) == "triton":
-        return rejection_sample_op(draft_tokens, draft, target, num_draft, temperature, seed, offset, row_keys,
-                                   onehot, is_logits)
+        return rejection_sample_op(draft_tokens, draft, target, num_draft, temperature, seeds, offsets, onehot,
+                                   is_logits)
     if is_logits:
-        return rejection_sample_from_logits_impl(draft_tokens, draft, target, temperature, num_draft, seed, offset,
-                                                 row_keys, onehot)
-    return rejection_sample_from_probs_impl(draft_tokens, draft, target, num_draft, seed, offset, row_keys, onehot)
+        return rejection_sample_from_logits_impl(draft_tokens, draft, target, temperature, num_draft, seeds, offsets,
+                                                 onehot)
+    return rejection_sample_from_probs_impl(draft_tokens, draft, target, num_draft, seeds, offsets, onehot)
 
 
 def rejection_sample_from_probs(
@@ -181,11 +197,13 @@ def rejection_sample_from_probs(
     generator : torch.Generator, optional
         Source of the Philox seed and offset (drawn on its device, no host sync).
     seed, offset : torch.Tensor, optional
-        One-element int64 tensors on the inputs' device, for CUDA-graph capture. Row ``b`` uses the
-        ``(K + 1) * (V + 1)`` Philox counters from ``offset + row_keys[b] * (K + 1) * (V + 1)``.
+        int64 tensors on the inputs' device (for CUDA-graph capture, or to key each row's draws yourself). ``seed``
+        is the Philox key: one element for every row, or ``(B,)``, each row's own. A one-element ``offset`` gives
+        row ``b`` the ``(K + 1) * (V + 1)`` counters from ``offset + row_keys[b] * (K + 1) * (V + 1)``; a ``(B,)``
+        ``offset`` is each row's first counter (``row_keys`` must then be None).
     row_keys : torch.Tensor, optional
-        (B,) int64 in ``[0, 2**20)``, distinct: what each row's random numbers are keyed by (the engines pass each
-        row's prompt index), so a row's decisions do not depend on its position in the batch. None: ``0..B-1``.
+        (B,) int64 in ``[0, 2**20)``, distinct: what each row's counters are keyed by with a one-element
+        ``offset``, so a row's decisions do not depend on its position in the batch. None: ``0..B-1``.
     deterministic_rows : torch.Tensor, optional
         (B,) bool: rows whose drafts came from a deterministic source (an n-gram match in a batch whose other rows
         drafted from a model): their q is one-hot at the draft token and their ``draft_probs`` rows are ignored.
@@ -202,7 +220,7 @@ def rejection_sample_from_probs(
     """
     B, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_probs, draft_probs, num_draft_tokens, "probs")
     draft_probs = _pad_draft_vocab(draft_probs, V, is_logits=False)
-    keys = _row_keys(row_keys, B, draft_tokens.device)
+    keys = None if row_keys is None else _row_keys(row_keys, B, draft_tokens.device)
     onehot = _deterministic_rows(deterministic_rows, B, draft_tokens.device)
     return _run(backend, draft_tokens, draft_probs, target_probs, num_draft, None, generator, seed, offset, keys,
                 onehot, False)
@@ -270,10 +288,10 @@ def rejection_sample_from_logits(
     B, _, V, num_draft = _check_tokens_and_sizes(draft_tokens, target_logits, draft_logits, num_draft_tokens, "logits")
     draft_logits = _pad_draft_vocab(draft_logits, V, is_logits=True)
     t = _temperature_tensor(temperature, B, draft_tokens.device)
-    keys = _row_keys(row_keys, B, draft_tokens.device)
+    keys = None if row_keys is None else _row_keys(row_keys, B, draft_tokens.device)
     all_greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     if all_greedy and resolve_backend(backend, draft_tokens.device) == "torch":
-        _seed_offset(generator, seed, offset, draft_tokens.device)  # consume the generator as the kernel path does
+        _seed_offset(generator, seed, offset, B, draft_tokens.device)  # consume the generator as the kernel path does
         return greedy_impl(draft_tokens, target_logits, num_draft)
     onehot = _deterministic_rows(deterministic_rows, B, draft_tokens.device)
     return _run(backend, draft_tokens, draft_logits, target_logits, num_draft, t, generator, seed, offset, keys,

@@ -98,7 +98,7 @@ def _race(
     has_q,  # [BLOCK_B] rows stopped by a rejection (not bonus)
     onehot,  # [BLOCK_B] rows whose q is one-hot at the draft token (HAS_DRAFT only)
     sample,  # [BLOCK_B] rows that sample (not greedy, in range)
-    seed,
+    seed,  # [BLOCK_B] Philox key of each row
     counter_stop,  # [BLOCK_B] Philox counter of column 0 at the stop position
     v_start,
     v_end,
@@ -137,7 +137,7 @@ def _race(
         else:
             q = tl.where(cols64[None, :] == d_stop[:, None], 1.0, 0.0)
         r = tl.maximum(p - q, 0.0)
-        uv = tl.rand(seed, counter_stop[:, None] + cols64[None, :])
+        uv = tl.rand(seed[:, None], counter_stop[:, None] + cols64[None, :])
         e = -tl.log(uv)
         score_r = tl.where(r > 0.0, r / e, -1.0)
         score_p = tl.where(p > 0.0, p / e, -1.0)
@@ -172,12 +172,10 @@ def _write_output(
 
 
 @triton.jit
-def _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb, stride_qb, K, V):
-    """(seed, first Philox counter of each row, pointers to each row's target and draft distributions); a row's
-    counters follow its key, not its position in the batch."""
-    seed = tl.load(seed_ptr)
-    keys = tl.load(row_keys_ptr + rows, mask=row_mask, other=0)
-    counter_row = tl.load(offset_ptr) + keys * (K + 1) * (V + 1)
+def _row_streams(rows, row_mask, seed_ptr, offset_ptr, target_ptr, draft_ptr, stride_pb, stride_qb):
+    """(Philox key and first counter of each row, pointers to each row's target and draft distributions)."""
+    seed = tl.load(seed_ptr + rows, mask=row_mask, other=0)
+    counter_row = tl.load(offset_ptr + rows, mask=row_mask, other=0)
     return seed, counter_row, target_ptr + rows * stride_pb, draft_ptr + rows * stride_qb
 
 

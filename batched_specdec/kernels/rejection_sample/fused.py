@@ -21,9 +21,8 @@ def _rejection_sample_kernel(
     target_ptr,  # [B, K + 1, V] target probs or logits
     num_draft_ptr,  # [B] int64
     temperature_ptr,  # [B] fp32 (not read when IS_LOGITS is False)
-    seed_ptr,  # [] int64
-    offset_ptr,  # [] int64
-    row_keys_ptr,  # [B] int64
+    seed_ptr,  # [B] int64: each row's Philox key
+    offset_ptr,  # [B] int64: each row's first Philox counter
     onehot_ptr,  # [B] bool: rows whose q is one-hot at the draft token (not read when HAS_DRAFT is False)
     out_tokens_ptr,  # [B, K + 1] int64
     num_accepted_ptr,  # [B] int64
@@ -54,8 +53,8 @@ def _rejection_sample_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, BLOCK_B)
-    seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr,
-                                                     draft_ptr, stride_pb, stride_qb, K, V)
+    seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, seed_ptr, offset_ptr, target_ptr, draft_ptr,
+                                                     stride_pb, stride_qb)
     onehot = _onehot_rows(onehot_ptr, rows, row_mask, HAS_DRAFT)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
@@ -81,15 +80,15 @@ def _rejection_sample_kernel(
     )  # fmt: skip
 
 
-def launch_fused(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, onehot, is_logits,
-                 has_draft, out, num_acc, cfg) -> None:
+def launch_fused(draft_tokens, q, q_strides, target, num_draft, t, seeds, offsets, onehot, is_logits, has_draft, out,
+                 num_acc, cfg) -> None:
     """Launch :func:`_rejection_sample_kernel` on checked inputs; fills ``out`` ``(B, K + 1)`` and ``num_acc``
     ``(B,)``. ``q``/``t`` are placeholder pointers when ``has_draft``/``is_logits`` is False."""
     B, K = draft_tokens.shape
     V = target.shape[2]
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     _rejection_sample_kernel[grid](
-        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, onehot, out, num_acc,
+        draft_tokens, q, target, num_draft, t, seeds, offsets, onehot, out, num_acc,
         draft_tokens.stride(0), draft_tokens.stride(1),
         *q_strides,
         *target.stride(),

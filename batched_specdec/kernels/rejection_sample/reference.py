@@ -36,20 +36,20 @@ def _softmax(logits: Tensor, inv_t: Tensor) -> Tensor:
 
 
 def rejection_sample_from_probs_impl(draft_tokens: Tensor, draft_probs: Tensor | None, target_probs: Tensor,
-                                     num_draft: Tensor, seed: Tensor, offset: Tensor, row_keys: Tensor,
+                                     num_draft: Tensor, seeds: Tensor, offsets: Tensor,
                                      deterministic_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Rejection sampling of checked inputs.
 
     ``draft_tokens`` ``(B, K)`` int64; ``draft_probs`` ``(B, K, V)`` or None (every q one-hot); ``target_probs``
-    ``(B, K + 1, V)``; ``num_draft`` ``(B,)`` int64; ``seed``/``offset`` int64 scalars; ``row_keys`` ``(B,)``
-    int64; ``deterministic_rows`` ``(B,)`` bool (rows whose q is one-hot although ``draft_probs`` is given).
-    Returns ``(output_tokens (B, K + 1), num_accepted (B,))``.
+    ``(B, K + 1, V)``; ``num_draft`` ``(B,)`` int64; ``seeds``/``offsets`` ``(B,)`` int64, each row's Philox key
+    and first counter; ``deterministic_rows`` ``(B,)`` bool (rows whose q is one-hot although ``draft_probs`` is
+    given). Returns ``(output_tokens (B, K + 1), num_accepted (B,))``.
     """
     B, K = draft_tokens.shape
     V = target_probs.shape[2]
     device = draft_tokens.device
     pos = torch.arange(K + 1, device=device)
-    counter_row = offset + row_keys * ((K + 1) * (V + 1))  # [B]
+    counter_row, key = offsets, seeds[:, None]
     p_all = target_probs.to(torch.float32)
     q_all = None if draft_probs is None else draft_probs.to(torch.float32)
 
@@ -62,7 +62,7 @@ def rejection_sample_from_probs_impl(draft_tokens: Tensor, draft_probs: Tensor |
         q_d = torch.ones_like(p_d)
     else:
         q_d = torch.where(deterministic_rows[:, None], 1.0, q_all.gather(2, d_safe[..., None])[..., 0])
-    u = philox_uniform_reference(seed, counter_row[:, None] + pos[None, :K] * (V + 1) + V)
+    u = philox_uniform_reference(key, counter_row[:, None] + pos[None, :K] * (V + 1) + V)
     accept = (u * q_d < p_d) & (pos[None, :K] < num_draft[:, None])
     stop = accept.to(torch.int64).cumprod(1).sum(1)
 
@@ -77,7 +77,7 @@ def rejection_sample_from_probs_impl(draft_tokens: Tensor, draft_probs: Tensor |
         q = torch.where(deterministic_rows[:, None], onehot_q, q_all.gather(1, stop_q[..., None].expand(B, 1, V))[:, 0])
     q = torch.where((stop == num_draft)[:, None], torch.zeros_like(q), q)
     r = torch.clamp_min(p - q, 0.0)
-    e = -torch.log(philox_uniform_reference(seed, counter_row[:, None] + stop[:, None] * (V + 1) +
+    e = -torch.log(philox_uniform_reference(key, counter_row[:, None] + stop[:, None] * (V + 1) +
                                             torch.arange(V, device=device)[None, :]))
     minus_one = torch.tensor(-1.0, device=device)
     score_r = torch.where(r > 0, r / e, minus_one)
@@ -87,15 +87,15 @@ def rejection_sample_from_probs_impl(draft_tokens: Tensor, draft_probs: Tensor |
 
 
 def rejection_sample_from_logits_impl(draft_tokens: Tensor, draft_logits: Tensor | None, target_logits: Tensor,
-                                      temperature: Tensor, num_draft: Tensor, seed: Tensor, offset: Tensor,
-                                      row_keys: Tensor, deterministic_rows: Tensor) -> tuple[Tensor, Tensor]:
+                                      temperature: Tensor, num_draft: Tensor, seeds: Tensor, offsets: Tensor,
+                                      deterministic_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Rejection sampling of checked logits: ``softmax(logits / temperature)`` of both sides, then
     :func:`rejection_sample_from_probs_impl`; rows with ``temperature`` ``(B,)`` 0 are verified greedily."""
     greedy = temperature == 0
     inv_t = 1.0 / torch.where(greedy, torch.ones_like(temperature), temperature)
     draft_probs = None if draft_logits is None else _softmax(draft_logits, inv_t)
     out, stop = rejection_sample_from_probs_impl(draft_tokens, draft_probs, _softmax(target_logits, inv_t),
-                                                 num_draft, seed, offset, row_keys, deterministic_rows)
+                                                 num_draft, seeds, offsets, deterministic_rows)
     greedy_out, greedy_stop = greedy_impl(draft_tokens, target_logits, num_draft)
     return torch.where(greedy[:, None], greedy_out, out), torch.where(greedy, greedy_stop, stop)
 

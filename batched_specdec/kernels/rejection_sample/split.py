@@ -59,8 +59,9 @@ def _split_stats_kernel(
 
 @triton.jit
 def _split_race_kernel(
-    draft_tokens_ptr, draft_ptr, target_ptr, num_draft_ptr, temperature_ptr, seed_ptr, offset_ptr,
-    row_keys_ptr,  # [B] int64
+    draft_tokens_ptr, draft_ptr, target_ptr, num_draft_ptr, temperature_ptr,
+    seed_ptr,  # [B] int64: each row's Philox key
+    offset_ptr,  # [B] int64: each row's first Philox counter
     onehot_ptr,  # [B] bool
     p_stats_ptr, q_stats_ptr,
     race_ptr,  # [B, NUM_SPLITS, 2] fp32: best_r, best_p of the chunk
@@ -79,8 +80,8 @@ def _split_race_kernel(
     rows = b + tl.arange(0, 1).to(tl.int64)
     row_mask = rows >= 0
     n, greedy, inv_t = _row_setup(rows, row_mask, num_draft_ptr, temperature_ptr, IS_LOGITS, 1)
-    seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, row_keys_ptr, seed_ptr, offset_ptr, target_ptr,
-                                                     draft_ptr, stride_pb, stride_qb, K, V)
+    seed, counter_row, p_rows, q_rows = _row_streams(rows, row_mask, seed_ptr, offset_ptr, target_ptr, draft_ptr,
+                                                     stride_pb, stride_qb)
     onehot = _onehot_rows(onehot_ptr, rows, row_mask, HAS_DRAFT)
 
     num_acc, m_p_stop, s_p_stop, a_p_stop, m_q_stop, s_q_stop = _verify_positions(
@@ -142,8 +143,8 @@ def _split_finish_kernel(
     )  # fmt: skip
 
 
-def launch_split(draft_tokens, q, q_strides, target, num_draft, t, seed, offset, row_keys, onehot, is_logits,
-                 has_draft, out, num_acc, cfg) -> None:
+def launch_split(draft_tokens, q, q_strides, target, num_draft, t, seeds, offsets, onehot, is_logits, has_draft, out,
+                 num_acc, cfg) -> None:
     """The three launches of the vocabulary-split path on checked inputs; fills ``out`` and ``num_acc``."""
     B, K = draft_tokens.shape
     V = target.shape[2]
@@ -165,7 +166,7 @@ def launch_split(draft_tokens, q, q_strides, target, num_draft, t, seed, offset,
     race_tok = torch.empty((B, splits, 2), dtype=torch.int64, device=device)
     greedy_tok = torch.empty((B,), dtype=torch.int64, device=device)
     _split_race_kernel[(B, splits)](
-        draft_tokens, q, target, num_draft, t, seed, offset, row_keys, onehot, p_stats, q_stats,
+        draft_tokens, q, target, num_draft, t, seeds, offsets, onehot, p_stats, q_stats,
         race, race_tok, num_acc, greedy_tok,
         draft_tokens.stride(0), draft_tokens.stride(1), *q_strides, *target.stride(),
         K, V, chunk, splits,

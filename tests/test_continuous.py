@@ -1,0 +1,160 @@
+"""Continuous batching (runner.decode_prompt_set, schedule="continuous"): finished rows take the next queued prompts
+while the other rows keep decoding. Exactness against decoding each prompt alone, seeded samples that follow the
+prompt and not the schedule, the target's distribution for prompts that enter late, admission that moves no other
+row's KV, and the errors. CPU, float32, tiny random-weight models."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from test_engine import GOF_ALPHA, _chi_square_pvalue, _exact_first_two
+from test_feature_draft import feature_head
+from tiny_models import greedy_reference, tiny_causal_lm
+
+from batched_specdec import GreedyProcessor, HybridDrafter, MultinomialProcessor, NGramDrafter, generate
+from batched_specdec.decode.session import DecodeSession
+from batched_specdec.drafting import as_drafter
+from batched_specdec.options import DecodeRequest, resolve_options
+from batched_specdec.runner import decode_prompt_set
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1, layers=1)
+
+
+def _prompt_set(n: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """Prompts of 1-30 tokens with budgets of 1-30: rows finish at very different steps."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(n)]
+    return prompts, [rng.randint(1, 30) for _ in range(n)]
+
+
+def _drafters(target, draft):
+    return {"target-only": None, "model": draft, "ngram": NGramDrafter(),
+            "feature": feature_head(target, seed=3), "hybrid": HybridDrafter(as_drafter(feature_head(target, seed=4),
+                                                                                        VOCAB))}
+
+
+@pytest.mark.parametrize("kind", ["target-only", "model", "ngram", "feature", "hybrid"])
+@pytest.mark.parametrize("slots", [1, 3, 7])
+def test_greedy_output_of_every_prompt_is_its_output_alone(models, kind, slots):
+    target, draft = models
+    prompts, budgets = _prompt_set(11, seed=slots)
+    eos = [7]
+    expected = [greedy_reference(target, p, m, eos) for p, m in zip(prompts, budgets)]
+    drafter = _drafters(target, draft)[kind]
+    drafter = None if drafter is None else as_drafter(drafter, VOCAB)
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=eos, gamma=3)
+    result = decode_prompt_set(target, drafter, prompts, budgets, options, batch_size=slots, schedule="continuous")
+    assert result.outputs == expected
+    assert result.stats.generated == [len(o) for o in expected]
+    stats = result.stats
+    assert stats.tokens_per_target_forward == pytest.approx(stats.generated_tokens / sum(stats.acceptance_histogram))
+    if drafter is not None:
+        assert sum(result.stats.proposed) > 0
+
+
+def test_every_step_verifies_a_full_batch_while_prompts_remain(models):
+    """With 9 prompts and 3 slots every step until the queue empties runs all 3 rows: no step of the continuous
+    schedule runs a smaller batch before the last prompt has entered, where the static schedule's batches shrink."""
+    target, _ = models
+    prompts, budgets = _prompt_set(9, seed=5)
+    seen = []
+    original = DecodeSession.step
+
+    def recording_step(self, compact=True):
+        seen.append((self.rows.size, int((~self.rows.view.finished).sum()), compact))
+        return original(self, compact)
+
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
+    try:
+        DecodeSession.step = recording_step
+        decode_prompt_set(target, None, prompts, budgets, options, batch_size=3, schedule="continuous")
+    finally:
+        DecodeSession.step = original
+    queued = [s for s in seen if not s[2]]  # steps taken while prompts were queued
+    assert queued and all(size == 3 and live == 3 for size, live, _ in queued), queued
+
+
+@pytest.mark.parametrize("kind", ["target-only", "model", "ngram"])
+def test_seeded_samples_follow_the_prompt_not_the_schedule(models, kind):
+    """A prompt's seeded tokens are the same under either schedule, any slot count, and with other prompts around
+    it: its draws are keyed by its index and its own length."""
+    target, draft = models
+    prompts, _ = _prompt_set(8, seed=11)
+    drafter = _drafters(target, draft)[kind]
+    kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "seed": 5, "gamma": 3}
+    runs = [generate(prompts, target, draft=drafter, max_new_tokens=12, eos_token_id=[], batch_size=slots,
+                     schedule=schedule, **kwargs).token_ids
+            for schedule, slots in (("continuous", 1), ("continuous", 3), ("static", 3), ("static", 8))]
+    assert all(run == runs[0] for run in runs[1:])
+    others = [p[::-1] for p in prompts]  # the same prompt at index 5 among other prompts
+    others[5] = prompts[5]
+    mixed = generate(others, target, draft=drafter, max_new_tokens=12, eos_token_id=[], batch_size=3, **kwargs)
+    assert mixed.token_ids[5] == runs[0][5]
+    assert len({tuple(o) for o in runs[0]}) > 1
+
+
+def test_a_prompt_that_enters_late_samples_from_the_target():
+    """4000 copies of one prompt through 3 slots: nearly every copy enters a row that another copy just left (and
+    is keyed by its own index). Its first two tokens follow the target's exact joint distribution."""
+    processor = MultinomialProcessor(1.0)
+    target = tiny_causal_lm("llama", vocab_size=8, seed=20, init_std=0.15)
+    draft = tiny_causal_lm("llama", vocab_size=8, seed=21, init_std=0.15, layers=1)
+    prompt, n = [1, 4, 2], 4000
+    options = resolve_options(target, logits_processor=processor, eos_tokens_id=[], gamma=2)
+    result = decode_prompt_set(target, as_drafter(draft, 8), [prompt] * n, [2] * n, options, batch_size=3, seed=9)
+    pairs = torch.tensor([o[:2] for o in result.outputs])
+    counts = torch.zeros(8, 8)
+    counts.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(n), accumulate=True)
+    assert 0.0 < result.stats.acceptance_rate < 1.0
+    assert _chi_square_pvalue(counts, _exact_first_two(target, prompt, processor)) > GOF_ALPHA
+
+
+def test_admission_moves_no_other_rows_kv(models):
+    """Prompts entering two rows write those rows only: the other rows' cache entries keep their values and their
+    memory (the buffers are not reallocated)."""
+    target, _ = models
+    prompts, budgets = _prompt_set(6, seed=2)
+    budgets = [3, 30, 3, 30, 12, 12]
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
+    session = DecodeSession(target, None, DecodeRequest(prompts, budgets, torch.device("cpu")), options, seed=0,
+                            slots=4)
+    session.start()
+    while len(session.free_rows()) < 2:
+        session.step(compact=False)
+    free = session.free_rows()[:2]
+    others = [r for r in range(4) if r not in free.tolist()]
+    keys = session.cache.key_buffers[0]
+    before, address = keys[others].clone(), keys.data_ptr()
+    session.admit([4, 5])
+    assert session.cache.key_buffers[0].data_ptr() == address
+    assert torch.equal(session.cache.key_buffers[0][others], before)
+    assert sorted(session.rows.host_row_ids[free].tolist()) == [4, 5]
+
+
+def test_progress_counts_prompts_and_tokens(models):
+    target, _ = models
+    prompts, budgets = _prompt_set(7, seed=4)
+    calls = []
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
+    result = decode_prompt_set(target, None, prompts, budgets, options, batch_size=2,
+                               on_prompt=lambda done, tokens: calls.append((done, tokens)))
+    assert calls[-1] == (7, sum(budgets)) == (7, result.stats.generated_tokens)
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(calls))
+
+
+def test_a_prompt_that_cannot_fit_is_an_error_before_compute(models, monkeypatch):
+    target, _ = models
+    monkeypatch.setattr("batched_specdec.decode.session.prefill", None)  # any compute would fail differently
+    prompts = [[5] * 10, [6] * 250, [7] * 4]
+    with pytest.raises(ValueError, match="prompt 1 has 250 tokens; with max_gen_len=10 it needs 260 positions"):
+        generate(prompts, target, draft=None, max_new_tokens=10, batch_size=2)
+    with pytest.raises(ValueError, match="schedule must be one of continuous, static, got 'fifo'"):
+        generate(prompts[:1], target, draft=None, max_new_tokens=10, schedule="fifo")
