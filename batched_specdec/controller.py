@@ -362,17 +362,21 @@ _SHARED_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: float | None = None, *,
-                      compiled: bool = False) -> CostModel:
-    """The cost model every ``gamma="auto"`` call with this target, drafter, device and ``compile`` setting reads
-    and updates.
+                      compiled: bool = False, rows: int = 1) -> CostModel:
+    """The cost model every ``gamma="auto"`` call with this target, drafter, device, ``compile`` setting and batch
+    size bucket reads and updates.
 
-    Step costs belong to the (target, drafter, device, compiled) tuple, not to one call: a program that decodes batch after
-    batch (the CLI, an evaluation loop, :func:`~batched_specdec.generate`) measures them once and later calls start
-    from those measurements instead of from the prior (no first exploratory step, no width ramp to re-measure).
-    Entries go away with the target model. :func:`forget_cost_models` starts from the prior again.
+    Step costs belong to the (target, drafter, device, compiled, batch size) tuple, not to one call: a program that
+    decodes batch after batch (the CLI, an evaluation loop, :func:`~batched_specdec.generate`) measures them once
+    and later calls start from those measurements instead of from the prior (no first exploratory step, no width
+    ramp to re-measure). Batch sizes share a model only within a power-of-two bucket of ``rows``: a line fitted on
+    the costs of 16-row steps says little about 1-row steps (on a CPU a 1-token verify costs as much as a 4-token
+    one), so a batch-1 run after batch-16 runs starts from its own measurements. Entries go away with the target
+    model. :func:`forget_cost_models` starts from the prior again.
     """
     draft = drafter.model
-    key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device), compiled)
+    bucket = 1 << max(rows - 1, 0).bit_length()
+    key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device), compiled, bucket)
     models = _SHARED_COSTS.setdefault(target_model, {})
     if key not in models:
         models[key] = CostModel(draft_ratio, min_verify_tokens=min_verify_tokens(device))

@@ -280,7 +280,8 @@ def report(console, config: RunConfig, loaded: Loaded, summary: Summary) -> None
     if config.show_output:
         merged = summary.merged
         print_outputs(console, loaded.tokenizer, loaded.texts, merged["base_out"], merged["spec_out"],
-                      merged["alphas"], summary.identical is not None, config.no_baseline)
+                      merged["alphas"], summary.identical is not None, config.no_baseline,
+                      summary.spec.extra.get("sources"))
 
 
 def _process_rows(per_process: list[dict]) -> list[dict]:
@@ -329,6 +330,8 @@ def results_dict(config: RunConfig, loaded: Loaded, summary: Summary, command: s
              "baseline_text": None if merged["base_out"][i] is None else
              tok.decode(merged["base_out"][i], skip_special_tokens=True),
              "acceptance_rate": merged["alphas"][i],
+             "accepted_by_source": {name: c["accepted_per_prompt"][i]
+                                    for name, c in summary.spec.extra.get("sources", {}).items()} or None,
              "identical_to_baseline": None if summary.identical is None else
              merged["base_out"][i] == merged["spec_out"][i]}
             for i in range(len(loaded.prompts))

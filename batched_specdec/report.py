@@ -1,4 +1,5 @@
-"""What the main job reports: per-method totals of the engines' stats, the rich tables, and the device name."""
+"""What the main job reports: the comparison table (median over repeats, speedup spread), the greedy verdict, the
+per-process table, each output, and the device name."""
 
 from __future__ import annotations
 
@@ -201,12 +202,13 @@ def print_report(console, config, base, spec, timing: Timing, device) -> None:
 
 
 def sources_line(stats) -> str | None:
-    """Where the accepted draft tokens came from, for a drafter with several sources (the hybrid drafter)."""
+    """Where the accepted draft tokens came from, for a drafter with several sources (the hybrid drafter); each
+    row's share is in the results JSON (``accepted_by_source``) and, with ``--show-output``, above its text."""
     sources = stats.extra.get("sources")
     if not sources:
         return None
     total = sum(v["accepted"] for v in sources.values()) or 1
-    parts = [f"{name}: {v['accepted']} accepted of {v['proposed']} proposed in {v['rows']} (row, step) pairs "
+    parts = [f"{name}: {v['accepted']} accepted of {v['proposed']} verified drafts in {v['rows']} (row, step) pairs "
              f"({v['accepted'] / total:.0%} of accepted tokens)" for name, v in sources.items()]
     return "draft sources: " + "; ".join(parts)
 
@@ -229,13 +231,17 @@ def print_processes(console, processes: list[dict]) -> None:
     console.print(table)
 
 
-def print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, no_baseline) -> None:
+def print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, no_baseline,
+                  sources: dict | None = None) -> None:
     from rich.markup import escape
     from rich.panel import Panel
 
     for i, text in enumerate(texts):
         generated = tokenizer.decode(spec_out[i], skip_special_tokens=True)
         title = f"prompt {i}: acceptance {alphas[i]:.0%}"
+        if sources:
+            title += " (accepted from " + ", ".join(f"{name} {c['accepted_per_prompt'][i]}"
+                                                    for name, c in sources.items()) + ")"
         if greedy and not no_baseline:
             same = base_out[i] == spec_out[i]
             title += ", identical to target-only" if same else ", DIFFERS from target-only"

@@ -246,15 +246,36 @@ def test_auto_calls_share_measured_step_costs_per_target_and_drafter():
     ngram = NGramDrafter()
     predicted, steps = run(ngram)
     assert predicted == steps - 1  # cold: the first step measures
-    costs = shared_cost_model(target, NGramDrafter(), CPU)
-    assert costs.ready and shared_cost_model(target, ngram, CPU) is costs
+    costs = shared_cost_model(target, NGramDrafter(), CPU, rows=3)
+    assert costs.ready and shared_cost_model(target, ngram, CPU, rows=4) is costs  # one power-of-two bucket
     predicted, steps = run(NGramDrafter())
     assert predicted == steps  # warm: planned from the first call's timings
     draft = tiny_causal_lm("llama", seed=6, layers=1)
-    assert shared_cost_model(target, ModelDrafter(draft), CPU) is not costs
+    assert shared_cost_model(target, ModelDrafter(draft), CPU, rows=3) is not costs
     forget_cost_models()
     predicted, steps = run(ngram)
     assert predicted == steps - 1
+
+
+def test_shared_step_costs_are_kept_per_batch_size_bucket():
+    """Costs measured at 16 rows do not price 1-row steps: a batch-1 call after a batch-16 call starts from its
+    own (cold) cost model, and a second batch-1 call from the first one's."""
+    target = tiny_causal_lm("llama", seed=4)
+    forget_cost_models()
+    assert shared_cost_model(target, NGramDrafter(), CPU, rows=1) is not shared_cost_model(target, NGramDrafter(),
+                                                                                           CPU, rows=16)
+
+    def run(n):
+        _, _, stats = speculative_generate_batch(_ragged_prompts(n, 96, 10, seed=5), NGramDrafter(), target,
+                                                 gamma="auto", max_gen_len=12, eos_tokens_id=[])
+        return stats.controller["predicted_steps"], stats.steps
+
+    run(16)
+    predicted, steps = run(1)
+    assert predicted == steps - 1  # cold at batch 1, although 16 rows were measured
+    predicted, steps = run(1)
+    assert predicted == steps
+    forget_cost_models()
 
 
 def test_narrow_verify_on_cpu_is_padded_without_changing_outputs_or_counts(llama_pair, monkeypatch):

@@ -37,12 +37,17 @@ def test_hybrid_greedy_output_is_the_targets(source):
     prompts = _copy_and_free_prompts(6)
     budgets = [24, 9, 30, 16, 24, 5]
     expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=budgets, eos_tokens_id=[])
+    rows = {"ngram": 0, "model": 0}
     for gamma in (3, "auto"):
-        got, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=gamma, max_gen_len=budgets,
-                                               logits_processor=GreedyProcessor(), eos_tokens_id=[])
+        got, _, stats = speculative_generate_batch(prompts, drafter, target, gamma=gamma, max_gen_len=budgets,
+                                                   logits_processor=GreedyProcessor(), eos_tokens_id=[])
         assert got == expected, gamma
-    counts = drafter.source_counts()
-    assert counts["ngram"] > 0 and counts["model"] > 0, counts
+        sources = stats.extra["sources"]
+        assert sum(s["accepted"] for s in sources.values()) == sum(stats.accepted)
+        assert sum(s["proposed"] for s in sources.values()) == sum(stats.proposed)
+        for name in rows:
+            rows[name] += sources[name]["rows"]
+    assert rows["ngram"] > 0 and rows["model"] > 0, rows
 
 
 def test_hybrid_sampled_rows_of_both_sources_follow_the_target():
@@ -56,8 +61,8 @@ def test_hybrid_sampled_rows_of_both_sources_follow_the_target():
     outputs, _, stats = speculative_generate_batch([copy, free] * n, drafter, target, gamma=2,
                                                    logits_processor=processor, max_gen_len=2, eos_tokens_id=[],
                                                    seed=5)  # fmt: skip
-    counts = drafter.source_counts()
-    assert counts["ngram"] >= n and counts["model"] >= n, counts
+    sources = stats.extra["sources"]
+    assert sources["ngram"]["rows"] >= n and sources["model"]["rows"] >= n, sources
     assert 0.0 < stats.acceptance_rate < 1.0
     for k, prompt in enumerate((copy, free)):
         pairs = torch.tensor([o[:2] for o in outputs[k::2]])

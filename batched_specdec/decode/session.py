@@ -75,7 +75,7 @@ class DecodeSession:
         n_prompts = len(request.rows)
         slots = n_prompts if slots is None else min(slots, n_prompts)
         self.prompt_seeds = [prompt_seed(seed, key) for key in request.keys]
-        self.controller = self._make_controller(n_prompts)
+        self.controller = self._make_controller(n_prompts, slots)
         verify_room = max(self.controller.gamma_max, CPU_MIN_VERIFY_TOKENS) if drafter is not None else 0
         longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
         self.capacity = capture.stable_capacity(longest + verify_room + 2, options.compile)
@@ -89,17 +89,20 @@ class DecodeSession:
         self.accepted = torch.zeros(n_prompts, dtype=torch.int64, device=device)
         self.proposed = torch.zeros(n_prompts, dtype=torch.int64, device=device)
         self.histogram = torch.zeros(self.controller.gamma_max + 1, dtype=torch.int64, device=device)
+        sources = () if drafter is None or drafter.sources is None else drafter.sources
+        # per (prompt, source): accepted drafts, verified drafts, (row, step) pairs that verified drafts
+        self.by_source = torch.zeros(n_prompts * len(sources), 3, dtype=torch.int64, device=device)
         self.timer = PhaseTimer(options.collect_stats, device)
         self.steps = self.compactions = 0
         self.bar = None
 
-    def _make_controller(self, n_prompts: int):
+    def _make_controller(self, n_prompts: int, slots: int):
         if self.drafter is None:
             return StaticSpeculation(0)
         gamma, device = self.options.gamma, self.device
         ratio = draft_cost_ratio(self.drafter, self.target)
-        costs = shared_cost_model(self.target, self.drafter, device, ratio, compiled=self.options.compile) \
-            if gamma == "auto" else None
+        costs = shared_cost_model(self.target, self.drafter, device, ratio, compiled=self.options.compile,
+                                  rows=slots) if gamma == "auto" else None
         return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs)
 
     # --- the run ---------------------------------------------------------------------------------------------
@@ -244,7 +247,8 @@ class DecodeSession:
             probs = None if probs is None else probs[:, :width]
             num = None if num is None else num.clamp_max(width)
         tokens, probs, num = pad_verify(tokens, probs, num, device)
-        return DraftProposal(tokens, probs, num, onehot, proposal.includes_catch_up)
+        source = None if proposal.source is None else proposal.source.to(device)
+        return DraftProposal(tokens, probs, num, onehot, proposal.includes_catch_up, source)
 
     def _verify(self, draft_tokens: Tensor, max_len: int) -> Tensor:
         """The target's logits ``(B, k + 1, V)`` over ``[s_b[-1], d_1..d_k]``; a feature drafter receives the final
@@ -285,6 +289,10 @@ class DecodeSession:
         self.accepted.index_add_(0, rows.row_ids, accepted)
         self.proposed.index_add_(0, rows.row_ids, proposed)
         self.histogram.index_add_(0, accepted, live.to(torch.int64))
+        if drafts.source is not None:
+            index = rows.row_ids * len(self.drafter.sources) + drafts.source
+            self.by_source.index_add_(0, index, torch.stack([accepted, proposed, (proposed > 0).long()], dim=1))
+        self.drafter.observe_verified(proposed, accepted)
         return [proposed, accepted] if self.controller.adaptive else []
 
     def _sync(self, counts: list[Tensor]) -> HostView:
@@ -331,4 +339,14 @@ class DecodeSession:
             compactions=self.compactions, logprobs=None if logprobs is None else [logprobs[i] for i in range(n)],
             controller=self.controller.summary(),
         )
+        if self.by_source.numel():
+            stats.extra["sources"] = self._source_counts(n)
         return outputs, stats
+
+    def _source_counts(self, n: int) -> dict[str, dict]:
+        """Per source of a multi-source drafter: accepted and verified drafts, the (row, step) pairs that verified
+        drafts from it, and each prompt's accepted drafts from it (prompt order)."""
+        counts = self.by_source.view(n, len(self.drafter.sources), 3).cpu()
+        return {name: {"accepted": int(counts[:, j, 0].sum()), "proposed": int(counts[:, j, 1].sum()),
+                       "rows": int(counts[:, j, 2].sum()), "accepted_per_prompt": counts[:, j, 0].tolist()}
+                for j, name in enumerate(self.drafter.sources)}

@@ -131,8 +131,24 @@ def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], nu
         compactions=sum(s.compactions for s in batch_stats),
         logprobs=in_prompt_order([s.logprobs for s in batch_stats], batches, num_prompts) if has_logprobs else None,
         controller=_merge_controllers([s.controller for s in batch_stats]),
-        extra={"batches": sum(s.extra.get("batches", 1) for s in batch_stats)},
+        extra={"batches": sum(s.extra.get("batches", 1) for s in batch_stats),
+               **({"sources": _merge_sources(batch_stats, batches, num_prompts)}
+                  if any("sources" in s.extra for s in batch_stats) else {})},
     )
+
+
+def _merge_sources(batch_stats: list[GenerationStats], batches: list[list[int]], num_prompts: int) -> dict:
+    """The parts' per-source counts (``extra["sources"]``) summed, per-prompt lists in prompt order."""
+    merged: dict[str, dict] = {}
+    for stats, indices in zip(batch_stats, batches):
+        for name, c in stats.extra.get("sources", {}).items():
+            m = merged.setdefault(name, {"accepted": 0, "proposed": 0, "rows": 0,
+                                         "accepted_per_prompt": [0] * num_prompts})
+            for key in ("accepted", "proposed", "rows"):
+                m[key] += c[key]
+            for i, a in zip(indices, c["accepted_per_prompt"]):
+                m["accepted_per_prompt"][i] = a
+    return merged
 
 
 class PhaseTimer:

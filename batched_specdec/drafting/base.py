@@ -34,6 +34,9 @@ class DraftProposal:
     includes_catch_up : bool
         The drafter also fed tokens it had missed (the prompts, or steps without drafts) while proposing, so the
         time it took is not the cost of its draft forwards alone.
+    source : Tensor or None
+        ``(B,)`` int64, for a drafter with several sources (:attr:`Drafter.sources`): the index of the source each
+        row's tokens came from. The session counts each row's verified and accepted drafts per source.
     """
 
     tokens: Tensor
@@ -41,6 +44,7 @@ class DraftProposal:
     num_tokens: Tensor | None = None
     deterministic_rows: Tensor | None = None
     includes_catch_up: bool = False
+    source: Tensor | None = None
 
 
 class Drafter(ABC):
@@ -64,6 +68,8 @@ class Drafter(ABC):
     """Whether the drafter reads the target's final hidden states (:meth:`observe_features`)."""
     model = None
     """The draft model whose forwards drafting costs (None for a model-free drafter)."""
+    sources: tuple[str, ...] | None = None
+    """Names of the sources a proposal's ``source`` indexes, for a drafter with several (the hybrid drafter)."""
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         """Called once before the first step with the prompts; ``max_seq_len`` bounds every row's length."""
@@ -85,8 +91,12 @@ class Drafter(ABC):
         (all when None), from every prefill chunk and verify forward. Only drafters with
         :attr:`uses_target_features` are called."""
 
-    def note_target_only_step(self) -> None:
-        """The session ran a step without drafts (draft length 0)."""
+    def note_target_only_step(self, width: int = 1) -> None:
+        """A step in which this drafter proposed nothing (the session's draft length 0, or a hybrid drafter's
+        other source): rows commit up to ``width`` tokens it has not seen."""
+
+    def observe_verified(self, proposed: Tensor, accepted: Tensor) -> None:
+        """After a step with drafts: ``(B,)`` int64 drafts each row verified and accepted (0 for finished rows)."""
 
     def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
         """New prompts entered ``rows`` (``(R,)`` int64 on the session's device): their tokens are in
@@ -95,10 +105,6 @@ class Drafter(ABC):
 
     def keep_rows(self, rows: Tensor) -> None:
         """Drop finished rows: keep ``rows`` (``(N,)`` int64, ascending) of the current batch, in that order."""
-
-    def source_counts(self) -> dict[str, int] | None:
-        """(row, step) pairs that drafted from each source, for a drafter with several (None otherwise)."""
-        return None
 
 
 def draft_cost_ratio(drafter: Drafter, target_model) -> float | None:

@@ -56,8 +56,8 @@ class FeatureDrafter(ModelDrafter):
             (self.features if rows is None else self.features[:rows]).scatter_(1, idx, values)
         self._tokens_behind += w
 
-    def note_target_only_step(self) -> None:
-        self._missed_steps = True  # its pair was counted by observe_features (a verify of width 1)
+    def note_target_only_step(self, width: int = 1) -> None:
+        self._missed_steps = True  # its pairs were counted by observe_features (the verify forward's width)
 
     def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
         self._missed_steps = True  # the new rows' pairs were counted by observe_features during their prefill

@@ -7,12 +7,13 @@ for long stretches on copy and edit tasks) and a model draft (a
 is little to copy). All rows are verified in the one verify forward, whatever their source.
 
 Per row the drafter keeps the acceptance it has measured for each source (an exponential average of accepted /
-proposed over the steps the row drafted from it, read off how far the row's committed length grew), starting from
-a prior. A row drafts from its n-gram match when the match is at least ``min_match`` tokens long and the n-gram
+verified drafts over the steps the row drafted from it, as the session reports them), starting from a prior. A row drafts from its n-gram match when the match is at least ``min_match`` tokens long and the n-gram
 estimate, raised by ``match_bonus`` per matched token beyond ``min_match`` (longer matches are accepted more), is
 at least the model's; else from the model. The choice depends only on committed tokens and on that evidence, never
 on this step's sampled drafts, so verification stays exact: greedy output is the target's, and under sampling the
 n-gram rows are verified with a one-hot q (``DraftProposal.deterministic_rows``), the model rows with the model's q.
+When every row drafts from its match and the host knows it without a device read (on CPU), the model's chain does
+not run that step (it catches up on the next step it runs).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ MODEL_PRIOR = 0.4
 """Acceptance assumed for a row's model source before the row has drafted from it."""
 EVIDENCE_WEIGHT = 0.3
 """Weight of the latest step in a row's acceptance estimate of the source it drafted from."""
+SOURCES = ("model", "ngram")
+"""The sources of a hybrid proposal, by the index ``DraftProposal.source`` holds."""
 
 
 class HybridDrafter(Drafter):
@@ -48,6 +51,8 @@ class HybridDrafter(Drafter):
         Added to a row's n-gram estimate per matched token beyond ``min_match``.
     """
 
+    sources = SOURCES
+
     def __init__(self, model_drafter, ngram: NGramDrafter | None = None, min_match: int = 2,
                  match_bonus: float = 0.1) -> None:
         check_positive_int("min_match", min_match)
@@ -62,7 +67,6 @@ class HybridDrafter(Drafter):
         self.uses_target_features = model_drafter.uses_target_features
         self.model = model_drafter.model  # the draft forwards drafting costs
         self._evidence: dict[str, Tensor] = {}
-        self._drafted_rows: Tensor | None = None  # (2,) int64 on the device: (row, step) pairs per source
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         self.model_drafter.start(token_buffer, seq_lens, max_seq_len)
@@ -71,65 +75,52 @@ class HybridDrafter(Drafter):
             "ngram": torch.full((batch,), NGRAM_PRIOR, device=device),
             "model": torch.full((batch,), MODEL_PRIOR, device=device),
             "used_ngram": torch.zeros(batch, dtype=torch.bool, device=device),
-            "proposed": torch.zeros(batch, dtype=torch.int64, device=device),  # last step's real drafts, 0: none
-            "seq_lens": seq_lens.clone(),
         }
-        if self._drafted_rows is None or self._drafted_rows.device != device:
-            self._drafted_rows = torch.zeros(2, dtype=torch.int64, device=device)
 
     def observe_features(self, hidden: Tensor, first_position, rows: int | Tensor | None = None) -> None:
         self.model_drafter.observe_features(hidden, first_position, rows)
 
     def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
         self.model_drafter.admit_rows(token_buffer, rows, prompt_lens)
-        ev, index = self._evidence, rows.to(self._evidence["seq_lens"].device)
+        ev, index = self._evidence, rows.to(self._evidence["ngram"].device)
         ev["ngram"].index_fill_(0, index, NGRAM_PRIOR)
         ev["model"].index_fill_(0, index, MODEL_PRIOR)
-        ev["used_ngram"].index_fill_(0, index, False)
-        ev["proposed"].index_fill_(0, index, 0)  # no step of these rows to learn from yet
 
-    def note_target_only_step(self) -> None:
-        self.model_drafter.note_target_only_step()
-        self._evidence["proposed"].zero_()  # the growth up to the next proposal is not this step's acceptance
+    def note_target_only_step(self, width: int = 1) -> None:
+        self.model_drafter.note_target_only_step(width)
 
     def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None) -> DraftProposal:
-        self._learn(seq_lens)
         scan = token_buffer[:, : max(1, min(int(max_seq_len), token_buffer.shape[1]))]
         ng_tokens, ng_num, match = ngram_lookup_with_match(scan, seq_lens, gamma, self.ngram.max_ngram,
                                                            self.ngram.min_ngram)  # fmt: skip
         ev = self._evidence
         ngram_score = ev["ngram"] + self.match_bonus * (match - self.min_match).clamp_min(0)
         use_ngram = (ng_num > 0) & (match >= self.min_match) & (ngram_score >= ev["model"])
+        ev["used_ngram"] = use_ngram
+        source = use_ngram.to(torch.int64)  # index into SOURCES
+        if use_ngram.device.type == "cpu" and bool(use_ngram.all()):
+            # Every row drafts from its match, and the host knows it without a device read: skip the model chain.
+            self.model_drafter.note_target_only_step(gamma + 1)
+            return DraftProposal(tokens=ng_tokens, num_tokens=ng_num, source=source)
         model = self.model_drafter.propose(token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws)
         device = model.tokens.device
         use = use_ngram.to(device)
         tokens = torch.where(use[:, None], ng_tokens.to(device), model.tokens)
         model_num = model.num_tokens if model.num_tokens is not None else torch.full_like(ng_num, gamma)
         num = torch.where(use_ngram, ng_num, model_num.to(ng_num.device))
-        ev["used_ngram"] = use_ngram
-        ev["proposed"] = num.clone()
-        ev["seq_lens"] = seq_lens.clone()
-        drafted = num > 0
-        self._drafted_rows += torch.stack([(use_ngram & drafted).sum(), (~use_ngram & drafted).sum()])
         return DraftProposal(tokens=tokens, probs=model.probs, num_tokens=num,
                              deterministic_rows=use if model.probs is not None else None,
-                             includes_catch_up=model.includes_catch_up)
+                             includes_catch_up=model.includes_catch_up, source=source.to(device))
 
-    def _learn(self, seq_lens: Tensor) -> None:
-        """Fold the last step's acceptance into the estimate of the source each row drafted from."""
+    def observe_verified(self, proposed: Tensor, accepted: Tensor) -> None:
+        """Fold the step's acceptance (``accepted / proposed`` per row that verified drafts) into the estimate of
+        the source each row drafted from."""
         ev = self._evidence
-        proposed = ev["proposed"]
-        drafted = proposed > 0
-        accepted = (seq_lens - ev["seq_lens"] - 1).clamp(min=0)
-        rate = torch.minimum(accepted, proposed).float() / proposed.clamp_min(1).float()
+        drafted = proposed.to(ev["ngram"].device) > 0
+        rate = accepted.to(drafted.device).float() / proposed.to(drafted.device).clamp_min(1).float()
         for source, rows in (("ngram", drafted & ev["used_ngram"]), ("model", drafted & ~ev["used_ngram"])):
             updated = (1 - EVIDENCE_WEIGHT) * ev[source] + EVIDENCE_WEIGHT * rate
             ev[source] = torch.where(rows, updated, ev[source])
-
-    def source_counts(self) -> dict[str, int]:
-        """(row, step) pairs that drafted from each source since this drafter was made (one host read)."""
-        counts = [0, 0] if self._drafted_rows is None else self._drafted_rows.tolist()
-        return {"ngram": counts[0], "model": counts[1]}
 
     def keep_rows(self, rows: Tensor) -> None:
         self.model_drafter.keep_rows(rows)

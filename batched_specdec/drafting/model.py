@@ -126,9 +126,9 @@ class ModelDrafter(Drafter):
         which verification corrects). Draft tokens themselves are always in range."""
         return ids.to(self.device).clamp_max(self._max_input_id)
 
-    def note_target_only_step(self) -> None:
-        """A step without drafts (adaptive draft length 0): one more token to catch up on."""
-        self._tokens_behind += 1
+    def note_target_only_step(self, width: int = 1) -> None:
+        """A step without its drafts: up to ``width`` more committed tokens to catch up on."""
+        self._tokens_behind += width
         self._missed_steps = True
 
     def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
