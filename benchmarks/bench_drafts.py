@@ -60,8 +60,9 @@ def main_job_cell(args, prompt_set: str, batch: int, draft: str) -> dict:
            "--num-prompts", str(max(8, batch)), "--batch-size", str(batch), "--draft", draft, "--max-new-tokens",
            str(args.max_new_tokens), "--repeats", str(args.repeats), "--output-dir", out]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    path = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".json"))[-1]
-    r = json.loads(open(path).read())
+    path = max(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".json"))
+    with open(path) as f:
+        r = json.load(f)
     spec, timing = r["speculative"], r["timing"]
     row = {"part": 1, "prompt_set": prompt_set, "batch": batch, "prompts": len(r["rows"]), "draft": draft,
            "method": "main job", "tokens_per_s": statistics.median(timing["speculative_tokens_per_s"]),
