@@ -59,11 +59,17 @@ def prompt_set(name: str) -> list[str]:
 
 
 def make_draft(name: str, target):
+    """``ngram``; ``bf16`` (a bfloat16 copy of the target); ``distilled`` (the feature draft shipped for the
+    embedded target) or ``hybrid`` (per row, its n-gram match or the shipped draft), through ``load_draft``."""
     if name == "ngram":
         return NGramDrafter()
     if name == "bf16":
         return copy.deepcopy(target).to(torch.bfloat16)
-    raise SystemExit(f"bench_adaptive.py: error: unknown --draft {name!r}: expected ngram or bf16")
+    if name in ("distilled", "hybrid"):
+        from batched_specdec.models import load_draft
+
+        return load_draft(name, target)
+    raise SystemExit(f"bench_adaptive.py: error: unknown --draft {name!r}: expected ngram, bf16, distilled or hybrid")
 
 
 def run_method(method: str, prompts, target, draft, eos, max_new: int, device) -> tuple[list, float, object]:
@@ -193,7 +199,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--draft", default="ngram", help="ngram or bf16 (a bfloat16 copy of the target)")
+    parser.add_argument("--draft", default="ngram",
+                        help="ngram, bf16 (a bfloat16 copy of the target), distilled (the shipped feature draft) or "
+                        "hybrid (per row, the n-gram match or the shipped draft)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], help="batch sizes B")
     parser.add_argument("--gammas", type=int, nargs="+", default=list(range(1, 9)), help="static gammas")
     parser.add_argument("--prompt-sets", nargs="+", default=["chat", "repeat"], choices=sorted(PROMPT_SETS),
