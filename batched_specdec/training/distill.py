@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher log-probabilities recorded per position (the loss uses these, renormalised)")
     p.add_argument("--kind", default="tokens", choices=["tokens", "feature"],
                    help="tokens: a small LM over token ids (SubsetHeadDraft); feature: an EAGLE-style head over the "
-                        "target's own final hidden states (FeatureHeadDraft, see batched_specdec.distill_feature)")
+                        "target's own final hidden states (FeatureHeadDraft, see batched_specdec.training.feature)")
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers of the draft (default: 2 for --kind tokens, 1 for --kind feature)")
     p.add_argument("--width", type=int, default=0,
