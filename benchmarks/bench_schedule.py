@@ -13,7 +13,7 @@ first ``--hf-prompts`` prompts (16) with ``--hf-max-new-tokens`` (96), against o
 same prompts, alternated.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_schedule.py --slots 4 8 16 --rounds 2
-    OMP_NUM_THREADS=2 python benchmarks/bench_schedule.py --slots 8 --rounds 1 --hf --markdown
+    OMP_NUM_THREADS=2 python benchmarks/bench_schedule.py --slots 8 --rounds 2 --hf
 
 Rows go to ``benchmarks/results/schedule.csv`` (``--no-save`` skips that).
 """
@@ -56,7 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf", action="store_true", help="also time transformers' generate_batch against ours")
     p.add_argument("--hf-prompts", type=int, default=16, help="prompts of the generate_batch comparison [default: 16]")
     p.add_argument("--hf-max-new-tokens", type=int, default=96, help="budget of that comparison [default: 96]")
-    p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
     p.add_argument("--no-save", action="store_true", help="do not append rows to benchmarks/results/schedule.csv")
     return p.parse_args(argv)
 
@@ -119,15 +118,16 @@ def hf_rows(args, target, prompts, options) -> list[dict]:
     return rows
 
 
-def summary(rows: list[dict], markdown: bool) -> None:
+def summary(rows: list[dict]) -> None:
     cells: dict[tuple, list[float]] = {}
     for r in rows:
-        cells.setdefault((r["slots"], r["schedule"], r["method"]), []).append(r["tokens_per_s"])
-    print("\n| slots | schedule | method | tokens/s (median) | runs | all identical |")
-    print("|---:|---|---|---:|---:|---|")
+        cells.setdefault((r["prompts"], r["slots"], r["schedule"], r["method"]), []).append(r["tokens_per_s"])
+    print("\n| prompts | slots | schedule | method | tokens/s (median) | runs | all identical |")
+    print("|---:|---:|---|---|---:|---:|---|")
     for key, values in cells.items():
-        same = all(r["identical"] in (True, "") for r in rows if (r["slots"], r["schedule"], r["method"]) == key)
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {statistics.median(values):.2f} | {len(values)} | {same} |")
+        same = all(r["identical"] in (True, "") for r in rows
+                   if (r["prompts"], r["slots"], r["schedule"], r["method"]) == key)
+        print(f"| {' | '.join(map(str, key))} | {statistics.median(values):.2f} | {len(values)} | {same} |")
 
 
 def main(argv=None) -> int:
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     for r in rows:
         r.update(key)
         r.setdefault("note", cpu_note(torch.device("cpu")))
-    summary(rows, args.markdown)
+    summary(rows)
     if not args.no_save:
         print("rows appended to", append_rows("schedule", FIELDS, rows))
     return 0
