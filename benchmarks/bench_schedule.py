@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft", default="auto", help="draft for the speculative runs (load_draft spec) [default: auto]")
     p.add_argument("--rounds", type=int, default=2, help="alternated rounds per slot count [default: 2]")
     p.add_argument("--hf", action="store_true", help="also time transformers' generate_batch against ours")
+    p.add_argument("--hf-only", action="store_true", help="only the generate_batch comparison")
     p.add_argument("--hf-prompts", type=int, default=16, help="prompts of the generate_batch comparison [default: 16]")
     p.add_argument("--hf-max-new-tokens", type=int, default=96, help="budget of that comparison [default: 96]")
     p.add_argument("--no-save", action="store_true", help="do not append rows to benchmarks/results/schedule.csv")
@@ -140,8 +141,8 @@ def main(argv=None) -> int:
     options = {"target-only": resolve_options(target, **common),
                "speculative": resolve_options(target, gamma="auto", **common)}
     decode_prompt_set(target, draft, prompts[:2], [4, 4], options["speculative"], batch_size=2)  # warm-up, untimed
-    rows = schedule_rows(args, target, draft, prompts, options)
-    if args.hf:
+    rows = [] if args.hf_only else schedule_rows(args, target, draft, prompts, options)
+    if args.hf or args.hf_only:
         rows += hf_rows(args, target, prompts, options["target-only"])
     key = run_key(torch.device("cpu"))
     for r in rows:
