@@ -210,7 +210,7 @@ def test_shipped_draft_is_exact_with_embedded_target():
     assert {"draft_config.json", "draft.safetensors", "manifest.json"} <= set(files), files
     assert sum(files.values()) <= 24 * 2**20
     with safe_open(str(DEFAULT_DRAFT_DIR / "draft.safetensors"), "pt") as f:
-        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k != "vocab_ids"}
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k != "vocab_ids"}  # noqa: SIM118 (safe_open is not iterable)
     assert dtypes == {torch.float16}
     target, tokenizer = load_target(None, device="cpu", dtype="float32", quiet=True)
     draft = load_distilled_draft(target)
