@@ -133,8 +133,9 @@ def load(config: RunConfig, console, state) -> Loaded:
                          compile=config.compile)
     prompts = encode_prompts(tokenizer, texts)
     where = f" across {state.num_processes} processes" if state.num_processes > 1 else ""
+    slots = f"{config.batch_size} slot" + ("s" if config.batch_size != 1 else "")
     console.print(f"Loaded in {load_s:.1f} s. {len(prompts)} prompts ({min(map(len, prompts))}-"
-                  f"{max(map(len, prompts))} tokens), {config.batch_size} slots ({config.schedule}){where}; draft "
+                  f"{max(map(len, prompts))} tokens), {slots} ({config.schedule}){where}; draft "
                   f"{config.draft}, gamma {config.gamma}, up to {config.max_new_tokens} new tokens, "
                   f"{config.repeats} repeats of each method.")
     console.print(_decoding_line(config, processor))
