@@ -215,12 +215,14 @@ def test_shipped_draft_is_exact_with_embedded_target():
     target, tokenizer = load_target(None, device="cpu", dtype="float32", quiet=True)
     draft = load_distilled_draft(target)
     assert draft.dtype == torch.float32 and draft.kind == "feature"
-    assert isinstance(load_draft("auto", target), HybridDrafter)
+    default = load_draft("auto", target)
+    assert isinstance(default, HybridDrafter)
     prompts = encode_prompts(tokenizer, builtin_prompts()[:2])
     expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=16, eos_tokens_id=[])
-    got, _, _ = speculative_generate_batch(prompts, draft, target, gamma=4, logits_processor=GreedyProcessor(),
-                                           max_gen_len=16, eos_tokens_id=[])
-    assert got == expected
+    for drafter, gamma in ((draft, 4), (default, "auto")):  # the draft alone, and as the default hybrid's source
+        got, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=gamma, logits_processor=GreedyProcessor(),
+                                               max_gen_len=16, eos_tokens_id=[])
+        assert got == expected, gamma
     other = tiny_causal_lm("llama", vocab_size=VOCAB)
     assert not isinstance(load_draft("auto", other), HybridDrafter)
     with pytest.raises(ModelLoadError, match="trained for"):
