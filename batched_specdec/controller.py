@@ -11,8 +11,13 @@ draft budget, to maximise expected tokens per second:
   phases are timed with ``perf_counter`` (CPU ops are synchronous); on CUDA with events read after the step's one
   host sync, so timing adds no synchronisation.
 
-A row's budget is the draft count that would maximise throughput if every row were like it; the step's draft
-length maximises ``sum_b E_b(min(k, budget_b)) / cost(k)``. Draft length 0 is a plain target step. When the
+A row's budget is the draft count that would maximise throughput if every row were like it. While queued prompts
+refill finished rows (continuous batching) the batch stays full, and the step's draft length maximises its tokens per
+second, ``sum_b E_b(min(k, budget_b)) / cost(k)``. In the batch's last stretch (no prompt waits) the run lasts until
+its slowest row finishes, so the draft length minimises the predicted time until every row has finished
+(:func:`finish_seconds`: each row leaves after ``remaining_b / E_b`` steps, the batch shrinking as rows finish): a
+row that drafts little and has the most to go keeps every step at its cost, whatever the other rows gain. Draft
+length 0 is a plain target step. When the
 drafter's proposal lengths are known on the host without a sync (a model drafter always proposes ``k``; the n-gram
 drafter's lengths live on the CPU when it runs there), the verify width is then cut to what was proposed within
 budget, so a batch with nothing worth verifying costs a one-token step.
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor
 
 from batched_specdec.checks import GAMMA_MAX_DEFAULT, OptionError, check_gamma, check_gamma_max
+from batched_specdec.decode.batch import COMPACT_FRACTION
 from batched_specdec.devices import StepClock
 
 ACCEPTANCE_PRIOR = 0.6
@@ -77,10 +83,12 @@ def min_verify_tokens(device) -> int:
 @dataclass
 class StepPlan:
     """What a step asks for: ``draft_len`` drafts per row at most, and per-row ``budgets`` (host ``(B,)`` int64,
-    ``None`` meaning ``draft_len`` for every row)."""
+    ``None`` meaning ``draft_len`` for every row). ``remaining`` (host ``(B,)``) is what the plan was made for: each
+    row's tokens to go when the batch is in its last stretch, None while finished rows take queued prompts."""
 
     draft_len: int
     budgets: Tensor | None = None
+    remaining: Tensor | None = None
 
 
 class StaticSpeculation:
@@ -91,7 +99,7 @@ class StaticSpeculation:
     def __init__(self, gamma: int) -> None:
         self.gamma_max = gamma
 
-    def plan(self, row_ids: Tensor, live: Tensor) -> StepPlan:
+    def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:
         return StepPlan(self.gamma_max)
 
     def start_step(self) -> None:
@@ -200,11 +208,57 @@ class CostModel:
     def step_s(self, rows: int, k: int, width: int) -> float:
         return self.draft_s(rows, k) + self.verify_s(rows, width) + self.overhead(rows)
 
+    def step_s_grid(self, rows: Tensor, draft_forwards: Tensor) -> Tensor:
+        """``(M, W)`` float64: :meth:`step_s` of a step with ``rows[m]`` rows (``(M,)``), ``draft_forwards[j]`` draft
+        forwards (``(W,)``) and verify width ``j + 1``."""
+        rows = rows.to(torch.float64)[:, None]
+        forwards = draft_forwards.to(torch.float64)[None, :]
+        width = torch.arange(1, draft_forwards.shape[0] + 1, dtype=torch.float64)[None, :]
+        if self.draft_per_forward.empty and self.draft_ratio is not None:
+            draft = forwards * self.draft_ratio * self.verify(rows)
+        else:
+            draft = forwards * self.draft_per_forward(rows)
+        tokens = rows * width
+        verify = self.verify(torch.where(width > 1, tokens.clamp_min(self.min_verify_tokens), tokens))
+        return draft + verify + self.overhead(rows)
+
 
 def _best_length(throughput: Tensor) -> int:
     """The draft length of the highest predicted throughput, if it beats draft length 0 by ``MIN_GAIN``."""
     best = int(throughput.argmax())
     return best if throughput[best] > (1.0 + MIN_GAIN) * throughput[0] else 0
+
+
+def finish_seconds(tokens_per_step: Tensor, remaining: Tensor, caps: Tensor, batch_sizes: Tensor,
+                   step_s: Tensor) -> Tensor:
+    """``(W,)`` predicted seconds until every live row has finished if each step drafts at most ``j`` tokens per row.
+
+    A fluid model of the batch's last stretch: live row ``b`` (``remaining[b]`` tokens to go, ``(N,)``) emits
+    ``tokens_per_step[b, j]`` (``(N, W)``) tokens per step, so it leaves after ``remaining[b] / tokens_per_step[b, j]``
+    steps. While rows ``L`` are live, a step verifies ``min(j, max(caps[L]))`` drafts per row (``caps``: ``(N,)``,
+    the most a row drafts) in a batch of ``batch_sizes[|L| - 1]`` rows (``(N,)``, finished rows stay until the batch
+    is compacted) and costs ``step_s[rows, width]`` seconds (``(max rows + 1, W)``). A row that drafts little sets
+    how long the batch lasts, whatever the other rows gain.
+    """
+    n, w = tokens_per_step.shape
+    steps = (remaining.to(torch.float64)[:, None] / tokens_per_step).clamp_min(1.0)
+    steps, order = steps.sort(dim=0)
+    widest = caps[order].flip(0).cummax(dim=0).values.flip(0)  # widest cap among the rows still live
+    width = torch.minimum(widest, torch.arange(w)[None, :])
+    live_rows = torch.arange(n, 0, -1)  # while the i-th row to finish is still live
+    durations = torch.diff(steps, dim=0, prepend=torch.zeros(1, w, dtype=steps.dtype))
+    return (durations * step_s[batch_sizes[live_rows - 1][:, None], width]).sum(dim=0)
+
+
+def compacted_batch_sizes(batch_rows: int, live: int) -> Tensor:
+    """``(live,)``: the batch's size while ``n = 1..live`` of its ``batch_rows`` rows are live, finished rows leaving
+    once :data:`~batched_specdec.decode.batch.COMPACT_FRACTION` of the batch has finished (eager decoding)."""
+    sizes, size = [0] * live, batch_rows
+    for n in range(live, 0, -1):
+        if size - n >= COMPACT_FRACTION * size:
+            size = n
+        sizes[n - 1] = size
+    return torch.tensor(sizes, dtype=torch.int64)
 
 
 def expected_tokens(acceptance: Tensor, max_drafts: int) -> Tensor:
@@ -260,10 +314,21 @@ class AdaptiveSpeculation:
         lift = (ACCEPTANCE_PRIOR - recent).clamp_min(0.0) * (EXPLORATION / torch.sqrt(t[0] + PRIOR_WEIGHT)).clamp_max(1)
         return (recent + lift * (t[0] > 0)).clamp_max(ACCEPTANCE_CAP)
 
-    def _costs(self, rows: int, n: int, with_draft: bool) -> Tensor:
-        """``(n + 1,)`` predicted seconds of a step with ``j = 0..n`` drafts per row (verify width ``j + 1``)."""
-        return torch.tensor([self.costs.step_s(rows, j if with_draft else 0, j + 1) for j in range(n + 1)],
-                            dtype=torch.float64).clamp_min(1e-9)
+    def _speed(self, tokens_per_step: Tensor, caps: Tensor, remaining: Tensor | None, rows: int,
+               draft_forwards: Tensor) -> Tensor:
+        """``(W,)``: how fast the batch goes with at most ``j`` drafts per row, from each live row's expected tokens
+        per step ``tokens_per_step`` ``(N, W)`` and the most it drafts ``caps`` ``(N,)``; a step with ``j`` drafts
+        runs ``draft_forwards[j]`` draft forwards.
+
+        While finished rows take queued prompts (``remaining`` None) the batch stays full, and the speed is its
+        expected tokens per second. In the batch's last stretch (``remaining``: each live row's tokens to go,
+        ``(N,)``) the run ends with its slowest row, and the speed is the inverse of :func:`finish_seconds`."""
+        if remaining is None:
+            cost = self.costs.step_s_grid(torch.tensor([rows]), draft_forwards)[0].clamp_min(1e-9)
+            return tokens_per_step.sum(dim=0) / cost
+        step_s = self.costs.step_s_grid(torch.arange(rows + 1), draft_forwards).clamp_min(1e-9)
+        sizes = compacted_batch_sizes(rows, tokens_per_step.shape[0])
+        return 1.0 / finish_seconds(tokens_per_step, remaining, caps, sizes, step_s).clamp_min(1e-12)
 
     # --- the engine's hooks ----------------------------------------------------------------------------------
 
@@ -275,23 +340,27 @@ class AdaptiveSpeculation:
     def mark(self, phase: str) -> None:
         self.clock.mark(phase)
 
-    def plan(self, row_ids: Tensor, live: Tensor) -> StepPlan:
+    def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:
         """Draft length and budgets (``(B,)``, 0 for finished rows) of the next step. ``row_ids`` (host ``(B,)``)
-        are the original ids of the batch's rows, ``live`` (host ``(B,)`` bool) marks the unfinished ones."""
+        are the original ids of the batch's rows, ``live`` (host ``(B,)`` bool) marks the unfinished ones.
+        ``remaining`` (host ``(B,)``): each row's tokens to go when no prompt waits for a finished row's place (the
+        batch's last stretch, see :meth:`_speed`); None while queued prompts refill the batch."""
         rows = row_ids.shape[0]
+        remaining = None if remaining is None else remaining[live]
         if not self.costs.ready:  # first step: one draft per row (a model draft: none, its cost has a prior)
-            return StepPlan(0 if self.costs.draft_ratio is not None else min(self.gamma_max, FIRST_DRAFT_LEN))
+            k = 0 if self.costs.draft_ratio is not None else min(self.gamma_max, FIRST_DRAFT_LEN)
+            return StepPlan(k, remaining=remaining)
         # Widths grow at most twofold past the widest one measured, so an optimistic cost model probes gradually.
         longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.costs.widest))
-        cost = self._costs(rows, longest, with_draft=True)
+        ks = torch.arange(longest + 1)
+        cost = self.costs.step_s_grid(torch.tensor([rows]), ks)[0].clamp_min(1e-9)
         gains = expected_tokens(self.acceptance(row_ids[live]), longest)  # (N, longest + 1)
         own_best = (gains / cost[None, :]).argmax(dim=1)  # what each row would pick if every row were like it
-        ks = torch.arange(longest + 1)
-        totals = gains.gather(1, torch.minimum(own_best[:, None], ks[None, :])).sum(dim=0)
-        k = _best_length(totals / cost)
+        per_row = gains.gather(1, torch.minimum(own_best[:, None], ks[None, :]))
+        k = _best_length(self._speed(per_row, own_best, remaining, rows, ks))
         budgets = torch.zeros(rows, dtype=torch.int64)
         budgets[live] = own_best.clamp_max(k)
-        return StepPlan(k, budgets)
+        return StepPlan(k, budgets, remaining)
 
     def choose_width(self, plan: StepPlan, lengths: Tensor | None, row_ids: Tensor, live: Tensor) -> int:
         """Drafts per row to verify once the proposal lengths within budget are known (``lengths``, host ``(B,)``,
@@ -305,10 +374,9 @@ class AdaptiveSpeculation:
             return 0
         ws = torch.arange(longest + 1)
         gains = expected_tokens(self.acceptance(row_ids[live]), longest)
-        totals = gains.gather(1, torch.minimum(lengths[:, None], ws[None, :])).sum(dim=0)
-        rows = row_ids.shape[0]
-        cost = self._costs(rows, longest, with_draft=False) + self.costs.draft_s(rows, plan.draft_len)
-        return _best_length(totals / cost)
+        per_row = gains.gather(1, torch.minimum(lengths[:, None], ws[None, :]))
+        sunk = torch.full((longest + 1,), plan.draft_len)
+        return _best_length(self._speed(per_row, lengths, plan.remaining, row_ids.shape[0], sunk))
 
     def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
                 width: int, *, draft_timing_usable: bool = True, timing_usable: bool = True) -> None:

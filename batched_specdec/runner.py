@@ -128,7 +128,7 @@ def _continuous(session: DecodeSession, progress: _Progress) -> tuple[list[list[
     queue = deque(range(session.rows.size, total))
     while True:
         refilling = bool(queue)
-        done = session.step(compact=not refilling)
+        done = session.step(refilling)
         if refilling:
             free = session.free_rows()
             if len(free):

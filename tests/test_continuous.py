@@ -68,9 +68,9 @@ def test_every_step_verifies_a_full_batch_while_prompts_remain(models):
     seen = []
     original = DecodeSession.step
 
-    def recording_step(self, compact=True):
-        seen.append((self.rows.size, int((~self.rows.view.finished).sum()), compact))
-        return original(self, compact)
+    def recording_step(self, refilling=False):
+        seen.append((self.rows.size, int((~self.rows.view.finished).sum()), refilling))
+        return original(self, refilling)
 
     options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
     try:
@@ -78,7 +78,7 @@ def test_every_step_verifies_a_full_batch_while_prompts_remain(models):
         decode_prompt_set(target, None, prompts, budgets, options, batch_size=3, schedule="continuous")
     finally:
         DecodeSession.step = original
-    queued = [s for s in seen if not s[2]]  # steps taken while prompts were queued
+    queued = [s for s in seen if s[2]]  # steps taken while prompts were queued
     assert queued and all(size == 3 and live == 3 for size, live, _ in queued), queued
 
 
@@ -128,7 +128,7 @@ def test_admission_moves_no_other_rows_kv(models):
                             slots=4)
     session.start()
     while len(session.free_rows()) < 2:
-        session.step(compact=False)
+        session.step(refilling=True)
     free = session.free_rows()[:2]
     others = [r for r in range(4) if r not in free.tolist()]
     keys = session.cache.key_buffers[0]

@@ -17,12 +17,17 @@ from batched_specdec.controller import (
     AdaptiveSpeculation,
     CostModel,
     StepPlan,
+    compacted_batch_sizes,
     expected_tokens,
+    finish_seconds,
     forget_cost_models,
     shared_cost_model,
 )
-from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter
+from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter, as_drafter
 from batched_specdec.drafting.ngram import NGramDrafter
+from batched_specdec.options import resolve_options
+from batched_specdec.processors import GreedyProcessor
+from batched_specdec.runner import decode_prompt_set
 
 CPU = torch.device("cpu")
 
@@ -34,7 +39,7 @@ class ScheduledPlans(AdaptiveSpeculation):
         super().__init__(max(schedule), num_rows, CPU, cost_model=CostModel.fixed((1.0, 0.0)), frozen_costs=True)
         self.schedule, self.budgets, self.step = schedule, budgets, 0
 
-    def plan(self, row_ids, live) -> StepPlan:
+    def plan(self, row_ids, live, remaining=None) -> StepPlan:
         k = self.schedule[self.step % len(self.schedule)]
         self.step += 1
         budgets = torch.where(live, row_ids % (k + 1), 0) if self.budgets else None
@@ -52,10 +57,10 @@ class SwitchingCosts(AdaptiveSpeculation):
         super().__init__(gamma_max, num_rows, CPU, cost_model=self.models[0], frozen_costs=True)
         self.step = 0
 
-    def plan(self, row_ids, live) -> StepPlan:
+    def plan(self, row_ids, live, remaining=None) -> StepPlan:
         self.costs = self.models[(self.step // 3) % 2]
         self.step += 1
-        return super().plan(row_ids, live)
+        return super().plan(row_ids, live, remaining)
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +153,8 @@ def test_perfect_cheap_draft_goes_to_gamma_max():
     controller = AdaptiveSpeculation(6, len(prompts), CPU, cost_model=costs, frozen_costs=True)
     _, _, stats = speculative_generate_batch(prompts, twin, target, gamma=controller, max_gen_len=60,
                                              eos_tokens_id=[])
-    histogram = stats.controller["draft_length_histogram"]
-    assert histogram[6] >= sum(histogram) - 3, histogram  # after the ramp 1, 2, 4 (widths grow at most twofold)
+    # the ramp 1, 2, 4 (widths grow at most twofold), then 6 until one token is left: a plain step emits it
+    assert stats.controller["draft_length_per_step"] == [1, 2, 4] + [6] * 7 + [0]
     assert stats.acceptance_rate == 1.0
 
 
@@ -329,3 +334,93 @@ def test_a_row_whose_drafts_missed_is_tried_again_later_the_more_it_missed():
     after 1, 3, 10 and 30 misses (EXPLORATION = 0), longer than most outputs. With it: 0, 5, 82 and 181."""
     waits = [_steps_until_drafting_again(m) for m in (1, 3, 10, 30)]
     assert waits[0] <= 1 and waits[1] < waits[2] < waits[3], waits
+
+
+# --- the batch's last stretch ---------------------------------------------------------------------------------
+
+
+def test_finish_seconds_follows_the_rows_that_are_still_live():
+    """Two rows with 10 tokens to go, one accepting every draft and one none; a step costs 1 s plus 1 s per
+    verified token. Without drafts both take 10 steps of 2 rows (3 s each): 30 s. With one draft the first leaves
+    after 5 steps of 2 rows at width 2 (5 s each), then the second goes on alone without drafts (its cap is 0) for 5
+    steps of 2 s: 35 s."""
+    step_s = torch.tensor([[1.0 + rows * width for width in (1, 2)] for rows in range(3)], dtype=torch.float64)
+    seconds = finish_seconds(torch.tensor([[1.0, 2.0], [1.0, 1.0]], dtype=torch.float64), torch.tensor([10, 10]),
+                             torch.tensor([1, 0]), compacted_batch_sizes(2, 2), step_s)
+    assert seconds.tolist() == [30.0, 35.0]
+
+
+def test_compacted_batch_sizes_follow_the_compaction_rule():
+    """Finished rows stay in the batch until a quarter of it has finished (``COMPACT_FRACTION``)."""
+    assert compacted_batch_sizes(8, 8).tolist() == [1, 2, 3, 4, 6, 6, 8, 8]
+    assert compacted_batch_sizes(8, 5).tolist() == [1, 2, 3, 5, 5]  # 3 rows already finished, not yet compacted
+
+
+def _mixed_rows_controller() -> AdaptiveSpeculation:
+    """8 rows: row 0 never accepted (about 0.04), rows 1-7 accepted 5 times in 6; a step costs mostly its fixed
+    part (1 s, plus 0.05 s per verified token and per draft forward)."""
+    controller = AdaptiveSpeculation(4, 8, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
+                                     frozen_costs=True)
+    controller.costs.widest = 4
+    controller.successes[:, 1:], controller.trials[:, 1:] = 50.0, 60.0
+    controller.trials[:, 0] = 60.0
+    return controller
+
+
+def test_in_the_last_stretch_the_row_with_most_to_go_decides():
+    """A batch that stays full (prompts queued) drafts for the 7 good rows. In its last stretch, with every row
+    64 tokens from its end, the row that never accepts sets the run's length and drafting would only make its steps
+    dearer: plain steps. Once that row is nearly done, the other rows' drafts shorten the run again."""
+    controller, rows, live = _mixed_rows_controller(), torch.arange(8), torch.ones(8, dtype=torch.bool)
+    full = controller.plan(rows, live)
+    assert full.draft_len > 0 and full.remaining is None
+    assert controller.plan(rows, live, torch.full((8,), 64)).draft_len == 0
+    nearly_done = controller.plan(rows, live, torch.tensor([3] + [64] * 7))
+    assert nearly_done.draft_len > 0 and nearly_done.budgets[0] == 0
+    assert nearly_done.remaining.tolist() == [3] + [64] * 7
+
+
+@pytest.mark.parametrize("acceptance", [0.05, 0.3, 0.5, 0.7, 0.95])
+def test_one_row_plans_the_same_for_a_full_batch_and_its_last_stretch(acceptance):
+    """With one row, the time to its end is its tokens to go over its tokens per second: both aims agree (far
+    from the row's end, where no step can emit more than it needs)."""
+    controller = AdaptiveSpeculation(6, 1, CPU, cost_model=CostModel.fixed((1.0, 0.15), (0.05, 0.0)),
+                                     frozen_costs=True)
+    controller.costs.widest = 6
+    controller.successes[:], controller.trials[:] = 60.0 * acceptance, 60.0
+    row, live = torch.arange(1), torch.ones(1, dtype=torch.bool)
+    assert controller.plan(row, live, torch.tensor([200])).draft_len == controller.plan(row, live).draft_len
+
+
+class RecordingRemaining(AdaptiveSpeculation):
+    """The real policy, recording what each plan was made for (None: a batch kept full)."""
+
+    def __init__(self, num_rows: int) -> None:
+        super().__init__(3, num_rows, CPU, cost_model=CostModel.fixed((1.0, 0.01), (0.01, 0.0)), frozen_costs=True)
+        self.seen = []
+
+    def plan(self, row_ids, live, remaining=None) -> StepPlan:
+        plan = super().plan(row_ids, live, remaining)
+        self.seen.append(None if plan.remaining is None else plan.remaining.tolist())
+        return plan
+
+
+def test_the_session_plans_for_the_last_stretch_once_no_prompt_waits(llama_pair):
+    """Continuous batching: 5 prompts in 2 slots plan for a full batch while prompts are queued, then for the last
+    stretch with each live row's budget less what it generated. One batch of all prompts is one last stretch from
+    its first step, whose rows each have their whole budget to go."""
+    target, draft = llama_pair
+    prompts = _ragged_prompts(5, 96, 12, seed=6)
+    budgets = [4, 12, 4, 6, 6]
+    controller = RecordingRemaining(5)
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[], gamma=controller)
+    result = decode_prompt_set(target, as_drafter(draft, 96), prompts, budgets, options, batch_size=2)
+    assert result.outputs == autoregressive_generate_batch(prompts, target, max_gen_len=budgets, eos_tokens_id=[])
+    seen = controller.seen
+    last_stretch = seen.index(next(s for s in seen if s is not None))
+    assert last_stretch > 0 and all(s is None for s in seen[:last_stretch])
+    assert all(s is not None and 1 <= min(s) and max(s) <= 12 for s in seen[last_stretch:])
+    one_batch = RecordingRemaining(5)
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[], gamma=one_batch)
+    decode_prompt_set(target, as_drafter(draft, 96), prompts, budgets, options, batch_size=5)
+    assert sorted(one_batch.seen[0]) == sorted(budgets) and None not in one_batch.seen

@@ -116,7 +116,7 @@ class AlternatingSpeculation(StaticSpeculation):
         super().__init__(3)
         self.step = 0
 
-    def plan(self, row_ids, live):
+    def plan(self, row_ids, live, remaining=None):
         self.step += 1
         return StepPlan(3 if self.step % 3 == 1 else 0)
 

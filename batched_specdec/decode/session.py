@@ -86,6 +86,7 @@ class DecodeSession:
                                 delayed_host_read=options.delayed_host_read)
         self.cache = RaggedKVCache(target.config, slots, self.capacity, device, options.attention, options.compile)
         self.eos = torch.tensor(list(options.eos_token_ids) or [-1], dtype=torch.int64, device=device)
+        self.budgets = torch.tensor(request.max_gen_lens, dtype=torch.int64)  # per prompt, on the host
         self.accepted = torch.zeros(n_prompts, dtype=torch.int64, device=device)
         self.proposed = torch.zeros(n_prompts, dtype=torch.int64, device=device)
         self.histogram = torch.zeros(self.controller.gamma_max + 1, dtype=torch.int64, device=device)
@@ -176,9 +177,11 @@ class DecodeSession:
             self.drafter.admit_rows(self.rows.token_buffer, rows.to(self.device), [len(request.rows[i]) for i in prompts])
 
     @torch.inference_mode()
-    def step(self, compact: bool = True) -> bool:
+    def step(self, refilling: bool = False) -> bool:
         """One step: plan, draft, verify, accept, commit, sync. Returns True once every row has finished.
-        ``compact=False`` keeps finished rows in the batch (they are about to take new prompts)."""
+        ``refilling=True``: queued prompts take the finished rows' places, so finished rows stay in the batch and
+        the controller plans for a batch that stays full; otherwise for the batch's last stretch (each row's tokens
+        to go)."""
         timer, controller, rows = self.timer, self.controller, self.rows
         timer.start()
         if self.options.compile:
@@ -186,7 +189,8 @@ class DecodeSession:
         controller.start_step()
         graphs_before = capture.graphs_compiled()
         max_len = rows.max_live_seq_len()
-        plan = controller.plan(rows.host_row_ids, ~rows.view.finished)
+        remaining = None if refilling or not controller.adaptive else self._remaining()
+        plan = controller.plan(rows.host_row_ids, ~rows.view.finished, remaining)
         drafts = self._draft(plan, max_len)
         controller.mark("draft")
         timer.lap("draft")
@@ -209,9 +213,15 @@ class DecodeSession:
             return True
         # Compaction follows the state after the previous step in both read modes (what the delayed read has now),
         # so the batch's row layout is the same with and without the delay.
-        if compact:
+        if not refilling:
             self._compact(view.finished if self.options.delayed_host_read else finished_before)
         return False
+
+    def _remaining(self) -> Tensor:
+        """Host ``(B,)``: each row's budget less what the host view has seen it generate."""
+        rows = self.rows
+        generated = rows.view.seq_lens - rows.host_prompt_lens
+        return (self.budgets[rows.host_row_ids] - generated).clamp_min(1)
 
     def _draws(self) -> RowDraws:
         """Each row's Philox key and this step's first counter: keyed by the prompt and its committed length."""
