@@ -1,7 +1,7 @@
 """How many draft tokens a step asks for: a fixed ``gamma``, or an adaptive controller (``gamma="auto"``).
 
 The adaptive controller picks, before each step, the step's draft length ``k`` (0 .. ``gamma_max``) and each row's
-draft budget, to maximise expected tokens per second:
+draft budget, so that the prompts are done soonest:
 
 * each row's per-position acceptance ``a_b`` is estimated online from the row's own verified drafts (a prior for
   new rows; old evidence decays, so a row that stopped drafting is tried again later). A row proposing ``j``
@@ -17,10 +17,9 @@ second, ``sum_b E_b(min(k, budget_b)) / cost(k)``. In the batch's last stretch (
 its slowest row finishes, so the draft length minimises the predicted time until every row has finished
 (:func:`finish_seconds`: each row leaves after ``remaining_b / E_b`` steps, the batch shrinking as rows finish): a
 row that drafts little and has the most to go keeps every step at its cost, whatever the other rows gain. Draft
-length 0 is a plain target step. When the
-drafter's proposal lengths are known on the host without a sync (a model drafter always proposes ``k``; the n-gram
-drafter's lengths live on the CPU when it runs there), the verify width is then cut to what was proposed within
-budget, so a batch with nothing worth verifying costs a one-token step.
+length 0 is a plain target step. When the drafter's proposal lengths are known on the host without a sync (a model
+drafter always proposes ``k``; the n-gram drafter's lengths live on the CPU when it runs there), the verify width is
+then cut to what was proposed within budget, so a batch with nothing worth verifying costs a one-token step.
 
 Lossless by construction: every choice for a step depends only on earlier steps (acceptance, timings) and on the
 step's proposal lengths, never on the step's own random draws, so each emitted token is still distributed as the
