@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from batched_specdec.checks import GAMMA_MAX_DEFAULT, OptionError, check_gamma, check_gamma_max
-from batched_specdec.decode.batch import COMPACT_FRACTION
 from batched_specdec.devices import StepClock
 
 ACCEPTANCE_PRIOR = 0.6
@@ -62,6 +61,9 @@ COST_DECAY = 0.97
 """Per step, old timing observations keep this weight in the cost fits."""
 RIDGE = 0.05
 """Shrinkage of the cost slopes towards 0, relative to the mean x (see :class:`LinearFit`)."""
+COMPACT_FRACTION = 0.25
+"""A batch drops its finished rows once at least this fraction of it is finished (``RaggedBatch.rows_to_keep``); the
+controller's prediction of a batch's last stretch follows the same rule."""
 MIN_GAIN = 0.05
 """Speculate only when the predicted tokens per second beat a plain target step by this fraction: near
 break-even, prediction errors would otherwise make speculation slower than not speculating."""
@@ -251,7 +253,7 @@ def finish_seconds(tokens_per_step: Tensor, remaining: Tensor, caps: Tensor, bat
 
 def compacted_batch_sizes(batch_rows: int, live: int) -> Tensor:
     """``(live,)``: the batch's size while ``n = 1..live`` of its ``batch_rows`` rows are live, finished rows leaving
-    once :data:`~batched_specdec.decode.batch.COMPACT_FRACTION` of the batch has finished (eager decoding)."""
+    once :data:`COMPACT_FRACTION` of the batch has finished (eager decoding)."""
     sizes, size = [0] * live, batch_rows
     for n in range(live, 0, -1):
         if size - n >= COMPACT_FRACTION * size:

@@ -15,10 +15,8 @@ import torch
 from torch import Tensor
 
 from batched_specdec import capture
+from batched_specdec.controller import COMPACT_FRACTION
 from batched_specdec.devices import host_arrived, host_copy
-
-COMPACT_FRACTION = 0.25
-"""Drop finished rows from the batch once at least this fraction of it is finished."""
 
 
 @dataclass
