@@ -28,6 +28,7 @@ target's whatever the draft length (rows with no draft emit one target token).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
@@ -195,33 +196,24 @@ class CostModel:
     def ready(self) -> bool:
         return not self.verify.empty
 
-    def draft_s(self, rows: int, k: int) -> float:
-        if not k:
-            return 0.0
+    def draft_s(self, rows: Tensor, forwards: Tensor) -> Tensor:
+        """Seconds of ``forwards`` draft forwards over ``rows`` rows (float64 tensors that broadcast)."""
         if self.draft_per_forward.empty and self.draft_ratio is not None:
-            return k * self.draft_ratio * self.verify(rows)
-        return k * self.draft_per_forward(rows)
+            return forwards * self.draft_ratio * self.verify(rows)
+        return forwards * self.draft_per_forward(rows)
 
-    def verify_s(self, rows: int, width: int) -> float:
+    def verify_s(self, rows: Tensor, width: Tensor) -> Tensor:
+        """Seconds of a verify forward of ``rows`` rows and ``width`` positions, padded as the engine pads it."""
         tokens = rows * width
-        return self.verify(max(tokens, self.min_verify_tokens) if width > 1 else tokens)
+        return self.verify(torch.where(width > 1, tokens.clamp_min(self.min_verify_tokens), tokens))
 
-    def step_s(self, rows: int, k: int, width: int) -> float:
-        return self.draft_s(rows, k) + self.verify_s(rows, width) + self.overhead(rows)
-
-    def step_s_grid(self, rows: Tensor, draft_forwards: Tensor) -> Tensor:
-        """``(M, W)`` float64: :meth:`step_s` of a step with ``rows[m]`` rows (``(M,)``), ``draft_forwards[j]`` draft
-        forwards (``(W,)``) and verify width ``j + 1``."""
+    def step_s(self, rows: Tensor, draft_forwards: Tensor) -> Tensor:
+        """``(M, W)`` float64: predicted seconds of a step with ``rows[m]`` rows (``(M,)``), ``draft_forwards[j]``
+        draft forwards (``(W,)``) and verify width ``j + 1``."""
         rows = rows.to(torch.float64)[:, None]
-        forwards = draft_forwards.to(torch.float64)[None, :]
         width = torch.arange(1, draft_forwards.shape[0] + 1, dtype=torch.float64)[None, :]
-        if self.draft_per_forward.empty and self.draft_ratio is not None:
-            draft = forwards * self.draft_ratio * self.verify(rows)
-        else:
-            draft = forwards * self.draft_per_forward(rows)
-        tokens = rows * width
-        verify = self.verify(torch.where(width > 1, tokens.clamp_min(self.min_verify_tokens), tokens))
-        return draft + verify + self.overhead(rows)
+        return (self.draft_s(rows, draft_forwards.to(torch.float64)[None, :]) + self.verify_s(rows, width)
+                + self.overhead(rows))
 
 
 def _best_length(throughput: Tensor) -> int:
@@ -251,9 +243,10 @@ def finish_seconds(tokens_per_step: Tensor, remaining: Tensor, caps: Tensor, bat
     return (durations * step_s[batch_sizes[live_rows - 1][:, None], width]).sum(dim=0)
 
 
+@functools.lru_cache(maxsize=256)
 def compacted_batch_sizes(batch_rows: int, live: int) -> Tensor:
     """``(live,)``: the batch's size while ``n = 1..live`` of its ``batch_rows`` rows are live, finished rows leaving
-    once :data:`COMPACT_FRACTION` of the batch has finished (eager decoding)."""
+    once :data:`COMPACT_FRACTION` of the batch has finished (eager decoding). Cached: callers must not write to it."""
     sizes, size = [0] * live, batch_rows
     for n in range(live, 0, -1):
         if size - n >= COMPACT_FRACTION * size:
@@ -315,19 +308,17 @@ class AdaptiveSpeculation:
         lift = (ACCEPTANCE_PRIOR - recent).clamp_min(0.0) * (EXPLORATION / torch.sqrt(t[0] + PRIOR_WEIGHT)).clamp_max(1)
         return (recent + lift * (t[0] > 0)).clamp_max(ACCEPTANCE_CAP)
 
-    def _speed(self, tokens_per_step: Tensor, caps: Tensor, remaining: Tensor | None, rows: int,
-               draft_forwards: Tensor) -> Tensor:
+    def _speed(self, tokens_per_step: Tensor, caps: Tensor, remaining: Tensor | None, step_s: Tensor) -> Tensor:
         """``(W,)``: how fast the batch goes with at most ``j`` drafts per row, from each live row's expected tokens
-        per step ``tokens_per_step`` ``(N, W)`` and the most it drafts ``caps`` ``(N,)``; a step with ``j`` drafts
-        runs ``draft_forwards[j]`` draft forwards.
+        per step ``tokens_per_step`` ``(N, W)``, the most it drafts ``caps`` ``(N,)`` and the predicted seconds of a
+        step with ``m`` rows and ``j`` drafts, ``step_s`` ``(rows + 1, W)`` (``rows``: the batch's size).
 
         While finished rows take queued prompts (``remaining`` None) the batch stays full, and the speed is its
         expected tokens per second. In the batch's last stretch (``remaining``: each live row's tokens to go,
         ``(N,)``) the run ends with its slowest row, and the speed is the inverse of :func:`finish_seconds`."""
+        rows = step_s.shape[0] - 1
         if remaining is None:
-            cost = self.costs.step_s_grid(torch.tensor([rows]), draft_forwards)[0].clamp_min(1e-9)
-            return tokens_per_step.sum(dim=0) / cost
-        step_s = self.costs.step_s_grid(torch.arange(rows + 1), draft_forwards).clamp_min(1e-9)
+            return tokens_per_step.sum(dim=0) / step_s[rows]
         sizes = compacted_batch_sizes(rows, tokens_per_step.shape[0])
         return 1.0 / finish_seconds(tokens_per_step, remaining, caps, sizes, step_s).clamp_min(1e-12)
 
@@ -354,11 +345,11 @@ class AdaptiveSpeculation:
         # Widths grow at most twofold past the widest one measured, so an optimistic cost model probes gradually.
         longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.costs.widest))
         ks = torch.arange(longest + 1)
-        cost = self.costs.step_s_grid(torch.tensor([rows]), ks)[0].clamp_min(1e-9)
+        step_s = self.costs.step_s(torch.arange(rows + 1), ks).clamp_min(1e-9)  # (rows + 1, longest + 1)
         gains = expected_tokens(self.acceptance(row_ids[live]), longest)  # (N, longest + 1)
-        own_best = (gains / cost[None, :]).argmax(dim=1)  # what each row would pick if every row were like it
+        own_best = (gains / step_s[rows][None, :]).argmax(dim=1)  # what each row would pick if every row were like it
         per_row = gains.gather(1, torch.minimum(own_best[:, None], ks[None, :]))
-        k = _best_length(self._speed(per_row, own_best, remaining, rows, ks))
+        k = _best_length(self._speed(per_row, own_best, remaining, step_s))
         budgets = torch.zeros(rows, dtype=torch.int64)
         budgets[live] = own_best.clamp_max(k)
         return StepPlan(k, budgets, remaining)
@@ -376,8 +367,9 @@ class AdaptiveSpeculation:
         ws = torch.arange(longest + 1)
         gains = expected_tokens(self.acceptance(row_ids[live]), longest)
         per_row = gains.gather(1, torch.minimum(lengths[:, None], ws[None, :]))
-        sunk = torch.full((longest + 1,), plan.draft_len)
-        return _best_length(self._speed(per_row, lengths, plan.remaining, row_ids.shape[0], sunk))
+        sunk = torch.full((longest + 1,), plan.draft_len)  # the draft forwards already ran
+        step_s = self.costs.step_s(torch.arange(row_ids.shape[0] + 1), sunk).clamp_min(1e-9)
+        return _best_length(self._speed(per_row, lengths, plan.remaining, step_s))
 
     def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
                 width: int, *, draft_timing_usable: bool = True, timing_usable: bool = True) -> None:
@@ -395,7 +387,9 @@ class AdaptiveSpeculation:
         total = time.perf_counter() - self._step_t0
         draft = self.clock.seconds("start", "draft") if k else 0.0
         verify = self.clock.seconds("draft" if k else "start", "verify")
-        predicted = self.costs.step_s(rows, k, width + 1) if self.costs.ready else math.nan
+        ready = self.costs.ready
+        predicted = float(self.costs.step_s(torch.tensor([rows]), torch.full((width + 1,), k))[0, width]) if ready \
+            else math.nan
         if not self.frozen_costs and timing_usable:
             if k and draft_timing_usable:
                 self.costs.draft_per_forward.add(rows, draft / k)
