@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gamma",
         type=_gamma_flag,
         help="draft tokens proposed per row per step (an integer >= 1), or auto: an adaptive controller picks each "
-        "step's draft length (0 = a plain target step) and per-row budgets from the acceptance and step timings "
+        "step's draft length (0 = a plain target step) from the acceptance and step timings "
         f"seen so far, so speculation never costs more than it gains (lossless either way) [default: {d.gamma}]",
     )
     p.add_argument(

@@ -1,7 +1,7 @@
 """How many draft tokens a step asks for: a fixed ``gamma``, or an adaptive controller (``gamma="auto"``).
 
-The adaptive controller picks, before each step, the step's draft length ``k`` (0 .. ``gamma_max``) and each row's
-draft budget, so that the prompts are done soonest:
+The adaptive controller picks, before each step, the step's draft length ``k`` (0 .. ``gamma_max``), so that the
+prompts are done soonest:
 
 * each row's per-position acceptance ``a_b`` is estimated online from the row's own verified drafts (a prior for
   new rows; old evidence decays, so a row that stopped drafting is tried again later). A row proposing ``j``
@@ -11,15 +11,18 @@ draft budget, so that the prompts are done soonest:
   phases are timed with ``perf_counter`` (CPU ops are synchronous); on CUDA with events read after the step's one
   host sync, so timing adds no synchronisation.
 
-A row's budget is the draft count that would maximise throughput if every row were like it. While queued prompts
-refill finished rows (continuous batching) the batch stays full, and the step's draft length maximises its tokens per
-second, ``sum_b E_b(min(k, budget_b)) / cost(k)``. In the batch's last stretch (no prompt waits) the run lasts until
-its slowest row finishes, so the draft length minimises the predicted time until every row has finished
-(:func:`finish_seconds`: each row leaves after ``remaining_b / E_b`` steps, the batch shrinking as rows finish): a
-row that drafts little and has the most to go keeps every step at its cost, whatever the other rows gain. Draft
-length 0 is a plain target step. When the drafter's proposal lengths are known on the host without a sync (a model
-drafter always proposes ``k``; the n-gram drafter's lengths live on the CPU when it runs there), the verify width is
-then cut to what was proposed within budget, so a batch with nothing worth verifying costs a one-token step.
+Every row of a step is verified at the step's width, so every row may accept up to that many of its drafts: a row
+that rarely accepts costs the step nothing more than one that often does (the draft forwards and the verify width
+are the batch's). While queued prompts refill finished rows (continuous batching) the batch stays full, and the
+step's draft length maximises its tokens per second, ``sum_b E_b(k) / cost(k)``, from each row's recent
+acceptance. In the batch's last stretch (no prompt waits) the run lasts until its slowest row finishes, so the draft
+length minimises the predicted time until every row has finished (:func:`finish_seconds`: each row leaves after
+``remaining_b / E_b`` steps, the batch shrinking as rows finish). That prediction spans the rest of each row's run,
+so it reads each row's long-run acceptance, pooled with the batch's (:meth:`AdaptiveSpeculation.run_acceptance`):
+the slowest row decides, and the lowest of several noisy recent estimates is mostly noise. Draft length 0 is a
+plain target step. When the drafter's proposal lengths are known on the host without a sync (a model drafter
+always proposes ``k``; the n-gram drafter's lengths live on the CPU when it runs there), the verify width is then
+cut to what is worth verifying of what was proposed, so a batch with nothing worth verifying costs a one-token step.
 
 Lossless by construction: every choice for a step depends only on earlier steps (acceptance, timings) and on the
 step's proposal lengths, never on the step's own random draws, so each emitted token is still distributed as the
@@ -65,6 +68,9 @@ RIDGE = 0.05
 COMPACT_FRACTION = 0.25
 """A batch drops its finished rows once at least this fraction of it is finished (``RaggedBatch.rows_to_keep``); the
 controller's prediction of a batch's last stretch follows the same rule."""
+POOL_WEIGHT = 4.0
+"""In the last stretch's prediction a row's long-run acceptance is shrunk towards the pooled rate of the batch's live
+rows, which counts as this many verified positions (:meth:`AdaptiveSpeculation.run_acceptance`)."""
 MIN_GAIN = 0.05
 """Speculate only when the predicted tokens per second beat a plain target step by this fraction: near
 break-even, prediction errors would otherwise make speculation slower than not speculating."""
@@ -84,12 +90,11 @@ def min_verify_tokens(device) -> int:
 
 @dataclass
 class StepPlan:
-    """What a step asks for: ``draft_len`` drafts per row at most, and per-row ``budgets`` (host ``(B,)`` int64,
-    ``None`` meaning ``draft_len`` for every row). ``remaining`` (host ``(B,)``) is what the plan was made for: each
-    row's tokens to go when the batch is in its last stretch, None while finished rows take queued prompts."""
+    """What a step asks for: ``draft_len`` drafts per row at most. ``remaining`` (host ``(N,)``, the live rows) is
+    what the plan was made for: each row's tokens to go when the batch is in its last stretch, None while finished
+    rows take queued prompts."""
 
     draft_len: int
-    budgets: Tensor | None = None
     remaining: Tensor | None = None
 
 
@@ -262,7 +267,7 @@ def expected_tokens(acceptance: Tensor, max_drafts: int) -> Tensor:
 
 
 class AdaptiveSpeculation:
-    """Per-step draft length and row budgets from online acceptance estimates and an online cost model.
+    """Per-step draft length from online acceptance estimates and an online cost model.
 
     Parameters
     ----------
@@ -300,13 +305,31 @@ class AdaptiveSpeculation:
     # --- estimates -------------------------------------------------------------------------------------------
 
     def acceptance(self, row_ids: Tensor) -> Tensor:
-        """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids``."""
+        """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids`` for the next step: the
+        recent estimate, its prior the long-run one (:meth:`_explored`)."""
         s, t = self.successes[:, row_ids], self.trials[:, row_ids]
         long_run = (s[0] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t[0] + PRIOR_WEIGHT)
         recent = (s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)
-        # Optimism towards the prior, fading with the evidence: never above the prior, zero for a row with none.
-        lift = (ACCEPTANCE_PRIOR - recent).clamp_min(0.0) * (EXPLORATION / torch.sqrt(t[0] + PRIOR_WEIGHT)).clamp_max(1)
-        return (recent + lift * (t[0] > 0)).clamp_max(ACCEPTANCE_CAP)
+        return self._explored(recent, t[0])
+
+    def run_acceptance(self, row_ids: Tensor) -> Tensor:
+        """``(N,)`` float64 per-position acceptance the rows ``row_ids`` are predicted to keep for the rest of their
+        runs: each row's long-run estimate, shrunk towards the pooled long-run rate of these rows (worth
+        :data:`POOL_WEIGHT` verified positions; :meth:`_explored`). Rows share the drafter, so the pool is a sound
+        prior, and a row with little evidence does not look like the slowest by chance."""
+        s, t = self.successes[0, row_ids], self.trials[0, row_ids]
+        pooled = (s.sum() + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t.sum() + PRIOR_WEIGHT)
+        return self._explored((s + pooled * POOL_WEIGHT) / (t + POOL_WEIGHT), t)
+
+    @staticmethod
+    def _explored(estimate: Tensor, evidence: Tensor) -> Tensor:
+        """``estimate`` lifted towards the prior by :data:`EXPLORATION` over the square root of the row's decaying
+        long-run ``evidence`` (verified positions): never above the prior, not at all for a row with none, and
+        capped at :data:`ACCEPTANCE_CAP`. A row that stopped drafting brings no new evidence, so this is what tries
+        it again later."""
+        share = (EXPLORATION / torch.sqrt(evidence + PRIOR_WEIGHT)).clamp_max(1.0)
+        lift = (ACCEPTANCE_PRIOR - estimate).clamp_min(0.0) * share
+        return (estimate + lift * (evidence > 0)).clamp_max(ACCEPTANCE_CAP)
 
     def _speed(self, tokens_per_step: Tensor, caps: Tensor, remaining: Tensor | None, step_s: Tensor) -> Tensor:
         """``(W,)``: how fast the batch goes with at most ``j`` drafts per row, from each live row's expected tokens
@@ -333,31 +356,26 @@ class AdaptiveSpeculation:
         self.clock.mark(phase)
 
     def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:
-        """Draft length and budgets (``(B,)``, 0 for finished rows) of the next step. ``row_ids`` (host ``(B,)``)
-        are the original ids of the batch's rows, ``live`` (host ``(B,)`` bool) marks the unfinished ones.
-        ``remaining`` (host ``(B,)``): each row's tokens to go when no prompt waits for a finished row's place (the
-        batch's last stretch, see :meth:`_speed`); None while queued prompts refill the batch."""
+        """The next step's draft length. ``row_ids`` (host ``(B,)``) are the original ids of the batch's rows,
+        ``live`` (host ``(B,)`` bool) marks the unfinished ones. ``remaining`` (host ``(B,)``): each row's tokens to
+        go when no prompt waits for a finished row's place (the batch's last stretch, see :meth:`_speed`); None while
+        queued prompts refill the batch."""
         rows = row_ids.shape[0]
         remaining = None if remaining is None else remaining[live]
         if not self.costs.ready:  # first step: one draft per row (a model draft: none, its cost has a prior)
             k = 0 if self.costs.draft_ratio is not None else min(self.gamma_max, FIRST_DRAFT_LEN)
-            return StepPlan(k, remaining=remaining)
+            return StepPlan(k, remaining)
         # Widths grow at most twofold past the widest one measured, so an optimistic cost model probes gradually.
         longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.costs.widest))
-        ks = torch.arange(longest + 1)
-        step_s = self.costs.step_s(torch.arange(rows + 1), ks).clamp_min(1e-9)  # (rows + 1, longest + 1)
-        gains = expected_tokens(self.acceptance(row_ids[live]), longest)  # (N, longest + 1)
-        own_best = (gains / step_s[rows][None, :]).argmax(dim=1)  # what each row would pick if every row were like it
-        per_row = gains.gather(1, torch.minimum(own_best[:, None], ks[None, :]))
-        k = _best_length(self._speed(per_row, own_best, remaining, step_s))
-        budgets = torch.zeros(rows, dtype=torch.int64)
-        budgets[live] = own_best.clamp_max(k)
-        return StepPlan(k, budgets, remaining)
+        step_s = self.costs.step_s(torch.arange(rows + 1), torch.arange(longest + 1)).clamp_min(1e-9)
+        gains = expected_tokens(self._estimates(row_ids[live], remaining), longest)  # (N, longest + 1)
+        caps = torch.full((gains.shape[0],), longest)  # as far as the plan knows, every row proposes k
+        return StepPlan(_best_length(self._speed(gains, caps, remaining, step_s)), remaining)
 
     def choose_width(self, plan: StepPlan, lengths: Tensor | None, row_ids: Tensor, live: Tensor) -> int:
-        """Drafts per row to verify once the proposal lengths within budget are known (``lengths``, host ``(B,)``,
-        from a drafter that may propose fewer than asked); ``None`` keeps the planned length. The draft forwards
-        already ran, so their time is the same for every width but still part of this step's time."""
+        """Drafts per row to verify once the proposal lengths are known (``lengths``, host ``(B,)``, from a drafter
+        that may propose fewer than asked); ``None`` keeps the planned length. The draft forwards already ran, so
+        their time is the same for every width but still part of this step's time."""
         if lengths is None or plan.draft_len == 0 or not self.costs.ready:
             return plan.draft_len
         lengths = lengths[live]
@@ -365,11 +383,16 @@ class AdaptiveSpeculation:
         if longest == 0:
             return 0
         ws = torch.arange(longest + 1)
-        gains = expected_tokens(self.acceptance(row_ids[live]), longest)
+        gains = expected_tokens(self._estimates(row_ids[live], plan.remaining), longest)
         per_row = gains.gather(1, torch.minimum(lengths[:, None], ws[None, :]))
         sunk = torch.full((longest + 1,), plan.draft_len)  # the draft forwards already ran
         step_s = self.costs.step_s(torch.arange(row_ids.shape[0] + 1), sunk).clamp_min(1e-9)
         return _best_length(self._speed(per_row, lengths, plan.remaining, step_s))
+
+    def _estimates(self, row_ids: Tensor, remaining: Tensor | None) -> Tensor:
+        """The acceptance a plan reads: the next step's (:meth:`acceptance`) while the batch stays full, the rest of
+        the run's (:meth:`run_acceptance`) in its last stretch."""
+        return self.acceptance(row_ids) if remaining is None else self.run_acceptance(row_ids)
 
     def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
                 width: int, *, draft_timing_usable: bool = True, timing_usable: bool = True) -> None:

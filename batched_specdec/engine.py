@@ -58,8 +58,8 @@ def speculative_generate_batch(
         Only used for its ``eos_token_id`` when the model's generation config has none.
     gamma : int or "auto"
         Draft tokens per row per step (>= 1), or ``"auto"``: an adaptive controller
-        (:mod:`batched_specdec.controller`) picks each step's draft length in ``0..gamma_max`` and per-row draft
-        budgets from the acceptance and step timings seen so far. Auto stays lossless (a step's choice never
+        (:mod:`batched_specdec.controller`) picks each step's draft length in ``0..gamma_max`` from the acceptance
+        and step timings seen so far. Auto stays lossless (a step's choice never
         depends on its own random draws), but its choices follow measured timings, so seeded sampled outputs are
         reproducible only with an integer gamma. Step costs measured by earlier calls with the same target, drafter
         and device are reused (:func:`batched_specdec.controller.shared_cost_model`).

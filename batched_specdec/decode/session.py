@@ -4,7 +4,7 @@ A :class:`DecodeSession` owns the rows (:class:`~batched_specdec.decode.batch.Ra
 cache, the drafter, the controller and the compile policy, and is the only thing that changes them. Its
 :meth:`~DecodeSession.step` reads top to bottom:
 
-1. plan: the controller picks the step's draft length ``k`` (0..gamma_max) and per-row budgets;
+1. plan: the controller picks the step's draft length ``k`` (0..gamma_max);
 2. draft: the drafter proposes up to ``k`` tokens per row (skipped when ``k == 0``);
 3. verify: one target forward over ``[s_b[-1], d_1..d_k]`` per row through the ragged cache;
 4. accept: rejection sampling keeps 0..k drafts per row and adds one recovered or bonus token
@@ -230,7 +230,7 @@ class DecodeSession:
     # --- the phases ------------------------------------------------------------------------------------------
 
     def _draft(self, plan, max_len: int) -> DraftProposal:
-        """The plan's drafts within the row budgets, cut to the width worth verifying and padded to the device's
+        """The plan's drafts, cut to the width worth verifying and padded to the device's
         narrowest efficient verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
         rows, device = self.rows, self.device
         if plan.draft_len == 0:
@@ -244,14 +244,11 @@ class DecodeSession:
         probs = None if proposal.probs is None else proposal.probs.to(device)
         onehot = None if probs is None or proposal.deterministic_rows is None else proposal.deterministic_rows.to(device)
         num = proposal.num_tokens
-        # Proposal lengths within budget, when the drafter may propose fewer than asked and the host knows the
-        # lengths without a sync (a drafter that always proposes k adds nothing to what the plan already weighed).
-        lengths = torch.minimum(num, plan.budgets) if plan.budgets is not None and num is not None and \
-            num.device.type == "cpu" else None
-        if plan.budgets is not None:
-            budgets = plan.budgets.to(device, non_blocking=True)
-            num = budgets if num is None else torch.minimum(num.to(device), budgets)
+        # Proposal lengths, when the drafter may propose fewer than asked and the host knows them without a sync (a
+        # drafter that always proposes k adds nothing to what the plan already weighed).
+        lengths = num if num is not None and num.device.type == "cpu" else None
         width = self.controller.choose_width(plan, lengths, rows.host_row_ids, ~rows.view.finished)
+        num = None if num is None else num.to(device, non_blocking=True)
         if width < k:
             tokens = tokens[:, :width]
             probs = None if probs is None else probs[:, :width]
