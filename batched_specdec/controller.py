@@ -17,10 +17,10 @@ are the batch's). While queued prompts refill finished rows (continuous batching
 step's draft length maximises its tokens per second, ``sum_b E_b(k) / cost(k)``, from each row's recent
 acceptance. In the batch's last stretch (no prompt waits) the run lasts until its slowest row finishes, so the draft
 length minimises the predicted time until every row has finished (:func:`finish_seconds`: each row leaves after
-``remaining_b / E_b`` steps, the batch shrinking as rows finish). That prediction spans the rest of each row's run,
-so it reads each row's long-run acceptance, pooled with the batch's (:meth:`AdaptiveSpeculation.run_acceptance`):
-the slowest row decides, and the lowest of several noisy recent estimates is mostly noise. Draft length 0 is a
-plain target step. When the drafter's proposal lengths are known on the host without a sync (a model drafter
+``remaining_b / E_b`` steps, the batch shrinking as rows finish). That prediction spans the rest of each row's run
+and the slowest row decides it, so it reads each row's long-run acceptance pooled with the batch's
+(:meth:`AdaptiveSpeculation.run_acceptance`): the lowest of several noisy recent estimates is mostly noise. Draft
+length 0 is a plain target step. When the drafter's proposal lengths are known on the host without a sync (a model drafter
 always proposes ``k``; the n-gram drafter's lengths live on the CPU when it runs there), the verify width is then
 cut to what is worth verifying of what was proposed, so a batch with nothing worth verifying costs a one-token step.
 
@@ -314,9 +314,14 @@ class AdaptiveSpeculation:
 
     def run_acceptance(self, row_ids: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance the rows ``row_ids`` are predicted to keep for the rest of their
-        runs: each row's long-run estimate, shrunk towards the pooled long-run rate of these rows (worth
-        :data:`POOL_WEIGHT` verified positions; :meth:`_explored`). Rows share the drafter, so the pool is a sound
-        prior, and a row with little evidence does not look like the slowest by chance."""
+        runs, for the last stretch's prediction: each row's long-run estimate, shrunk towards the pooled long-run
+        rate of these rows (worth :data:`POOL_WEIGHT` verified positions; :meth:`_explored`). The slowest row decides
+        that prediction, and the lowest of several noisy few-step estimates is mostly noise; rows share the drafter,
+        so the pool is a sound prior. One row: its next-step estimate (:meth:`acceptance`), since one row's time to
+        its end is its tokens to go over its throughput (the two aims agree), and a single row's bursts (the
+        stretches of a copy task) are worth following."""
+        if row_ids.numel() == 1:
+            return self.acceptance(row_ids)
         s, t = self.successes[0, row_ids], self.trials[0, row_ids]
         pooled = (s.sum() + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t.sum() + PRIOR_WEIGHT)
         return self._explored((s + pooled * POOL_WEIGHT) / (t + POOL_WEIGHT), t)

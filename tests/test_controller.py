@@ -182,16 +182,17 @@ class LowEstimateForRowZero(AdaptiveSpeculation):
 
 def test_every_row_may_accept_up_to_the_step_width():
     """The drafts and the verify width are the batch's: a row the controller expects little from still accepts
-    every draft it gets right (here a twin of the target as draft, so all of them)."""
+    every draft it gets right (here a twin of the target as draft, so all of them). Four prompts in three slots:
+    the first steps plan for a full batch, for its tokens per second."""
     target = tiny_causal_lm("llama", seed=0)
     twin = tiny_causal_lm("llama", seed=0)
-    prompts = _ragged_prompts(3, 96, 12, seed=4)
+    prompts = _ragged_prompts(4, 96, 12, seed=4)
     options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[],
-                              gamma=LowEstimateForRowZero(3))
-    result = decode_prompt_set(target, as_drafter(twin, 96), prompts, [30] * 3, options, batch_size=3)
+                              gamma=LowEstimateForRowZero(4))
+    result = decode_prompt_set(target, as_drafter(twin, 96), prompts, [30] * 4, options, batch_size=3)
     assert result.outputs == autoregressive_generate_batch(prompts, target, max_gen_len=30, eos_tokens_id=[])
     stats = result.stats
-    assert stats.accepted[0] == stats.proposed[0] > 0 and stats.accepted[0] >= min(stats.accepted[1:])
+    assert stats.accepted[0] == stats.proposed[0] > 0 and stats.accepted[0] >= min(stats.accepted[1:3])
 
 
 def test_the_verify_width_follows_the_proposal_lengths():
@@ -400,7 +401,7 @@ def test_compacted_batch_sizes_follow_the_compaction_rule():
 def test_in_the_last_stretch_a_few_recent_misses_do_not_stop_the_batch():
     """Eight rows that accepted 5 drafts in 6 over their runs so far, one of which just missed eight times: for the
     next step alone that row looks poor, but over the tokens it has to go its long-run rate (pooled with the
-    batch's) decides, and the batch keeps drafting."""
+    batch's) decides, and the batch keeps drafting. A row alone plans from its next-step estimate."""
     controller = AdaptiveSpeculation(4, 8, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
                                      frozen_costs=True)
     controller.costs.widest = 4
@@ -410,8 +411,9 @@ def test_in_the_last_stretch_a_few_recent_misses_do_not_stop_the_batch():
     for _ in range(8):
         controller.start_step()
         controller.observe(rows, torch.tensor([3] + [0] * 7), torch.zeros(8, dtype=torch.int64), live, 8, 3, 3)
-    assert controller.acceptance(rows)[0] < 0.35 and controller.run_acceptance(rows)[0] > 0.7
+    assert controller.acceptance(rows)[0] < 0.25 and controller.run_acceptance(rows)[0] > 0.7
     assert controller.plan(rows, live, torch.full((8,), 64)).draft_len > 0
+    assert controller.run_acceptance(rows[:1]).tolist() == controller.acceptance(rows[:1]).tolist()
 
 
 def _mixed_rows_controller() -> AdaptiveSpeculation:
