@@ -20,9 +20,10 @@ length minimises the predicted time until every row has finished (:func:`finish_
 ``remaining_b / E_b`` steps, the batch shrinking as rows finish). That prediction spans the rest of each row's run
 and the slowest row decides it, so it reads each row's long-run acceptance pooled with the batch's
 (:meth:`AdaptiveSpeculation.run_acceptance`): the lowest of several noisy recent estimates is mostly noise. Draft
-length 0 is a plain target step. When the drafter's proposal lengths are known on the host without a sync (a model drafter
-always proposes ``k``; the n-gram drafter's lengths live on the CPU when it runs there), the verify width is then
-cut to what is worth verifying of what was proposed, so a batch with nothing worth verifying costs a one-token step.
+length 0 is a plain target step. When the drafter's proposal lengths are known on the host without a sync (a model
+drafter always proposes ``k``; the n-gram drafter's lengths live on the CPU when it runs there), the verify width is
+then cut to what is worth verifying of what was proposed, so a batch with nothing worth verifying costs a one-token
+step.
 
 Lossless by construction: every choice for a step depends only on earlier steps (acceptance, timings) and on the
 step's proposal lengths, never on the step's own random draws, so each emitted token is still distributed as the

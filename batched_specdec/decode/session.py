@@ -230,8 +230,8 @@ class DecodeSession:
     # --- the phases ------------------------------------------------------------------------------------------
 
     def _draft(self, plan, max_len: int) -> DraftProposal:
-        """The plan's drafts, cut to the width worth verifying and padded to the device's
-        narrowest efficient verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
+        """The plan's drafts, cut to the width worth verifying and padded to the device's narrowest efficient
+        verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
         rows, device = self.rows, self.device
         if plan.draft_len == 0:
             if self.drafter is not None:
