@@ -45,6 +45,7 @@ and, compiled, records every shape's graphs (span and compaction buckets), so no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -199,6 +200,17 @@ def known_tokens(outputs: list[list[int]], device) -> torch.Tensor:
     return torch.tensor([o + [0] * (width - len(o)) for o in outputs], dtype=torch.int64, device=device)
 
 
+@contextlib.contextmanager
+def progress(what: str, device):
+    """Print ``what`` and, once the block has run (device synchronised), its seconds: a run stopped at a time limit
+    shows how far it got."""
+    print(f"  {what} ...", end="", flush=True)
+    t0 = time.perf_counter()
+    yield
+    synchronize(device)
+    print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def warm_up(all_prompts, batch_sizes, gammas, alpha, target, drafter, run_kw, synthetic, device) -> None:
     """Run every batch size and gamma once, untimed, at the timed runs' length: Triton compiles each kernel
     specialisation here and, with ``compile=True``, every shape's graphs (span and compaction buckets) are compiled
@@ -206,11 +218,13 @@ def warm_up(all_prompts, batch_sizes, gammas, alpha, target, drafter, run_kw, sy
     t0 = time.perf_counter()
     for B in batch_sizes:
         prompts = all_prompts[:B]
-        ref_out = autoregressive_generate_batch(prompts, target, **run_kw)
+        with progress(f"warm-up B={B} target-only", device):
+            ref_out = autoregressive_generate_batch(prompts, target, **run_kw)
         known = known_tokens(ref_out, device) if synthetic else None
         for g in gammas:
-            speculative_generate_batch(prompts, drafter(alpha if synthetic else None, known, prompts), target, gamma=g,
-                                       **run_kw)
+            with progress(f"warm-up B={B} gamma={g}", device):
+                speculative_generate_batch(prompts, drafter(alpha if synthetic else None, known, prompts), target,
+                                           gamma=g, **run_kw)
     synchronize(device)
     print(f"warm-up (every B and gamma once, untimed): {time.perf_counter() - t0:.1f} s")
 
@@ -386,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                     dtype=str(dtype).removeprefix("torch.") if synthetic else "float32", compiled=args.compile)
         # The baseline runs even when not asked for: every speedup is relative to it, and it is the known
         # continuation of the synthetic drafter.
-        ref_out, ref = autoregressive_generate_batch(prompts, target, return_stats=True, **run_kw)
+        with progress(f"B={B} target-only", device):
+            ref_out, ref = autoregressive_generate_batch(prompts, target, return_stats=True, **run_kw)
         base_tps = ref.tokens_per_s
         if "target_only_ours" in methods:
             rows.append(dict(base, method="target_only_ours", status="measured", acceptance_kind="none",
@@ -426,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         for alpha in alphas if synthetic else [None]:
             for g in gammas:
                 gc.collect()
-                out, _, st = speculative_generate_batch(prompts, drafter(alpha, known, prompts), target, gamma=g,
-                                                        collect_stats=not gpu, **run_kw)  # fmt: skip
+                with progress(f"B={B} gamma={g} alpha={alpha}", device):
+                    out, _, st = speculative_generate_batch(prompts, drafter(alpha, known, prompts), target, gamma=g,
+                                                            collect_stats=not gpu, **run_kw)  # fmt: skip
                 split = st.time_split
                 if gpu and not args.no_time_split:
                     split = speculative_generate_batch(prompts, drafter(alpha, known, prompts), target, gamma=g,

@@ -127,9 +127,11 @@ def main() -> None:
         runs = {m: make_run(path, target, draft, prompts, args.tokens, m) for m in modes}
         graphs, warm_cg = {}, {}
         for m in modes:  # warm-up (compiles, records CUDA graphs), untimed
+            t0 = time.perf_counter()
             with CudaGraphCounts() as cg:
                 graphs[m] = runs[m]().extra.get("graphs_compiled", 0)
             warm_cg[m] = cg
+            print(f"  warm-up {path} {'compiled' if m else 'eager'}: {time.perf_counter() - t0:.1f} s", flush=True)
         timed_cg = {m: CudaGraphCounts() for m in modes}
         counts, times = {}, {m: [] for m in modes}
         for m in modes:

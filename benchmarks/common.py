@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import faulthandler
 import os
 import platform
 import statistics
@@ -23,6 +24,10 @@ RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(ROOT, "benchma
 """Where the CSVs are appended: ``benchmarks/results/``, or ``$BENCH_RESULTS_DIR`` (``gpu_session.sh`` sets it)."""
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if os.environ.get("BENCH_DUMP_STACKS_AFTER_S"):
+    # gpu_session.sh sets this a few seconds under a stage's time limit: a stage that runs out of time prints where
+    # every thread was (compiling, recording graphs, waiting) before it is stopped.
+    faulthandler.dump_traceback_later(float(os.environ["BENCH_DUMP_STACKS_AFTER_S"]), exit=False)
 
 
 def device_name(device: torch.device) -> str:

@@ -6,16 +6,20 @@
 #
 # Runs from the checkout through PYTHONPATH (no install, no network, no gguf), stage by stage, each under its own
 # time limit so that one failure or hang does not eat the rest:
+#   exactness      attention paths against float64 and greedy decoding against the CPU (benchmarks/check_exactness.py)
 #   kernels        every Triton kernel on CUDA against its torch reference (benchmarks/check_kernels.py)
 #   microbench     the rejection sampler in GB/s against the measured copy bandwidth, CUDA-graph timed
-#   e2e_eager      end to end at B = 1, 4, 16, 64: a Qwen2-7B-class target and a 0.5B-class draft, RANDOM weights,
+#   e2e_eager      end to end at B = 1, 16, 64: a Qwen2-7B-class target and a 0.5B-class draft, RANDOM weights,
 #                  synthetic acceptance (labelled so in every row), eager
-#   e2e_compiled   the same with compile=True (CUDA graphs), B = 1 and 16
 #   step_overhead  per-step dispatch, host reads, CUDA-graph recordings and cudagraph skips (tiny synthetic model)
+#   e2e_compiled   e2e_eager's pair with compile=True (CUDA graphs), B = 1
+# A stage that runs out of time prints every thread's stack 8 s before its limit (BENCH_DUMP_STACKS_AFTER_S).
 # Output: one folder per session, $OUT/gpu_session_<UTC stamp> when $OUT is set (the device tool brings $OUT
 # back), else benchmarks/results/gpu_session/<UTC stamp>; it holds session.json (device, versions, commit, date,
 # each stage's status and seconds), one log per stage and the results CSVs. When the folder is not already under
-# benchmarks/results/, it is also copied there. The smoke mode writes to $OUT or a temporary folder only.
+# benchmarks/results/, it is also copied there. With $OUT set the folder is left there as one archive,
+# gpu_session_<stamp>.tgz (the device tool returns at most 8 files). The smoke mode writes to $OUT or a temporary
+# folder only.
 set -uo pipefail
 
 SMOKE=0
@@ -28,7 +32,7 @@ esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 if [[ -n "${OUT:-}" ]]; then
   DIR="$OUT/gpu_session_$STAMP"
@@ -53,7 +57,7 @@ stage() {
   shift 2
   echo "== $name (limit ${limit} s): $*"
   local t0=$SECONDS
-  (cd "$ROOT" && timeout --kill-after=15 "$limit" "$@") > "$DIR/$name.log" 2>&1
+  (cd "$ROOT" && BENCH_DUMP_STACKS_AFTER_S=$((limit - 8)) timeout --kill-after=15 "$limit" "$@") > "$DIR/$name.log" 2>&1
   local rc=$? status
   case $rc in
     0) status=ok ;;
@@ -66,6 +70,7 @@ stage() {
 }
 
 if [[ $SMOKE == 1 ]]; then
+  stage exactness 240 "$PY" benchmarks/check_exactness.py --cpu-smoke --json "$DIR/exactness.json"
   stage kernels 240 "$PY" benchmarks/check_kernels.py --cpu-smoke --json "$DIR/kernels.json"
   stage microbench 120 "$PY" benchmarks/bench_rejection.py --device cpu --quick
   stage e2e_eager 240 "$PY" benchmarks/bench_e2e.py --device cpu --models toy --batch-sizes 1 4 --gammas 2 \
@@ -74,14 +79,17 @@ if [[ $SMOKE == 1 ]]; then
     --gammas 2 --alphas 0.8 --max-new-tokens 8 --methods target_only_ours speculative_ours --no-time-split
   stage step_overhead 240 "$PY" benchmarks/bench_step_overhead.py --device cpu --quick
 else
+  # Limits fit one call of 9 minutes. Seconds seen on an H200 (2026-12-04): kernels 48, microbench 38, e2e_eager
+  # 119 at B = 1 and 16 (56 of them warm-up); the compiled stages had not finished their first warm-up run by then.
+  stage exactness 90 "$PY" benchmarks/check_exactness.py --json "$DIR/exactness.json"
   stage kernels 60 "$PY" benchmarks/check_kernels.py --json "$DIR/kernels.json"
-  stage microbench 75 "$PY" benchmarks/bench_rejection.py --batch-sizes 1 8 64 --ks 4 --vocabs 151936 \
+  stage microbench 50 "$PY" benchmarks/bench_rejection.py --batch-sizes 1 8 64 --ks 4 --vocabs 151936 \
     --dtypes fp32 bf16
-  stage e2e_eager 150 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 4 16 64 --gammas 3 5 --alphas 0.8 \
+  stage e2e_eager 160 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 16 64 --gammas 3 --alphas 0.8 \
     --max-new-tokens 128 --methods target_only_ours speculative_ours
-  stage e2e_compiled 150 "$PY" benchmarks/bench_e2e.py --compile --batch-sizes 1 16 --gammas 3 --alphas 0.8 \
-    --max-new-tokens 128 --methods target_only_ours speculative_ours --no-time-split
-  stage step_overhead 60 "$PY" benchmarks/bench_step_overhead.py
+  stage step_overhead 80 "$PY" benchmarks/bench_step_overhead.py --quick
+  stage e2e_compiled 100 "$PY" benchmarks/bench_e2e.py --compile --batch-sizes 1 --gammas 3 --alphas 0.8 \
+    --max-new-tokens 64 --methods target_only_ours speculative_ours --no-time-split
 fi
 
 "$PY" - "$DIR" "$SMOKE" <<'EOF'
@@ -108,5 +116,11 @@ if [[ $SMOKE == 0 && "$DIR" != "$ROOT/benchmarks/results/"* ]]; then
   mkdir -p "$ROOT/benchmarks/results/gpu_session" && cp -r "$DIR" "$ROOT/benchmarks/results/gpu_session/$STAMP"
 fi
 echo "session folder: $DIR"
+if [[ -n "${OUT:-}" ]]; then
+  # The device tool brings back at most 8 files from $OUT: the whole folder travels as one archive.
+  tar czf "$OUT/gpu_session_$STAMP.tgz" -C "$OUT" "gpu_session_$STAMP" && rm -rf "$DIR"
+  echo "archived as $OUT/gpu_session_$STAMP.tgz"
+  STAGES="$(mktemp)" && tar xzf "$OUT/gpu_session_$STAMP.tgz" -O "gpu_session_$STAMP/stages.tsv" > "$STAGES"
+fi
 # The session fails when a stage did not finish ok.
 ! grep -q -v -P '\tok\t|^stage\t' "$STAGES"

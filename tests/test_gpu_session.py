@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_e2e
+import check_exactness
 import check_kernels
 from common import CudaGraphCounts
 
@@ -47,6 +49,26 @@ def test_kernel_check_passes_on_the_interpreter_and_fails_on_a_wrong_kernel(tmp_
     monkeypatch.setattr("batched_specdec.kernels.compact_rows", wrong)
     assert check_kernels.main(["--cpu-smoke"]) == 1
     assert "FAIL compact_rows" in capsys.readouterr().out
+
+
+def test_attention_check_passes_here_and_fails_when_rows_share_one_mask(monkeypatch):
+    """The exactness stage's attention part on CPU: every backend within tolerance of float64; and an attention
+    that masks every row with the first row's positions (a batch stride lost) fails it at B = 8, not at B = 1."""
+    cpu = torch.device("cpu")
+    backends = [("sdpa", "sdpa", None), ("flex", "flex", None)]
+    results = list(check_exactness.check_attention(cpu, True, backends))
+    assert len(results) == 8 and all(r["ok"] and r["status"] == "checked" for r in results), results
+    from batched_specdec.attention import RaggedAttentionInputs
+
+    original = RaggedAttentionInputs.additive_mask
+
+    def first_rows_mask(self, window, n_rep, dtype):
+        return original(self, window, n_rep, dtype)[:1].expand(self.positions.shape[0], -1, -1, -1)
+
+    monkeypatch.setattr(RaggedAttentionInputs, "additive_mask", first_rows_mask)
+    verdicts = {r["case"]: r["ok"] for r in check_exactness.check_attention(cpu, True, backends[:1])}
+    assert verdicts["attention decode B=1 Q=1 float32 sdpa"]
+    assert not verdicts["attention decode B=8 Q=1 float32 sdpa"] and not verdicts["attention verify B=8 Q=4 float32 sdpa"]
 
 
 def test_synthetic_acceptance_follows_each_rows_prompt_whatever_the_engines_row_order(capsys):
