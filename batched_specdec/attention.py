@@ -24,7 +24,8 @@ Backends (``attention=`` on the engines, ``--attention`` in the CLI):
 * ``"auto"`` (default): ``"sdpa"`` on every device. Measured on this project's 2-core CPU
   (``benchmarks/bench_attention.py``), it is several times faster than ``"dense"`` for GQA models and needs no
   compile; ``"flex"`` is faster per call once compiled but recompiles for every shape. On CUDA ``"flex"`` is the
-  candidate that skips blocks; it has not been measured on a GPU yet, so it is not the default there.
+  candidate that skips blocks; it has not been measured on a GPU yet, so it is not the default there
+  (``benchmarks/check_exactness.py`` checks every path on the device against float64).
 """
 
 from __future__ import annotations

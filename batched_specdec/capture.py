@@ -34,7 +34,8 @@ a near-tie can go the other way, and either way every token is drawn exactly fro
 
 Compilation costs seconds per graph on CPU (tens of seconds for the embedded 135M model); it pays on long runs,
 where Python dispatch dominates the step. Off by default everywhere: on CUDA it becomes the default only once
-measured faster there (no GPU has run it yet).
+measured faster there (on the one GPU run so far, an H200, its warm-up did not finish within 80-150 s:
+``benchmarks/results/gpu_h200.md``).
 """
 
 from __future__ import annotations
