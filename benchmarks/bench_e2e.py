@@ -276,9 +276,25 @@ def stats_fields(stats, batch: int) -> dict:
             "peak_memory_bytes": stats.peak_memory_bytes, "peak_memory_kind": stats.peak_memory_kind}
 
 
-def expected_acceptance(alpha: float, gamma: int) -> float:
+def gamma_arg(text: str) -> int | str:
+    """``--gammas`` values: an integer >= 1, or ``auto`` (the adaptive controller)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    return value
+
+
+def expected_acceptance(alpha: float, gamma: int | str) -> float | None:
     """Accepted per proposed draft when each of ``gamma`` drafts is right with probability ``alpha`` and verification
-    stops at the first wrong one: E[accepted] / gamma = alpha (1 - alpha^gamma) / ((1 - alpha) gamma)."""
+    stops at the first wrong one: E[accepted] / gamma = alpha (1 - alpha^gamma) / ((1 - alpha) gamma). None for
+    ``gamma="auto"``, whose draft lengths vary from step to step."""
+    if gamma == "auto":
+        return None
     if alpha >= 1:
         return 1.0
     return alpha * (1 - alpha**gamma) / ((1 - alpha) * gamma)
@@ -307,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                         help="batch sizes B (default: 1 4 16 64 on CUDA, 1 4 on CPU)")
-    parser.add_argument("--gammas", type=int, nargs="+", default=None,
-                        help="draft tokens per step (default: 2..8 on CUDA, 2 4 on CPU)")
+    parser.add_argument("--gammas", type=gamma_arg, nargs="+", default=None,
+                        help="draft tokens per step, or auto for the adaptive controller (default: 2..8 on CUDA, "
+                             "2 4 on CPU)")
     parser.add_argument("--alphas", type=float, nargs="+", default=None,
                         help="synthetic acceptance probabilities on CUDA (default: 0.6 0.8 0.9); unused on CPU")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -417,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                              peak_memory_bytes=torch.cuda.max_memory_allocated(device) if gpu else "",
                              peak_memory_kind="cuda_max_allocated" if gpu else ""))  # fmt: skip
         if "hf_assisted" in methods:
-            g = gammas[0]
+            g = next((x for x in gammas if x != "auto"), 3)
             kwargs = ({"assistant_model": draft_model} if draft_model is not None
                       else {"prompt_lookup_num_tokens": g})  # fmt: skip
             how = "assistant_model=draft" if draft_model is not None else f"prompt_lookup_num_tokens={g}"
@@ -459,18 +476,18 @@ def main(argv: list[str] | None = None) -> int:
                                  goal=e2e_goal(B, alpha, speedup, st.acceptance_rate, expected) if gpu else "",
                                  **stats_fields(st, B), **split_fields(split)))  # fmt: skip
 
-    print(f"{'method':<18}{'B':>4}{'gam':>4}{'alpha':>6}{'tok/s':>9}{'ms/tok/row':>11}{'speedup':>8}{'acc':>6}"
+    print(f"{'method':<18}{'B':>4}{'gam':>5}{'alpha':>6}{'tok/s':>9}{'ms/tok/row':>11}{'speedup':>8}{'acc':>6}"
           f"{'tok/fwd':>8}{'non-model':>10}{'match':>7}  histogram / status")  # fmt: skip
     for r in rows:
         if r["status"] != "measured":
-            print(f"{r['method']:<18}{r['batch']:>4}{r.get('gamma', ''):>4}{'':>66}  {r['status']}")
+            print(f"{r['method']:<18}{r['batch']:>4}{r.get('gamma', ''):>5}{'':>66}  {r['status']}")
             continue
 
         def f(k, spec, r=r):
             v = r.get(k)
             return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v or "")
 
-        print(f"{r['method']:<18}{r['batch']:>4}{r.get('gamma', '') or '':>4}{f('alpha', '.1f'):>6}"
+        print(f"{r['method']:<18}{r['batch']:>4}{r.get('gamma', '') or '':>5}{f('alpha', '.1f'):>6}"
               f"{f('tokens_per_s', '.1f'):>9}{f('row_ms_per_token', '.1f'):>11}{f('speedup', '.2f'):>8}"
               f"{f('acceptance_rate', '.2f'):>6}{f('tokens_per_target_forward', '.2f'):>8}"
               f"{f('non_model_frac', '.1%'):>10}{r.get('matches_target_only', '')!s:>7}  "

@@ -9,8 +9,8 @@
 #   exactness      attention paths against float64 and greedy decoding against the CPU (benchmarks/check_exactness.py)
 #   kernels        every Triton kernel on CUDA against its torch reference (benchmarks/check_kernels.py)
 #   microbench     the rejection sampler in GB/s against the measured copy bandwidth, CUDA-graph timed
-#   e2e_eager      end to end at B = 1, 16, 64: a Qwen2-7B-class target and a 0.5B-class draft, RANDOM weights,
-#                  synthetic acceptance (labelled so in every row), eager
+#   e2e_eager      end to end at B = 1, 16, 64, gamma 3 and auto: a Qwen2-7B-class target and a 0.5B-class draft,
+#                  RANDOM weights, synthetic acceptance (labelled so in every row), eager
 #   e2e_compiled   e2e_eager's pair with compile=True (CUDA graphs), B = 1
 #   step_overhead  per-step dispatch, host reads, CUDA-graph recordings and cudagraph skips (tiny synthetic model)
 # GPU_STAGES="..." picks stages; by default all but microbench (recorded 2026-12-04, results/gpu_h200.md).
@@ -97,9 +97,9 @@ else
   stage kernels 55 "$PY" benchmarks/check_kernels.py --json "$DIR/kernels.json"
   stage microbench 50 "$PY" benchmarks/bench_rejection.py --batch-sizes 1 8 64 --ks 4 --vocabs 151936 \
     --dtypes fp32 bf16
-  stage e2e_eager 150 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 16 64 --gammas 3 --alphas 0.8 \
-    --max-new-tokens 128 --methods target_only_ours speculative_ours
-  stage e2e_compiled 210 "$PY" benchmarks/bench_e2e.py --compile --batch-sizes 1 --gammas 3 --alphas 0.8 \
+  stage e2e_eager 160 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 16 64 --gammas 3 auto --alphas 0.8 \
+    --max-new-tokens 64 --methods target_only_ours speculative_ours
+  stage e2e_compiled 200 "$PY" benchmarks/bench_e2e.py --compile --batch-sizes 1 --gammas 3 --alphas 0.8 \
     --max-new-tokens 64 --methods target_only_ours speculative_ours --no-time-split
   stage step_overhead 60 "$PY" benchmarks/bench_step_overhead.py --quick
 fi

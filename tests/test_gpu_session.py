@@ -4,6 +4,7 @@ that it can fail), the synthetic-acceptance end-to-end path at toy size, and the
 The whole script at toy size is ``bash benchmarks/gpu_session.sh --cpu-smoke`` (about 1.5 minutes here; not run
 in the suite)."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def test_expected_acceptance_and_drift():
     assert bench_e2e.expected_acceptance(0.8, 1) == pytest.approx(0.8)
     assert bench_e2e.expected_acceptance(0.8, 2) == pytest.approx((0.8 + 0.64) / 2)
     assert bench_e2e.expected_acceptance(1.0, 4) == 1.0
+    assert bench_e2e.expected_acceptance(0.8, "auto") is None  # lengths vary: drift is not judged
+    assert (bench_e2e.gamma_arg("3"), bench_e2e.gamma_arg("auto")) == (3, "auto")
+    with pytest.raises(argparse.ArgumentTypeError, match="integer >= 1 or 'auto', got '0'"):
+        bench_e2e.gamma_arg("0")
     assert bench_e2e.e2e_goal(16, 0.8, 1.5, 0.30, 0.59).startswith("not judged: acceptance drifted")
     assert bench_e2e.e2e_goal(16, 0.8, 1.5, 0.58, 0.59) == ">= 1.3x at B=16: met (1.50x)"
 
