@@ -5,7 +5,10 @@ prompts are done soonest:
 
 * each row's per-position acceptance ``a_b`` is estimated online from the row's own verified drafts (a prior for
   new rows; old evidence decays, so a row that stopped drafting is tried again later). A row proposing ``j``
-  drafts emits ``E_b(j) = 1 + a_b + ... + a_b^j`` tokens in expectation (Leviathan et al. 2023);
+  drafts emits ``E_b(j) = 1 + a_b + ... + a_b^j`` tokens in expectation (Leviathan et al. 2023). With a drafter
+  of several sources (the hybrid: an n-gram match or the model's chain) the estimate is kept per row and source,
+  and a step reads, for each row, the one of the source the drafter says the row takes this step
+  (:meth:`~batched_specdec.drafting.Drafter.next_sources`, asked before the plan);
 * a cost model, fitted online from the step timings the engine already takes: verify seconds as a line in the
   number of verified tokens (rows x width), seconds per draft forward, and a fixed per-step overhead. On CPU the
   phases are timed with ``perf_counter`` (CPU ops are synchronous); on CUDA with events read after the step's one
@@ -103,9 +106,13 @@ class StaticSpeculation:
     """A fixed draft length: every step asks every row for ``gamma`` drafts and verifies ``gamma + 1`` tokens."""
 
     adaptive = False
+    num_sources = 1
 
     def __init__(self, gamma: int) -> None:
         self.gamma_max = gamma
+
+    def slots(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
+        return row_ids
 
     def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:
         return StepPlan(self.gamma_max)
@@ -282,19 +289,24 @@ class AdaptiveSpeculation:
         A model to start from (tests pass one whose numbers they control, see ``frozen_costs``).
     frozen_costs : bool
         Never update the cost model from timings (tests, reproducible benchmarks of the policy).
+    num_sources : int
+        Sources a row may draft from (a hybrid drafter's n-gram match and model): acceptance is kept per row and
+        source, and the ``row_ids`` the hooks take are evidence slots, ``row * num_sources + source`` (:meth:`slots`).
+        Default 1.
     """
 
     adaptive = True
 
     def __init__(self, gamma_max: int, num_rows: int, device: torch.device, *, cost_model: CostModel | None = None,
-                 frozen_costs: bool = False) -> None:
+                 frozen_costs: bool = False, num_sources: int = 1) -> None:
         self.gamma_max = gamma_max
         self.num_rows = num_rows
+        self.num_sources = num_sources
         self.costs = cost_model or CostModel()
         self.frozen_costs = frozen_costs
-        # [0]: long-run, [1]: recent; per original row
-        self.successes = torch.zeros(2, num_rows, dtype=torch.float64)
-        self.trials = torch.zeros(2, num_rows, dtype=torch.float64)
+        # [0]: long-run, [1]: recent; per evidence slot (original row and source)
+        self.successes = torch.zeros(2, num_rows * num_sources, dtype=torch.float64)
+        self.trials = torch.zeros(2, num_rows * num_sources, dtype=torch.float64)
         self.clock = StepClock(device)
         self.draft_lengths: list[int] = []
         self.width_histogram = [0] * (gamma_max + 1)
@@ -304,6 +316,11 @@ class AdaptiveSpeculation:
         self._pending: tuple[int, int, int, float] | None = None
 
     # --- estimates -------------------------------------------------------------------------------------------
+
+    def slots(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
+        """The evidence slots of original rows ``row_ids`` drafting from ``sources`` (host ``(B,)`` int64 each;
+        None: every row's first source, which is all there is with one)."""
+        return row_ids * self.num_sources + (0 if sources is None else sources)
 
     def acceptance(self, row_ids: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids`` for the next step: the
@@ -481,11 +498,12 @@ def forget_cost_models() -> None:
 
 
 def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None, *,
-                    cost_model: CostModel | None = None):
+                    cost_model: CostModel | None = None, num_sources: int = 1):
     """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default
     :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`, starting from ``cost_model`` or else a new one with draft costs
-    priced by ``draft_ratio`` until measured, see :class:`CostModel`), or a controller instance built by the caller
-    for ``num_rows`` rows (tests, benchmarks of the policy)."""
+    priced by ``draft_ratio`` until measured, see :class:`CostModel`; acceptance kept per row and each of
+    ``num_sources`` sources), or a controller instance built by the caller for ``num_rows`` rows (tests, benchmarks
+    of the policy)."""
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         if gamma_max is not None:
             raise OptionError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
@@ -498,5 +516,6 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft
     gamma_max = check_gamma_max(gamma_max, gamma)
     if gamma == "auto":
         gamma_max = GAMMA_MAX_DEFAULT if gamma_max is None else gamma_max
-        return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=cost_model or CostModel(draft_ratio))
+        return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=cost_model or CostModel(draft_ratio),
+                                   num_sources=num_sources)
     return StaticSpeculation(gamma)

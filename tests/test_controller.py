@@ -15,6 +15,7 @@ from torch import Tensor
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.controller import (
+    EVIDENCE_DECAY,
     AdaptiveSpeculation,
     CostModel,
     StepPlan,
@@ -207,6 +208,26 @@ def test_the_verify_width_follows_the_proposal_lengths():
     assert plan.draft_len > 2
     assert controller.choose_width(plan, torch.tensor([0, 0, 6]), rows, live) == 0
     assert controller.choose_width(plan, torch.tensor([2, 1, 6]), rows, live) == 2
+
+
+def test_each_source_of_a_row_keeps_its_own_acceptance():
+    """With two sources, a row's evidence sits in two slots (``row * 2 + source``): what the row's n-gram drafts
+    did says nothing about its model drafts. The same row plans long drafts from its matches and none from the
+    model, and evidence observed for one slot leaves the other as it was."""
+    controller = AdaptiveSpeculation(6, 2, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
+                                     frozen_costs=True, num_sources=2)
+    controller.costs.widest = 6
+    row, live = torch.tensor([1]), torch.tensor([True])
+    model, ngram = controller.slots(row, torch.tensor([0])), controller.slots(row, torch.tensor([1]))
+    assert (model.item(), ngram.item()) == (2, 3)
+    controller.successes[:, ngram], controller.trials[:, ngram] = 45.0, 50.0
+    controller.successes[:, model], controller.trials[:, model] = 1.0, 50.0
+    assert controller.plan(ngram, live).draft_len > 3
+    assert controller.plan(model, live).draft_len == 0
+    before = controller.trials[:, model].clone()
+    controller.observe(ngram, torch.tensor([4]), torch.tensor([4]), live, 1, 4, 4)
+    decay = torch.tensor(EVIDENCE_DECAY, dtype=torch.float64)[:, None]
+    assert torch.equal(controller.trials[:, model], before * decay)  # decayed, nothing added
 
 
 def test_expected_tokens_matches_the_closed_form():

@@ -77,3 +77,59 @@ def test_hybrid_rejects_a_match_length_no_ngram_can_have():
         HybridDrafter(model, NGramDrafter(max_ngram=3), min_match=4)
     with pytest.raises(ValueError, match="min_match must be an int >= 1, got 0"):
         HybridDrafter(model, min_match=0)
+
+
+def test_next_sources_names_each_rows_source_and_propose_keeps_to_it():
+    """``next_sources`` (before the plan) says which rows draft from their match; ``propose`` then proposes exactly
+    what it proposes without being asked first, for any draft length up to the one the choice was made for."""
+    model = ModelDrafter(tiny_causal_lm("llama", vocab_size=VOCAB, seed=7, layers=1))
+    prompts = _copy_and_free_prompts(4)
+    width = max(len(p) for p in prompts) + 8  # room for the drafts
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    lens = torch.tensor([len(p) for p in prompts])
+    for gamma in (1, 3, 5):
+        plain, asked = HybridDrafter(model), HybridDrafter(model)
+        for drafter in (plain, asked):
+            drafter.start(tokens, lens, width)
+        sources = asked.next_sources(tokens, lens, width, 5)
+        assert sources.tolist() == [1, 0, 1, 0]  # the repeating rows take their match (SOURCES: model, ngram)
+        a = plain.propose(tokens, lens, gamma, GreedyProcessor(), width)
+        b = asked.propose(tokens, lens, gamma, GreedyProcessor(), width)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.num_tokens, b.num_tokens)
+        assert torch.equal(a.source, b.source) and b.source.tolist() == sources.tolist()
+    stale, fresh = HybridDrafter(model), HybridDrafter(model)
+    for drafter in (stale, fresh):
+        drafter.start(tokens, lens, width)
+    stale.next_sources(tokens, lens, width, 5)  # a choice for these lengths, not for the ones proposed from below
+    longer = lens + torch.tensor([0, 1, 0, 0])
+    assert torch.equal(stale.propose(tokens, longer, 3, GreedyProcessor(), width).tokens,
+                       fresh.propose(tokens, longer, 3, GreedyProcessor(), width).tokens)
+
+
+def test_gamma_auto_keeps_acceptance_per_source(monkeypatch):
+    """With a hybrid drafter, gamma auto plans each step from the acceptance of the source each row drafts from:
+    the controller's evidence slots are (row, source), and a row's n-gram and model steps fill different slots.
+    (Every step drafts 3 here, whatever the plan's costs say, so that both sources are seen.)"""
+    from batched_specdec.controller import AdaptiveSpeculation, StepPlan
+
+    seen = []
+    original = AdaptiveSpeculation.observe
+
+    def observe(self, row_ids, proposed, accepted, *args, **kwargs):
+        seen.append((self.num_sources, row_ids.clone(), proposed.clone()))
+        return original(self, row_ids, proposed, accepted, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptiveSpeculation, "observe", observe)
+    monkeypatch.setattr(AdaptiveSpeculation, "plan", lambda self, row_ids, live, remaining=None: StepPlan(3, None))
+    target = tiny_causal_lm("llama", vocab_size=VOCAB, seed=3, init_std=0.3)
+    drafter = HybridDrafter(ModelDrafter(tiny_causal_lm("llama", vocab_size=VOCAB, seed=7, layers=1)))
+    prompts = _copy_and_free_prompts(4)
+    expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=24, eos_tokens_id=[])
+    got, _, stats = speculative_generate_batch(prompts, drafter, target, gamma="auto", max_gen_len=24,
+                                               logits_processor=GreedyProcessor(), eos_tokens_id=[])
+    assert got == expected
+    assert seen and all(n == 2 for n, _, _ in seen)
+    drafted = torch.cat([ids[p > 0] for _, ids, p in seen])
+    by_source = torch.bincount(drafted % 2, minlength=2).tolist()  # SOURCES: model (0), n-gram (1)
+    assert by_source == [stats.extra["sources"]["model"]["rows"], stats.extra["sources"]["ngram"]["rows"]]
+    assert min(by_source) > 0 and set((drafted // 2).tolist()) <= set(range(len(prompts)))

@@ -104,7 +104,9 @@ class DecodeSession:
         ratio = draft_cost_ratio(self.drafter, self.target)
         costs = shared_cost_model(self.target, self.drafter, device, ratio, compiled=self.options.compile,
                                   rows=slots) if gamma == "auto" else None
-        return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs)
+        sources = len(self.drafter.sources) if self.drafter.sources else 1
+        return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs,
+                               num_sources=sources)
 
     # --- the run ---------------------------------------------------------------------------------------------
 
@@ -190,8 +192,9 @@ class DecodeSession:
         graphs_before = capture.graphs_compiled()
         max_len = rows.max_live_seq_len()
         remaining = None if refilling or not controller.adaptive else self._remaining()
-        plan = controller.plan(rows.host_row_ids, ~rows.view.finished, remaining)
-        drafts = self._draft(plan, max_len)
+        slots = self._evidence_slots(max_len)
+        plan = controller.plan(slots, ~rows.view.finished, remaining)
+        drafts = self._draft(plan, max_len, slots)
         controller.mark("draft")
         timer.lap("draft")
         logits = self._verify(drafts.tokens, max_len)
@@ -202,10 +205,10 @@ class DecodeSession:
         controller.mark("verify")
         timer.lap("sampling")
         counts = self._commit(out_tokens, num_accepted, logits, drafts)
-        finished_before, host_rows = rows.view.finished, rows.host_row_ids
+        finished_before = rows.view.finished
         view = self._sync(counts)
         if controller.adaptive:
-            controller.observe(host_rows, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
+            controller.observe(slots, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
                                drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
                                timing_usable=capture.graphs_compiled() == graphs_before)
         timer.lap("bookkeeping")
@@ -216,6 +219,15 @@ class DecodeSession:
         if not refilling:
             self._compact(view.finished if self.options.delayed_host_read else finished_before)
         return False
+
+    def _evidence_slots(self, max_len: int) -> Tensor:
+        """Host ``(B,)``: where the controller keeps each row's acceptance for this step, by original row and, for a
+        drafter with several sources that can say without a device read, the source the row drafts from."""
+        controller, rows = self.controller, self.rows
+        sources = None
+        if controller.adaptive and controller.num_sources > 1:
+            sources = self.drafter.next_sources(rows.token_buffer, rows.seq_lens, max_len, controller.gamma_max)
+        return controller.slots(rows.host_row_ids, sources)
 
     def _remaining(self) -> Tensor:
         """Host ``(B,)``: each row's budget less what the host view has seen it generate."""
@@ -229,9 +241,9 @@ class DecodeSession:
 
     # --- the phases ------------------------------------------------------------------------------------------
 
-    def _draft(self, plan, max_len: int) -> DraftProposal:
-        """The plan's drafts, cut to the width worth verifying and padded to the device's narrowest efficient
-        verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
+    def _draft(self, plan, max_len: int, slots: Tensor) -> DraftProposal:
+        """The plan's drafts, cut to the width worth verifying (``slots``: the rows' evidence slots) and padded to
+        the device's narrowest efficient verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
         rows, device = self.rows, self.device
         if plan.draft_len == 0:
             if self.drafter is not None:
@@ -247,7 +259,7 @@ class DecodeSession:
         # Proposal lengths, when the drafter may propose fewer than asked and the host knows them without a sync (a
         # drafter that always proposes k adds nothing to what the plan already weighed).
         lengths = num if num is not None and num.device.type == "cpu" else None
-        width = self.controller.choose_width(plan, lengths, rows.host_row_ids, ~rows.view.finished)
+        width = self.controller.choose_width(plan, lengths, slots, ~rows.view.finished)
         num = None if num is None else num.to(device, non_blocking=True)
         if width < k:
             tokens = tokens[:, :width]

@@ -86,6 +86,13 @@ class Drafter(ABC):
         drafts depend on its prompt and position only, never on its place in the batch. None: greedy only.
         """
 
+    def next_sources(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int, gamma_max: int) -> Tensor | None:
+        """For a drafter with several :attr:`sources`: the host ``(B,)`` int64 index of the source each row will
+        draft from in this step's :meth:`propose` (called first, before the step's plan, so the plan can read each
+        source's own acceptance), or None where it cannot say without a device read. Depends on committed tokens and
+        the drafter's state only. Default None."""
+        return None
+
     def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | None = None) -> None:
         """The target's final hidden states ``(R, W, H)`` of positions ``first_position + j`` for rows ``[:rows]``
         (all when None), from every prefill chunk and verify forward. Only drafters with

@@ -13,7 +13,8 @@ at least the model's; else from the model. The choice depends only on committed 
 on this step's sampled drafts, so verification stays exact: greedy output is the target's, and under sampling the
 n-gram rows are verified with a one-hot q (``DraftProposal.deterministic_rows``), the model rows with the model's q.
 When every row drafts from its match and the host knows it without a device read (on CPU), the model's chain does
-not run that step (it catches up on the next step it runs).
+not run that step (it catches up on the next step it runs). On CPU the drafter names each row's source before the
+step is planned (:meth:`HybridDrafter.next_sources`), so ``gamma="auto"`` plans from the acceptance of that source.
 """
 
 from __future__ import annotations
@@ -67,9 +68,12 @@ class HybridDrafter(Drafter):
         self.uses_target_features = model_drafter.uses_target_features
         self.model = model_drafter.model  # the draft forwards drafting costs
         self._evidence: dict[str, Tensor] = {}
+        # next_sources' choice for this step: (tokens, num, use_ngram) for gamma_max, and the seq_lens it was for
+        self._choice: tuple[Tensor, ...] | None = None
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         self.model_drafter.start(token_buffer, seq_lens, max_seq_len)
+        self._choice = None
         batch, device = seq_lens.shape[0], seq_lens.device
         self._evidence = {
             "ngram": torch.full((batch,), NGRAM_PRIOR, device=device),
@@ -82,6 +86,7 @@ class HybridDrafter(Drafter):
 
     def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
         self.model_drafter.admit_rows(token_buffer, rows, prompt_lens)
+        self._choice = None
         ev, index = self._evidence, rows.to(self._evidence["ngram"].device)
         ev["ngram"].index_fill_(0, index, NGRAM_PRIOR)
         ev["model"].index_fill_(0, index, MODEL_PRIOR)
@@ -89,13 +94,31 @@ class HybridDrafter(Drafter):
     def note_target_only_step(self, width: int = 1) -> None:
         self.model_drafter.note_target_only_step(width)
 
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None) -> DraftProposal:
+    def _choose(self, token_buffer, seq_lens, gamma: int, max_seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's n-gram proposal of up to ``gamma`` tokens ``(B, gamma)``, its length ``(B,)``, and whether the
+        row drafts from it this step ``(B,)`` bool (from its match and the sources' evidence)."""
         scan = token_buffer[:, : max(1, min(int(max_seq_len), token_buffer.shape[1]))]
         ng_tokens, ng_num, match = ngram_lookup_with_match(scan, seq_lens, gamma, self.ngram.max_ngram,
                                                            self.ngram.min_ngram)  # fmt: skip
         ev = self._evidence
         ngram_score = ev["ngram"] + self.match_bonus * (match - self.min_match).clamp_min(0)
-        use_ngram = (ng_num > 0) & (match >= self.min_match) & (ngram_score >= ev["model"])
+        return ng_tokens, ng_num, (ng_num > 0) & (match >= self.min_match) & (ngram_score >= ev["model"])
+
+    def next_sources(self, token_buffer, seq_lens, max_seq_len, gamma_max):
+        """Each row's source this step, host ``(B,)`` (on CPU; None elsewhere, where it would take a device read).
+        The choice (a lookup of ``gamma_max`` tokens) is kept for :meth:`propose`, which cuts it to its ``gamma``:
+        a match's proposal does not depend on how many tokens are asked for."""
+        if token_buffer.device.type != "cpu":
+            return None
+        self._choice = (*self._choose(token_buffer, seq_lens, gamma_max, max_seq_len), seq_lens.clone())
+        return self._choice[2].to(torch.int64)  # index into SOURCES
+
+    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None) -> DraftProposal:
+        choice, self._choice = self._choice, None
+        if choice is None or choice[0].shape[1] < gamma or not torch.equal(choice[3], seq_lens):
+            choice = self._choose(token_buffer, seq_lens, gamma, max_seq_len)
+        ng_tokens, ng_num, use_ngram = choice[0][:, :gamma], choice[1].clamp_max(gamma), choice[2]
+        ev = self._evidence
         ev["used_ngram"] = use_ngram
         source = use_ngram.to(torch.int64)  # index into SOURCES
         if use_ngram.device.type == "cpu" and bool(use_ngram.all()):
@@ -124,4 +147,5 @@ class HybridDrafter(Drafter):
 
     def keep_rows(self, rows: Tensor) -> None:
         self.model_drafter.keep_rows(rows)
+        self._choice = None
         self._evidence = {k: v.index_select(0, rows.to(v.device)) for k, v in self._evidence.items()}
