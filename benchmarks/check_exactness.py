@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import run_key
+from common import check_device, run_key
 
 from batched_specdec.attention import RaggedAttentionInputs, ragged_attention_forward
 
@@ -169,12 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (checks the script)")
     parser.add_argument("--json", metavar="FILE", help="also write the verdicts to FILE as JSON")
     args = parser.parse_args(argv)
-    if args.cpu_smoke:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print("check_exactness: no CUDA device; use --cpu-smoke to check the script on the CPU", file=sys.stderr)
+    device = check_device(args.cpu_smoke, "check_exactness")
+    if device is None:
         return 2
     key = run_key(device)
     print(f"{key['device']} | torch {key['torch']} | commit {key['commit']}", flush=True)

@@ -175,17 +175,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import run_key
+    from common import check_device, run_key
 
-    if args.cpu_smoke:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print("check_kernels: no CUDA device; use --cpu-smoke to check the script on the CPU", file=sys.stderr)
+    device = check_device(args.cpu_smoke, "check_kernels")
+    if device is None:
         return 2
     key = run_key(device)
     print(f"{key['device']} | torch {key['torch']} | triton {key['triton']} | commit {key['commit']}")

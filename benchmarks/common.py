@@ -206,6 +206,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_device(cpu_smoke: bool, script: str) -> torch.device | None:
+    """The device of a correctness check: the CPU with ``--cpu-smoke``, else CUDA; None (after saying so on stderr)
+    when there is no CUDA device."""
+    if cpu_smoke:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print(f"{script}: no CUDA device; use --cpu-smoke to check the script on the CPU", file=sys.stderr)
+    return None
+
+
 def pick_device(arg: str | None, parser) -> torch.device:
     """``--device`` resolved: default cuda when available; an error naming the value if cuda is asked for but absent."""
     name = arg or ("cuda" if torch.cuda.is_available() else "cpu")
