@@ -379,7 +379,8 @@ class AdaptiveSpeculation:
         self.clock.mark(phase)
 
     def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:
-        """The next step's draft length. ``row_ids`` (host ``(B,)``) are the original ids of the batch's rows,
+        """The next step's draft length. ``row_ids`` (host ``(B,)``) are the batch's rows' evidence slots (their
+        original ids, with several sources combined with each row's source of this step: :meth:`slots`),
         ``live`` (host ``(B,)`` bool) marks the unfinished ones. ``remaining`` (host ``(B,)``): each row's tokens to
         go when no prompt waits for a finished row's place (the batch's last stretch, see :meth:`_speed`); None while
         queued prompts refill the batch."""
