@@ -72,6 +72,21 @@ def test_attention_check_passes_here_and_fails_when_rows_share_one_mask(monkeypa
     assert not verdicts["attention decode B=8 Q=1 float32 sdpa"] and not verdicts["attention verify B=8 Q=4 float32 sdpa"]
 
 
+def test_exactness_check_reports_a_refused_kernel_as_unsupported_and_other_errors_as_failures(monkeypatch):
+    """An SDPA kernel that takes no such inputs (here the CPU has no cuDNN kernel) is "unsupported", in the attention
+    part and in the engine part alike; any other error fails the check."""
+    from torch.nn.attention import SDPBackend
+
+    cpu = torch.device("cpu")
+    refused = [("sdpa[cudnn]", "sdpa", [SDPBackend.CUDNN_ATTENTION])]
+    attention = list(check_exactness.check_attention(cpu, True, refused))
+    engine = list(check_exactness.check_engine(cpu, True, refused))
+    assert attention and engine
+    assert all(r["ok"] and r["status"] == "unsupported" for r in attention + engine), attention + engine
+    verdict = check_exactness.unsupported_or_error("x", RuntimeError("CUDA error: an illegal memory access"))
+    assert (verdict["ok"], verdict["status"]) == (False, "error")
+
+
 def test_synthetic_acceptance_follows_each_rows_prompt_whatever_the_engines_row_order(capsys):
     """alpha = 1 proposes the known continuation of every row's own prompt: every draft is accepted, at batch 1
     and at batch 4 with ragged prompts (which the engine reorders)."""
