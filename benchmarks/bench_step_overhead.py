@@ -9,7 +9,8 @@ decoding, the n-gram drafter and a 1-layer model draft (gamma 3). Per path and m
   and the eager glue between graphs do.
 * ``host_reads_per_step``: reads of engine state by the host per step (``RaggedBatch.sync``, counted by wrapping
   it; with the delayed read it waits on nothing), and ``scalar_reads_per_step``: ``aten::_local_scalar_dense``
-  events (``.item()``/``int()`` of a tensor, host tensors included) per step.
+  events (``.item()``/``int()`` of a tensor, host tensors included) per step, and ``scalar_read_sites``: the
+  Python frames they come from, most frequent first (on CUDA a read of a device tensor waits for the device).
 * ``wall_s``: median wall time of the whole call (prefill included) over ``--repeats`` runs, eager and compiled
   alternated; compilation happens in an untimed warm-up run.
 * On CUDA (compiled steps run as CUDA graphs): ``cudagraph_recordings_warmup`` (graphs recorded by the warm-up
@@ -25,6 +26,7 @@ decoding, the n-gram drafter and a 1-layer model draft (gamma 3). Per path and m
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
 import os
 import statistics
@@ -43,7 +45,7 @@ from batched_specdec.decode import batch as ragged_batch
 from batched_specdec.drafting.ngram import NGramDrafter
 
 FIELDS = KEY_FIELDS + ["path", "mode", "batch", "tokens_per_row", "steps", "aten_ops_per_step", "host_reads_per_step",
-                       "scalar_reads_per_step", "wall_s", "wall_s_p20", "wall_s_p80", "graphs_compiled",
+                       "scalar_reads_per_step", "scalar_read_sites", "wall_s", "wall_s_p20", "wall_s_p80", "graphs_compiled",
                        "cudagraph_recordings_warmup", "cudagraph_recordings_timed", "cudagraph_skips", "note"]
 
 
@@ -74,15 +76,34 @@ def count(run) -> dict:
 
     ragged_batch.RaggedBatch.sync = counting_sync
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
             stats = run()
     finally:
         ragged_batch.RaggedBatch.sync = sync
-    names = [e.name for e in prof.events()]
+    events = prof.events()
+    names = [e.name for e in events]
     steps = stats.steps
+    sites = collections.Counter(read_site(e) for e in events if e.name == "aten::_local_scalar_dense")
     return {"steps": steps, "aten_ops_per_step": sum(n.startswith("aten::") for n in names) / steps,
             "scalar_reads_per_step": names.count("aten::_local_scalar_dense") / steps,
-            "host_reads_per_step": reads[0] / steps}
+            "host_reads_per_step": reads[0] / steps,
+            "scalar_read_sites": "; ".join(f"{n / steps:.2f}/step {site}" for site, n in sites.most_common(6))}
+
+
+SKIPPED_FRAMES = ("torch/profiler", "torch/autograd", "torch/utils/_contextlib", "<built-in", "torch/_tensor.py")
+
+
+def read_site(event) -> str:
+    """Where a scalar read came from: the two innermost Python frames above it (the profiler records them as
+    enclosing events, ``path(line): function``), outside torch's profiler and dispatch plumbing; a compiled graph's
+    wrapper shows as a file under inductor's cache directory."""
+    frames = []
+    while event is not None and len(frames) < 2:
+        name = event.name
+        if "(" in name and "): " in name and not any(skip in name for skip in SKIPPED_FRAMES):
+            frames.append(name.split("site-packages/")[-1])
+        event = event.cpu_parent
+    return " <- ".join(frames) or "unknown"
 
 
 def cudagraph_fields(device, warm: CudaGraphCounts, timed: CudaGraphCounts) -> dict:
@@ -155,6 +176,7 @@ def main() -> None:
                   f"  host reads/step {row['host_reads_per_step']:.2f}  scalar reads/step "
                   f"{row['scalar_reads_per_step']:.2f}  wall {row['wall_s'] * 1e3:7.1f} ms  "
                   f"(graphs compiled in warm-up: {graphs[m]}){cudagraph_text(row)}")
+            print(f"{'':12s} scalar reads from: {row['scalar_read_sites']}")
         if len(modes) == 2:
             print(f"{'':12s} eager / compiled wall time: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
     if not args.no_save:
