@@ -309,10 +309,14 @@ def drifted(measured: float | None, expected: float) -> bool:
     return measured is not None and measured < 0.85 * expected
 
 
-def e2e_goal(batch: int, alpha, speedup: float, measured=None, expected=None) -> str:
-    """End-to-end goals (H100-class, alpha 0.8) this row can speak to; not judged when the acceptance drifted."""
+def e2e_goal(batch: int, alpha, speedup: float, measured=None, expected=None, proposed: int | None = None) -> str:
+    """End-to-end goals (H100-class, alpha 0.8) this row can speak to; not judged when the acceptance drifted or
+    when no draft was verified (``proposed == 0``: gamma auto chose plain target steps throughout, so the row
+    measures the engine without speculation, and its ratio to target-only is run-to-run variation)."""
     if alpha != 0.8:
         return ""
+    if proposed == 0:
+        return "not judged: no drafts verified (plain target steps only)"
     if expected is not None and drifted(measured, expected):
         return f"not judged: acceptance drifted ({measured:.2f} measured, {expected:.2f} expected)"
     need = {1: 2.0, 16: 1.3, 64: 1.0}.get(batch)
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                                  speedup=speedup, acceptance_rate=st.acceptance_rate,
                                  acceptance_histogram=" ".join(map(str, st.acceptance_histogram)),
                                  matches_target_only=out == ref_out,
-                                 goal=e2e_goal(B, alpha, speedup, st.acceptance_rate, expected) if gpu else "",
+                                 goal=e2e_goal(B, alpha, speedup, st.acceptance_rate, expected, sum(st.proposed)) if gpu else "",
                                  **stats_fields(st, B), **split_fields(split)))  # fmt: skip
 
     print(f"{'method':<22}{'B':>4}{'gam':>5}{'alpha':>6}{'tok/s':>9}{'ms/tok/row':>11}{'speedup':>8}{'acc':>6}"

@@ -110,6 +110,9 @@ def test_expected_acceptance_and_drift():
         bench_e2e.gamma_arg("0")
     assert bench_e2e.e2e_goal(16, 0.8, 1.5, 0.30, 0.59).startswith("not judged: acceptance drifted")
     assert bench_e2e.e2e_goal(16, 0.8, 1.5, 0.58, 0.59) == ">= 1.3x at B=16: met (1.50x)"
+    # gamma auto that never drafted (the H200's B = 16 row of 2026-12-04) measured no speculation: not judged
+    assert bench_e2e.e2e_goal(16, 0.8, 1.48, 0.0, None, proposed=0).startswith("not judged: no drafts verified")
+    assert bench_e2e.e2e_goal(16, 0.8, 1.48, 0.5, None, proposed=120) == ">= 1.3x at B=16: met (1.48x)"
 
 
 def test_cuda_graph_counts_count_recordings_and_skips(monkeypatch):
