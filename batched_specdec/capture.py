@@ -35,7 +35,8 @@ a near-tie can go the other way, and either way every token is drawn exactly fro
 Compilation costs seconds per graph on CPU (tens of seconds for the embedded 135M model); it pays on long runs,
 where Python dispatch dominates the step. Off by default everywhere: on CUDA it becomes the default only once
 measured faster end to end there (on an H200 a tiny model's compiled step recorded each graph once and replayed it,
-1.7-2.7x its eager step; a 7B model's first compile from a cold inductor cache outlasted 200 s:
+whole calls 1.7-2.7x faster than eager; a 7B model's compiled warm-up from a cold inductor cache took 115 s for
+target-only decoding and longer for speculative decoding:
 ``benchmarks/results/gpu_h200.md``).
 """
 

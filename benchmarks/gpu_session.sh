@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session: every GPU number this project records, in one call of at most 9 minutes on one H100/H200.
+# One GPU session: every GPU number this project records, in one call that ends within 555 s (the device tool allows
+# 600 s per command) on one H100/H200.
 #
 #   bash benchmarks/gpu_session.sh              # on a CUDA machine, from a checkout (no pip install needed)
 #   bash benchmarks/gpu_session.sh --cpu-smoke  # every stage at toy size on the CPU: checks the script
@@ -12,11 +13,12 @@
 #   e2e_eager      end to end at B = 1, 16, 64, gamma 3 and auto: a Qwen2-7B-class target and a 0.5B-class draft,
 #                  RANDOM weights, synthetic acceptance (labelled so in every row), eager; target-only also with the
 #                  synchronous host read
-#   step_overhead  per-step dispatch, host reads, CUDA-graph recordings and cudagraph skips (tiny synthetic model)
-#   e2e_compiled   e2e_eager's pair with compile=True (CUDA graphs), B = 1; last, as its cold compile is the longest
-#                  (its command also runs in the background during the untimed stages, to fill the compile caches)
-# GPU_STAGES="..." picks stages; by default all but kernels and microbench, whose numbers change only with the
-# Triton kernels (recorded twice on an H200, 2026-12-04: results/gpu_h200.md).
+#   e2e_compiled   e2e_eager's pair with compile=True (CUDA graphs), B = 1 (its command also runs in the background
+#                  during the untimed stages, exactness and kernels, to fill the compile caches)
+#   step_overhead  per-step dispatch, host reads (and where scalar reads come from), CUDA-graph recordings and
+#                  cudagraph skips (tiny synthetic model); last, on the time left
+# GPU_STAGES="..." picks stages; by default all but microbench, whose numbers change only with the rejection
+# kernels (recorded on an H200, 2026-12-04: results/gpu_h200.md). GPU_SESSION_SECONDS moves the deadline.
 # A stage that runs out of time prints every thread's stack 8 s before its limit (BENCH_DUMP_STACKS_AFTER_S).
 # Output: one folder per session, $OUT/gpu_session_<UTC stamp> when $OUT is set (the device tool brings $OUT
 # back), else benchmarks/results/gpu_session/<UTC stamp>; it holds session.json (device, versions, commit, date,
@@ -30,7 +32,7 @@ SMOKE=0
 case "${1:-}" in
   --cpu-smoke) SMOKE=1 ;;
   "") ;;
-  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,/^set -uo/{/^set -uo/!p}' "$0"; exit 0 ;;
   *) echo "gpu_session.sh: unknown argument '$1' (expected --cpu-smoke or nothing)" >&2; exit 2 ;;
 esac
 
@@ -55,12 +57,17 @@ if [[ $SMOKE == 0 ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.
   exit 2
 fi
 
-# Stages to run (GPU_STAGES, space-separated, overrides): by default every stage but kernels and microbench, whose
-# numbers change only with the Triton kernels (recorded on 2026-12-04, results/gpu_h200.md).
-GPU_STAGES="${GPU_STAGES:-exactness e2e_eager step_overhead e2e_compiled}"
-[[ $SMOKE == 1 ]] && GPU_STAGES="${GPU_STAGES} kernels microbench"
+# Stages to run (GPU_STAGES, space-separated, overrides): by default every stage but microbench, whose numbers
+# change only with the rejection kernels (recorded on 2026-12-04, results/gpu_h200.md).
+GPU_STAGES="${GPU_STAGES:-exactness kernels e2e_eager e2e_compiled step_overhead}"
+[[ $SMOKE == 1 ]] && GPU_STAGES="${GPU_STAGES} microbench"
 
-# stage NAME LIMIT_S COMMAND...: runs COMMAND under its limit, logs to NAME.log, records the outcome.
+# The whole call must end within the device tool's 600 s per command, archive included: GPU_SESSION_SECONDS
+# (default 555) is the deadline every stage's limit is cut to.
+DEADLINE_S="${GPU_SESSION_SECONDS:-555}"
+
+# stage NAME LIMIT_S COMMAND...: runs COMMAND under its limit (cut to the deadline), logs to NAME.log, records the
+# outcome.
 stage() {
   local name="$1" limit="$2"
   shift 2
@@ -69,6 +76,15 @@ stage() {
     printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "$limit" >> "$STAGES"
     return
   fi
+  # No stage may run past the call's deadline (the archive must still be written): its limit shrinks to the time
+  # left, and a stage with under 20 s left does not start (and fails the session: it did not run).
+  local left=$((DEADLINE_S - SECONDS - 25))
+  if ((left < 20)); then
+    echo "== $name: not started, ${left} s left before the deadline"
+    printf '%s\t%s\t%s\t%s\n' "$name" "no time left" 0 "$limit" >> "$STAGES"
+    return
+  fi
+  ((limit > left)) && limit=$left
   echo "== $name (limit ${limit} s): $*"
   local t0=$SECONDS
   (cd "$ROOT" && BENCH_DUMP_STACKS_AFTER_S=$((limit - 8)) timeout --kill-after=15 "$limit" "$@") > "$DIR/$name.log" 2>&1
@@ -83,25 +99,28 @@ stage() {
   echo "== $name: $status in $((SECONDS - t0)) s"
 }
 
-# From a cold cache the 7B pair's compiles take minutes (2026-12-04: 115 s for the target-only warm-up alone, and the
-# speculative one had not finished 77 s later), more than e2e_compiled's share of the call. So e2e_compiled's own
-# command (with --no-save) starts in the background as the call begins and compiles while the untimed stages
-# (exactness, kernels) run; it is stopped before the first timed stage, and the kernels it compiled stay in
-# inductor's and Triton's caches on this machine, which e2e_compiled then reads. Log: compile_prewarm.log.
+# From a cold cache the 7B pair's compiles take minutes (2026-12-04: the compiled target-only warm-up took 115 s and
+# the speculative one had not finished 77 s later), more than e2e_compiled's share of the call. So e2e_compiled's
+# own command (with --no-save) starts in the background as the call begins and compiles while the untimed stages
+# (exactness, kernels) run; it is stopped before the first timed stage (and on any exit of this script), and the
+# kernels and graphs it finished stay in inductor's and Triton's caches on this machine, which e2e_compiled then
+# reads. Log: compile_prewarm.log.
 PREWARM_PID=""
 prewarm_start() {
   [[ " $GPU_STAGES " == *" e2e_compiled "* ]] || return 0
+  [[ " $GPU_STAGES " == *" exactness "* || " $GPU_STAGES " == *" kernels "* ]] || return 0
   echo "== compile prewarm (background, untimed): $* --no-save"
   (cd "$ROOT" && exec timeout --kill-after=10 400 "$@" --no-save) > "$DIR/compile_prewarm.log" 2>&1 &
   PREWARM_PID=$!
+  trap prewarm_stop EXIT
 }
 prewarm_stop() {
   [[ -n $PREWARM_PID ]] || return 0
   kill "$PREWARM_PID" 2>/dev/null
   wait "$PREWARM_PID" 2>/dev/null
-  echo "== compile prewarm stopped; its progress: $(grep -o 'warm-up[^.]*\.\.\.[ 0-9.]*s\?' \
-    "$DIR/compile_prewarm.log" | tr '\n' ';')"
   PREWARM_PID=""
+  echo "== compile prewarm stopped; its last lines:"
+  grep -v -e Warning -e 'warnings.warn' -e '^ *File ' "$DIR/compile_prewarm.log" | tail -n 4
 }
 
 if [[ $SMOKE == 1 ]]; then
@@ -114,14 +133,16 @@ if [[ $SMOKE == 1 ]]; then
   stage microbench 120 "$PY" benchmarks/bench_rejection.py --device cpu --quick
   stage e2e_eager 240 "$PY" benchmarks/bench_e2e.py --device cpu --models toy --batch-sizes 1 4 --gammas 2 \
     --alphas 0.8 --max-new-tokens 12 --methods target_only_ours target_only_sync_read speculative_ours
-  stage step_overhead 240 "$PY" benchmarks/bench_step_overhead.py --device cpu --quick
   stage e2e_compiled 300 "${COMPILED[@]}"
+  stage step_overhead 240 "$PY" benchmarks/bench_step_overhead.py --device cpu --quick
 else
-  # Limits fit one call of 9 minutes. Seconds seen on an H200 (2026-12-04, two sessions): kernels 45-48,
+  # Limits, each cut to the deadline (555 s). Seconds seen on an H200 (2026-12-04, two sessions): kernels 45-48,
   # microbench 38; exactness ran its attention part and the SDPA engine runs in ~70 s and was stopped at 80 s while
-  # inductor compiled the flex engine run; e2e_eager needed ~165 s for B = 1, 16, 64 (80 of them warm-up); from a
-  # cold inductor cache the compiled warm-ups did not finish in 200 s (7B pair) or 52 s (step_overhead), and
-  # step_overhead finished in 137 s on a machine whose cache the first call had filled.
+  # inductor compiled the flex engine run; e2e_eager took ~165 s for B = 1, 16, 64 with its time-split reruns
+  # (80 of them warm-up); from a cold inductor cache the 7B pair's compiled target-only warm-up took 115 s and the
+  # speculative one had not finished 77 s later; step_overhead did not finish its first compile in 52 s cold and
+  # took 137 s in all on a machine whose cache an earlier call had filled. kernels is untimed and gives the compile
+  # prewarm its time; step_overhead runs last, on what is left.
   COMPILED=("$PY" benchmarks/bench_e2e.py --compile --batch-sizes 1 --gammas 3 --alphas 0.8 --max-new-tokens 64
             --methods target_only_ours speculative_ours --no-time-split)
   prewarm_start "${COMPILED[@]}"
@@ -130,10 +151,10 @@ else
   prewarm_stop
   stage microbench 50 "$PY" benchmarks/bench_rejection.py --batch-sizes 1 8 64 --ks 4 --vocabs 151936 \
     --dtypes fp32 bf16
-  stage e2e_eager 180 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 16 64 --gammas 3 auto --alphas 0.8 \
+  stage e2e_eager 150 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 16 64 --gammas 3 auto --alphas 0.8 \
     --max-new-tokens 64 --methods target_only_ours target_only_sync_read speculative_ours --no-time-split
-  stage step_overhead 130 "$PY" benchmarks/bench_step_overhead.py --quick
   stage e2e_compiled 150 "${COMPILED[@]}"
+  stage step_overhead 130 "$PY" benchmarks/bench_step_overhead.py --quick
 fi
 
 "$PY" - "$DIR" "$SMOKE" <<'EOF'

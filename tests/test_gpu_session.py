@@ -129,3 +129,27 @@ def test_cuda_graph_counts_count_recordings_and_skips(monkeypatch):
     with CudaGraphCounts() as idle:
         pass
     assert (idle.recordings, idle.skips) == (0, 0)
+
+
+def test_sync_read_row_is_timed_against_the_default_before_and_after(capsys):
+    assert bench_e2e.main(["--device", "cpu", "--models", "toy", "--batch-sizes", "2", "--gammas", "2",
+                           "--max-new-tokens", "6", "--methods", "target_only_sync_read", "--no-save",
+                           "--no-warmup"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("target_only_sync_read")]
+    assert len(rows) == 1 and rows[0][-1] == "True", out  # same tokens as the default read
+    assert "target-only again" in out
+
+
+def test_scalar_read_site_names_the_innermost_python_frames():
+    import bench_step_overhead
+    from types import SimpleNamespace as Event
+
+    outer = Event(name="batched_specdec/decode/session.py(181): step", cpu_parent=None)
+    profiler = Event(name="torch/autograd/profiler.py(10): wrapper", cpu_parent=outer)
+    inner = Event(name="batched_specdec/decode/batch.py(153): max_live_seq_len", cpu_parent=profiler)
+    item = Event(name="aten::item", cpu_parent=inner)
+    read = Event(name="aten::_local_scalar_dense", cpu_parent=item)
+    assert bench_step_overhead.read_site(read) == ("batched_specdec/decode/batch.py(153): max_live_seq_len <- "
+                                                   "batched_specdec/decode/session.py(181): step")
+    assert bench_step_overhead.read_site(Event(name="aten::_local_scalar_dense", cpu_parent=None)) == "unknown"
