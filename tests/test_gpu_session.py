@@ -142,8 +142,9 @@ def test_sync_read_row_is_timed_against_the_default_before_and_after(capsys):
 
 
 def test_scalar_read_site_names_the_innermost_python_frames():
-    import bench_step_overhead
     from types import SimpleNamespace as Event
+
+    import bench_step_overhead
 
     outer = Event(name="batched_specdec/decode/session.py(181): step", cpu_parent=None)
     profiler = Event(name="torch/autograd/profiler.py(10): wrapper", cpu_parent=outer)
