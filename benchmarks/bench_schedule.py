@@ -9,11 +9,14 @@ the table reports the median tokens/s per cell, the continuous/static ratios of 
 output of every run is identical to target-only static decoding.
 
 ``--hf`` adds transformers' own continuous batching (``model.generate_batch``, target-only, no speculation) on the
-first ``--hf-prompts`` prompts (16) with ``--hf-max-new-tokens`` (96), against ours (target-only continuous) on the
-same prompts, alternated.
+first ``--hf-prompts`` prompts (16) with ``--hf-max-new-tokens`` (96), against ours (target-only continuous,
+``--hf-slots`` slots, 8) on the same prompts, alternated. generate_batch picks its own concurrency unless
+``--hf-requests`` caps its requests per batch (8 matches our 8 slots); ``--hf-processes`` runs every call in a fresh
+process after an untimed small call there (in one process, whichever runs second is slower on this machine).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_schedule.py --slots 4 8 16 --rounds 2
     OMP_NUM_THREADS=2 python benchmarks/bench_schedule.py --slots 8 --rounds 2 --hf
+    OMP_NUM_THREADS=2 python benchmarks/bench_schedule.py --hf-only --hf-processes --hf-requests 8 --rounds 4
 
 Rows go to ``benchmarks/results/schedule.csv`` (``--no-save`` skips that).
 """
@@ -21,8 +24,10 @@ Rows go to ``benchmarks/results/schedule.csv`` (``--no-save`` skips that).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -56,6 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf", action="store_true", help="also time transformers' generate_batch against ours")
     p.add_argument("--hf-only", action="store_true", help="only the generate_batch comparison")
     p.add_argument("--hf-prompts", type=int, default=16, help="prompts of the generate_batch comparison [default: 16]")
+    p.add_argument("--hf-slots", type=int, default=8, help="our slots in the generate_batch comparison [default: 8]")
+    p.add_argument("--hf-requests", type=int, default=None,
+                   help="generate_batch's max_requests_per_batch [default: its own choice]")
+    p.add_argument("--hf-processes", action="store_true",
+                   help="run every call of the generate_batch comparison in a fresh process (after an untimed "
+                        "small call there)")
+    p.add_argument("--hf-call", choices=["ours", "generate_batch"], help=argparse.SUPPRESS)
     p.add_argument("--hf-max-new-tokens", type=int, default=96, help="budget of that comparison [default: 96]")
     p.add_argument("--no-save", action="store_true", help="do not append rows to benchmarks/results/schedule.csv")
     return p.parse_args(argv)
@@ -89,34 +101,74 @@ def schedule_rows(args, target, drafter, prompts, options) -> list[dict]:
     return rows
 
 
-def hf_rows(args, target, prompts, options) -> list[dict]:
-    """transformers' generate_batch against our target-only continuous schedule on the same prompts, alternated."""
-    from transformers import GenerationConfig
+def hf_call(name: str, target, prompts, budget: int, options, slots: int, requests: int | None) -> tuple[int, float]:
+    """One timed call of ``name`` ("ours": target-only continuous with ``slots`` slots; "generate_batch": transformers'
+    continuous batching, at most ``requests`` requests per batch, None for its own choice). Returns (tokens, s)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    prompts = prompts[: args.hf_prompts]
+    t = time.perf_counter()
+    if name == "ours":
+        outputs = decode_prompt_set(target, None, prompts, [budget] * len(prompts), options, batch_size=slots).outputs
+    else:
+        config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=list(options.eos_token_ids),
+                                  pad_token_id=options.pad_token_id)
+        cb = None if requests is None else ContinuousBatchingConfig(max_requests_per_batch=requests)
+        with torch.inference_mode():
+            done = target.generate_batch(prompts, generation_config=config, progress_bar=False,
+                                         continuous_batching_config=cb)
+        outputs = [list(done[k].generated_tokens) for k in sorted(done, key=lambda k: int(k.split("_")[-1]))]
+    return sum(map(len, outputs)), time.perf_counter() - t
+
+
+def hf_call_in_process(args, name: str) -> tuple[int, float]:
+    """:func:`hf_call` in a fresh Python process (after an untimed small call of the same method there), so that
+    neither method runs after the other in one process (on the shared CPU machines the second is slower)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--prompts", args.prompts, "--hf-call", name,
+           "--hf-prompts", str(args.hf_prompts), "--hf-max-new-tokens", str(args.hf_max_new_tokens),
+           "--hf-slots", str(args.hf_slots), "--no-save"]
+    if args.hf_requests is not None:
+        cmd += ["--hf-requests", str(args.hf_requests)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["tokens"], result["wall_s"]
+
+
+def hf_rows(args, target, prompts, options) -> list[dict]:
+    """transformers' generate_batch against our target-only continuous schedule on the same prompts, alternated;
+    with ``--hf-processes`` each call runs in a process of its own."""
+    prompts = None if prompts is None else prompts[: args.hf_prompts]
     budget = args.hf_max_new_tokens
-    config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=list(options.eos_token_ids),
-                              pad_token_id=options.pad_token_id)
+    requests = "its own choice" if args.hf_requests is None else f"max_requests_per_batch={args.hf_requests}"
     rows = []
     for rnd in range(args.rounds):
         for name in (("ours", "generate_batch") if rnd % 2 == 0 else ("generate_batch", "ours")):
-            t = time.perf_counter()
-            if name == "ours":
-                result = decode_prompt_set(target, None, prompts, [budget] * len(prompts), options, batch_size=8)
-                outputs = result.outputs
+            if args.hf_processes:
+                tokens, wall = hf_call_in_process(args, name)
             else:
-                with torch.inference_mode():
-                    done = target.generate_batch(prompts, generation_config=config, progress_bar=False)
-                outputs = [list(done[k].generated_tokens) for k in sorted(done, key=lambda k: int(k.split("_")[-1]))]
-            wall = time.perf_counter() - t
-            tokens = sum(map(len, outputs))
-            rows.append({"prompts": len(prompts), "max_new_tokens": budget, "slots": 8 if name == "ours" else "",
-                         "schedule": "continuous", "method": "target-only" if name == "ours" else "hf-generate_batch",
-                         "draft": "", "round": rnd, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-                         "steps": "", "identical": "", "note": "transformers generate_batch, default config"
-                         if name != "ours" else ""})
-            print(f"{name:15s} round {rnd}: {tokens / wall:6.2f} tok/s ({tokens} tokens, {wall:6.1f} s)", flush=True)
+                tokens, wall = hf_call(name, target, prompts, budget, options, args.hf_slots, args.hf_requests)
+            where = "own process" if args.hf_processes else "same process"
+            rows.append({"prompts": args.hf_prompts, "max_new_tokens": budget,
+                         "slots": args.hf_slots if name == "ours" else "", "schedule": "continuous",
+                         "method": "target-only" if name == "ours" else "hf-generate_batch", "draft": "",
+                         "round": rnd, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": "",
+                         "identical": "", "note": f"{where}; " + (f"generate_batch, {requests}" if name != "ours"
+                                                                  else f"{args.hf_slots} slots")})
+            print(f"{name:15s} round {rnd}: {tokens / wall:6.2f} tok/s ({tokens} tokens, {wall:6.1f} s, {where})",
+                  flush=True)
     return rows
+
+
+def hf_call_main(args) -> int:
+    """``--hf-call NAME``: one untimed small call, then the timed one; prints ``{"tokens", "wall_s"}`` as JSON."""
+    torch.manual_seed(0)
+    target, tokenizer = load_target("embedded", device="cpu", quiet=True)
+    prompts = encode_prompts(tokenizer, read_prompts_file(args.prompts))[: args.hf_prompts]
+    options = resolve_options(target, tokenizer=tokenizer, logits_processor=GreedyProcessor())
+    hf_call(args.hf_call, target, prompts[:2], 4, options, args.hf_slots, args.hf_requests)  # warm-up, untimed
+    tokens, wall = hf_call(args.hf_call, target, prompts, args.hf_max_new_tokens, options, args.hf_slots,
+                           args.hf_requests)
+    print(json.dumps({"tokens": tokens, "wall_s": wall}))
+    return 0
 
 
 def summary(rows: list[dict]) -> None:
@@ -133,7 +185,12 @@ def summary(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.hf_call:
+        return hf_call_main(args)
     torch.manual_seed(0)
+    if args.hf_only and args.hf_processes:  # every call loads its own model
+        rows = hf_rows(args, None, None, None)
+        return finish(args, rows)
     target, tokenizer = load_target("embedded", device="cpu", quiet=True)
     prompts = encode_prompts(tokenizer, read_prompts_file(args.prompts))
     draft = as_drafter(load_draft(args.draft, target), vocab_size(target))
@@ -144,6 +201,11 @@ def main(argv=None) -> int:
     rows = [] if args.hf_only else schedule_rows(args, target, draft, prompts, options)
     if args.hf or args.hf_only:
         rows += hf_rows(args, target, prompts, options["target-only"])
+    return finish(args, rows)
+
+
+def finish(args, rows: list[dict]) -> int:
+    """Key, summarise and save the rows."""
     key = run_key(torch.device("cpu"))
     for r in rows:
         r.update(key)
