@@ -24,6 +24,7 @@ Rows go to ``benchmarks/results/schedule.csv`` (``--no-save`` skips that).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -68,37 +69,90 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every call of the generate_batch comparison in a fresh process (after an untimed "
                         "small call there)")
     p.add_argument("--hf-call", choices=["ours", "generate_batch"], help=argparse.SUPPRESS)
+    p.add_argument("--methods", nargs="+", choices=["target-only", "speculative"],
+                   default=["target-only", "speculative"], help="methods of the schedule cells [default: both]")
+    p.add_argument("--processes", action="store_true",
+                   help="run every schedule cell in a fresh process (after an untimed small call there)")
+    p.add_argument("--cell", nargs=3, metavar=("SCHEDULE", "METHOD", "SLOTS"), help=argparse.SUPPRESS)
     p.add_argument("--hf-max-new-tokens", type=int, default=96, help="budget of that comparison [default: 96]")
     p.add_argument("--no-save", action="store_true", help="do not append rows to benchmarks/results/schedule.csv")
     return p.parse_args(argv)
 
 
-def timed_run(target, drafter, prompts, budget, options, slots, schedule):
-    t = time.perf_counter()
-    result = decode_prompt_set(target, drafter, prompts, [budget] * len(prompts), options, batch_size=slots,
-                               schedule=schedule)
-    return result, time.perf_counter() - t
+def outputs_digest(outputs: list[list[int]]) -> str:
+    """A short hash of every prompt's output, to compare runs made in different processes."""
+    return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:16]
+
+
+def run_in_process(args, *extra: str) -> dict:
+    """This script in a fresh process with ``extra`` (``--cell ...`` or ``--hf-call ...``); its last stdout line is
+    a JSON object."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--prompts", args.prompts, "--draft", args.draft,
+           "--max-new-tokens", str(args.max_new_tokens), "--hf-prompts", str(args.hf_prompts),
+           "--hf-max-new-tokens", str(args.hf_max_new_tokens), "--hf-slots", str(args.hf_slots), "--no-save", *extra]
+    if args.hf_requests is not None:
+        cmd += ["--hf-requests", str(args.hf_requests)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def schedule_rows(args, target, drafter, prompts, options) -> list[dict]:
-    """Every (slots, schedule, method) cell, ``args.rounds`` alternated rounds each."""
-    cells = [(s, m) for s in ("static", "continuous") for m in ("target-only", "speculative")]
+    """Every (slots, schedule, method) cell, ``args.rounds`` alternated rounds each; with ``--processes`` each run
+    in a process of its own. "identical" compares every run's outputs with the first run's."""
+    cells = [(s, m) for s in ("static", "continuous") for m in args.methods]
     rows, reference = [], None
     for slots in args.slots:
         for rnd in range(args.rounds):
             for schedule, method in (cells if rnd % 2 == 0 else cells[::-1]):
-                result, wall = timed_run(target, drafter if method == "speculative" else None, prompts,
-                                         args.max_new_tokens, options[method], slots, schedule)
-                reference = reference or result.outputs  # the first run: target-only static at the first slots
-                tokens = result.stats.generated_tokens
-                rows.append({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "slots": slots,
+                if args.processes:
+                    cell = run_in_process(args, "--cell", schedule, method, str(slots))
+                else:
+                    cell = timed_cell(target, drafter, prompts, args.max_new_tokens, options[method], slots,
+                                      schedule, method)
+                reference = reference or cell["digest"]
+                same = cell["digest"] == reference
+                tokens, wall = cell["tokens"], cell["wall_s"]
+                rows.append({"prompts": cell["prompts"], "max_new_tokens": args.max_new_tokens, "slots": slots,
                              "schedule": schedule, "method": method, "draft": args.draft if method != "target-only"
                              else "", "round": rnd, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-                             "steps": result.stats.steps, "identical": result.outputs == reference})
+                             "steps": cell["steps"], "identical": same,
+                             "note": "own process" if args.processes else "same process"})
                 print(f"slots {slots:2d} {schedule:10s} {method:11s} round {rnd}: {tokens / wall:6.2f} tok/s "
-                      f"({tokens} tokens, {wall:6.1f} s, {result.stats.steps} steps) identical "
-                      f"{result.outputs == reference}", flush=True)
+                      f"({tokens} tokens, {wall:6.1f} s, {cell['steps']} steps) identical {same}", flush=True)
     return rows
+
+
+def timed_cell(target, drafter, prompts, budget, options, slots, schedule, method) -> dict:
+    """One timed run of a schedule cell: tokens, seconds, steps and the outputs' digest."""
+    t = time.perf_counter()
+    result = decode_prompt_set(target, drafter if method == "speculative" else None, prompts,
+                               [budget] * len(prompts), options, batch_size=slots, schedule=schedule)
+    wall = time.perf_counter() - t
+    return {"prompts": len(prompts), "tokens": result.stats.generated_tokens, "wall_s": wall,
+            "steps": result.stats.steps, "digest": outputs_digest(result.outputs)}
+
+
+def cell_main(args) -> int:
+    """``--cell SCHEDULE METHOD SLOTS``: an untimed small call, then the cell's timed run; prints it as JSON."""
+    schedule, method, slots = args.cell[0], args.cell[1], int(args.cell[2])
+    target, prompts, draft, options = load_all(args)
+    decode_prompt_set(target, draft if method == "speculative" else None, prompts[:2], [4, 4], options[method],
+                      batch_size=2)  # warm-up, untimed
+    print(json.dumps(timed_cell(target, draft, prompts, args.max_new_tokens, options[method], slots, schedule,
+                                method)))
+    return 0
+
+
+def load_all(args):
+    """The embedded target, the prompts, the draft and each method's options."""
+    torch.manual_seed(0)
+    target, tokenizer = load_target("embedded", device="cpu", quiet=True)
+    prompts = encode_prompts(tokenizer, read_prompts_file(args.prompts))
+    draft = as_drafter(load_draft(args.draft, target), vocab_size(target))
+    common = {"tokenizer": tokenizer, "logits_processor": GreedyProcessor()}
+    options = {"target-only": resolve_options(target, **common),
+               "speculative": resolve_options(target, gamma="auto", **common)}
+    return target, prompts, draft, options
 
 
 def hf_call(name: str, target, prompts, budget: int, options, slots: int, requests: int | None) -> tuple[int, float]:
@@ -123,13 +177,7 @@ def hf_call(name: str, target, prompts, budget: int, options, slots: int, reques
 def hf_call_in_process(args, name: str) -> tuple[int, float]:
     """:func:`hf_call` in a fresh Python process (after an untimed small call of the same method there), so that
     neither method runs after the other in one process (on the shared CPU machines the second is slower)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--prompts", args.prompts, "--hf-call", name,
-           "--hf-prompts", str(args.hf_prompts), "--hf-max-new-tokens", str(args.hf_max_new_tokens),
-           "--hf-slots", str(args.hf_slots), "--no-save"]
-    if args.hf_requests is not None:
-        cmd += ["--hf-requests", str(args.hf_requests)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = run_in_process(args, "--hf-call", name)
     return result["tokens"], result["wall_s"]
 
 
@@ -187,20 +235,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.hf_call:
         return hf_call_main(args)
-    torch.manual_seed(0)
-    if args.hf_only and args.hf_processes:  # every call loads its own model
-        rows = hf_rows(args, None, None, None)
-        return finish(args, rows)
-    target, tokenizer = load_target("embedded", device="cpu", quiet=True)
-    prompts = encode_prompts(tokenizer, read_prompts_file(args.prompts))
-    draft = as_drafter(load_draft(args.draft, target), vocab_size(target))
-    common = {"tokenizer": tokenizer, "logits_processor": GreedyProcessor()}
-    options = {"target-only": resolve_options(target, **common),
-               "speculative": resolve_options(target, gamma="auto", **common)}
-    decode_prompt_set(target, draft, prompts[:2], [4, 4], options["speculative"], batch_size=2)  # warm-up, untimed
+    if args.cell:
+        return cell_main(args)
+    hf = args.hf or args.hf_only
+    in_process = (not args.hf_only and not args.processes) or (hf and not args.hf_processes)
+    target = prompts = draft = options = None
+    if in_process:  # else every run loads its own model
+        target, prompts, draft, options = load_all(args)
+        decode_prompt_set(target, draft, prompts[:2], [4, 4], options["speculative"], batch_size=2)  # warm-up
     rows = [] if args.hf_only else schedule_rows(args, target, draft, prompts, options)
-    if args.hf or args.hf_only:
-        rows += hf_rows(args, target, prompts, options["target-only"])
+    if hf:
+        rows += hf_rows(args, target, prompts, None if options is None else options["target-only"])
     return finish(args, rows)
 
 
