@@ -181,3 +181,47 @@ def test_unrolled_training_passes_see_what_the_drafts_of_a_step_see(target):
             ref = draft.hidden_states(torch.cat(pair_tokens, dim=1), features=torch.cat(pair_feats, dim=1),
                                       use_cache=False)[:, -1]
             torch.testing.assert_close(passes[m - 1][:, i], ref, atol=1e-4, rtol=1e-4)
+
+
+class LateSpeculation(StaticSpeculation):
+    """No drafts for the first ``quiet`` steps, then 3 every step."""
+
+    def __init__(self, quiet: int) -> None:
+        super().__init__(3)
+        self.quiet, self.step = quiet, 0
+
+    def plan(self, row_ids, live, remaining=None):
+        self.step += 1
+        return StepPlan(0 if self.step <= self.quiet else 3)
+
+
+@pytest.mark.parametrize("kind", ["feature", "model"])
+def test_a_long_catch_up_in_continuous_batching_stays_inside_the_draft_cache(target, kind, monkeypatch):
+    """Continuous batching with many prompts entering and no drafts for a long stretch: what the drafter has to catch
+    up on adds up past the cache's capacity (prefills of every prompt that entered, target-only steps). The first
+    proposal after it must write only inside the cache (it once wrote past it: an index error) and stay exact."""
+    from batched_specdec.options import resolve_options
+    from batched_specdec.processors import GreedyProcessor
+    from batched_specdec.runner import decode_prompt_set
+
+    monkeypatch.setattr(engine, "make_controller", lambda *args, **kwargs: LateSpeculation(40))
+    prompts = _ragged_prompts(14, VOCAB, 24, seed=5)
+    budgets = [6] * len(prompts)
+    from batched_specdec.drafting import as_drafter
+
+    model = feature_head(target, seed=2) if kind == "feature" else \
+        tiny_causal_lm("llama", vocab_size=VOCAB, layers=1, hidden=32, seed=7)
+    drafter = as_drafter(model, VOCAB)
+    from batched_specdec import ragged_cache
+
+    scatter = ragged_cache.scatter_kv_at_offsets
+
+    def inside(key_cache, value_cache, key_states, value_states, lens, **kwargs):  # every write lands in the buffer
+        assert int((lens + key_states.shape[2]).max()) <= key_cache.shape[2], (lens.tolist(), key_states.shape)
+        return scatter(key_cache, value_cache, key_states, value_states, lens, **kwargs)
+
+    monkeypatch.setattr(ragged_cache, "scatter_kv_at_offsets", inside)
+    options = resolve_options(target, logits_processor=GreedyProcessor(), gamma=3, eos_tokens_id=[])
+    result = decode_prompt_set(target, drafter, prompts, budgets, options, batch_size=2)
+    assert result.outputs == [greedy_reference(target, p, 6, eos=[]) for p in prompts]
+    assert sum(result.stats.proposed) > 0  # the drafter did propose after the quiet stretch

@@ -66,7 +66,10 @@ class FeatureDrafter(ModelDrafter):
         device = self.device
         tokens, pairs = token_buffer.to(device), seq_lens.to(device) - 1
         self.cache.set_span(max_seq_len + gamma)
-        logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), max(self._tokens_behind, 1))
+        # What it missed, but never more pairs than a live row has (``max_seq_len`` bounds them): after a long stretch
+        # without drafts (continuous batching: every entering prompt's prefill adds its pairs) the count can exceed
+        # the cache's capacity, and feeding from position 0 already rewrites every pair.
+        logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), min(max(self._tokens_behind, 1), max_seq_len))
         self._tokens_behind = 0
         self.cache.set_lens(pairs.clamp_min(1))
 

@@ -65,8 +65,9 @@ class ModelDrafter(Drafter):
         if self._tokens_behind:
             # The cache holds at least s[:-2] minus one token per target-only step since the last draft step (and
             # nothing but the prompts' s[:-2] before the first). Feed the missing tokens first, keeping one logit
-            # row (rewrites of cached entries are identical).
-            self._feed(token_buffer, seq_lens - 2, self._tokens_behind)
+            # row (rewrites of cached entries are identical). Never more than a live row's length (``max_seq_len``
+            # bounds them; from position 0 that rewrites every token), however many steps and prompts it missed.
+            self._feed(token_buffer, seq_lens - 2, min(self._tokens_behind, max_seq_len))
             self._tokens_behind = 0
         # Then the last two committed tokens (one for a one-token row); the draft continues from the last one.
         lens = (seq_lens - 2).clamp_min(0)
