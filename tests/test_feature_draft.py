@@ -3,8 +3,12 @@ and of its own cache against a no-cache reference, and sampled distributions. CP
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_engine import GOF_ALPHA, _chi_square_pvalue, _exact_first_two, _ragged_prompts
 from tiny_models import greedy_reference, tiny_causal_lm
 
@@ -225,3 +229,62 @@ def test_a_long_catch_up_in_continuous_batching_stays_inside_the_draft_cache(tar
     result = decode_prompt_set(target, drafter, prompts, budgets, options, batch_size=2)
     assert result.outputs == [greedy_reference(target, p, 6, eos=[]) for p in prompts]
     assert sum(result.stats.proposed) > 0  # the drafter did propose after the quiet stretch
+
+
+class ScriptedSpeculation(StaticSpeculation):
+    """Plans the draft lengths of ``script`` in turn (then 0)."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__(max(script + [1]))
+        self.script, self.step = script, 0
+
+    def plan(self, row_ids, live, remaining=None):
+        self.step += 1
+        return StepPlan(self.script[self.step - 1] if self.step <= len(self.script) else 0)
+
+
+@settings(derandomize=True, deadline=None, max_examples=20)
+@given(runs=st.lists(st.tuples(st.integers(0, 15), st.integers(1, 4)), min_size=1, max_size=6), slots=st.integers(1, 3),
+       lens=st.lists(st.integers(1, 30), min_size=2, max_size=10), budget=st.integers(1, 8),
+       kind=st.sampled_from(["feature", "model"]))
+def test_any_plan_sequence_in_continuous_batching_is_exact_and_writes_inside_the_caches(runs, slots, lens, budget,
+                                                                                       kind):
+    """Random draft-length sequences (stretches of up to 15 steps without drafts, then a draft of 1-4) while prompts
+    pass through the slots: outputs equal greedy decoding and every KV write of the target and the draft lands inside
+    its buffer."""
+    script = [k for quiet, length in runs for k in [0] * quiet + [length]]
+    from batched_specdec import ragged_cache
+    from batched_specdec.drafting import as_drafter
+    from batched_specdec.options import resolve_options
+    from batched_specdec.processors import GreedyProcessor
+    from batched_specdec.runner import decode_prompt_set
+
+    target = _property_target()
+    g = torch.Generator().manual_seed(sum(lens))
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lens]
+    model = feature_head(target, seed=2) if kind == "feature" else _property_draft()
+    scatter = ragged_cache.scatter_kv_at_offsets
+
+    def inside(key_cache, value_cache, key_states, value_states, lens, **kwargs):
+        assert int((lens + key_states.shape[2]).max()) <= key_cache.shape[2], (lens.tolist(), key_states.shape)
+        return scatter(key_cache, value_cache, key_states, value_states, lens, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ragged_cache, "scatter_kv_at_offsets", inside)
+        mp.setattr(engine, "make_controller", lambda *args, **kwargs: ScriptedSpeculation(script))
+        # Prefill and catch-up chunks of 8 positions: a catch-up wider than a chunk takes the chunked path.
+        options = resolve_options(target, logits_processor=GreedyProcessor(), gamma=max(script + [1]),
+                                  eos_tokens_id=[], prefill_chunk=8)
+        result = decode_prompt_set(target, as_drafter(model, VOCAB, prefill_chunk=8), prompts,
+                                   [budget] * len(prompts), options, batch_size=slots)
+    assert result.outputs == [greedy_reference(target, p, budget, eos=[]) for p in prompts]
+
+
+@functools.cache
+def _property_target():
+    return tiny_causal_lm("llama", vocab_size=VOCAB, layers=2, hidden=32, seed=3, init_std=0.5)
+
+
+@functools.cache
+def _property_draft():
+    return tiny_causal_lm("llama", vocab_size=VOCAB, layers=1, hidden=32, seed=7)
