@@ -208,10 +208,8 @@ def hf_rows(args, target, prompts, options) -> list[dict]:
 
 def hf_call_main(args) -> int:
     """``--hf-call NAME``: one untimed small call, then the timed one; prints ``{"tokens", "wall_s"}`` as JSON."""
-    torch.manual_seed(0)
-    target, tokenizer = load_target("embedded", device="cpu", quiet=True)
-    prompts = encode_prompts(tokenizer, read_prompts_file(args.prompts))[: args.hf_prompts]
-    options = resolve_options(target, tokenizer=tokenizer, logits_processor=GreedyProcessor())
+    target, prompts, _, options = load_all(args)
+    prompts, options = prompts[: args.hf_prompts], options["target-only"]
     hf_call(args.hf_call, target, prompts[:2], 4, options, args.hf_slots, args.hf_requests)  # warm-up, untimed
     tokens, wall = hf_call(args.hf_call, target, prompts, args.hf_max_new_tokens, options, args.hf_slots,
                            args.hf_requests)
