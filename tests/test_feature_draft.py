@@ -243,18 +243,18 @@ class ScriptedSpeculation(StaticSpeculation):
         return StepPlan(self.script[self.step - 1] if self.step <= len(self.script) else 0)
 
 
-@settings(derandomize=True, deadline=None, max_examples=20)
+@pytest.mark.parametrize("kind", ["feature", "model", "hybrid", "ngram"])
+@settings(derandomize=True, deadline=None, max_examples=12)
 @given(runs=st.lists(st.tuples(st.integers(0, 15), st.integers(1, 4)), min_size=1, max_size=6), slots=st.integers(1, 3),
-       lens=st.lists(st.integers(1, 30), min_size=2, max_size=10), budget=st.integers(1, 8),
-       kind=st.sampled_from(["feature", "model"]))
+       lens=st.lists(st.integers(1, 30), min_size=2, max_size=10), budget=st.integers(1, 8), period=st.integers(0, 4))
 def test_any_plan_sequence_in_continuous_batching_is_exact_and_writes_inside_the_caches(runs, slots, lens, budget,
-                                                                                       kind):
+                                                                                       period, kind):
     """Random draft-length sequences (stretches of up to 15 steps without drafts, then a draft of 1-4) while prompts
-    pass through the slots: outputs equal greedy decoding and every KV write of the target and the draft lands inside
-    its buffer."""
+    pass through the slots, for every kind of drafter (feature draft, draft model, the hybrid of a feature draft and
+    n-grams, n-grams alone): outputs equal greedy decoding and every KV write of the target and the draft lands inside
+    its buffer. Prompts repeat a pattern of ``period`` tokens (0: none), so that the n-gram source finds matches."""
     script = [k for quiet, length in runs for k in [0] * quiet + [length]]
     from batched_specdec import ragged_cache
-    from batched_specdec.drafting import as_drafter
     from batched_specdec.options import resolve_options
     from batched_specdec.processors import GreedyProcessor
     from batched_specdec.runner import decode_prompt_set
@@ -262,7 +262,9 @@ def test_any_plan_sequence_in_continuous_batching_is_exact_and_writes_inside_the
     target = _property_target()
     g = torch.Generator().manual_seed(sum(lens))
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lens]
-    model = feature_head(target, seed=2) if kind == "feature" else _property_draft()
+    if period:
+        prompts = [(p[:period] * n)[:n] for p, n in zip(prompts, lens)]
+    drafter = _property_drafter(target, kind)
     scatter = ragged_cache.scatter_kv_at_offsets
 
     def inside(key_cache, value_cache, key_states, value_states, lens, **kwargs):
@@ -275,9 +277,19 @@ def test_any_plan_sequence_in_continuous_batching_is_exact_and_writes_inside_the
         # Prefill and catch-up chunks of 8 positions: a catch-up wider than a chunk takes the chunked path.
         options = resolve_options(target, logits_processor=GreedyProcessor(), gamma=max(script + [1]),
                                   eos_tokens_id=[], prefill_chunk=8)
-        result = decode_prompt_set(target, as_drafter(model, VOCAB, prefill_chunk=8), prompts,
-                                   [budget] * len(prompts), options, batch_size=slots)
+        result = decode_prompt_set(target, drafter, prompts, [budget] * len(prompts), options, batch_size=slots)
     assert result.outputs == [greedy_reference(target, p, budget, eos=[]) for p in prompts]
+
+
+def _property_drafter(target, kind: str):
+    """A fresh drafter of ``kind`` for the property test (prefill and catch-up chunks of 8 positions)."""
+    from batched_specdec.drafting import HybridDrafter, NGramDrafter, as_drafter
+
+    if kind == "ngram":
+        return NGramDrafter(max_ngram=3)
+    model = _property_draft() if kind == "model" else feature_head(target, seed=2)
+    drafter = as_drafter(model, VOCAB, prefill_chunk=8)
+    return HybridDrafter(drafter, NGramDrafter(max_ngram=3)) if kind == "hybrid" else drafter
 
 
 @functools.cache
