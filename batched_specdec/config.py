@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-split",
         action="store_true",
         default=None,
-        help="measure time spent in draft/verify/sampling/bookkeeping (adds device syncs)",
+        help="measure time spent in prefill/draft/verify/sampling/bookkeeping (adds device syncs)",
     )
     return p
 

@@ -265,7 +265,7 @@ def hf_generate(model, prompts, max_new, eos, pad, device, **kwargs):
 def split_fields(split: dict | None) -> dict:
     if not split:
         return {}
-    total = sum(split.values())
+    total = sum(split[phase] for phase in ("draft", "verify", "sampling", "bookkeeping"))  # a step's phases
     return {"draft_s": split["draft"], "verify_s": split["verify"], "sampling_s": split["sampling"],
             "bookkeeping_s": split["bookkeeping"],
             "non_model_frac": (split["sampling"] + split["bookkeeping"]) / total if total > 0 else None}

@@ -158,3 +158,21 @@ def test_a_prompt_that_cannot_fit_is_an_error_before_compute(models, monkeypatch
         generate(prompts, target, draft=None, max_new_tokens=10, batch_size=2)
     with pytest.raises(ValueError, match="schedule must be one of continuous, static, got 'fifo'"):
         generate(prompts[:1], target, draft=None, max_new_tokens=10, schedule="fifo")
+
+
+def test_time_split_counts_every_prefill_including_admissions(models, monkeypatch):
+    """With collect_stats, the prompts that enter freed rows are timed as prefill (one lap per prefill), not left
+    out of the split."""
+    from batched_specdec.decode import stats as stats_module
+
+    target, _ = models
+    prompts, budgets = _prompt_set(5, seed=6)
+    laps, admitted = [], []
+    lap, admit = stats_module.PhaseTimer.lap, DecodeSession.admit
+    monkeypatch.setattr(stats_module.PhaseTimer, "lap", lambda self, phase: (laps.append(phase), lap(self, phase)))
+    monkeypatch.setattr(DecodeSession, "admit", lambda self, queued: (admitted.append(len(queued)), admit(self, queued)))
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[], collect_stats=True)
+    result = decode_prompt_set(target, None, prompts, budgets, options, batch_size=2)
+    assert sum(admitted) == 3 and laps.count("prefill") == 1 + len(admitted)  # the first two prompts, then admissions
+    split = result.stats.time_split
+    assert split["prefill"] > 0 and sum(split.values()) <= result.stats.wall_time_s

@@ -104,7 +104,7 @@ def test_phase_timer_synchronises_cuda_at_every_mark(fake_cuda):
     timer.lap("draft")
     timer.lap("verify")
     assert fake_cuda == ["synchronize"] * 3
-    assert set(timer.split) == {"draft", "verify", "sampling", "bookkeeping"}
+    assert set(timer.split) == {"prefill", "draft", "verify", "sampling", "bookkeeping"}
 
 
 def test_step_clock_reads_cuda_events(fake_cuda):

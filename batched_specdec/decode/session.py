@@ -129,7 +129,9 @@ class DecodeSession:
         to :meth:`finish`."""
         reset_peak_memory(self.device)
         t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
+        self.timer.start()
         self.prefill()
+        self.timer.lap("prefill")
         return t0, graphs0
 
     @torch.inference_mode()
@@ -165,6 +167,7 @@ class DecodeSession:
         if len(rows) < len(prompts):
             raise RuntimeError(f"{len(prompts)} prompts to admit but only {len(rows)} free rows")
         request = self.request
+        self.timer.start()
         self.rows.drain()  # the host view must be current: these rows change hands now
         self.rows.admit(rows, [request.rows[i] for i in prompts], [request.max_gen_lens[i] for i in prompts],
                         prompts, [self.prompt_seeds[i] for i in prompts])
@@ -177,6 +180,7 @@ class DecodeSession:
                 on_hidden=on_hidden, rows=rows[order])
         if self.drafter is not None:
             self.drafter.admit_rows(self.rows.token_buffer, rows.to(self.device), [len(request.rows[i]) for i in prompts])
+        self.timer.lap("prefill")
 
     @torch.inference_mode()
     def step(self, refilling: bool = False) -> bool:

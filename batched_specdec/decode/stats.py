@@ -19,7 +19,8 @@ class GenerationStats:
     (accepted drafts + 1 for speculative decoding, 1 for the baseline). ``acceptance_histogram[j]`` counts the
     (row, step) pairs that accepted exactly ``j`` drafts. ``peak_memory_bytes`` is the peak CUDA memory
     allocated on CUDA, and the process' peak resident memory on CPU (``peak_memory_kind`` says which).
-    ``time_split`` (seconds in draft, verify, sampling and bookkeeping) is measured only with
+    ``time_split`` (seconds in prefill, which includes the prefills of prompts entering rows under the continuous
+    schedule, and in each step's draft, verify, sampling and bookkeeping) is measured only with
     ``collect_stats=True``, which synchronises the device between phases. ``logprobs[i]`` (with
     ``return_logprobs=True``) holds, for every token of output ``i``, the target's log-probability of it under the
     processed distribution it was sampled from. ``controller`` (with ``gamma="auto"``) says which draft lengths
@@ -157,7 +158,7 @@ class PhaseTimer:
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled = enabled
         self.device = device
-        self.split = {"draft": 0.0, "verify": 0.0, "sampling": 0.0, "bookkeeping": 0.0}
+        self.split = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "sampling": 0.0, "bookkeeping": 0.0}
         self._t = 0.0
 
     def start(self) -> None:
