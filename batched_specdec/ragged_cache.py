@@ -232,6 +232,22 @@ class RaggedKVCache(Cache):
         sliding = next(w for w in windows if w is not None)  # _layer_windows allows one window size besides None
         return {"full_attention": additive(None), "sliding_attention": additive(sliding)}
 
+    def copy_rows_from(self, source: RaggedKVCache, source_rows: Tensor, rows: Tensor, widths: list[int]) -> None:
+        """Copy the first ``widths[i]`` entries of ``source``'s row ``source_rows[i]`` into row ``rows[i]`` of every
+        layer and set those rows' lengths to ``widths`` (prompts staged in another cache entering this one); the other
+        rows are left as they are. ``source`` has this cache's layers; index tensors are ``(N,)`` int64. Both caches
+        must have run a forward (their buffers exist) unless every width is 0."""
+        width = max(widths, default=0)
+        if width > 0:
+            if not (self.allocated and source.allocated):
+                raise RuntimeError("copy_rows_from needs both caches' buffers: run a forward through each first")
+            for i, src_key in enumerate(source.key_buffers):
+                dst_idx, src_idx = rows.to(src_key.device), source_rows.to(src_key.device)
+                for dst, src in ((self.key_buffers[i], src_key), (self.value_buffers[i], source.value_buffers[i])):
+                    dst[:, :, :width].index_copy_(0, dst_idx, src[:, :, :width].index_select(0, src_idx))
+        lens = torch.tensor(widths, dtype=torch.int64, device=self.lens.device)
+        self.set_lens(self.lens.index_copy(0, rows.to(self.lens.device), lens))
+
     def advance(self, num_new: Tensor | int) -> None:
         """Grow every row's length by ``num_new`` (int or ``(B,)``) after a forward."""
         self.set_lens(self.lens + num_new)

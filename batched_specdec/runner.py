@@ -5,8 +5,9 @@
 two schedules over ``batch_size`` slots:
 
 * ``"continuous"`` (the default): one :class:`~batched_specdec.decode.session.DecodeSession` of ``batch_size`` rows;
-  whenever rows finish, the next queued prompts are prefilled into them (their rows only) and the other rows keep
-  their state, so every step verifies a full batch while prompts remain. Output lengths vary a lot in real prompt
+  whenever rows finish, the next queued prompts enter them (their rows only) and the other rows keep their state,
+  so every step verifies a full batch while prompts remain. Queued prompts are prefilled several at a time, ahead
+  of their turn (:mod:`batched_specdec.decode.staging`), and copied into their rows as they enter. Output lengths vary a lot in real prompt
   sets; in fixed batches the end of every batch runs at a fraction of its width.
 * ``"static"``: prompts grouped into batches of similar length, one session per batch, each run to its end.
 
@@ -17,6 +18,7 @@ schedule, the batch size and the other prompts. Results come back in prompt orde
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -132,7 +134,7 @@ def _continuous(session: DecodeSession, progress: _Progress) -> tuple[list[list[
         if refilling:
             free = session.free_rows()
             if len(free):
-                session.admit([queue.popleft() for _ in range(min(len(free), len(queue)))])
+                _admit(session, [queue.popleft() for _ in range(min(len(free), len(queue)))], queue)
         view = session.rows.view
         finished = total - len(queue) - int((~view.finished).sum())  # entered minus still decoding
         if finished != progress.prompts:
@@ -140,6 +142,20 @@ def _continuous(session: DecodeSession, progress: _Progress) -> tuple[list[list[
         if done and not refilling:
             break
     return session.finish(t0, graphs0)
+
+
+def _admit(session: DecodeSession, prompts: list[int], queue: deque) -> None:
+    """Admit ``prompts`` (taken from the front of ``queue``): the staged ones first, then the others, each group of
+    :attr:`~DecodeSession.stage_size` staged together with (for the last group) the prompts next in ``queue``."""
+    ready = [i for i in prompts if session.is_staged(i)]
+    rest, size = [i for i in prompts if not session.is_staged(i)], session.stage_size
+    if ready:
+        session.admit(ready)
+    for start in range(0, len(rest), size):
+        group = rest[start : start + size]
+        ahead = list(itertools.islice(queue, size - len(group))) if start + size >= len(rest) else []
+        session.stage(group + ahead)
+        session.admit(group)
 
 
 class _Progress:

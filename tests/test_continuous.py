@@ -117,11 +117,8 @@ def test_a_prompt_that_enters_late_samples_from_the_target():
     assert _chi_square_pvalue(counts, _exact_first_two(target, prompt, processor)) > GOF_ALPHA
 
 
-def test_admission_moves_no_other_rows_kv(models):
-    """Prompts entering two rows write those rows only: the other rows' cache entries keep their values and their
-    memory (the buffers are not reallocated)."""
-    target, _ = models
-    prompts, budgets = _prompt_set(6, seed=2)
+def _session_with_two_free_rows(target):
+    prompts, _ = _prompt_set(6, seed=2)
     budgets = [3, 30, 3, 30, 12, 12]
     options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
     session = DecodeSession(target, None, DecodeRequest(prompts, budgets, torch.device("cpu")), options, seed=0,
@@ -129,14 +126,67 @@ def test_admission_moves_no_other_rows_kv(models):
     session.start()
     while len(session.free_rows()) < 2:
         session.step(refilling=True)
+    return session, prompts
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_admission_moves_no_other_rows_kv(models, staged):
+    """Prompts entering two rows write those rows only: the other rows' cache entries keep their values and their
+    memory (the buffers are not reallocated), whether the prompts were staged (prefilled together ahead) or not."""
+    target, _ = models
+    session, _ = _session_with_two_free_rows(target)
     free = session.free_rows()[:2]
     others = [r for r in range(4) if r not in free.tolist()]
     keys = session.cache.key_buffers[0]
     before, address = keys[others].clone(), keys.data_ptr()
+    if staged:
+        session.stage([4, 5])
     session.admit([4, 5])
     assert session.cache.key_buffers[0].data_ptr() == address
     assert torch.equal(session.cache.key_buffers[0][others], before)
     assert sorted(session.rows.host_row_ids[free].tolist()) == [4, 5]
+
+
+def test_a_staged_prompt_enters_with_the_entries_its_own_prefill_writes(models):
+    """Admitting staged prompts copies into their rows the same KV entries and lengths that prefilling them in their
+    rows writes (float32, the tiny model: equal to rounding)."""
+    target, _ = models
+    direct, prompts = _session_with_two_free_rows(target)
+    staged, _ = _session_with_two_free_rows(target)
+    direct.admit([4, 5])
+    staged.stage([5, 4])  # staged in another order than they enter
+    staged.admit([4, 5])
+    rows = [int(r) for r in torch.nonzero(torch.isin(direct.rows.host_row_ids, torch.tensor([4, 5]))).flatten()]
+    assert torch.equal(direct.cache.lens[rows], staged.cache.lens[rows])
+    for layer in range(len(direct.cache.key_buffers)):
+        for r in rows:
+            width = len(prompts[int(direct.rows.host_row_ids[r])]) - 1
+            for a, b in ((direct.cache.key_buffers, staged.cache.key_buffers),
+                         (direct.cache.value_buffers, staged.cache.value_buffers)):
+                torch.testing.assert_close(a[layer][r, :, :width], b[layer][r, :, :width], rtol=1e-5, atol=1e-6)
+    assert not staged.is_staged(4) and not staged.is_staged(5)
+
+
+@pytest.mark.parametrize("kind", ["target-only", "feature"])
+def test_staged_one_token_prompts_enter_with_nothing_to_copy(models, kind):
+    """One-token prompts (nothing to prefill) staged among longer ones, and a stage of one-token prompts only:
+    outputs are still each prompt's own greedy decoding."""
+    target, draft = models
+    prompts = [[9], [11], [12, 13, 14, 15, 16], [8], [20, 21], [10], [6]]
+    budgets = [2, 3, 4, 2, 4, 3, 2]
+    drafter = _drafters(target, draft)[kind]
+    drafter = None if drafter is None else as_drafter(drafter, VOCAB)
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[], gamma=2)
+    result = decode_prompt_set(target, drafter, prompts, budgets, options, batch_size=2)
+    assert result.outputs == [greedy_reference(target, p, m, []) for p, m in zip(prompts, budgets)]
+
+
+def test_the_stage_holds_fewer_prompts_when_they_are_long():
+    from batched_specdec.decode.staging import stage_rows
+
+    assert stage_rows(8, 44, 128) == 8
+    assert stage_rows(8, 512, 128) == 2
+    assert stage_rows(8, 100_000, 128) == 1
 
 
 def test_progress_counts_prompts_and_tokens(models):
@@ -161,18 +211,20 @@ def test_a_prompt_that_cannot_fit_is_an_error_before_compute(models, monkeypatch
 
 
 def test_time_split_counts_every_prefill_including_admissions(models, monkeypatch):
-    """With collect_stats, the prompts that enter freed rows are timed as prefill (one lap per prefill), not left
-    out of the split."""
+    """With collect_stats, the prompts that enter freed rows are timed as prefill (one lap per prefill, staged or
+    not, and per admission), not left out of the split."""
     from batched_specdec.decode import stats as stats_module
 
     target, _ = models
     prompts, budgets = _prompt_set(5, seed=6)
-    laps, admitted = [], []
-    lap, admit = stats_module.PhaseTimer.lap, DecodeSession.admit
+    laps, admitted, staged = [], [], []
+    lap, admit, stage = stats_module.PhaseTimer.lap, DecodeSession.admit, DecodeSession.stage
     monkeypatch.setattr(stats_module.PhaseTimer, "lap", lambda self, phase: (laps.append(phase), lap(self, phase)))
     monkeypatch.setattr(DecodeSession, "admit", lambda self, queued: (admitted.append(len(queued)), admit(self, queued)))
+    monkeypatch.setattr(DecodeSession, "stage", lambda self, queued: (staged.append(len(queued)), stage(self, queued)))
     options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[], collect_stats=True)
     result = decode_prompt_set(target, None, prompts, budgets, options, batch_size=2)
-    assert sum(admitted) == 3 and laps.count("prefill") == 1 + len(admitted)  # the first two prompts, then admissions
+    assert sum(admitted) == sum(staged) == 3  # every later prompt was staged, then admitted
+    assert laps.count("prefill") == 1 + len(staged) + len(admitted)  # the first two prompts, stages, admissions
     split = result.stats.time_split
     assert split["prefill"] > 0 and sum(split.values()) <= result.stats.wall_time_s

@@ -30,6 +30,7 @@ from batched_specdec import capture
 from batched_specdec.controller import CPU_MIN_VERIFY_TOKENS, StaticSpeculation, make_controller, shared_cost_model
 from batched_specdec.decode.accept import accept, emitted_logprobs, pad_verify
 from batched_specdec.decode.batch import HostView, RaggedBatch
+from batched_specdec.decode.staging import StagedPrompts, stage_rows
 from batched_specdec.decode.stats import GenerationStats, PhaseTimer, progress_bar
 from batched_specdec.devices import peak_memory, reset_peak_memory
 from batched_specdec.drafting.base import Drafter, DraftProposal, draft_cost_ratio
@@ -79,6 +80,7 @@ class DecodeSession:
         verify_room = max(self.controller.gamma_max, CPU_MIN_VERIFY_TOKENS) if drafter is not None else 0
         longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
         self.capacity = capture.stable_capacity(longest + verify_room + 2, options.compile)
+        self.longest_prompt = max(len(p) for p in request.rows)
         first = range(slots)
         self.rows = RaggedBatch([request.rows[i] for i in first], [request.max_gen_lens[i] for i in first],
                                 self.prompt_seeds[:slots], self.capacity, request.max_gen_len, options.pad_token_id,
@@ -96,6 +98,7 @@ class DecodeSession:
         self.timer = PhaseTimer(options.collect_stats, device)
         self.steps = self.compactions = 0
         self.bar = None
+        self.staging: StagedPrompts | None = None  # prompts prefilled ahead of admission (continuous batching)
 
     def _make_controller(self, n_prompts: int, slots: int):
         if self.drafter is None:
@@ -159,10 +162,31 @@ class DecodeSession:
         self.rows.retire(self.rows.retirable())
         return torch.nonzero(self.rows.view.finished & self.rows.host_retired).flatten()
 
+    @property
+    def stage_size(self) -> int:
+        """Prompts :meth:`stage` prefills at a time (:func:`~batched_specdec.decode.staging.stage_rows`)."""
+        return stage_rows(self.rows.size, self.longest_prompt, self.options.prefill_chunk)
+
+    def is_staged(self, prompt: int) -> bool:
+        return self.staging is not None and prompt in self.staging
+
+    @torch.inference_mode()
+    def stage(self, prompts: list[int]) -> None:
+        """Prefill the request's prompts ``prompts`` (indices, at most :attr:`stage_size`) together, ahead of their
+        admission, replacing the prompts staged before (admit those first)."""
+        if self.staging is None:
+            keep_hidden = self.drafter is not None and self.drafter.uses_target_features
+            self.staging = StagedPrompts(self.target, self.stage_size, self.longest_prompt, self.device,
+                                         self.options.attention, self.options.prefill_chunk, keep_hidden)
+        self.timer.start()
+        self.staging.fill({i: self.request.rows[i] for i in prompts})
+        self.timer.lap("prefill")
+
     @torch.inference_mode()
     def admit(self, prompts: list[int]) -> None:
-        """Put the request's prompts ``prompts`` (indices) into free rows (:meth:`free_rows`), fill their cache rows
-        (a prefill over those rows only: no other row's KV moves) and reset what the drafter keeps for them."""
+        """Put the request's prompts ``prompts`` (indices) into free rows (:meth:`free_rows`) and fill their cache
+        rows: staged prompts (:meth:`stage`) by copying their entries, the others by a prefill over those rows only
+        (no other row's KV moves); then reset what the drafter keeps for them."""
         rows = self.free_rows()[: len(prompts)]
         if len(rows) < len(prompts):
             raise RuntimeError(f"{len(prompts)} prompts to admit but only {len(rows)} free rows")
@@ -171,16 +195,34 @@ class DecodeSession:
         self.rows.drain()  # the host view must be current: these rows change hands now
         self.rows.admit(rows, [request.rows[i] for i in prompts], [request.max_gen_lens[i] for i in prompts],
                         prompts, [self.prompt_seeds[i] for i in prompts])
-        order = sorted(range(len(prompts)), key=lambda r: -len(request.rows[prompts[r]]))
-        widths = [len(request.rows[prompts[r]]) - 1 for r in order]
-        on_hidden = None
-        if self.drafter is not None and self.drafter.uses_target_features:
-            on_hidden = self.drafter.observe_features
-        prefill(self.target, self.cache, self.rows.token_buffer, widths, self.options.prefill_chunk,
-                on_hidden=on_hidden, rows=rows[order])
+        staged = [j for j, i in enumerate(prompts) if self.is_staged(i)]
+        fresh = [j for j, i in enumerate(prompts) if not self.is_staged(i)]
+        if staged:
+            self._enter_staged([prompts[j] for j in staged], rows[staged])
+        if fresh:
+            self._prefill_rows([prompts[j] for j in fresh], rows[fresh])
         if self.drafter is not None:
             self.drafter.admit_rows(self.rows.token_buffer, rows.to(self.device), [len(request.rows[i]) for i in prompts])
         self.timer.lap("prefill")
+
+    def _enter_staged(self, prompts: list[int], rows: Tensor) -> None:
+        """Copy staged ``prompts``' cache entries (and, for a feature drafter, hidden states) into ``rows``."""
+        source, widths = self.staging.take(prompts)
+        self.cache.copy_rows_from(self.staging.cache, source, rows, widths)
+        width = max(widths)
+        if self.drafter is not None and self.drafter.uses_target_features and width > 0:
+            hidden = self.staging.hidden.index_select(0, source.to(self.staging.hidden.device))[:, :width]
+            self.drafter.observe_features(hidden, 0, rows)
+
+    def _prefill_rows(self, prompts: list[int], rows: Tensor) -> None:
+        """Prefill ``prompts`` (just admitted into ``rows``) over those rows only."""
+        lengths = [len(self.request.rows[i]) for i in prompts]
+        order = sorted(range(len(prompts)), key=lambda r: -lengths[r])
+        on_hidden = None
+        if self.drafter is not None and self.drafter.uses_target_features:
+            on_hidden = self.drafter.observe_features
+        prefill(self.target, self.cache, self.rows.token_buffer, [lengths[r] - 1 for r in order],
+                self.options.prefill_chunk, on_hidden=on_hidden, rows=rows[order])
 
     @torch.inference_mode()
     def step(self, refilling: bool = False) -> bool:
