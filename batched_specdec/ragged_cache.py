@@ -241,8 +241,11 @@ class RaggedKVCache(Cache):
         if width > 0:
             if not (self.allocated and source.allocated):
                 raise RuntimeError("copy_rows_from needs both caches' buffers: run a forward through each first")
+            on_device = {}  # one copy of the indices per device the layers live on, not one per layer
             for i, src_key in enumerate(source.key_buffers):
-                dst_idx, src_idx = rows.to(src_key.device), source_rows.to(src_key.device)
+                if src_key.device not in on_device:
+                    on_device[src_key.device] = (rows.to(src_key.device), source_rows.to(src_key.device))
+                dst_idx, src_idx = on_device[src_key.device]
                 for dst, src in ((self.key_buffers[i], src_key), (self.value_buffers[i], source.value_buffers[i])):
                     dst[:, :, :width].index_copy_(0, dst_idx, src[:, :, :width].index_select(0, src_idx))
         lens = torch.tensor(widths, dtype=torch.int64, device=self.lens.device)

@@ -7,8 +7,8 @@ two schedules over ``batch_size`` slots:
 * ``"continuous"`` (the default): one :class:`~batched_specdec.decode.session.DecodeSession` of ``batch_size`` rows;
   whenever rows finish, the next queued prompts enter them (their rows only) and the other rows keep their state,
   so every step verifies a full batch while prompts remain. Queued prompts are prefilled several at a time, ahead
-  of their turn (:mod:`batched_specdec.decode.staging`), and copied into their rows as they enter. Output lengths vary a lot in real prompt
-  sets; in fixed batches the end of every batch runs at a fraction of its width.
+  of their turn (:mod:`batched_specdec.decode.staging`), and copied into their rows as they enter. Output lengths
+  vary a lot in real prompt sets; in fixed batches the end of every batch runs at a fraction of its width.
 * ``"static"``: prompts grouped into batches of similar length, one session per batch, each run to its end.
 
 The seed rule: with ``seed=s`` prompt ``i`` of the set samples under its own Philox key
@@ -146,9 +146,15 @@ def _continuous(session: DecodeSession, progress: _Progress) -> tuple[list[list[
 
 def _admit(session: DecodeSession, prompts: list[int], queue: deque) -> None:
     """Admit ``prompts`` (taken from the front of ``queue``): the staged ones first, then the others, each group of
-    :attr:`~DecodeSession.stage_size` staged together with (for the last group) the prompts next in ``queue``."""
+    :attr:`~DecodeSession.stage_size` staged together with (for the last group) the prompts next in ``queue``. A
+    stage of one prompt would only add a copy, so then prompts are prefilled in their rows. The stage is released
+    once the queue is empty."""
+    size = session.stage_size
+    if size == 1:
+        session.admit(prompts)
+        return
     ready = [i for i in prompts if session.is_staged(i)]
-    rest, size = [i for i in prompts if not session.is_staged(i)], session.stage_size
+    rest = [i for i in prompts if not session.is_staged(i)]
     if ready:
         session.admit(ready)
     for start in range(0, len(rest), size):
@@ -156,6 +162,8 @@ def _admit(session: DecodeSession, prompts: list[int], queue: deque) -> None:
         ahead = list(itertools.islice(queue, size - len(group))) if start + size >= len(rest) else []
         session.stage(group + ahead)
         session.admit(group)
+    if not queue:
+        session.release_stage()
 
 
 class _Progress:

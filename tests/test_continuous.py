@@ -117,11 +117,12 @@ def test_a_prompt_that_enters_late_samples_from_the_target():
     assert _chi_square_pvalue(counts, _exact_first_two(target, prompt, processor)) > GOF_ALPHA
 
 
-def _session_with_two_free_rows(target):
+def _session_with_two_free_rows(target, drafter=None, prefill_chunk=128):
     prompts, _ = _prompt_set(6, seed=2)
     budgets = [3, 30, 3, 30, 12, 12]
-    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
-    session = DecodeSession(target, None, DecodeRequest(prompts, budgets, torch.device("cpu")), options, seed=0,
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[], gamma=2,
+                              prefill_chunk=prefill_chunk)
+    session = DecodeSession(target, drafter, DecodeRequest(prompts, budgets, torch.device("cpu")), options, seed=0,
                             slots=4)
     session.start()
     while len(session.free_rows()) < 2:
@@ -147,12 +148,19 @@ def test_admission_moves_no_other_rows_kv(models, staged):
     assert sorted(session.rows.host_row_ids[free].tolist()) == [4, 5]
 
 
-def test_a_staged_prompt_enters_with_the_entries_its_own_prefill_writes(models):
+@pytest.mark.parametrize("chunk", [128, 12])  # 12: shorter than prompt 4, a stage of 2 rows
+def test_a_staged_prompt_enters_with_the_entries_its_own_prefill_writes(models, chunk):
     """Admitting staged prompts copies into their rows the same KV entries and lengths that prefilling them in their
-    rows writes (float32, the tiny model: equal to rounding)."""
+    rows writes, and gives a feature drafter the same target features (float32, the tiny model: equal to rounding);
+    also with prefill chunks shorter than the prompts."""
     target, _ = models
-    direct, prompts = _session_with_two_free_rows(target)
-    staged, _ = _session_with_two_free_rows(target)
+
+    def drafter():
+        return as_drafter(feature_head(target, seed=3), VOCAB)
+
+    direct, prompts = _session_with_two_free_rows(target, drafter(), chunk)
+    staged, _ = _session_with_two_free_rows(target, drafter(), chunk)
+    assert max(len(prompts[4]), len(prompts[5])) > chunk + 1 or chunk == 128
     direct.admit([4, 5])
     staged.stage([5, 4])  # staged in another order than they enter
     staged.admit([4, 5])
@@ -164,7 +172,37 @@ def test_a_staged_prompt_enters_with_the_entries_its_own_prefill_writes(models):
             for a, b in ((direct.cache.key_buffers, staged.cache.key_buffers),
                          (direct.cache.value_buffers, staged.cache.value_buffers)):
                 torch.testing.assert_close(a[layer][r, :, :width], b[layer][r, :, :width], rtol=1e-5, atol=1e-6)
+    for r in rows:
+        width = len(prompts[int(direct.rows.host_row_ids[r])]) - 1
+        torch.testing.assert_close(direct.drafter.features[r, :width], staged.drafter.features[r, :width],
+                                   rtol=1e-5, atol=1e-6)
+    assert direct.drafter._tokens_behind == staged.drafter._tokens_behind
     assert not staged.is_staged(4) and not staged.is_staged(5)
+
+
+def test_the_stage_is_sized_by_the_queued_prompts_and_refuses_what_it_cannot_hold(models):
+    """A long prompt among the first ones does not shrink the stage (it never enters it); a prompt longer than the
+    stage's rows, or more prompts than it has rows, is an error naming them."""
+    target, _ = models
+    prompts = [[5] * 600, [6] * 10, [7] * 12, [8] * 20, [9] * 9]
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
+    session = DecodeSession(target, None, DecodeRequest(prompts, [4] * 5, torch.device("cpu")), options, seed=0,
+                            slots=2)
+    assert session.stage_size == 2
+    with pytest.raises(ValueError, match="3 prompts to stage, but the stage holds 2"):
+        session.stage([2, 3, 4])
+    with pytest.raises(ValueError, match="prompt 0 has 600 tokens; the stage holds prompts of at most 20"):
+        session.stage([0])
+
+
+def test_the_stage_is_released_when_the_queue_is_empty(models, monkeypatch):
+    target, _ = models
+    prompts, budgets = _prompt_set(6, seed=5)
+    released = []
+    monkeypatch.setattr(DecodeSession, "release_stage", lambda self: released.append(self.staging is not None))
+    options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
+    decode_prompt_set(target, None, prompts, budgets, options, batch_size=2)
+    assert released == [True]
 
 
 @pytest.mark.parametrize("kind", ["target-only", "feature"])

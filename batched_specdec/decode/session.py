@@ -80,7 +80,7 @@ class DecodeSession:
         verify_room = max(self.controller.gamma_max, CPU_MIN_VERIFY_TOKENS) if drafter is not None else 0
         longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
         self.capacity = capture.stable_capacity(longest + verify_room + 2, options.compile)
-        self.longest_prompt = max(len(p) for p in request.rows)
+        self.longest_queued = max((len(p) for p in request.rows[slots:]), default=1)  # what a stage may hold
         first = range(slots)
         self.rows = RaggedBatch([request.rows[i] for i in first], [request.max_gen_lens[i] for i in first],
                                 self.prompt_seeds[:slots], self.capacity, request.max_gen_len, options.pad_token_id,
@@ -165,7 +165,7 @@ class DecodeSession:
     @property
     def stage_size(self) -> int:
         """Prompts :meth:`stage` prefills at a time (:func:`~batched_specdec.decode.staging.stage_rows`)."""
-        return stage_rows(self.rows.size, self.longest_prompt, self.options.prefill_chunk)
+        return stage_rows(self.rows.size, self.longest_queued, self.options.prefill_chunk)
 
     def is_staged(self, prompt: int) -> bool:
         return self.staging is not None and prompt in self.staging
@@ -176,11 +176,15 @@ class DecodeSession:
         admission, replacing the prompts staged before (admit those first)."""
         if self.staging is None:
             keep_hidden = self.drafter is not None and self.drafter.uses_target_features
-            self.staging = StagedPrompts(self.target, self.stage_size, self.longest_prompt, self.device,
+            self.staging = StagedPrompts(self.target, self.stage_size, self.longest_queued, self.device,
                                          self.options.attention, self.options.prefill_chunk, keep_hidden)
         self.timer.start()
         self.staging.fill({i: self.request.rows[i] for i in prompts})
         self.timer.lap("prefill")
+
+    def release_stage(self) -> None:
+        """Free the stage's buffers (no prompt is left to stage); staged prompts not yet admitted are dropped."""
+        self.staging = None
 
     @torch.inference_mode()
     def admit(self, prompts: list[int]) -> None:
@@ -211,7 +215,7 @@ class DecodeSession:
         self.cache.copy_rows_from(self.staging.cache, source, rows, widths)
         width = max(widths)
         if self.drafter is not None and self.drafter.uses_target_features and width > 0:
-            hidden = self.staging.hidden.index_select(0, source.to(self.staging.hidden.device))[:, :width]
+            hidden = self.staging.hidden[:, :width].index_select(0, source.to(self.staging.hidden.device))
             self.drafter.observe_features(hidden, 0, rows)
 
     def _prefill_rows(self, prompts: list[int], rows: Tensor) -> None:

@@ -67,6 +67,10 @@ class StagedPrompts:
         ragged prefill, replacing whatever was staged."""
         if len(prompts) > self.rows:
             raise ValueError(f"{len(prompts)} prompts to stage, but the stage holds {self.rows}")
+        for i, tokens in prompts.items():
+            if len(tokens) > self.cache.capacity:
+                raise ValueError(f"prompt {i} has {len(tokens)} tokens; the stage holds prompts of at most "
+                                 f"{self.cache.capacity}")
         order = sorted(prompts, key=lambda i: -len(prompts[i]))  # prefill wants rows longest first
         self.row_of = {i: r for r, i in enumerate(order)}
         self.widths = {i: len(prompts[i]) - 1 for i in order}

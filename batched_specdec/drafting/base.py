@@ -93,10 +93,11 @@ class Drafter(ABC):
         the drafter's state only. Default None."""
         return None
 
-    def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | None = None) -> None:
-        """The target's final hidden states ``(R, W, H)`` of positions ``first_position + j`` for rows ``[:rows]``
-        (all when None), from every prefill chunk and verify forward. Only drafters with
-        :attr:`uses_target_features` are called."""
+    def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | Tensor | None = None) -> None:
+        """The target's final hidden states ``(R, W, H)`` of positions ``first_position + j`` (an int, or ``(R,)``
+        int64 per row) for rows ``[:rows]``, the rows of an ``(R,)`` int64 index tensor on any device (prompts
+        entering some rows), or all (None), from every prefill chunk, verify forward and admission. Only drafters
+        with :attr:`uses_target_features` are called."""
 
     def note_target_only_step(self, width: int = 1) -> None:
         """A step in which this drafter proposed nothing (the session's draft length 0, or a hybrid drafter's
