@@ -170,36 +170,39 @@ def _is_token_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
-def _prompt_ids(i: int, prompt) -> list[int]:
+def _prompt_ids(name: str, prompt) -> list[int]:
     if isinstance(prompt, Tensor) or hasattr(prompt, "__array__") and hasattr(prompt, "ndim"):
         if prompt.ndim != 1 or not (str(prompt.dtype).startswith(("torch.int", "torch.uint", "int", "uint"))):
-            raise OptionError(f"prompt {i} must be a 1-D integer tensor or array, got shape {tuple(prompt.shape)} "
+            raise OptionError(f"{name} must be a 1-D integer tensor or array, got shape {tuple(prompt.shape)} "
                               f"and dtype {prompt.dtype}")
         return [int(t) for t in prompt.tolist()]
     if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-        raise OptionError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__} "
+        raise OptionError(f"{name} must be a list of token ids, got {type(prompt).__name__} "
                           "(for text use batched_specdec.generate, which tokenizes)")
     return list(prompt)
 
 
-def normalise_prompts(prompts, vocab: int, max_gen_lens: list[int], positions: int | None) -> list[list[int]]:
-    """Prompts as lists of ints in ``[0, vocab)``, each with room for its budget within ``positions``."""
+def normalise_prompts(prompts, vocab: int, max_gen_lens: list[int], positions: int | None,
+                      labels: Sequence[str] | None = None) -> list[list[int]]:
+    """Prompts as lists of ints in ``[0, vocab)``, each with room for its budget within ``positions``. Errors name
+    prompt ``i`` as ``labels[i]`` (the CLI: its line in the prompt file), else ``"prompt i"``."""
     if isinstance(prompts, Tensor) or not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)):
         raise OptionError(f"prompts must be a list of token-id lists or 1-D tensors, got {type(prompts).__name__}")
     if len(prompts) == 0:
         raise OptionError("prompts is empty: expected at least one prompt")
     rows = []
     for i, prompt in enumerate(prompts):
-        ids = _prompt_ids(i, prompt)
+        name = f"prompt {i}" if labels is None else labels[i]
+        ids = _prompt_ids(name, prompt)
         if len(ids) == 0:
-            raise OptionError(f"prompt {i} is empty: every prompt needs at least one token")
+            raise OptionError(f"{name} is empty: every prompt needs at least one token")
         for t in ids:
             if not _is_token_id(t) or not 0 <= t < vocab:
-                raise OptionError(f"prompt {i} has token id {t!r}, expected an int in [0, {vocab})")
+                raise OptionError(f"{name} has token id {t!r}, expected an int in [0, {vocab})")
         need = len(ids) + max_gen_lens[i]
         if positions is not None and need > positions:
             raise OptionError(
-                f"prompt {i} has {len(ids)} tokens; with max_gen_len={max_gen_lens[i]} it needs {need} positions, "
+                f"{name} has {len(ids)} tokens; with max_gen_len={max_gen_lens[i]} it needs {need} positions, "
                 f"but the model supports max_position_embeddings={positions}. Shorten the prompt or lower "
                 "max_gen_len."
             )
