@@ -90,6 +90,17 @@ def rejection_sample_config(batch: int, vocab: int, device: torch.device) -> dic
             "NUM_SPLITS": splits}
 
 
+def coupled_verify_config(batch: int, vocab: int) -> dict:
+    """Tile of the coupled verification kernel: BLOCK_B rows per program, BLOCK_V ids per loop iteration (the
+    rejection sampler's fused-kernel tile; no vocabulary split)."""
+    tile = _tile_elements()
+    block_v = min(triton.next_power_of_2(vocab), tile // 2 if interpreting() else 2048)
+    block_b = max(1, min(tile // block_v, triton.next_power_of_2(batch)))
+    if not interpreting():
+        block_b = min(block_b, 16)
+    return {"BLOCK_B": block_b, "BLOCK_V": block_v, "num_warps": num_warps_for(block_b * block_v)}
+
+
 FORCE_SPLITS: int | None = None
 """Tests and benchmarks set this to force the vocabulary-split path (an int >= 2) or the fused kernel (1)."""
 
