@@ -73,7 +73,8 @@ def _gumbel_argmax(
         mask = reach[:, None] & (cols < V)[None, :]
         x = tl.load(x_rows[:, None] + cols64[None, :] * stride_v, mask=mask, other=-float("inf")).to(tl.float32)
         u = tl.rand(seed[:, None], counter0[:, None] + cols64[None, :])
-        noisy = x * inv_t[:, None] + -tl.log(-tl.log(u))
+        scale = tl.where(sample, inv_t, 1.0)  # greedy rows: x * 1, not -inf * 0 (their noisy score is not used)
+        noisy = x * scale[:, None] + -tl.log(-tl.log(u))
         score = tl.where(mask, tl.where(sample[:, None], noisy, x), -float("inf"))
         bmax = tl.max(score, axis=1)
         bidx = tl.min(tl.where(score == bmax[:, None], cols64[None, :], 9223372036854775807), axis=1)
