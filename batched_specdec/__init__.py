@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "OptionError": "batched_specdec.checks",
+    "SAMPLING_SCHEMES": "batched_specdec.processors",
     "GenerationStats": "batched_specdec.decode.stats",
     "Drafter": "batched_specdec.drafting",
     "DraftProposal": "batched_specdec.drafting",
@@ -31,6 +32,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "SAMPLING_SCHEMES",
     "DraftProposal",
     "Drafter",
     "GenerationResult",
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
     from batched_specdec.generation import GenerationResult, generate
     from batched_specdec.processors import (
+        SAMPLING_SCHEMES,
         GreedyProcessor,
         LogitsProcessor,
         MultinomialProcessor,

@@ -42,6 +42,7 @@ def speculative_generate_batch(
     prefill_chunk: int = PREFILL_CHUNK,
     compile: bool = False,
     delayed_host_read: bool | None = None,
+    sampling_scheme: str = "rejection",
 ) -> tuple[list[list[int]], list[float], GenerationStats]:
     """Speculative decoding for a batch of unpadded prompts of different lengths; lossless.
 
@@ -60,8 +61,9 @@ def speculative_generate_batch(
         Draft tokens per row per step (>= 1), or ``"auto"``: an adaptive controller
         (:mod:`batched_specdec.controller`) picks each step's draft length in ``0..gamma_max`` from the acceptance
         and step timings seen so far. Auto stays lossless (a step's choice never
-        depends on its own random draws), but its choices follow measured timings, so seeded sampled outputs are
-        reproducible only with an integer gamma. Step costs measured by earlier calls with the same target, drafter
+        depends on its own random draws), but its choices follow measured timings, so under the ``"rejection"``
+        scheme seeded sampled outputs are reproducible only with an integer gamma (under ``"coupled"``, always).
+        Step costs measured by earlier calls with the same target, drafter
         and device are reused (:func:`batched_specdec.controller.shared_cost_model`).
     logits_processor : LogitsProcessor
         Greedy (exact argmax match) or a sampling processor; applied identically to draft and target.
@@ -107,6 +109,16 @@ def speculative_generate_batch(
         extra step changes no output. ``None`` (default): on for CUDA with an integer gamma, off on CPU, where the
         device runs synchronously and the extra step is pure cost. Needs an integer gamma (the adaptive controller
         reads each step's counts and timings before planning the next).
+    sampling_scheme : {"rejection", "coupled"}
+        How a sampling processor's tokens are drawn and drafts verified. ``"rejection"`` (the default): drafts are
+        rejection-sampled (Leviathan et al.); outputs follow the target's distribution, but which tokens a seed
+        gives depends on the draft and on each step's draft length. ``"coupled"``: every token is a Gumbel-max
+        sample whose noise is keyed by the seed, the prompt and the token's absolute position, the draft samples
+        with the same noise, and a draft is kept iff it equals the target's sample
+        (:mod:`batched_specdec.kernels.coupled_verify`): the output is exactly
+        ``autoregressive_generate_batch(..., sampling_scheme="coupled")``'s with the same seed, for any drafter,
+        gamma (``"auto"`` included), batch and schedule. A model draft's acceptance can be lower than under
+        rejection sampling. Greedy decoding is the same under both.
 
     Returns
     -------
@@ -120,7 +132,7 @@ def speculative_generate_batch(
                               eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, gamma=gamma, gamma_max=gamma_max,
                               attention=attention, prefill_chunk=prefill_chunk, compile=compile,
                               delayed_host_read=delayed_host_read, return_logprobs=return_logprobs,
-                              collect_stats=collect_stats, progress=progress)
+                              collect_stats=collect_stats, progress=progress, sampling_scheme=sampling_scheme)
     request = resolve_prompts(prompts, target_model, max_gen_len)
     drafter = as_drafter(draft_model, vocab_size(target_model), attention=attention, prefill_chunk=prefill_chunk,
                          compile=compile)
@@ -149,11 +161,14 @@ def autoregressive_generate_batch(
     prefill_chunk: int = PREFILL_CHUNK,
     compile: bool = False,
     delayed_host_read: bool | None = None,
+    sampling_scheme: str = "rejection",
 ):
     """Target-only batched decoding through the same ragged cache: the fair baseline for every speedup.
 
-    Same arguments, defaults and stopping rules as :func:`speculative_generate_batch`, ``compile`` and
-    ``delayed_host_read`` included (the forward and the commit are compiled; sampling with a generator stays eager).
+    Same arguments, defaults and stopping rules as :func:`speculative_generate_batch`, ``compile``,
+    ``delayed_host_read`` and ``sampling_scheme`` included (the forward and the commit are compiled; sampling with a
+    generator stays eager). With ``sampling_scheme="coupled"`` each token is the Gumbel-max sample keyed by the seed,
+    the prompt and its position: what speculative decoding with that scheme and seed emits.
     Returns ``list[list[int]]``, the continuation of every prompt, or ``(outputs, stats)`` with
     ``return_stats=True`` or ``return_logprobs=True`` (then ``stats.logprobs`` holds the log-probability of every
     emitted token).
@@ -161,7 +176,7 @@ def autoregressive_generate_batch(
     options = resolve_options(model, tokenizer=tokenizer, logits_processor=logits_processor,
                               eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, attention=attention,
                               prefill_chunk=prefill_chunk, compile=compile, delayed_host_read=delayed_host_read,
-                              return_logprobs=return_logprobs, progress=progress)
+                              return_logprobs=return_logprobs, progress=progress, sampling_scheme=sampling_scheme)
     request = resolve_prompts(prompts, model, max_gen_len)
     session = DecodeSession(model, None, request, options, run_seed(seed, generator))
     outputs, stats = session.run()

@@ -12,6 +12,9 @@ to be written in several places live here once:
   run's seed and the prompt's index in the prompt set, at counters that follow how far the prompt has got
   (:class:`~batched_specdec.processors.RowDraws`). So a prompt's seeded samples do not depend on its batch, its
   slot, the schedule or the other prompts.
+* sampling scheme (:func:`check_sampling_scheme`): ``"rejection"`` (the default) or ``"coupled"``
+  (:data:`~batched_specdec.processors.SAMPLING_SCHEMES`): under ``"coupled"`` a seeded sampled output is the same
+  as target-only sampling's with that seed, whatever the drafter, gamma, batch or schedule.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from batched_specdec.checks import (
 from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation
 from batched_specdec.devices import is_cuda
 from batched_specdec.model_info import input_device, max_positions, vocab_size
-from batched_specdec.processors import LogitsProcessor
+from batched_specdec.processors import SAMPLING_SCHEMES, LogitsProcessor
 
 DEFAULT_PAD_TOKEN_ID = 0
 """Fills buffer slots past a row's length. Those slots are masked, so the id never acts as a real token."""
@@ -48,7 +51,8 @@ class DecodeOptions:
 
     ``gamma`` is the draft length (an int, ``"auto"``, or a controller instance built by the caller) and
     ``gamma_max`` the largest draft length of ``"auto"`` (None: the default). ``delayed_host_read`` is resolved
-    for the target's device (on for CUDA with an integer gamma).
+    for the target's device (on for CUDA with an integer gamma). ``sampling_scheme`` is ``"rejection"`` or
+    ``"coupled"`` (:data:`~batched_specdec.processors.SAMPLING_SCHEMES`; greedy decoding is the same under both).
     """
 
     processor: LogitsProcessor
@@ -63,6 +67,7 @@ class DecodeOptions:
     return_logprobs: bool = False
     collect_stats: bool = False
     progress: bool = False
+    sampling_scheme: str = "rejection"
 
     @property
     def adaptive(self) -> bool:
@@ -91,7 +96,8 @@ class DecodeRequest:
 def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor, eos_tokens_id=None,
                     pad_token_id=None, gamma=1, gamma_max=None, attention: str = "auto", prefill_chunk: int = 128,
                     compile: bool = False, delayed_host_read=None, return_logprobs: bool = False,
-                    collect_stats: bool = False, progress: bool = False) -> DecodeOptions:
+                    collect_stats: bool = False, progress: bool = False,
+                    sampling_scheme: str = "rejection") -> DecodeOptions:
     """Check every option and resolve the ones that come from the model (EOS ids, pad id, delayed host read).
 
     Raises
@@ -101,6 +107,7 @@ def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor
     """
     check_attention_settings(attention, prefill_chunk)
     check_processor(logits_processor)
+    sampling_scheme = check_sampling_scheme(sampling_scheme)
     check_tokenizer(tokenizer)
     if not isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         gamma = check_gamma(gamma)
@@ -114,7 +121,8 @@ def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor
     vocab = vocab_size(target)
     eos = resolve_eos(eos_tokens_id, target, tokenizer, vocab)
     options = DecodeOptions(logits_processor, tuple(eos), resolve_pad(pad_token_id, vocab), gamma, gamma_max,
-                            attention, prefill_chunk, compile, False, return_logprobs, collect_stats, progress)
+                            attention, prefill_chunk, compile, False, return_logprobs, collect_stats, progress,
+                            sampling_scheme)
     delayed = resolve_delayed_host_read(delayed_host_read, input_device(target), options.adaptive, gamma)
     return DecodeOptions(**{**options.__dict__, "delayed_host_read": delayed})
 
@@ -145,6 +153,14 @@ def check_processor(logits_processor) -> LogitsProcessor:
     if not isinstance(logits_processor, LogitsProcessor):
         raise OptionError(f"logits_processor must be a LogitsProcessor, got {type(logits_processor).__name__}")
     return logits_processor
+
+
+def check_sampling_scheme(sampling_scheme) -> str:
+    """``sampling_scheme`` must be one of :data:`~batched_specdec.processors.SAMPLING_SCHEMES`."""
+    if not isinstance(sampling_scheme, str) or sampling_scheme not in SAMPLING_SCHEMES:
+        raise OptionError(f"sampling_scheme must be one of {', '.join(map(repr, SAMPLING_SCHEMES))}, got "
+                          f"{sampling_scheme!r}")
+    return sampling_scheme
 
 
 def check_tokenizer(tokenizer) -> None:

@@ -4,6 +4,13 @@ They apply in transformers' order: temperature, then top-k, then top-p. Filtered
 draft samples from exactly the distribution the processor produces, and verification uses that same
 distribution, so any processor keeps speculative decoding lossless with respect to target-only sampling with the
 same processor.
+
+Two sampling schemes (:data:`SAMPLING_SCHEMES`) share the processors. ``"rejection"``: tokens are drawn by inverse
+CDF from counters that follow a row's committed length (:class:`RowDraws`) and drafts are rejection-sampled.
+``"coupled"``: every token is a Gumbel-max sample whose noise is keyed by the row's key and the token's absolute
+position (:mod:`batched_specdec.kernels.coupled_verify`), for the target and the draft alike, and a draft is kept
+iff it equals the target's sample (:meth:`LogitsProcessor.verify_coupled`), so sampled outputs are those of
+target-only sampling with the same seed, whatever the draft.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import torch
 from torch import Tensor
 
 from batched_specdec.checks import OptionError, check_positive_int, check_sampling, check_temperature, check_top_p
-from batched_specdec.kernels import draw_seed_offset
+from batched_specdec.kernels import coupled_verify, draw_seed_offset
 from batched_specdec.kernels.philox import philox_uint31_reference
 
 DRAW_BLOCK = 2**26
@@ -26,26 +33,42 @@ DRAFT_DRAWS = 2**25
 """Where a drafter's counters start in a row's block: two per draft token."""
 SAMPLE_DRAWS = 2**25 + 2**20
 """Where a plain target sample's two counters sit in a row's block (a step without drafts)."""
+SAMPLING_SCHEMES = ("rejection", "coupled")
+"""How sampled tokens are drawn and drafts verified (module docstring); ``"rejection"`` is the default."""
 
 
 @dataclass(frozen=True)
 class RowDraws:
     """Where each row's random numbers come from: ``seeds`` ``(B,)`` int64, each row's Philox key (one per
     prompt: :func:`batched_specdec.options.prompt_seed`), and ``offsets`` ``(B,)`` int64, each row's first counter.
+    Under the ``"coupled"`` scheme also ``positions`` ``(B,)`` int64, the absolute position of each row's next token
+    (its committed length): samples are then Gumbel-max draws keyed by position, not by counter (None: the
+    ``"rejection"`` scheme).
 
-    A session builds one per step, ``RowDraws(row_seeds, seq_lens * DRAW_BLOCK)``, so a row's draws depend on its
-    prompt, the run's seed and how far it has got, never on its slot, its batch or the step count: seeded samples
-    do not change with the batch size, the schedule or the other prompts."""
+    A session builds one per step, ``RowDraws(row_seeds, seq_lens * DRAW_BLOCK[, seq_lens])``, so a row's draws
+    depend on its prompt, the run's seed and how far it has got, never on its slot, its batch or the step count:
+    seeded samples do not change with the batch size, the schedule or the other prompts."""
 
     seeds: Tensor
     offsets: Tensor
+    positions: Tensor | None = None
+
+    @property
+    def coupled(self) -> bool:
+        """Whether samples are Gumbel-max draws keyed by position (the ``"coupled"`` scheme)."""
+        return self.positions is not None
 
     def at(self, first: int) -> RowDraws:
-        """The same rows' counters from ``first`` on within their blocks."""
-        return RowDraws(self.seeds, self.offsets + first)
+        """The same rows' counters from ``first`` on within their blocks (positions unchanged)."""
+        return RowDraws(self.seeds, self.offsets + first, self.positions)
+
+    def draft(self, i: int) -> RowDraws:
+        """The draws of draft token ``i`` (0-based) of a step: counters ``2 * i`` on, position ``i`` further on."""
+        return RowDraws(self.seeds, self.offsets + 2 * i, None if self.positions is None else self.positions + i)
 
     def to(self, device) -> RowDraws:
-        return RowDraws(self.seeds.to(device), self.offsets.to(device))
+        positions = None if self.positions is None else self.positions.to(device)
+        return RowDraws(self.seeds.to(device), self.offsets.to(device), positions)
 
 
 class LogitsProcessor:
@@ -92,21 +115,47 @@ class LogitsProcessor:
             on its position in the batch. None: the positions ``0..B-1``.
         draws : RowDraws, optional
             Each row's Philox key and counters (the session's); then ``generator`` and ``row_keys`` are not used.
+            Coupled draws (``draws.coupled``) take each row's Gumbel-max sample at ``draws.positions``
+            (:meth:`verify_coupled` with no drafts).
 
         Returns
         -------
         tokens : Tensor
             ``(B,)`` int64.
         probs : Tensor or None
-            ``(B, V)`` float32, the exact distribution the tokens were drawn from; ``None`` when greedy.
+            ``(B, V)`` float32, the exact distribution the tokens were drawn from; ``None`` when greedy or coupled
+            (coupled verification reads no draft distribution).
         """
         if self.is_greedy:
             return logits.argmax(dim=-1), None
+        if draws is not None and draws.coupled:
+            empty = torch.zeros(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
+            out, _ = self.verify_coupled(empty, logits[:, None], None, draws.seeds.to(logits.device),
+                                         draws.positions.to(logits.device))
+            return out[:, 0], None
         probs = self.probs(logits)
         if draws is not None:
             return sample_from_probs(probs, draws.seeds, draws.offsets), probs
         seed, offset = draw_seed_offset(generator, probs.device)
         return sample_from_probs(probs, seed, offset, row_keys), probs
+
+    def verify_coupled(self, draft_tokens: Tensor, logits: Tensor, num_draft: Tensor | None, seeds: Tensor,
+                       positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Coupled verification (:func:`batched_specdec.kernels.coupled_verify`) of ``draft_tokens`` ``(B, K)``
+        against ``logits`` ``(B, K + 1, V)`` under this processor: each row's token at position ``positions[b] + j``
+        is the Gumbel-max sample of the processed distribution there, keyed by ``seeds[b]``; drafts are kept while
+        they equal it. A processor that only scales by its temperature has that fused into the kernel; one that
+        filters (top-k, top-p) processes the logits in torch first. Returns ``(out_tokens (B, K + 1), num_accepted
+        (B,))``; ``num_draft`` ``(B,)`` int64 or None (``K`` per row)."""
+        if self.is_greedy:
+            return coupled_verify(draft_tokens, logits, 0.0, num_draft_tokens=num_draft, seed=seeds,
+                                  positions=positions)
+        cls = type(self)
+        if cls.process is LogitsProcessor.process and cls._filter is LogitsProcessor._filter:
+            return coupled_verify(draft_tokens, logits, self.temperature, num_draft_tokens=num_draft, seed=seeds,
+                                  positions=positions)
+        return coupled_verify(draft_tokens, self.process(logits), 1.0, num_draft_tokens=num_draft, seed=seeds,
+                              positions=positions)
 
     def describe(self) -> str:
         """What the processor samples with, in words (``"greedy"``, ``"sampling at temperature 0.7, top-k 50"``)."""

@@ -7,8 +7,9 @@ cache, the drafter, the controller and the compile policy, and is the only thing
 1. plan: the controller picks the step's draft length ``k`` (0..gamma_max);
 2. draft: the drafter proposes up to ``k`` tokens per row (skipped when ``k == 0``);
 3. verify: one target forward over ``[s_b[-1], d_1..d_k]`` per row through the ragged cache;
-4. accept: rejection sampling keeps 0..k drafts per row and adds one recovered or bonus token
-   (:mod:`batched_specdec.decode.accept`); with ``k == 0`` a plain target sample;
+4. accept: rejection sampling (or, with ``sampling_scheme="coupled"``, coupled verification) keeps 0..k drafts
+   per row and adds one recovered or bonus token (:mod:`batched_specdec.decode.accept`); with ``k == 0`` a plain
+   target sample;
 5. commit: the emitted tokens are appended, EOS and budgets checked, the cache pruned to ``|s_b| - 1`` entries
    (``kernels.commit_emitted_tokens``: lengths only, no KV bytes move);
 6. sync: the one host read of the step (:meth:`RaggedBatch.sync`), whose view the controller learns from, and
@@ -286,8 +287,11 @@ class DecodeSession:
         return (self.budgets[rows.host_row_ids] - generated).clamp_min(1)
 
     def _draws(self) -> RowDraws:
-        """Each row's Philox key and this step's first counter: keyed by the prompt and its committed length."""
-        return RowDraws(self.rows.row_seeds, self.rows.seq_lens * DRAW_BLOCK)
+        """Each row's Philox key and this step's first counter: keyed by the prompt and its committed length (under
+        the ``"coupled"`` scheme also that length as the position of the row's next token)."""
+        seq_lens = self.rows.seq_lens
+        positions = seq_lens if self.options.sampling_scheme == "coupled" else None
+        return RowDraws(self.rows.row_seeds, seq_lens * DRAW_BLOCK, positions)
 
     # --- the phases ------------------------------------------------------------------------------------------
 

@@ -81,9 +81,12 @@ class Drafter(ABC):
 
         ``max_seq_len`` is the largest ``seq_lens`` of a live row (known on the host), for sizing attention spans.
         ``draws`` holds each row's Philox key and first counter for this step (the session's
-        :class:`~batched_specdec.processors.RowDraws`, already shifted to the drafter's counters): a sampling
-        drafter draws draft token ``i`` with ``logits_processor.sample(logits, draws=draws.at(2 * i))``, so a row's
-        drafts depend on its prompt and position only, never on its place in the batch. None: greedy only.
+        :class:`~batched_specdec.processors.RowDraws`, already shifted to the drafter's counters; under the
+        ``"coupled"`` scheme also the position of each row's next token): a sampling drafter draws draft token ``i``
+        with ``logits_processor.sample(logits, draws=draws.draft(i))``, so a row's drafts depend on its prompt and
+        position only, never on its place in the batch. Under the ``"coupled"`` scheme that is the Gumbel-max sample
+        of the draft's distribution with the target's noise at position ``seq_lens + i`` (its ``probs`` are None),
+        which makes the draft likely to equal the target's token there. None: greedy only.
         """
 
     def next_sources(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int, gamma_max: int) -> Tensor | None:

@@ -24,7 +24,8 @@ class FeatureDrafter(ModelDrafter):
     a row with fewer rewrites committed pairs with identical inputs) in one forward, reads the predicted feature
     and ``q`` at each row's last committed pair, and continues for ``gamma - 1`` forwards on its own predicted
     features. A row with no committed pair yet (a one-token prompt before its first step) proposes nothing.
-    Lossless as every drafter: ``q`` is exactly the distribution each draft token was sampled from.
+    Lossless as every drafter: ``q`` is exactly the distribution each draft token was sampled from (under the
+    ``"coupled"`` scheme its drafts are Gumbel-max samples with the target's noise, verified by equality).
     """
 
     uses_target_features = True

@@ -90,11 +90,13 @@ class ModelDrafter(Drafter):
     def _sample_chain(self, logits: Tensor, gamma: int, logits_processor, next_logits, draws: RowDraws | None):
         """Sample ``gamma`` draft tokens, the first from ``logits``, each later one from ``next_logits(previous
         token)`` (one draft forward, after which the cache grows by one); returns ``(tokens (B, gamma), q or
-        None)``. Token ``i`` is drawn from ``draws.at(2 * i)``."""
+        None)``. Token ``i`` is drawn from ``draws.draft(i)``: counters ``2 * i`` on, or, coupled draws, the
+        Gumbel-max sample at the position ``i`` past the committed tokens (then q is None: coupled verification
+        reads no draft distribution)."""
         draws = None if draws is None else draws.to(logits.device)
         tokens, probs = [], []
         for i in range(gamma):
-            token, prob = logits_processor.sample(logits, draws=None if draws is None else draws.at(2 * i))
+            token, prob = logits_processor.sample(logits, draws=None if draws is None else draws.draft(i))
             tokens.append(token)
             probs.append(prob)
             if i + 1 < gamma:
