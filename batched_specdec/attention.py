@@ -39,13 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 
-from batched_specdec.checks import OptionError
+from batched_specdec.checks import ATTENTION_BACKENDS, OptionError
 
 RAGGED_ATTENTION = "batched_specdec_ragged"
 """The name under which :func:`ragged_attention_forward` is registered with ``AttentionInterface``."""
-
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")
-"""Values of ``attention=``: see the module docstring."""
 
 FOLD_MAX_QUERIES = 64
 """On CPU, the sdpa backend folds query groups when ``n_rep * Q`` is at most this (see :func:`_sdpa`)."""

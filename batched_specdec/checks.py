@@ -15,6 +15,13 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 """Attention implementations a model is loaded with for the ragged KV cache: both take its ready-made 4D additive
 masks (flash kernels take none). ``auto`` picks per model (:func:`batched_specdec.models.resolve_attn_implementation`)."""
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")
+"""Values of ``attention=``: the attention backend of every forward through the ragged cache
+(:mod:`batched_specdec.attention`)."""
+
+SCHEDULES = ("continuous", "static")
+"""How a prompt set is batched (:mod:`batched_specdec.runner`)."""
+
 GAMMA_MAX_DEFAULT = 8
 """Largest draft length of ``gamma="auto"`` when ``gamma_max`` is not given."""
 
@@ -55,14 +62,14 @@ def check_gamma(gamma) -> int | str:
     return int(gamma)
 
 
-def check_gamma_max(gamma_max, gamma) -> int | None:
+def check_gamma_max(gamma_max, gamma, names: tuple[str, str] = ("gamma_max", "gamma")) -> int | None:
     """The largest draft length of ``gamma="auto"``; None (the default, :data:`GAMMA_MAX_DEFAULT` with auto) or an
-    int >= 1, and only with ``gamma="auto"``."""
+    int >= 1, and only with ``gamma="auto"``. ``names`` are how errors name the two (the CLI: its flags)."""
     if gamma_max is None:
         return None
     if gamma != "auto":
-        raise OptionError(f"gamma_max={gamma_max!r} only applies with gamma='auto', got gamma={gamma!r}")
-    return check_positive_int("gamma_max", gamma_max)
+        raise OptionError(f"{names[0]} {gamma_max!r} only applies with {names[1]} 'auto', got {names[1]} {gamma!r}")
+    return check_positive_int(names[0], gamma_max)
 
 
 def check_seed(seed) -> int | None:
@@ -71,41 +78,47 @@ def check_seed(seed) -> int | None:
     return None if seed is None else int(seed)
 
 
-def check_temperature(temperature) -> float:
+def check_temperature(temperature, name: str = "temperature") -> float:
     """A sampling temperature >= 0; 0 means greedy decoding."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0 \
             or math.isinf(temperature):
-        raise OptionError(f"temperature must be a float >= 0 (0: greedy decoding), got {temperature!r}")
+        raise OptionError(f"{name} must be a float >= 0 (0: greedy decoding), got {temperature!r}")
     return float(temperature)
 
 
-def check_top_k(top_k) -> int | None:
+def check_top_k(top_k, name: str = "top_k") -> int | None:
     """None (off) or an int >= 1."""
-    return None if top_k is None else check_positive_int("top_k", top_k)
+    return None if top_k is None else check_positive_int(name, top_k)
 
 
-def check_top_p(top_p) -> float | None:
+def check_top_p(top_p, name: str = "top_p") -> float | None:
     """None (off) or a float in (0, 1]."""
     if top_p is None:
         return None
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
-        raise OptionError(f"top_p must be a float in (0, 1], got {top_p!r}")
+        raise OptionError(f"{name} must be a float in (0, 1], got {top_p!r}")
     return float(top_p)
 
 
-def check_sampling(temperature, top_k, top_p) -> tuple[float, int | None, float | None]:
-    """Temperature, top-k and top-p together: top-k and top-p need sampling (temperature > 0)."""
-    temperature, top_k, top_p = check_temperature(temperature), check_top_k(top_k), check_top_p(top_p)
-    if temperature == 0 and (top_k is not None or top_p is not None):
-        raise OptionError(f"top_k/top_p need sampling (got top_k={top_k!r}, top_p={top_p!r}): set temperature > 0 "
-                          "(temperature 0 means greedy decoding)")
-    return temperature, top_k, top_p
+def check_sampling(temperature, top_k, top_p, names: tuple[str, str, str] = ("temperature", "top_k", "top_p")
+                   ) -> tuple[float, int | None, float | None]:
+    """Temperature, top-k and top-p, each checked. With temperature 0 (greedy decoding) top-k and top-p change
+    nothing and are ignored, as ``model.generate`` ignores them without ``do_sample``
+    (:func:`ignored_under_greedy` names them for a warning)."""
+    return (check_temperature(temperature, names[0]), check_top_k(top_k, names[1]), check_top_p(top_p, names[2]))
 
 
-def check_ngram_sizes(max_ngram, min_ngram) -> tuple[int, int]:
-    """``1 <= min_ngram <= max_ngram``."""
-    min_ngram = check_positive_int("min_ngram", min_ngram)
-    max_ngram = check_positive_int("max_ngram", max_ngram)
+def ignored_under_greedy(temperature, top_k, top_p, names: tuple[str, str] = ("top_k", "top_p")) -> list[str]:
+    """``"name=value"`` of each of top-k and top-p that is set although temperature 0 decodes greedily."""
+    if temperature != 0:
+        return []
+    return [f"{name}={value!r}" for name, value in zip(names, (top_k, top_p)) if value is not None]
+
+
+def check_ngram_sizes(max_ngram, min_ngram, names: tuple[str, str] = ("max_ngram", "min_ngram")) -> tuple[int, int]:
+    """``1 <= min_ngram <= max_ngram``; ``names`` are how errors name the two (the CLI: its flags)."""
+    min_ngram = check_positive_int(names[1], min_ngram)
+    max_ngram = check_positive_int(names[0], max_ngram)
     if max_ngram < min_ngram:
-        raise OptionError(f"max_ngram must be >= min_ngram ({min_ngram}), got {max_ngram!r}")
+        raise OptionError(f"{names[0]} must be >= {names[1]} ({min_ngram}), got {max_ngram!r}")
     return max_ngram, min_ngram

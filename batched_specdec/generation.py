@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from batched_specdec.options import normalise_prompts, resolve_options
 from batched_specdec.processors import GreedyProcessor, LogitsProcessor, make_processor
 from batched_specdec.prompts import encode_prompts
 from batched_specdec.ragged_cache import PREFILL_CHUNK
-from batched_specdec.runner import check_schedule, decode_prompt_set
+from batched_specdec.runner import PromptResult, check_schedule, decode_prompt_set
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationResult", "SamplingSettings", "generate", "resolve_sampling"]
 
@@ -111,6 +112,10 @@ class GenerationResult:
         static one).
     batches : list of list of int
         The prompt indices of each session.
+    finish_reasons : list of str
+        Why each prompt's generation ended: ``"stop"`` at an EOS id, ``"length"`` at its token budget.
+    num_generated_tokens : list of int
+        Each prompt's number of generated tokens (``len(token_ids[i])``).
     logprobs : list of list of float or None
         With ``return_logprobs=True``: per emitted token, the target's log-probability under the processed
         distribution it was sampled from (aligned with ``token_ids``).
@@ -121,6 +126,8 @@ class GenerationResult:
     stats: GenerationStats
     batch_stats: list[GenerationStats]
     batches: list[list[int]]
+    finish_reasons: list[str]
+    num_generated_tokens: list[int]
     logprobs: list[list[float]] | None = None
 
 
@@ -195,6 +202,18 @@ def _sampling_processor(effective: dict) -> LogitsProcessor:
     return make_processor(float(temperature), int(top_k) if top_k else None, float(top_p) if top_p < 1 else None)
 
 
+def _warn_ignored_sampling(effective: dict, sources: dict, model_source: str) -> None:
+    """Warn, as ``model.generate`` does, that sampling settings the caller set do nothing without ``do_sample``
+    (greedy decoding ignores them; the target's own generation_config is not warned about)."""
+    ignored = [f"{k}={effective[k]!r}" for k in ("temperature", "top_k", "top_p", *sorted(SAMPLING_ONLY))
+               if k in effective and sources[k] != model_source and not _is_neutral(k, effective[k])
+               and not (k in TRANSFORMERS_DEFAULTS and effective[k] == TRANSFORMERS_DEFAULTS[k])]
+    if ignored:
+        warnings.warn(f"do_sample is not True, so {', '.join(ignored)} only apply to sampling and are ignored: "
+                      "generate() decodes greedily, as model.generate does (pass do_sample=True to sample)",
+                      UserWarning, stacklevel=4)
+
+
 def resolve_sampling(target, generation_config=None, **overrides) -> SamplingSettings:
     """Resolve the decoding settings as ``model.generate`` does, and refuse what cannot be honoured exactly.
 
@@ -231,6 +250,8 @@ def resolve_sampling(target, generation_config=None, **overrides) -> SamplingSet
             effective[key], sources[key] = value, source
     do_sample = bool(effective.get("do_sample", False))
     _refuse_unsupported(effective, sources, do_sample)
+    if not do_sample:
+        _warn_ignored_sampling(effective, sources, layers[2][0])
     processor = _sampling_processor(effective)
     max_new = effective.get("max_new_tokens")
     if max_new is not None:
@@ -270,14 +291,16 @@ def _encode(prompts, tokenizer, chat_template: bool | None) -> list:
     return encode_prompts(tokenizer, list(prompts), chat_template=chat_template)
 
 
-def _resolve_draft(draft, target, attention: str, prefill_chunk: int, compile: bool):
-    """A drafter for ``draft`` (None: target-only decoding), checked before any compute."""
+def _resolve_draft(draft, target, tokenizer, attention: str, prefill_chunk: int, compile: bool):
+    """A drafter for ``draft`` (None: target-only decoding), checked before any compute; a draft model loaded from a
+    spec must share ``tokenizer`` (where both are at hand)."""
     if draft is None:
         return None
     if isinstance(draft, str):
         from batched_specdec.models import load_draft
 
-        draft = load_draft(draft, target, device=input_device(target), dtype=target.dtype, quiet=True)
+        draft = load_draft(draft, target, device=input_device(target), dtype=target.dtype, quiet=True,
+                           target_tokenizer=tokenizer)
     return as_drafter(draft, vocab_size(target), attention=attention, prefill_chunk=prefill_chunk, compile=compile)
 
 
@@ -314,6 +337,7 @@ def generate(
     seed: int | None = None,
     return_logprobs: bool = False,
     progress: bool = False,
+    on_result: Callable[[PromptResult], None] | None = None,
     attention: str = "auto",
     prefill_chunk: int = PREFILL_CHUNK,
     compile: bool = False,
@@ -365,6 +389,11 @@ def generate(
         Fill ``.logprobs`` (and ``.stats.logprobs``).
     progress : bool
         A progress bar counting finished prompts and generated tokens.
+    on_result : callable, optional
+        ``on_result(result)`` receives each prompt's :class:`~batched_specdec.runner.PromptResult` (``index`` in
+        ``prompts``, ``token_ids``, ``finish_reason``, ``logprobs``, and ``text`` when a tokenizer is given) as soon
+        as the prompt finishes, in finishing order, so a long run can save its results as it goes
+        (``on_result=lambda r: out.write(json.dumps(vars(r)) + "\\n")``).
     attention, prefill_chunk :
         As in :func:`~batched_specdec.speculative_generate_batch`: the attention backend (default ``"auto"``) and
         the prompt tokens per row per prefill forward.
@@ -390,14 +419,30 @@ def generate(
                               attention=attention, prefill_chunk=prefill_chunk, compile=compile,
                               return_logprobs=return_logprobs, progress=progress)
     batch_size, seed = check_positive_int("batch_size", batch_size), check_seed(seed)
-    drafter = _resolve_draft(draft, target, attention, prefill_chunk, compile)
+    drafter = _resolve_draft(draft, target, tokenizer, attention, prefill_chunk, compile)
     ids = _encode(prompts, tokenizer, chat_template)
     vocab, positions = vocab_size(target), max_positions(target)
     rows = normalise_prompts(ids, vocab, [0] * len(ids), None)
     max_gen_lens = _max_gen_lens(rows, settings, positions)
     normalise_prompts(rows, vocab, max_gen_lens, positions)
+    if on_result is not None and not callable(on_result):
+        raise OptionError(f"on_result must be a callable taking a PromptResult, or None, got {on_result!r}")
     result = decode_prompt_set(target, drafter, rows, max_gen_lens, options, batch_size=batch_size, seed=seed,
-                               schedule=check_schedule(schedule))
+                               schedule=check_schedule(schedule), on_result=_with_text(on_result, tokenizer))
     texts = None if tokenizer is None else tokenizer.batch_decode(result.outputs, skip_special_tokens=True)
     return GenerationResult(texts=texts, token_ids=result.outputs, stats=result.stats,
-                            batch_stats=result.batch_stats, batches=result.batches, logprobs=result.stats.logprobs)
+                            batch_stats=result.batch_stats, batches=result.batches,
+                            finish_reasons=result.finish_reasons, num_generated_tokens=result.stats.generated,
+                            logprobs=result.stats.logprobs)
+
+
+def _with_text(on_result, tokenizer):
+    """``on_result`` with each result's ``text`` decoded first (when there is a tokenizer)."""
+    if on_result is None or tokenizer is None:
+        return on_result
+
+    def hand_over(result: PromptResult) -> None:
+        result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        on_result(result)
+
+    return hand_over

@@ -357,6 +357,7 @@ def load_draft(
     quiet: bool = False,
     max_ngram: int = 3,
     min_ngram: int = 1,
+    target_tokenizer=None,
 ):
     """Load a draft: ``"auto"`` (the default: ``"hybrid"`` when a shipped draft fits the target, else ``"ngram"``),
     ``"ngram"`` (model-free), ``"hybrid"`` (a :class:`~batched_specdec.drafting.HybridDrafter`: per row, the n-gram
@@ -369,7 +370,8 @@ def load_draft(
 
     A draft model's vocabulary must be the target's or a prefix of it (``V_draft <= V_target``, as the engine
     requires: Qwen2.5 0.5B/1.5B/3B have 151936 rows, 7B and up 152064); a larger one is reported here, before any
-    compute.
+    compute. With ``target_tokenizer``, a draft model whose own tokenizer maps an id of the shared range to another
+    token is refused by name (:func:`check_same_tokenizer`).
     Returns an :class:`~batched_specdec.drafting.NGramDrafter`, a :class:`~batched_specdec.drafting.HybridDrafter`, a
     :class:`~batched_specdec.drafting.heads.SubsetHeadDraft` or ``FeatureHeadDraft`` (on the target's device, in its
     dtype) or an HF causal LM.
@@ -411,7 +413,29 @@ def load_draft(
                 f"draft {spec!r} has a vocabulary of {draft_vocab} tokens, more than the target's {target_vocab}; "
                 "a draft model's vocabulary must be the target's or a prefix of it (same tokenizer)"
             )
+        if target_tokenizer is not None:
+            check_same_tokenizer(spec, model_dir, target_tokenizer, draft_vocab)
     return model
+
+
+def check_same_tokenizer(spec: str, model_dir, target_tokenizer, draft_vocab: int) -> None:
+    """Refuse a draft model whose tokenizer (in ``model_dir``, where it has one) gives an id below ``draft_vocab``
+    another token than the target's tokenizer does: its drafts would be read as other tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        draft_tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return  # no tokenizer files beside the weights: nothing to compare
+    draft_ids = {i: t for t, i in draft_tokenizer.get_vocab().items() if i < draft_vocab}
+    target_ids = {i: t for t, i in target_tokenizer.get_vocab().items() if i < draft_vocab}
+    for i in sorted(set(draft_ids) | set(target_ids)):
+        if draft_ids.get(i) != target_ids.get(i):
+            raise OptionError(
+                f"draft {spec!r} does not share the target's tokenizer: token id {i} is {draft_ids.get(i)!r} in the "
+                f"draft's tokenizer and {target_ids.get(i)!r} in the target's; a draft model must use the target's "
+                "tokenizer"
+            )
 
 
 def shipped_draft_fits(target) -> bool:

@@ -25,15 +25,46 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from batched_specdec.checks import OptionError, check_positive_int, check_seed
+from batched_specdec.checks import SCHEDULES, OptionError, check_positive_int, check_seed
 from batched_specdec.decode.session import DecodeSession
 from batched_specdec.decode.stats import GenerationStats, in_prompt_order, merge_stats
 from batched_specdec.drafting.base import Drafter
 from batched_specdec.model_info import input_device
 from batched_specdec.options import DecodeOptions, DecodeRequest, run_seed
 
-SCHEDULES = ("continuous", "static")
-"""How a prompt set is batched: see the module docstring."""
+FINISH_REASONS = ("stop", "length")
+"""Why a prompt's generation ended: ``stop`` at one of the EOS ids (the last token is that id), ``length`` at its
+token budget."""
+
+
+def finish_reason(tokens: list[int], eos_token_ids) -> str:
+    """``"stop"`` when ``tokens`` ends in an EOS id, else ``"length"`` (the budget ran out)."""
+    return "stop" if tokens and tokens[-1] in eos_token_ids else "length"
+
+
+@dataclass
+class PromptResult:
+    """One prompt's result, handed to ``on_result`` as soon as the prompt finishes.
+
+    Attributes
+    ----------
+    index : int
+        The prompt's index in the decoded list.
+    token_ids : list of int
+        Its continuation (prompt excluded).
+    finish_reason : str
+        ``"stop"`` or ``"length"`` (:data:`FINISH_REASONS`).
+    logprobs : list of float or None
+        With ``return_logprobs``: each emitted token's log-probability under the processed target distribution.
+    text : str or None
+        The decoded continuation, where the caller has a tokenizer (:func:`~batched_specdec.generate`).
+    """
+
+    index: int
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+    text: str | None = None
 
 
 @dataclass
@@ -50,12 +81,15 @@ class PromptSetResult:
         Each session's own stats, in the order they ran (one for the continuous schedule).
     batches : list of list of int
         The prompt indices of each session, in the order they entered it.
+    finish_reasons : list of str
+        Each prompt's finish reason (:data:`FINISH_REASONS`), in prompt order.
     """
 
     outputs: list[list[int]]
     stats: GenerationStats
     batch_stats: list[GenerationStats]
     batches: list[list[int]]
+    finish_reasons: list[str]
 
 
 def length_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -74,7 +108,8 @@ def check_schedule(schedule) -> str:
 def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], max_gen_lens: list[int],
                       options: DecodeOptions, *, batch_size: int, seed: int | None = None,
                       schedule: str = "continuous", prompt_ids: list[int] | None = None,
-                      on_prompt: Callable[[int, int], None] | None = None) -> PromptSetResult:
+                      on_prompt: Callable[[int, int], None] | None = None,
+                      on_result: Callable[[PromptResult], None] | None = None) -> PromptSetResult:
     """Decode checked prompts ``rows`` (token-id lists) with per-prompt budgets ``max_gen_lens``.
 
     Parameters
@@ -95,18 +130,26 @@ def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], ma
         Default ``0..len(rows)-1``.
     on_prompt : callable, optional
         ``on_prompt(prompts_done, tokens_generated)`` as prompts finish (the CLI's progress display).
+    on_result : callable, optional
+        ``on_result(PromptResult)`` for every prompt, as soon as it finishes, in finishing order (the continuous
+        schedule; the static one hands over each batch's prompts when the batch ends). An exception it raises
+        stops the run; the prompts handed over before it are complete.
     """
     batch_size, schedule = check_positive_int("batch_size", batch_size), check_schedule(schedule)
     seed = run_seed(check_seed(seed), None)
     if not rows:  # a process' empty shard of a prompt set smaller than the number of processes
-        return PromptSetResult([], merge_stats([], [], 0), [], [])
+        return PromptSetResult([], merge_stats([], [], 0), [], [], [])
     keys = list(range(len(rows))) if prompt_ids is None else list(prompt_ids)
     device = input_device(target)
     progress = _Progress(options.progress, len(rows), "target-only" if drafter is None else "speculative", on_prompt)
     options = replace(options, progress=False)
+    eos = frozenset(options.eos_token_ids)
+    hand_over = None if on_result is None else \
+        (lambda i, tokens, lps: on_result(PromptResult(i, tokens, finish_reason(tokens, eos), lps)))
     if schedule == "continuous":
         request = DecodeRequest(rows, max_gen_lens, device, keys)
-        out, stats = _continuous(DecodeSession(target, drafter, request, options, seed, slots=batch_size), progress)
+        session = DecodeSession(target, drafter, request, options, seed, slots=batch_size)
+        out, stats = _continuous(session, progress, hand_over)
         batches, outputs, batch_stats = [list(range(len(rows)))], [out], [stats]
     else:
         batches, outputs, batch_stats = length_sorted_batches(rows, batch_size), [], []
@@ -117,17 +160,22 @@ def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], ma
             outputs.append(out)
             batch_stats.append(stats)
             progress.done(len(indices), stats.generated_tokens)
+            for j, i in enumerate(indices) if hand_over is not None else ():
+                hand_over(i, out[j], None if stats.logprobs is None else stats.logprobs[j])
     progress.close()
     merged = merge_stats(batch_stats, batches, len(rows))
-    return PromptSetResult(in_prompt_order(outputs, batches, len(rows)), merged, batch_stats, batches)
+    ordered = in_prompt_order(outputs, batches, len(rows))
+    return PromptSetResult(ordered, merged, batch_stats, batches, [finish_reason(o, eos) for o in ordered])
 
 
-def _continuous(session: DecodeSession, progress: _Progress) -> tuple[list[list[int]], GenerationStats]:
+def _continuous(session: DecodeSession, progress: _Progress, hand_over=None) -> tuple[list[list[int]], GenerationStats]:
     """Step ``session`` until every prompt of its request has been decoded, refilling finished rows from the queue
-    (in prompt order). Returns the outputs (prompt order) and the stats."""
+    (in prompt order); ``hand_over(prompt, tokens, logprobs)`` receives each prompt as it finishes. Returns the
+    outputs (prompt order) and the stats."""
     t0, graphs0 = session.start()
     total = len(session.request.rows)
     queue = deque(range(session.rows.size, total))
+    handed: set[int] = set()
     while True:
         refilling = bool(queue)
         done = session.step(refilling)
@@ -139,9 +187,26 @@ def _continuous(session: DecodeSession, progress: _Progress) -> tuple[list[list[
         finished = total - len(queue) - int((~view.finished).sum())  # entered minus still decoding
         if finished != progress.prompts:
             progress.update(finished, view.generated)
+            if hand_over is not None:
+                handed |= _hand_over_finished(session, hand_over)
         if done and not refilling:
             break
-    return session.finish(t0, graphs0)
+    outputs, stats = session.finish(t0, graphs0)
+    for i in range(total) if hand_over is not None else ():
+        if i not in handed:  # rows that finished in the last step
+            hand_over(i, outputs[i], None if stats.logprobs is None else stats.logprobs[i])
+    return outputs, stats
+
+
+def _hand_over_finished(session: DecodeSession, hand_over) -> set[int]:
+    """Copy out the rows that finished since the last call and hand their prompts over (one host read); returns
+    the prompts handed over."""
+    rows = session.rows
+    rows.retire(rows.retirable())
+    results = rows.collect()
+    for i, (tokens, lps) in results.items():
+        hand_over(i, tokens, lps)
+    return set(results)
 
 
 def _admit(session: DecodeSession, prompts: list[int], queue: deque) -> None:

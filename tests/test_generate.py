@@ -4,6 +4,7 @@ GenerationConfig, token-id prompts on tiny models, and every error case before a
 from __future__ import annotations
 
 import copy
+import json
 import importlib.util
 
 import numpy as np
@@ -180,7 +181,8 @@ def test_settings_follow_model_generate_precedence(tiny):
     assert resolve_sampling(model, GenerationConfig(max_length=30)).max_length == 30
     # fields that cannot change the tokens are accepted; sampling-only fields do not matter when greedy
     resolve_sampling(model, GenerationConfig(pad_token_id=3, use_cache=False, output_scores=True, num_beams=1))
-    resolve_sampling(model, do_sample=False, min_p=0.1, typical_p=0.5)
+    with pytest.warns(UserWarning, match="min_p=0.1, typical_p=0.5 only apply to sampling"):
+        resolve_sampling(model, do_sample=False, min_p=0.1, typical_p=0.5)
 
 
 def test_default_budget_is_capped_to_the_context(tiny):
@@ -302,3 +304,60 @@ def test_draft_with_a_larger_vocabulary_is_refused_before_compute(tiny):
     model = _no_compute(copy.deepcopy(tiny[0]))
     with pytest.raises(ValueError, match="draft vocabulary size 128 is larger"):
         generate([[1, 2]], model, tiny_causal_lm("llama", vocab_size=128), max_new_tokens=2)
+
+
+def test_results_stream_as_prompts_finish_with_finish_reasons(tiny):
+    """on_result receives every prompt once, as it finishes (the short budgets first), with the tokens, the finish
+    reason and the count that the returned result holds."""
+    target, draft = tiny
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [3, 3, 4, 5, 3, 3], [4, 4], [6, 5, 4, 3]]
+    eos = greedy_reference(target, prompts[1], 3, [])[-1]  # prompt 1 stops at its third token
+    for schedule in ("continuous", "static"):
+        seen = []
+        result = generate(prompts, target, draft, max_new_tokens=8, eos_token_id=[eos], batch_size=2,
+                          schedule=schedule, on_result=seen.append)
+        assert sorted(r.index for r in seen) == list(range(5))
+        assert all(r.token_ids == result.token_ids[r.index] and r.text is None for r in seen)
+        assert [r.finish_reason for r in sorted(seen, key=lambda r: r.index)] == result.finish_reasons
+        assert result.finish_reasons[1] == "stop" and result.token_ids[1][-1] == eos
+        assert all(reason == "stop" or len(t) == 8 for reason, t in zip(result.finish_reasons, result.token_ids))
+        assert result.num_generated_tokens == [len(t) for t in result.token_ids]
+    with pytest.raises(ValueError, match="on_result must be a callable"):
+        generate(prompts, target, None, max_new_tokens=2, on_result="print")
+
+
+def test_sampling_settings_under_greedy_decoding_warn_and_are_ignored(tiny):
+    """As model.generate: without do_sample, top_p and temperature the caller set are ignored with a warning naming
+    them; the target's own generation_config does not warn."""
+    model = copy.deepcopy(tiny[0])
+    with pytest.warns(UserWarning, match=r"temperature=0.5, top_p=0.9 only apply to sampling and are ignored"):
+        assert isinstance(resolve_sampling(model, top_p=0.9, temperature=0.5).processor, GreedyProcessor)
+    model.generation_config = GenerationConfig(temperature=0.6, top_p=0.8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(resolve_sampling(model).processor, GreedyProcessor)
+
+
+def test_draft_with_another_tokenizer_is_refused_by_name(tmp_path):
+    """A draft model whose tokenizer maps an id to another token than the target's is refused, naming the id."""
+    from test_models import make_tiny_model_dir
+
+    from batched_specdec.checks import OptionError
+    from batched_specdec.models import load_draft, load_target
+
+    target, tokenizer = load_target(make_tiny_model_dir(tmp_path / "target"), device="cpu", quiet=True)
+    same = make_tiny_model_dir(tmp_path / "same", seed=1)
+    assert load_draft(same, target, target_tokenizer=tokenizer) is not None
+    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    from transformers import AutoTokenizer
+
+    swapped = AutoTokenizer.from_pretrained(other)
+    vocab = swapped.get_vocab()
+    first, second = sorted(vocab, key=vocab.get)[5:7]
+    backend = json.loads(swapped.backend_tokenizer.to_str())
+    backend["model"]["vocab"][first], backend["model"]["vocab"][second] = vocab[second], vocab[first]
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(backend))
+    with pytest.raises(OptionError, match=f"token id 5 is {second!r} in the draft's tokenizer and {first!r}"):
+        load_draft(other, target, target_tokenizer=tokenizer)

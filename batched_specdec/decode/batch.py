@@ -80,6 +80,7 @@ class RaggedBatch:
                              torch.zeros(0, batch, dtype=torch.int64))
         self.left_generated = 0  # tokens of rows that left the batch or their slot
         self.retired: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # (ids host, tokens, lens, logprobs)
+        self.collected: dict[int, tuple[list[int], list[float] | None]] = {}  # read to the host, by prompt index
         self.live_row_steps = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
         self.last_width = 0  # tokens per row the last commit may have added
         self.delayed = delayed_host_read
@@ -253,16 +254,24 @@ class RaggedBatch:
 
     def results(self) -> tuple[dict[int, list[int]], dict[int, list[float]] | None]:
         """Every prompt's continuation (and log-probabilities), by prompt index: the rows still in the batch are
-        retired first. One host read of what was copied out."""
+        retired first."""
         self.retire(torch.nonzero(~self.host_retired).flatten())
-        outputs: dict[int, list[int]] = {}
-        logprobs: dict[int, list[float]] | None = None if self.logprob_buffer is None else {}
+        self.collect()
+        outputs = {i: tokens for i, (tokens, _) in self.collected.items()}
+        logprobs = None if self.logprob_buffer is None else {i: lps for i, (_, lps) in self.collected.items()}
+        return outputs, logprobs
+
+    def collect(self) -> dict[int, tuple[list[int], list[float] | None]]:
+        """The results retired since the last call, by prompt index: ``(tokens, logprobs or None)``. One host read
+        of what was copied out (none when nothing was)."""
+        new: dict[int, tuple[list[int], list[float] | None]] = {}
         for ids, tokens, lens, lps in self.retired:
             tokens, lens = tokens.cpu(), lens.cpu().tolist()
             values = None if lps is None else lps.cpu()
             for r, i in enumerate(ids.tolist()):
                 start = self.prompt_lens[i]
-                outputs[i] = tokens[r, start : lens[r]].tolist()
-                if logprobs is not None:
-                    logprobs[i] = values[r, start : lens[r]].tolist()
-        return outputs, logprobs
+                new[i] = (tokens[r, start : lens[r]].tolist(), None if values is None else
+                          values[r, start : lens[r]].tolist())
+        self.retired.clear()
+        self.collected.update(new)
+        return new
