@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from batched_specdec.checks import (
+    ATTENTION_BACKENDS,
     ATTN_IMPLEMENTATIONS,
     GAMMA_MAX_DEFAULT,
+    SCHEDULES,
     OptionError,
     check_gamma,
     check_gamma_max,
@@ -22,6 +24,7 @@ from batched_specdec.checks import (
     check_positive_int,
     check_sampling,
 )
+from batched_specdec.prompts import BUILTIN_NUM_PROMPTS
 
 PROG = "python -m batched_specdec.main"
 
@@ -51,17 +54,29 @@ class RunConfig:
     attention: str = "auto"
     prefill_chunk: int = 128
     compile: bool = False
-    num_prompts: int = 8
+    num_prompts: int | None = None
     prompts: str | None = None
     output_dir: str = "outputs"
     show_output: bool = False
     no_baseline: bool = False
+    resume: bool = False
+    logprobs: bool = False
     time_split: bool = False
-    repeats: int = 3
+    repeats: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.repeats is None:  # a timing comparison repeats; a run without a baseline only generates
+            self.repeats = 1 if self.no_baseline else REPEATS_DEFAULT
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+REPEATS_DEFAULT = 3
+"""``--repeats`` with a baseline; without one (``--no-baseline``) the default is 1."""
+
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
+"""Values of ``--dtype`` (the short names are aliases: :data:`batched_specdec.models.DTYPES`)."""
 
 FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
 VALID_KEYS = tuple(FIELD_TYPES)
@@ -136,42 +151,74 @@ def normalize_keys(data: dict[str, Any], *, source: str = "config") -> dict[str,
     return out
 
 
-def build_config(file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None) -> RunConfig:
-    """Merge defaults, config-file values and explicitly given CLI values (``None`` means not given), then check."""
-    merged = RunConfig().as_dict()
+def flag(key: str) -> str:
+    """The command-line flag of a config key: ``batch_size`` -> ``--batch-size``."""
+    return "--" + key.replace("_", "-")
+
+
+def build_config(file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None,
+                 file_name: str | None = None) -> RunConfig:
+    """Merge defaults, config-file values and explicitly given CLI values (``None`` means not given), then check.
+    An error names a value by its flag, or by its key and the config file ``file_name`` when it came from there."""
+    merged = {f.name: f.default for f in fields(RunConfig)}
+    names = {key: flag(key) for key in merged}
     merged.update(file_values or {})
-    merged.update({k: v for k, v in (cli_values or {}).items() if v is not None})
+    names.update({key: f"{key} (config file {file_name!r})" for key in (file_values or {}) if file_name})
+    given = {k: v for k, v in (cli_values or {}).items() if v is not None}
+    merged.update(given)
+    names.update({key: flag(key) for key in given})
     merged["gamma"] = parse_gamma(merged["gamma"])
     config = RunConfig(**merged)
-    validate(config)
+    validate(config, names)
     return config
 
 
-def validate(config: RunConfig) -> None:
-    """Check every value with the library's checks (:mod:`batched_specdec.checks`), then what only the CLI has."""
-    check_gamma_max(config.gamma_max, check_gamma(config.gamma))
-    for name in ("batch_size", "max_new_tokens", "num_prompts", "prefill_chunk", "repeats"):
-        check_positive_int(name, getattr(config, name))
-    check_sampling(config.temperature, config.top_k, config.top_p)
-    check_ngram_sizes(config.ngram_max, config.ngram_min)
-    if not (config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda")):
-        raise ConfigError(f"unknown device {config.device!r}: expected auto, cpu, cuda or cuda:N")
-    if config.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(f"unknown attn_implementation {config.attn_implementation!r}: expected one of "
-                          f"{', '.join(ATTN_IMPLEMENTATIONS)}")
-    from batched_specdec.attention import ATTENTION_BACKENDS
+def validate(config: RunConfig, names: dict[str, str] | None = None) -> None:
+    """Check every value with the library's checks (:mod:`batched_specdec.checks`), then what only the CLI has.
+    ``names`` maps a key to how errors name it (default: its flag)."""
+    def name(key: str) -> str:
+        return (names or {}).get(key, flag(key))
 
-    if config.attention not in ATTENTION_BACKENDS:
-        raise ConfigError(f"unknown attention backend {config.attention!r}: expected one of "
-                          f"{', '.join(ATTENTION_BACKENDS)}")
-    if config.schedule not in ("continuous", "static"):
-        raise ConfigError(f"schedule must be one of continuous, static, got {config.schedule!r}")
+    check_gamma_max(config.gamma_max, check_gamma(config.gamma), (name("gamma_max"), name("gamma")))
+    for key in ("batch_size", "max_new_tokens", "num_prompts", "prefill_chunk", "repeats"):
+        if getattr(config, key) is not None:
+            check_positive_int(name(key), getattr(config, key))
+    check_sampling(config.temperature, config.top_k, config.top_p, (name("temperature"), name("top_k"), name("top_p")))
+    check_ngram_sizes(config.ngram_max, config.ngram_min, (name("ngram_max"), name("ngram_min")))
+    _check_device(config.device, name("device"))
+    for key, choices in (("dtype", DTYPES), ("attn_implementation", ATTN_IMPLEMENTATIONS),
+                         ("attention", ATTENTION_BACKENDS), ("schedule", SCHEDULES)):
+        if getattr(config, key) not in choices:
+            raise ConfigError(f"{name(key)} {getattr(config, key)!r} is not one of {', '.join(choices)}")
     if not config.target or not config.draft:
-        raise ConfigError("target and draft must not be empty")
+        raise ConfigError(f"{name('target')} and {name('draft')} must not be empty")
     if config.draft.lower() not in ("ngram", "hybrid", "auto") and \
             (config.ngram_max, config.ngram_min) != (RunConfig.ngram_max, RunConfig.ngram_min):
-        raise ConfigError(f"ngram_max/ngram_min apply to --draft ngram, hybrid and auto only, but the draft is "
-                          f"{config.draft!r}")
+        raise ConfigError(f"{name('ngram_max')}/{name('ngram_min')} apply to --draft ngram, hybrid and auto only, but "
+                          f"the draft is {config.draft!r}")
+    if config.resume and not config.no_baseline:
+        raise ConfigError(f"{name('resume')} continues a generation run: it needs {name('no_baseline')} (a timing "
+                          "comparison with a baseline is rerun whole)")
+    if config.logprobs and not config.no_baseline:
+        raise ConfigError(f"{name('logprobs')} writes log-probabilities to outputs.jsonl, which runs with "
+                          f"{name('no_baseline')} write")
+    if config.resume and config.repeats != 1:
+        raise ConfigError(f"{name('resume')} needs {name('repeats')} 1 (the default with --no-baseline), got "
+                          f"{config.repeats}")
+
+
+def _check_device(device: str, name: str) -> None:
+    """auto, cpu, cuda or cuda:N, and CUDA only where torch sees a GPU."""
+    index = device[len("cuda:"):] if device.startswith("cuda:") else "0"
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and index.isdigit()):
+        raise ConfigError(f"{name} {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{name} {device}: CUDA is not available on this machine; use --device cpu or auto")
+        if int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -241,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompts decoded at the same time (the batch's slots) [default: {d.batch_size}]")
     p.add_argument(
         "--schedule",
+        choices=SCHEDULES,
         help="continuous: a prompt that finishes leaves its slot to the next queued prompt while the others keep "
         "decoding; static: batches of similar prompt length, one after another (both methods alike) "
         f"[default: {d.schedule}]",
@@ -261,21 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed", type=int,
-        help="random seed for sampling (each batch derives its own stream from it and its first prompt's index; "
-        f"outputs reproduce with an integer --gamma, not with auto) [default: {d.seed}]",
+        help="random seed for sampling: each prompt draws from its own stream, keyed by the seed and the prompt's "
+        "index in the prompt set, so its tokens do not depend on the batch size, the schedule or the other prompts; "
+        f"outputs reproduce with an integer --gamma, not with auto [default: {d.seed}]",
     )
-    p.add_argument("--device", help=f"auto (cuda if available, else cpu), cpu, cuda or cuda:N [default: {d.device}]")
+    p.add_argument("--device", metavar="{auto,cpu,cuda,cuda:N}",
+                   help=f"auto (cuda if available, else cpu), cpu, cuda or cuda:N [default: {d.device}]")
     p.add_argument(
-        "--dtype", help=f"auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16 [default: {d.dtype}]"
+        "--dtype", choices=DTYPES, metavar="{auto,float32,float16,bfloat16}",
+        help=f"auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16 (or fp32, fp16, half, bf16) "
+        f"[default: {d.dtype}]"
     )
     p.add_argument(
         "--attn-implementation",
+        choices=ATTN_IMPLEMENTATIONS,
         help="attention of the target and a model draft: auto (sdpa where the model supports it, else eager, "
         "e.g. for Gemma-2, whose soft-capped attention sdpa cannot do), sdpa or eager "
         f"[default: {d.attn_implementation}]",
     )
     p.add_argument(
         "--attention",
+        choices=ATTENTION_BACKENDS,
         help="attention backend of every forward through the ragged cache: auto (= sdpa), sdpa (query groups "
         "folded, K/V read in place), flex (compiled flex_attention that skips key blocks past each row's length; "
         "on CPU it compiles once per shape), dense (the previous dense-mask path, a reference) "
@@ -291,20 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="compile the decode step of both methods (torch.compile, fullgraph; CUDA graphs on CUDA): outputs are "
-        "unchanged, each new shape costs a compile (seconds on CPU); the warm-up decodes the first batch untimed",
+        "unchanged, each new shape costs a compile (minutes for the embedded model on a CPU, so it pays only on long "
+        "runs); the warm-up decodes the first batch untimed",
     )
     p.add_argument(
         "--num-prompts",
         type=int,
-        help=f"how many prompts to decode (the list is cycled if shorter) [default: {d.num_prompts}]",
+        help=f"decode the first N prompts (more than the set holds is an error) [default: every prompt of --prompts "
+        f"FILE, {BUILTIN_NUM_PROMPTS} of the built-in set]",
     )
     p.add_argument(
         "--prompts",
         metavar="FILE",
         help="prompts file: text with one prompt per line, or JSONL with a "
-        '"prompt" field per line [default: the built-in prompt set]',
+        '"prompt" field per line (its other fields, an id say, come back with the output in outputs.jsonl) '
+        "[default: the built-in prompt set]",
     )
-    p.add_argument("--output-dir", help=f"directory for the results JSON [default: {d.output_dir}]")
+    p.add_argument("--output-dir", help="directory for the results JSON and, with --no-baseline, outputs.jsonl "
+                   f"[default: {d.output_dir}]")
     p.add_argument(
         "--show-output",
         action="store_true",
@@ -315,13 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-baseline",
         action="store_true",
         default=None,
-        help="skip target-only decoding (no speedup is reported then)",
+        help="generate only, with speculative decoding (no target-only run, no speedup): each prompt's result is "
+        "appended to OUTPUT_DIR/outputs.jsonl as soon as it finishes, so a crash loses only the prompts in flight",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="with --no-baseline: continue the run whose outputs.jsonl is in --output-dir, skipping the prompts it "
+        "holds; the options that change outputs must match that run's",
+    )
+    p.add_argument(
+        "--logprobs",
+        action="store_true",
+        default=None,
+        help="with --no-baseline: write each generated token's log-probability (under the processed target "
+        "distribution) to outputs.jsonl",
     )
     p.add_argument(
         "--repeats",
         type=int,
         help="decode the prompt set this many times with each method, alternating the methods, and report the "
-        f"median speedup and its spread (a noisy machine shows as a wide spread) [default: {d.repeats}]",
+        f"median speedup and its spread (a noisy machine shows as a wide spread) [default: {REPEATS_DEFAULT}, 1 "
+        "with --no-baseline]",
     )
     p.add_argument(
         "--time-split",
@@ -337,4 +411,4 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config")
     file_values = read_config_file(config_file) if config_file else {}
-    return build_config(file_values, args)
+    return build_config(file_values, args, config_file)

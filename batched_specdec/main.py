@@ -42,11 +42,15 @@ class Loaded:
     prompts: list[list[int]]
     options: dict
     load_s: float
+    indices: list[int]
+    fields: list[dict]
+    writer: object = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point. Argument errors (flags, config file, paths) print one line and exit 2, before anything loads;
-    other errors print one line and exit 1; never a traceback."""
+    """Entry point. Argument errors (flags, config file, paths) print one line and exit 2 before anything loads, and
+    so do prompts the model cannot take (checked once the tokenizer has loaded, before any forward); a model that
+    cannot be loaded and other errors print one line and exit 1; never a traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config = parse_config(argv)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OptionError, ModelLoadError) as exc:
         if os.environ.get("BATCHED_SPECDEC_DEBUG"):
             raise
-        _fail(" ".join(str(exc).split()))
+        _fail(" ".join(str(exc).split()), code=2 if isinstance(exc, OptionError) else 1)
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     return 0
@@ -81,7 +85,8 @@ def check_paths(config: RunConfig) -> None:
 
 
 def run(config: RunConfig, console=None, command: str | None = None) -> dict:
-    """Load, decode with both methods, report and save; returns the results (empty on processes but the main)."""
+    """Load, decode with both methods, report and save; returns the results (empty on processes but the main, and
+    when a resumed run had nothing left to decode)."""
     from rich.console import Console
 
     from batched_specdec.distributed import process_state, run_on_prompt_shards
@@ -89,9 +94,16 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
     state = process_state()
     console = console or Console(quiet=not state.is_main_process)
     loaded = load(config, console, state)
+    if not loaded.prompts:
+        console.print(f"Every prompt is already in {config.output_dir}: nothing to decode.")
+        return {}
     warm_up(console, config, loaded)
-    merged, per_process = run_on_prompt_shards(loaded.prompts,
-                                               lambda shard, ids: decode_shard(config, loaded, shard, ids, console))
+    try:
+        merged, per_process = run_on_prompt_shards(
+            loaded.prompts, lambda shard, ids: decode_shard(config, loaded, shard, ids, console))
+    finally:
+        if loaded.writer is not None:
+            loaded.writer.close()
     if not state.is_main_process:
         return {}
     summary = summarise(config, loaded, merged, per_process)
@@ -102,15 +114,17 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
 
 
 def load(config: RunConfig, console, state) -> Loaded:
-    """The target, the draft, the encoded prompts and each method's options, checked before any decoding."""
+    """The target, the draft, the encoded prompts (checked against the model's context and vocabulary, each named
+    by its line, before any forward), each method's options and, with ``--no-baseline``, the outputs file."""
     import transformers
 
     from batched_specdec.devices import is_cuda
     from batched_specdec.drafting import as_drafter
-    from batched_specdec.model_info import vocab_size
+    from batched_specdec.model_info import max_positions, vocab_size
     from batched_specdec.models import load_draft, load_target, resolve_device, resolve_dtype
+    from batched_specdec.options import normalise_prompts
     from batched_specdec.processors import make_processor
-    from batched_specdec.prompts import builtin_prompts, encode_prompts, read_prompts_file, select_prompts
+    from batched_specdec.prompts import encode_prompts
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -118,28 +132,73 @@ def load(config: RunConfig, console, state) -> Loaded:
     if state.num_processes > 1 and is_cuda(device):
         device = state.device  # one GPU per process under accelerate launch
     dtype = resolve_dtype(config.dtype, device)
-    texts = select_prompts(read_prompts_file(config.prompts) if config.prompts else builtin_prompts(),
-                           config.num_prompts)
+    records = prompt_records(config)
     console.print(f"Loading target [bold]{config.target}[/] on {device} ({str(dtype).replace('torch.', '')}) ...")
     t0 = time.perf_counter()
     attn = config.attn_implementation
     model, tokenizer = load_target(config.target, device=device, dtype=dtype, attn_implementation=attn)
     draft = load_draft(config.draft, model, device=device, dtype=dtype, attn_implementation=attn,
-                       max_ngram=config.ngram_max, min_ngram=config.ngram_min)
+                       max_ngram=config.ngram_max, min_ngram=config.ngram_min, target_tokenizer=tokenizer)
     load_s = time.perf_counter() - t0
     processor = make_processor(config.temperature, config.top_k, config.top_p)
     options = method_options(config, model, tokenizer, processor)
     drafter = as_drafter(draft, vocab_size(model), attention=config.attention, prefill_chunk=config.prefill_chunk,
                          compile=config.compile)
-    prompts = encode_prompts(tokenizer, texts)
+    texts = [r.text for r in records]
+    prompts = normalise_prompts(encode_prompts(tokenizer, texts), vocab_size(model),
+                                [config.max_new_tokens] * len(texts), max_positions(model), [r.where for r in records])
+    loaded = Loaded(model, tokenizer, drafter, device, dtype, texts, prompts, options, load_s,
+                    list(range(len(texts))), [r.fields for r in records])
+    if config.no_baseline:
+        _open_outputs(config, loaded, state.process_index, console)
     where = f" across {state.num_processes} processes" if state.num_processes > 1 else ""
     slots = f"{config.batch_size} slot" + ("s" if config.batch_size != 1 else "")
-    console.print(f"Loaded in {load_s:.1f} s. {len(prompts)} prompts ({min(map(len, prompts))}-"
-                  f"{max(map(len, prompts))} tokens), {slots} ({config.schedule}){where}; draft "
-                  f"{config.draft}, gamma {config.gamma}, up to {config.max_new_tokens} new tokens, "
-                  f"{config.repeats} repeats of each method.")
-    console.print(_decoding_line(config, processor))
-    return Loaded(model, tokenizer, drafter, device, dtype, texts, prompts, options, load_s)
+    repeats = f"{config.repeats} repeat" + ("s" if config.repeats != 1 else "")
+    lengths = f" ({min(map(len, loaded.prompts))}-{max(map(len, loaded.prompts))} tokens)" if loaded.prompts else ""
+    console.print(f"Loaded in {load_s:.1f} s. {len(loaded.prompts)} prompts{lengths}, {slots} ({config.schedule})"
+                  f"{where}; draft {config.draft}, gamma {config.gamma}, up to {config.max_new_tokens} new tokens, "
+                  f"{repeats} of each method." if not config.no_baseline else
+                  f"Loaded in {load_s:.1f} s. {len(loaded.prompts)} prompts{lengths} to generate, {slots} "
+                  f"({config.schedule}){where}; draft {config.draft}, gamma {config.gamma}, up to "
+                  f"{config.max_new_tokens} new tokens, {repeats}.")
+    for line in _decoding_lines(config, processor):
+        console.print(line)
+    return loaded
+
+
+def prompt_records(config: RunConfig) -> list:
+    """The prompts the run decodes: every prompt of ``--prompts FILE`` (or the first ``--num-prompts``), else the
+    first ``--num-prompts`` of the built-in set (default :data:`~batched_specdec.prompts.BUILTIN_NUM_PROMPTS`)."""
+    from batched_specdec.outputs import check_reserved_fields
+    from batched_specdec.prompts import (
+        BUILTIN_NUM_PROMPTS,
+        builtin_prompt_records,
+        read_prompt_records,
+        select_prompts,
+    )
+
+    if config.prompts:
+        records = select_prompts(read_prompt_records(config.prompts), config.num_prompts,
+                                 f"--prompts {config.prompts}")
+        check_reserved_fields([r.fields for r in records], [r.where for r in records])
+        return records
+    return select_prompts(builtin_prompt_records(), config.num_prompts or BUILTIN_NUM_PROMPTS,
+                          "the built-in prompt set")
+
+
+def _open_outputs(config: RunConfig, loaded: Loaded, process_index: int, console) -> None:
+    """Keep only the prompts a resumed run has not written yet, and open this process' outputs file."""
+    from batched_specdec.outputs import OutputWriter, outputs_path, prepare, prompts_digest
+
+    done = prepare(config, prompts_digest(loaded.texts, loaded.fields), len(loaded.texts))
+    if done:
+        console.print(f"Resuming: {len(done)} of {len(loaded.texts)} prompts are already in {config.output_dir}.")
+    keep = [i for i in loaded.indices if i not in done]
+    loaded.indices, loaded.fields = keep, [loaded.fields[i] for i in keep]
+    loaded.texts, loaded.prompts = [loaded.texts[i] for i in keep], [loaded.prompts[i] for i in keep]
+    if keep:
+        loaded.writer = OutputWriter(outputs_path(config.output_dir, process_index), loaded.tokenizer,
+                                     loaded.indices, loaded.fields)
 
 
 def method_options(config: RunConfig, model, tokenizer, processor) -> dict:
@@ -151,21 +210,34 @@ def method_options(config: RunConfig, model, tokenizer, processor) -> dict:
               "prefill_chunk": config.prefill_chunk, "compile": config.compile}
     return {"baseline": resolve_options(model, **common),
             "speculative": resolve_options(model, gamma=config.gamma, gamma_max=config.gamma_max,
-                                           collect_stats=config.time_split, **common)}
+                                           collect_stats=config.time_split, return_logprobs=config.logprobs,
+                                           **common)}
 
 
-def _decoding_line(config: RunConfig, processor) -> str:
+def _decoding_lines(config: RunConfig, processor) -> list[str]:
+    """What the run samples with, whether outputs are compared, and top-k/top-p that greedy decoding ignores."""
+    from batched_specdec.checks import ignored_under_greedy
+
+    lines = []
+    ignored = ignored_under_greedy(config.temperature, config.top_k, config.top_p, ("--top-k", "--top-p"))
+    if ignored:
+        lines.append(f"[yellow]Ignoring {' and '.join(s.replace('=', ' ') for s in ignored)}: --temperature 0 decodes "
+                     "greedily, which does not sample (as model.generate ignores them without do_sample).[/]")
     if processor.is_greedy:
-        return "Decoding: greedy (outputs of both methods are compared token for token)."
+        compared = " (outputs of both methods are compared token for token)" if not config.no_baseline else ""
+        return lines + [f"Decoding: greedy{compared}."]
     gamma_note = "seeds reproduce outputs with an integer --gamma" if config.gamma != "auto" else \
         "--gamma auto follows measured timings, so outputs differ between runs (each drawn from the target)"
-    return (f"Decoding: {processor.describe()}, drawn on the device from --seed {config.seed}; outputs are not "
-            f"compared under sampling (both are samples of the same distribution); {gamma_note}.")
+    compared = "; outputs are not compared under sampling (both are samples of the same distribution)" \
+        if not config.no_baseline else ""
+    line = f"Decoding: {processor.describe()}, drawn on the device from --seed {config.seed}{compared}; {gamma_note}."
+    return lines + [line]
 
 
 def _decode(method: str, config: RunConfig, loaded: Loaded, rows: list[list[int]], ids: list[int] | None = None,
-            budget: int | None = None, on_prompt=None):
-    """One method over ``rows``: ``(PromptSetResult, seconds)`` with the device synchronised around it."""
+            budget: int | None = None, on_prompt=None, on_result=None):
+    """One method over ``rows`` (``loaded.prompts[ids]``, each keyed by its index in the prompt set):
+    ``(PromptSetResult, seconds)`` with the device synchronised around it."""
     from batched_specdec.devices import reset_peak_memory, synchronize
     from batched_specdec.runner import decode_prompt_set
 
@@ -175,7 +247,8 @@ def _decode(method: str, config: RunConfig, loaded: Loaded, rows: list[list[int]
     t = time.perf_counter()
     result = decode_prompt_set(loaded.model, drafter, rows, [budget or config.max_new_tokens] * len(rows),
                                loaded.options[method], batch_size=config.batch_size, seed=config.seed,
-                               schedule=config.schedule, prompt_ids=ids, on_prompt=on_prompt)
+                               schedule=config.schedule, on_prompt=on_prompt, on_result=on_result,
+                               prompt_ids=None if ids is None else [loaded.indices[i] for i in ids])
     synchronize(loaded.device)
     return result, time.perf_counter() - t
 
@@ -186,7 +259,7 @@ def warm_up(console, config: RunConfig, loaded: Loaded) -> None:
     rows, budget = ([loaded.prompts[0]], 2) if not config.compile else (loaded.prompts[: config.batch_size], None)
     t0, graphs = time.perf_counter(), 0
     for method in METHODS:
-        result, _ = _decode(method, config, loaded, rows, budget=budget)
+        result, _ = _decode(method, config, loaded, rows, list(range(len(rows))), budget=budget)
         graphs += sum(s.extra["graphs_compiled"] for s in result.batch_stats)
     if config.compile:
         console.print(f"Warm-up compiled {graphs} graphs in {time.perf_counter() - t0:.1f} s (later shapes compile "
@@ -200,8 +273,9 @@ def _method_order(config: RunConfig, repeat: int) -> list[str]:
 
 
 def decode_shard(config: RunConfig, loaded: Loaded, shard: list[list[int]], ids: list[int], console):
-    """This process' prompts: ``config.repeats`` runs of each method over the whole shard, alternating. Returns the
-    first run's outputs per prompt and, per method, every run's merged stats with the run's wall time."""
+    """This process' prompts: ``config.repeats`` runs of each method over the whole shard, alternating; the first
+    speculative run writes each prompt to the outputs file as it finishes (``--no-baseline``). Returns the first
+    run's outputs per prompt and, per method, every run's merged stats with the run's wall time."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from batched_specdec.distributed import process_state
@@ -217,8 +291,12 @@ def decode_shard(config: RunConfig, loaded: Loaded, shard: list[list[int]], ids:
         for repeat in range(config.repeats):
             for method in _method_order(config, repeat):
                 done = progress.tasks[tasks[method]].completed
+                writing = loaded.writer is not None and method == "speculative" and repeat == 0
                 result, seconds = _decode(method, config, loaded, shard, ids, on_prompt=lambda n, _t, m=method, d=done:
-                                          progress.update(tasks[m], completed=d + n))
+                                          progress.update(tasks[m], completed=d + n),
+                                          on_result=(lambda r: loaded.writer.write(ids[r.index], r.token_ids,
+                                                                                   r.finish_reason, r.logprobs))
+                                          if writing else None)
                 result.stats.wall_time_s = seconds
                 runs[method].append(result.stats)
                 outputs.setdefault(method, result.outputs)
@@ -237,6 +315,7 @@ class Summary:
 
     base: object
     spec: object
+    runs: dict
     timing: object
     merged: dict
     per_process: list
@@ -265,7 +344,7 @@ def summarise(config: RunConfig, loaded: Loaded, merged: dict, per_process: list
         identical = sum(merged["base_out"][i] == merged["spec_out"][i] for i in range(n))
         differing = divergences(loaded.model, loaded.prompts, merged["base_out"], merged["spec_out"])
     base = stats["baseline"][0] if "baseline" in stats else None
-    return Summary(base, stats["speculative"][0], timing, merged, per_process, identical, differing)
+    return Summary(base, stats["speculative"][0], stats, timing, merged, per_process, identical, differing)
 
 
 def report(console, config: RunConfig, loaded: Loaded, summary: Summary) -> None:
@@ -317,14 +396,15 @@ def results_dict(config: RunConfig, loaded: Loaded, summary: Summary, command: s
         "load_time_s": loaded.load_s,
         "processes": _process_rows(summary.per_process),
         "eos_token_ids": list(loaded.options["speculative"].eos_token_ids),
-        "baseline": None if summary.base is None else stats_dict(summary.base),
-        "speculative": stats_dict(summary.spec),
+        "baseline": None if summary.base is None else stats_dict(summary.base, summary.runs["baseline"]),
+        "speculative": stats_dict(summary.spec, summary.runs["speculative"]),
         "timing": summary.timing.as_dict(),
         "speedup": summary.timing.speedup,
         "greedy_identical_rows": summary.identical,
         "greedy_divergences": summary.differing,
         "rows": [
-            {"prompt": loaded.texts[i], "prompt_tokens": len(loaded.prompts[i]),
+            {"index": loaded.indices[i], **loaded.fields[i], "prompt": loaded.texts[i],
+             "prompt_tokens": len(loaded.prompts[i]),
              "speculative_tokens": merged["spec_out"][i],
              "speculative_text": tok.decode(merged["spec_out"][i], skip_special_tokens=True),
              "baseline_tokens": merged["base_out"][i],

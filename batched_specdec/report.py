@@ -107,14 +107,21 @@ class Timing:
                 "too_noisy": self.too_noisy}
 
 
-def stats_dict(stats) -> dict:
-    """The results JSON's summary of one method's merged :class:`~batched_specdec.GenerationStats`."""
+def stats_dict(stats, runs: list | None = None) -> dict:
+    """The results JSON's summary of one method's merged :class:`~batched_specdec.GenerationStats` (its first run);
+    with ``runs`` (every repeat's stats), ``tokens_per_s`` and ``wall_time_s`` are the medians over the repeats, as
+    the printed report gives them, and ``*_runs`` list every repeat's figure in the order they ran."""
     controller = stats.controller or {}
     steps = controller.get("predicted_steps") or 0
+    runs = runs or [stats]
+    rates = [s.generated_tokens / s.wall_time_s if s.wall_time_s > 0 else 0.0 for s in runs]
+    walls = [s.wall_time_s for s in runs]
     return {
         "generated_tokens": stats.generated_tokens,
-        "wall_time_s": stats.wall_time_s,
-        "tokens_per_s": stats.tokens_per_s,
+        "wall_time_s": statistics.median(walls),
+        "wall_time_s_runs": walls,
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_runs": rates,
         "target_forwards": stats.target_forwards,
         "tokens_per_target_forward": stats.tokens_per_target_forward,
         "accepted": sum(stats.accepted),
@@ -233,19 +240,21 @@ def print_processes(console, processes: list[dict]) -> None:
 
 def print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy, no_baseline,
                   sources: dict | None = None) -> None:
+    """Every prompt and its generation in a panel: the verdict against target-only in the title (short, so it is
+    never cut), the acceptance on the body's first line."""
     from rich.markup import escape
     from rich.panel import Panel
 
     for i, text in enumerate(texts):
         generated = tokenizer.decode(spec_out[i], skip_special_tokens=True)
-        title = f"prompt {i}: acceptance {alphas[i]:.0%}"
-        if sources:
-            title += " (accepted from " + ", ".join(f"{name} {c['accepted_per_prompt'][i]}"
-                                                    for name, c in sources.items()) + ")"
+        title = f"prompt {i}"
         if greedy and not no_baseline:
-            same = base_out[i] == spec_out[i]
-            title += ", identical to target-only" if same else ", DIFFERS from target-only"
-        body = f"[bold]{escape(text)}[/]\n\n{escape(generated)}"
+            title += ": identical to target-only" if base_out[i] == spec_out[i] else ": DIFFERS from target-only"
+        detail = f"acceptance {alphas[i]:.0%}"
+        if sources:
+            detail += " (accepted from " + ", ".join(f"{name} {c['accepted_per_prompt'][i]}"
+                                                     for name, c in sources.items()) + ")"
+        body = f"[dim]{detail}[/]\n[bold]{escape(text)}[/]\n\n{escape(generated)}"
         if not no_baseline and (not greedy or base_out[i] != spec_out[i]):
             body += f"\n\n[dim]target-only:[/] {escape(tokenizer.decode(base_out[i], skip_special_tokens=True))}"
         console.print(Panel(body, title=title, title_align="left"))

@@ -14,7 +14,7 @@ LAYERS = [
     {"decode"},
     {"engine", "runner"},
     {"generation", "distributed", "models"},
-    {"config", "report", "main", "training", "__init__", "__main__"},
+    {"config", "report", "outputs", "main", "training", "__init__", "__main__"},
 ]
 """Each unit (a top-level module or subpackage of ``batched_specdec``) may import units of its own layer or below."""
 

@@ -85,16 +85,17 @@ def test_config_validation():
         build_config({}, {"gamma": 0})
     with pytest.raises(ConfigError, match="gamma must be an int >= 1 or 'auto', got 'fast'"):
         build_config({"gamma": "fast"})
-    with pytest.raises(ConfigError, match="gamma_max=4 only applies with gamma='auto', got gamma=3"):
+    with pytest.raises(ConfigError, match="--gamma-max 4 only applies with --gamma 'auto', got --gamma 3"):
         build_config({}, {"gamma": 3, "gamma_max": 4})
-    with pytest.raises(ConfigError, match="gamma_max must be an int >= 1, got 0"):
+    with pytest.raises(ConfigError, match="--gamma-max must be an int >= 1, got 0"):
         build_config({}, {"gamma_max": 0})
+    with pytest.raises(ConfigError, match=r"gamma_max \(config file 'c.yaml'\) must be an int >= 1, got 0"):
+        build_config({"gamma_max": 0}, {}, "c.yaml")  # a value from a config file is named by its key and file
     assert build_config({"gamma": "4"}).gamma == 4 and build_config().gamma == "auto"
-    with pytest.raises(ConfigError, match="top_k/top_p need sampling"):
-        build_config({"top_k": 5})
-    with pytest.raises(ConfigError, match="min_ngram must be an int >= 1, got 0"):
+    assert build_config({"top_k": 5}).top_k == 5  # ignored by greedy decoding, with a warning (as model.generate)
+    with pytest.raises(ConfigError, match="--ngram-min must be an int >= 1, got 0"):
         build_config({}, {"ngram_min": 0})
-    with pytest.raises(ConfigError, match=r"max_ngram must be >= min_ngram \(3\), got 2"):
+    with pytest.raises(ConfigError, match=r"--ngram-max must be >= --ngram-min \(3\), got 2"):
         build_config({}, {"ngram_min": 3, "ngram_max": 2})
     with pytest.raises(ConfigError, match="apply to --draft ngram, hybrid and auto only, but the draft is 'some/model'"):
         build_config({"draft": "some/model"}, {"ngram_max": 5})
@@ -139,9 +140,9 @@ def test_error_unreadable_config(tmp_path, capsys):
 def test_error_bad_values(capsys):
     assert "gamma must be an int >= 1 or 'auto', got 0" in run_main_expect_error(["--gamma", "0"], capsys)
     assert "gamma must be an int >= 1 or 'auto', got 'abc'" in run_main_expect_error(["--gamma", "abc"], capsys)
-    assert "batch_size" in run_main_expect_error(["--batch-size", "-1"], capsys)
-    assert "top_p" in run_main_expect_error(["--temperature", "1", "--top-p", "1.5"], capsys)
-    assert "unknown device 'tpu'" in run_main_expect_error(["--device", "tpu"], capsys)
+    assert "--batch-size must be an int >= 1, got -1" in run_main_expect_error(["--batch-size", "-1"], capsys)
+    assert "--top-p must be" in run_main_expect_error(["--temperature", "1", "--top-p", "1.5"], capsys)
+    assert "--device 'tpu' is not one of auto, cpu, cuda, cuda:N" in run_main_expect_error(["--device", "tpu"], capsys)
     assert "unrecognized arguments" in run_main_expect_error(["--gama", "3"], capsys)
 
 
@@ -177,7 +178,9 @@ def test_prompt_files(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(PromptFileError, match="no prompts"):
         read_prompts_file(empty)
-    assert select_prompts(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    assert select_prompts(["a", "b", "c"], 2) == ["a", "b"] and select_prompts(["a", "b"], None) == ["a", "b"]
+    with pytest.raises(ConfigError, match="--num-prompts 5 asks for more prompts than the prompt set holds \\(2\\)"):
+        select_prompts(["a", "b"], 5)  # never cycled
 
 
 def test_builtin_prompts():
@@ -257,7 +260,7 @@ def test_end_to_end_sampling_no_baseline(tiny_dir, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(
         f"target: {tiny_dir}\ndraft: ngram\ntemperature: 0.8\ntop_k: 20\ntop_p: 0.9\n"
-        f"num_prompts: 3\nbatch_size: 2\nmax_new_tokens: 6\ndevice: cpu\noutput_dir: {tmp_path}\n"
+        f"batch_size: 2\nmax_new_tokens: 6\ndevice: cpu\noutput_dir: {tmp_path}\n"
     )
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "the quick brown fox"}\n{"prompt": "hello world hello"}\n')
@@ -266,4 +269,8 @@ def test_end_to_end_sampling_no_baseline(tiny_dir, tmp_path, capsys):
     results = json.loads(result_file.read_text())
     assert results["baseline"] is None and results["speedup"] is None
     assert results["config"]["top_p"] == 0.9 and results["config"]["seed"] == 3
-    assert all(0 < len(row["speculative_tokens"]) <= 6 for row in results["rows"])
+    assert all(0 < len(row["speculative_tokens"]) <= 6 for row in results["rows"]) and len(results["rows"]) == 2
+    lines = [json.loads(line) for line in (tmp_path / "outputs.jsonl").read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1]
+    assert {line["index"]: line["generated_tokens"] for line in lines} == \
+        {row["index"]: len(row["speculative_tokens"]) for row in results["rows"]}
