@@ -1,9 +1,8 @@
 """Coupled (drafter-invariant) verification: Gumbel-max sampling keyed by position, a draft kept iff it is the sample.
 
 For row ``b`` and absolute position ``n`` (the index of the token in the row's sequence, prompt included), the
-Gumbel vector ``G_n(v) = -log(-log(u_n(v)))`` has one entry per vocabulary id ``v``, from the Philox draw
-``u_n(v)`` under the row's key at counter :data:`GUMBEL_COUNTER_BASE` ``+ n *`` :data:`GUMBEL_POSITION_STRIDE`
-``+ v`` (``tl.rand``'s uniform). The target's token at ``n`` is ``y_n = argmax_v (x_n(v) / T + G_n(v))``, with
+Gumbel vector ``G_n(v) = -log(-log(u_n(v)))`` has one entry per vocabulary id ``v``, from a Philox uniform
+``u_n(v)`` under the row's key at the counter and word :data:`GUMBEL_COUNTER_BASE` defines. The target's token at ``n`` is ``y_n = argmax_v (x_n(v) / T + G_n(v))``, with
 ``x_n`` the target's logits there (filtered entries ``-inf``) and ``T`` the row's temperature: a Gumbel-max sample,
 exactly distributed as ``softmax(x_n / T)`` (Daliri, Musco and Suresh 2024). The noise depends on the row's key,
 ``n`` and ``v`` only, never on the step, the draft slot or the vocabulary size, so a draft model over a prefix of
@@ -32,16 +31,17 @@ import triton
 import triton.language as tl
 
 from batched_specdec.kernels._launch import coupled_verify_config, resolve_backend
-from batched_specdec.kernels.philox import philox_uniform_reference
+from batched_specdec.kernels.philox import philox_uniform4_reference
 
 GUMBEL_COUNTER_BASE = 2**62
-"""The Gumbel noise's Philox counters: entry ``v`` of position ``n`` of a row is the draw under the row's own key
-(its prompt's key, :func:`batched_specdec.options.prompt_seed`) at counter
-``GUMBEL_COUNTER_BASE + n * GUMBEL_POSITION_STRIDE + v`` (high word ``2**30 + n``, low word ``v``), for positions
-``n < 2**30`` and ids ``v < 2**32``. Every other draw of a row sits below ``2**62``: the per-step draws of
-:class:`~batched_specdec.processors.RowDraws` use counters ``length * DRAW_BLOCK + c`` with ``c < DRAW_BLOCK =
-2**26``, below ``2**62`` for lengths under ``2**36``. So the noise never shares a counter with them, and two
-positions or two ids never share one."""
+"""The Gumbel noise's Philox layout: the uniform of id ``v`` at position ``n`` of a row is output word ``v % 4`` of
+Philox4x32-10 under the row's own key (its prompt's key, :func:`batched_specdec.options.prompt_seed`) at counter
+``GUMBEL_COUNTER_BASE + n * GUMBEL_POSITION_STRIDE + v // 4`` (``tl.randint4x``'s words, read as ``tl.rand`` reads
+its first: 31 bits times ``2**-31`` in float32), for positions ``n < 2**30`` and ids ``v < 2**34``. Four ids share a
+counter, so a position of ``V`` ids costs ``V / 4`` Philox evaluations. Every other draw of a row sits below
+``2**62``: the per-step draws of :class:`~batched_specdec.processors.RowDraws` use counters ``length * DRAW_BLOCK +
+c`` with ``c < DRAW_BLOCK = 2**26``, below ``2**62`` for lengths under ``2**36``. So the noise never shares a
+counter with them, and two (position, id) pairs never share a word."""
 GUMBEL_POSITION_STRIDE = 2**32
 """Counters between the Gumbel noise of consecutive positions (see :data:`GUMBEL_COUNTER_BASE`)."""
 
@@ -72,7 +72,10 @@ def _gumbel_argmax(
         cols64 = cols.to(tl.int64)
         mask = reach[:, None] & (cols < V)[None, :]
         x = tl.load(x_rows[:, None] + cols64[None, :] * stride_v, mask=mask, other=-float("inf")).to(tl.float32)
-        u = tl.rand(seed[:, None], counter0[:, None] + cols64[None, :])
+        w0, w1, w2, w3 = tl.randint4x(seed[:, None], counter0[:, None] + (cols64 // 4)[None, :])
+        lane = (cols % 4)[None, :]
+        word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3))).to(tl.int32, bitcast=True)
+        u = tl.where(word < 0, -word - 1, word).to(tl.float32) * 4.6566127342e-10  # tl.rand's conversion
         scale = tl.where(sample, inv_t, 1.0)  # greedy rows: x * 1, not -inf * 0 (their noisy score is not used)
         noisy = x * scale[:, None] + -tl.log(-tl.log(u))
         score = tl.where(mask, tl.where(sample[:, None], noisy, x), -float("inf"))
@@ -167,27 +170,64 @@ def _(draft_tokens, logits, num_draft, inv_t, seeds, positions):
     return draft_tokens.new_empty((B, K + 1)), draft_tokens.new_empty((B,))
 
 
+def _noise_at(seeds: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The Gumbel noise of ids ``ids`` at positions ``positions`` under keys ``seeds`` (broadcast together), float32,
+    ``-inf`` where the uniform is 0."""
+    counters = GUMBEL_COUNTER_BASE + positions * GUMBEL_POSITION_STRIDE + ids // 4
+    u = philox_uniform4_reference(seeds, counters).gather(-1, (ids % 4).expand_as(counters)[..., None])[..., 0]
+    return -torch.log(-torch.log(u))
+
+
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, width: int, vocab: int) -> torch.Tensor:
     """The Gumbel noise of positions ``positions[b] + j`` (``j < width``), ids ``0..vocab-1``: ``(B, width, vocab)``
-    float32, ``-log(-log(u))`` of the Philox uniforms at the counters of :data:`GUMBEL_COUNTER_BASE` (``-inf`` where
-    ``u == 0``). ``seeds``/``positions`` ``(B,)`` int64."""
+    float32 (:data:`GUMBEL_COUNTER_BASE`; ``-inf`` where the uniform is 0). ``seeds``/``positions`` ``(B,)``
+    int64."""
     device = positions.device
     pos = positions[:, None, None] + torch.arange(width, device=device)[None, :, None]
-    counters = GUMBEL_COUNTER_BASE + pos * GUMBEL_POSITION_STRIDE + torch.arange(vocab, device=device)[None, None, :]
-    u = philox_uniform_reference(seeds[:, None, None], counters)
+    groups = torch.arange(-(-vocab // 4), device=device)[None, None, :]
+    u = philox_uniform4_reference(seeds[:, None, None], GUMBEL_COUNTER_BASE + pos * GUMBEL_POSITION_STRIDE + groups)
+    u = u.flatten(-2)[..., :vocab]  # id v is word v % 4 of group v // 4
     return -torch.log(-torch.log(u))
+
+
+def _sparse_width(z: torch.Tensor, sample: torch.Tensor) -> int | None:
+    """On CPU (eagerly), the most finite entries a sampling row has at one position, when that is at most an eighth
+    of the vocabulary (filtered logits: top-k, top-p): noise is then drawn for those entries only. None otherwise."""
+    if z.device.type != "cpu" or torch.compiler.is_compiling() or not bool(sample.any()):
+        return None
+    finite = (z > float("-inf")) & sample[:, None, None]
+    width = int(finite.sum(-1, dtype=torch.int32).max())  # a host value, no device read on CPU
+    return width if 0 < width <= z.shape[-1] // 8 else None
+
+
+def _target_tokens(x: torch.Tensor, inv_t: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(B, K + 1)``: the kernel's ``y`` at every slot: first argmax of ``x * inv_t + G`` (sampling rows) or of
+    ``x`` (greedy rows). ``-inf`` entries score ``-inf`` whatever their noise, so with filtered logits on CPU only the
+    finite entries' noise is drawn (the same scores, the same first argmax)."""
+    _, K1, V = x.shape
+    sample = inv_t > 0
+    z = x * torch.where(sample, inv_t, 1.0)[:, None, None]
+    pos = positions[:, None, None] + torch.arange(K1, device=x.device)[None, :, None]
+    width = _sparse_width(z, sample)
+    if width is None:
+        y = (z + gumbel_noise(seeds, positions, K1, V)).argmax(-1)
+    else:
+        vals, ids = z.topk(width, dim=-1)  # every finite entry of every sampling row
+        score = vals + _noise_at(seeds[:, None, None], pos, ids)
+        best = score.amax(-1, keepdim=True)
+        y = torch.where(score == best, ids, V).amin(-1)  # lowest id among the best, as argmax
+        y = torch.where(best[..., 0] == float("-inf"), 0, y)  # no finite score: argmax of all -inf is id 0
+    return torch.where(sample[:, None], y, x.argmax(-1))
 
 
 def _reference_impl(draft_tokens, logits, num_draft, inv_t, seeds, positions):
     """Pure torch, same decisions as the kernel (see the module docstring); every position is computed."""
     B, K = draft_tokens.shape
-    x = logits.to(torch.float32)
-    noisy = x * inv_t[:, None, None] + gumbel_noise(seeds, positions, K + 1, x.shape[2])
-    y = torch.where((inv_t > 0)[:, None, None], noisy, x).argmax(-1)  # (B, K + 1)
-    slot = torch.arange(K + 1, device=x.device)
+    y = _target_tokens(logits.to(torch.float32), inv_t, seeds, positions)
+    slot = torch.arange(K + 1, device=logits.device)
     accept = (draft_tokens == y[:, :K]) & (slot[None, :K] < num_draft[:, None])
     stop = accept.to(torch.int64).cumprod(1).sum(1)
-    placeholder = torch.full((B, 1), _PLACEHOLDER, dtype=torch.int64, device=x.device)
+    placeholder = torch.full((B, 1), _PLACEHOLDER, dtype=torch.int64, device=logits.device)
     drafts = torch.cat([draft_tokens, placeholder], 1)
     token = y.gather(1, stop[:, None])
     out = torch.where(slot[None, :] < stop[:, None], drafts,

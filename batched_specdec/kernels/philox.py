@@ -1,7 +1,8 @@
 """Philox4x32-10 in pure torch (and numpy on CPU), matching ``triton.language.rand`` bit for bit.
 
 The rejection sampler's reference draws the same random numbers as its Triton kernel from the same seed and
-counters (:mod:`kernels.rejection_sample`); this is how.
+counters (:mod:`kernels.rejection_sample`), and the coupled verification's reference the same four words per
+counter as ``tl.randint4x`` (:mod:`kernels.coupled_verify`); this is how.
 """
 
 import numpy as np
@@ -46,8 +47,35 @@ def philox_uint31_reference(seed: torch.Tensor, counter: torch.Tensor) -> torch.
     return torch.where(x < 0, -x - 1, x)  # ~x
 
 
+def philox_uniform4_reference(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """All four output words of Philox4x32-10 at ``counter`` (``tl.randint4x(seed, counter)``, in its order), each
+    made a uniform the way ``tl.rand`` makes its first: ``(*counter.shape, 4)`` float32 in ``[0, 1)``. Word 0 is
+    :func:`philox_uniform_reference`'s."""
+    if counter.device.type == "cpu" and not torch.compiler.is_compiling():
+        # All in numpy: torch's int64 CPU ops would cost more than the rounds themselves.
+        words = _philox_words_numpy(seed.cpu().numpy(), counter.numpy())
+        scale = np.float32(_UINT32_TO_UNIFORM)
+        uniforms = []
+        for w in words:
+            x = w.astype(np.uint32).view(np.int32)
+            uniforms.append(np.where(x < 0, ~x, x).astype(np.float32) * scale)  # ~x == -x - 1
+        return torch.from_numpy(np.stack(uniforms, axis=-1))
+    x = torch.stack([_int32_torch(w) for w in _philox_words_torch(seed, counter)], dim=-1)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32, device=x.device)
+
+
 def _philox_round_words_torch(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     """Philox4x32-10 on (counter, 0, 0, 0) with key seed; returns the first output word as int32 values (int64)."""
+    return _int32_torch(_philox_words_torch(seed, counter)[0])
+
+
+def _int32_torch(word: torch.Tensor) -> torch.Tensor:
+    return torch.where(word >= 2**31, word - 2**32, word)  # bitcast to int32
+
+
+def _philox_words_torch(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on (counter, 0, 0, 0) with key seed: the four output words, as uint32 values (int64)."""
     mask = 0xFFFFFFFF
     c0 = counter & mask
     c1 = (counter >> 32) & mask
@@ -66,12 +94,20 @@ def _philox_round_words_torch(seed: torch.Tensor, counter: torch.Tensor) -> torc
         c0, c2 = new_c0, new_c2
         k0 = (k0 + _PHILOX_KEY_A) & mask
         k1 = (k1 + _PHILOX_KEY_B) & mask
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
-    return x
+    return c0, c1, c2, c3
 
 
 def _philox_round_words_numpy(seed: np.ndarray, counter: np.ndarray) -> np.ndarray:
     """:func:`_philox_round_words_torch` in numpy uint64 arithmetic (exact: 32x32-bit products fit in 64 bits)."""
+    return _int32_numpy(_philox_words_numpy(seed, counter)[0])
+
+
+def _int32_numpy(word: np.ndarray) -> np.ndarray:
+    return word.astype(np.uint32).view(np.int32).astype(np.int64)
+
+
+def _philox_words_numpy(seed: np.ndarray, counter: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`_philox_words_torch` in numpy uint64 arithmetic (uint64 arrays)."""
     mask = np.uint64(0xFFFFFFFF)
     shift = np.uint64(32)
     counter = counter.astype(np.int64).view(np.uint64)
@@ -94,4 +130,4 @@ def _philox_round_words_numpy(seed: np.ndarray, counter: np.ndarray) -> np.ndarr
         c0, c2 = new_c0, new_c2
         k0 = (k0 + key_a) & mask
         k1 = (k1 + key_b) & mask
-    return c0.astype(np.uint32).view(np.int32).astype(np.int64)
+    return c0, c1, c2, c3
