@@ -209,6 +209,29 @@ def test_kernel_matches_reference(B, V, K):
     assert torch.equal(y[greedy], logits[greedy].argmax(-1))
 
 
+@pytest.mark.parametrize("V", [111, 1000])
+def test_filtered_logits_draw_noise_only_where_finite(V):
+    """With filtered logits (a top-k of 5) the CPU reference draws noise for the finite entries only: the same tokens
+    as the noise of every entry, and as the kernel."""
+    g = torch.Generator().manual_seed(V)
+    B, K = 7, 2
+    logits = torch.randn(B, K + 1, V, generator=g) * 2
+    kth = logits.topk(5, dim=-1).values[..., -1:]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits[0, 1, :] = float("-inf")
+    logits[0, 1, V - 1] = 0.0  # one finite entry, the last id
+    seeds, positions = torch.randint(0, 2**62, (B,), generator=g), torch.randint(0, 10**6, (B,), generator=g)
+    temperature = torch.full((B,), 0.6)
+    drafts = torch.randint(0, V, (B, K), generator=g)
+    kwargs = {"seed": seeds, "positions": positions}
+    out, acc = coupled_verify(drafts, logits, temperature, **kwargs, backend="triton")
+    ref_out, ref_acc = coupled_verify_reference(drafts, logits, temperature, **kwargs)
+    assert torch.equal(out, ref_out) and torch.equal(acc, ref_acc)
+    dense = (logits * (1 / temperature)[:, None, None] + gumbel_noise(seeds, positions, K + 1, V)).argmax(-1)
+    assert torch.equal(_target_samples(logits, temperature, seeds, positions), dense)
+    assert dense[0, 1] == V - 1
+
+
 def test_kernel_matches_reference_on_half_precision_and_tensor_temperature():
     g = torch.Generator().manual_seed(5)
     B, K, V = 7, 3, 111
@@ -224,13 +247,15 @@ def test_kernel_matches_reference_on_half_precision_and_tensor_temperature():
 
 def test_noise_is_keyed_by_position_and_id_only():
     """The noise of a position does not depend on the slot it is verified in nor on the vocabulary size (a draft
-    over a prefix of the target's vocabulary reads the same entries)."""
+    over a prefix of the target's vocabulary reads the same entries); it is Gumbel distributed."""
     seeds = torch.tensor([3, -(2**60)], dtype=torch.int64)
     positions = torch.tensor([0, 41], dtype=torch.int64)
     wide = gumbel_noise(seeds, positions, 3, 100)
     assert torch.equal(wide[:, 2], gumbel_noise(seeds, positions + 2, 1, 100)[:, 0])
     assert torch.equal(wide[:, :, :37], gumbel_noise(seeds, positions, 3, 37))
     assert not torch.equal(wide[0], gumbel_noise(seeds + 1, positions, 3, 100)[0])
+    many = gumbel_noise(torch.tensor([9]), torch.tensor([7]), 1, 40000).flatten().double()
+    assert abs(float(many.mean()) - 0.5772) < 0.03 and abs(float(many.var()) - 1.6449) < 0.08
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
