@@ -2,9 +2,10 @@
 
 For row ``b`` and absolute position ``n`` (the index of the token in the row's sequence, prompt included), the
 Gumbel vector ``G_n(v) = -log(-log(u_n(v)))`` has one entry per vocabulary id ``v``, from a Philox uniform
-``u_n(v)`` under the row's key at the counter and word :data:`GUMBEL_COUNTER_BASE` defines. The target's token at ``n`` is ``y_n = argmax_v (x_n(v) / T + G_n(v))``, with
-``x_n`` the target's logits there (filtered entries ``-inf``) and ``T`` the row's temperature: a Gumbel-max sample,
-exactly distributed as ``softmax(x_n / T)`` (Daliri, Musco and Suresh 2024). The noise depends on the row's key,
+``u_n(v)`` under the row's key at the counter and word :data:`GUMBEL_COUNTER_BASE` defines. The target's token at
+``n`` is ``y_n = argmax_v (x_n(v) / T + G_n(v))``, with ``x_n`` the target's logits there (filtered entries
+``-inf``) and ``T`` the row's temperature: a Gumbel-max sample, exactly distributed as ``softmax(x_n / T)``
+(Daliri, Musco and Suresh 2024). The noise depends on the row's key,
 ``n`` and ``v`` only, never on the step, the draft slot or the vocabulary size, so a draft model over a prefix of
 the target's vocabulary that proposes ``argmax_v (log q_n(v) + G_n(v))`` reads the same entries.
 
@@ -54,7 +55,7 @@ _PLACEHOLDER = -1
 def _gumbel_argmax(
     x_rows,  # [BLOCK_B] pointers to (b, j, 0) of the logits
     stride_v,
-    inv_t,  # [BLOCK_B] fp32, 1 / temperature (1 for greedy rows)
+    inv_t,  # [BLOCK_B] fp32, 1 / temperature (0 for greedy rows)
     sample,  # [BLOCK_B] rows that add noise (temperature > 0)
     reach,  # [BLOCK_B] rows that read this position
     seed,  # [BLOCK_B] int64 Philox key of each row
