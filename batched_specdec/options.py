@@ -155,11 +155,11 @@ def check_processor(logits_processor) -> LogitsProcessor:
     return logits_processor
 
 
-def check_sampling_scheme(sampling_scheme) -> str:
-    """``sampling_scheme`` must be one of :data:`~batched_specdec.processors.SAMPLING_SCHEMES`."""
+def check_sampling_scheme(sampling_scheme, name: str = "sampling_scheme") -> str:
+    """``sampling_scheme`` must be one of :data:`~batched_specdec.processors.SAMPLING_SCHEMES`; ``name`` is what the
+    error calls it (a CLI flag, say)."""
     if not isinstance(sampling_scheme, str) or sampling_scheme not in SAMPLING_SCHEMES:
-        raise OptionError(f"sampling_scheme must be one of {', '.join(map(repr, SAMPLING_SCHEMES))}, got "
-                          f"{sampling_scheme!r}")
+        raise OptionError(f"{name} must be one of {', '.join(map(repr, SAMPLING_SCHEMES))}, got {sampling_scheme!r}")
     return sampling_scheme
 
 
