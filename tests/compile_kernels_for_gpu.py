@@ -37,7 +37,7 @@ def capture_launches(calls) -> list[tuple[JITFunction, dict, dict]]:
     records = []
 
     def fake_run(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
         bound = dict(zip(self.arg_names, args))
         bound.update(kwargs)
         records.append((self, bound, options))
@@ -95,6 +95,10 @@ def kernel_calls():
         ks, vs = torch.randn(B, H, Q, D, generator=g), torch.randn(B, H, Q, D, generator=g)
         kernels.scatter_kv_at_offsets(kc, vc, ks, vs, torch.tensor([0, 7, 20]), backend="triton")
         kernels.compact_rows([kc, vc, torch.zeros(B, dtype=torch.int64)], torch.tensor([0, 2]), backend="triton")
+    for B, K, V, dtype in ((4, 3, 1000, torch.float32), (2, 0, 32000, torch.bfloat16)):
+        kernels.coupled_verify(torch.randint(0, V, (B, K), generator=g), torch.randn(B, K + 1, V).to(dtype),
+                               torch.rand(B, generator=g), seed=torch.arange(B), positions=torch.arange(B),
+                               backend="triton")
     B, K, S = 3, 4, 64
     out = torch.randint(0, 100, (B, K + 1), generator=g)
     kernels.commit_emitted_tokens(out, torch.tensor([4, 0, 2]), torch.zeros(B, S, dtype=torch.int64),
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability to compile for (90 = H100)")
     args = parser.parse_args(argv)
     # The wrappers refuse backend="triton" for CPU tensors outside the interpreter; here nothing runs.
-    for name in ("rejection_sample.api", "scatter_kv", "commit_tokens", "compact_rows"):
+    for name in ("rejection_sample.api", "scatter_kv", "commit_tokens", "compact_rows", "coupled_verify"):
         sys.modules[f"batched_specdec.kernels.{name}"].resolve_backend = lambda backend, device: "triton"
     records = capture_launches(kernel_calls)
     target = GPUTarget("cuda", args.arch, 32)

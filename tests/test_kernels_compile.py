@@ -30,4 +30,5 @@ def test_every_kernel_compiles_for_sm90():
     assert names == {
         "_rejection_sample_kernel", "_split_stats_kernel", "_split_race_kernel", "_split_finish_kernel",
         "_scatter_kv_at_offsets_kernel", "_compact_rows_kernel", "_commit_emitted_tokens_kernel",
+        "_coupled_verify_kernel",
     }, proc.stdout
