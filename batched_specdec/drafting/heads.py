@@ -41,6 +41,9 @@ from transformers.models.llama.modeling_llama import LlamaModel
 
 from batched_specdec.model_info import cache_keyword
 
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The cache field of transformers' model outputs (``cache`` since 5.2x; setting the old name prints a warning)."""
+
 DEFAULT_DRAFT_DIR = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
 """Where the draft shipped for the embedded target (SmolLM2-135M-Instruct) lives inside the package."""
 CONFIG_NAME = "draft_config.json"
@@ -154,10 +157,10 @@ class SubsetHeadDraft(nn.Module):
             **kwargs,  # ragged_attention (each row's positions); a feature draft's features
         )
         if not compute_logits:
-            return CausalLMOutputWithPast(logits=None, past_key_values=cache)
+            return CausalLMOutputWithPast(logits=None, **{_OUTPUT_CACHE_FIELD: cache})
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.full_logits(hidden), past_key_values=cache)
+        return CausalLMOutputWithPast(logits=self.full_logits(hidden), **{_OUTPUT_CACHE_FIELD: cache})
 
     def full_logits(self, hidden: Tensor) -> Tensor:
         """``(..., V)`` logits over the target's whole vocabulary, ``-inf`` outside the subset."""
