@@ -340,7 +340,7 @@ def test_tokenizer_passed_as_the_fourth_argument_suggests_gamma(target, draft):
     ("kwargs", "match"),
     [
         ({"gamma": "fast"}, "gamma must be an int >= 1 or 'auto', got 'fast'"),
-        ({"gamma": 3, "gamma_max": 4}, "gamma_max=4 only applies with gamma='auto', got gamma=3"),
+        ({"gamma": 3, "gamma_max": 4}, "gamma_max 4 only applies with gamma 'auto', got gamma 3"),
         ({"gamma": "auto", "gamma_max": 0}, "gamma_max must be an int >= 1, got 0"),
     ],
 )

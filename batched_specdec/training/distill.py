@@ -191,12 +191,11 @@ def draft_plan(target, args):
 def main_job_prompts(tokenizer) -> frozenset:
     """Token ids of the prompts ``python -m batched_specdec.main`` decodes by default (the first built-in ones):
     never trained on, so that the main job measures a draft on prompts it has not seen."""
-    from batched_specdec.config import RunConfig
-    from batched_specdec.prompts import builtin_prompts, encode_prompts, select_prompts
+    from batched_specdec.prompts import BUILTIN_NUM_PROMPTS, builtin_prompts, encode_prompts
 
     if tokenizer is None:
         return frozenset()
-    return frozenset(tuple(p) for p in encode_prompts(tokenizer, select_prompts(builtin_prompts(), RunConfig().num_prompts)))
+    return frozenset(tuple(p) for p in encode_prompts(tokenizer, builtin_prompts()[:BUILTIN_NUM_PROMPTS]))
 
 
 def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path, exclude: frozenset):
