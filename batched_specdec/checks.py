@@ -19,6 +19,11 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")
 """Values of ``attention=``: the attention backend of every forward through the ragged cache
 (:mod:`batched_specdec.attention`)."""
 
+SAMPLING_SCHEMES = ("rejection", "coupled")
+"""How sampled tokens are drawn and drafts verified (:mod:`batched_specdec.processors`): ``"rejection"`` (Leviathan
+et al.: accept with min(1, p/q), resample from (p - q)+) or ``"coupled"`` (Gumbel-max noise keyed by the seed, the
+prompt and the position: seeded samples equal target-only sampling's); ``"rejection"`` is the default."""
+
 SCHEDULES = ("continuous", "static")
 """How a prompt set is batched (:mod:`batched_specdec.runner`)."""
 

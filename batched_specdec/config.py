@@ -16,6 +16,7 @@ from batched_specdec.checks import (
     ATTENTION_BACKENDS,
     ATTN_IMPLEMENTATIONS,
     GAMMA_MAX_DEFAULT,
+    SAMPLING_SCHEMES,
     SCHEDULES,
     OptionError,
     check_gamma,
@@ -48,6 +49,7 @@ class RunConfig:
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
+    sampling_scheme: str = "rejection"
     device: str = "auto"
     dtype: str = "auto"
     attn_implementation: str = "auto"
@@ -187,7 +189,8 @@ def validate(config: RunConfig, names: dict[str, str] | None = None) -> None:
     check_ngram_sizes(config.ngram_max, config.ngram_min, (name("ngram_max"), name("ngram_min")))
     _check_device(config.device, name("device"))
     for key, choices in (("dtype", DTYPES), ("attn_implementation", ATTN_IMPLEMENTATIONS),
-                         ("attention", ATTENTION_BACKENDS), ("schedule", SCHEDULES)):
+                         ("attention", ATTENTION_BACKENDS), ("schedule", SCHEDULES),
+                         ("sampling_scheme", SAMPLING_SCHEMES)):
         if getattr(config, key) not in choices:
             raise ConfigError(f"{name(key)} {getattr(config, key)!r} is not one of {', '.join(choices)}")
     if not config.target or not config.draft:
@@ -312,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="random seed for sampling: each prompt draws from its own stream, keyed by the seed and the prompt's "
         "index in the prompt set, so its tokens do not depend on the batch size, the schedule or the other prompts; "
         f"outputs reproduce with an integer --gamma, not with auto [default: {d.seed}]",
+    )
+    p.add_argument(
+        "--sampling-scheme", choices=SAMPLING_SCHEMES,
+        help="how sampled tokens are drawn and drafts verified (greedy decoding is the same under both): rejection "
+        "(rejection sampling: outputs distributed as the target's) or coupled (Gumbel-max noise keyed by the seed, "
+        "the prompt and the position: each output is exactly the one target-only sampling draws with the same "
+        f"--seed, whatever the draft, --gamma or batch; the CLI then compares outputs) [default: {d.sampling_scheme}]",
     )
     p.add_argument("--device", metavar="{auto,cpu,cuda,cuda:N}",
                    help=f"auto (cuda if available, else cpu), cpu, cuda or cuda:N [default: {d.device}]")

@@ -335,6 +335,7 @@ def generate(
     gamma: int | str = "auto",
     gamma_max: int | None = None,
     seed: int | None = None,
+    sampling_scheme: str = "rejection",
     return_logprobs: bool = False,
     progress: bool = False,
     on_result: Callable[[PromptResult], None] | None = None,
@@ -384,7 +385,14 @@ def generate(
         (:mod:`batched_specdec.runner`), so prompts are not correlated and a prompt's tokens do not depend on the
         schedule, the batch size or the other prompts. Seeded samples
         are reproducible with an integer ``gamma`` or ``draft=None``; with ``gamma="auto"`` the draft lengths
-        follow measured timings, so samples differ between runs (each correctly distributed).
+        follow measured timings, so samples differ between runs (each correctly distributed) unless
+        ``sampling_scheme="coupled"``.
+    sampling_scheme : {"rejection", "coupled"}
+        How sampled tokens are drawn and drafts verified (greedy decoding is the same under both).
+        ``"rejection"`` (the default): rejection sampling (Leviathan et al. 2023), outputs distributed as the
+        target's. ``"coupled"``: Gumbel-max sampling with noise keyed by (seed, prompt, position), drafts accepted
+        when they equal the target's token there, so a seeded sampled output is exactly target-only sampling's with
+        the same seed (``draft=None``), whatever the draft, gamma, batch size or schedule.
     return_logprobs : bool
         Fill ``.logprobs`` (and ``.stats.logprobs``).
     progress : bool
@@ -417,7 +425,7 @@ def generate(
     options = resolve_options(target, tokenizer=tokenizer, logits_processor=settings.processor,
                               eos_tokens_id=settings.eos_token_id, gamma=gamma, gamma_max=gamma_max,
                               attention=attention, prefill_chunk=prefill_chunk, compile=compile,
-                              return_logprobs=return_logprobs, progress=progress)
+                              return_logprobs=return_logprobs, progress=progress, sampling_scheme=sampling_scheme)
     batch_size, seed = check_positive_int("batch_size", batch_size), check_seed(seed)
     drafter = _resolve_draft(draft, target, tokenizer, attention, prefill_chunk, compile)
     ids = _encode(prompts, tokenizer, chat_template)

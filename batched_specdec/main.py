@@ -207,7 +207,8 @@ def method_options(config: RunConfig, model, tokenizer, processor) -> dict:
     from batched_specdec.options import resolve_options
 
     common = {"tokenizer": tokenizer, "logits_processor": processor, "attention": config.attention,
-              "prefill_chunk": config.prefill_chunk, "compile": config.compile}
+              "prefill_chunk": config.prefill_chunk, "compile": config.compile,
+              "sampling_scheme": config.sampling_scheme}
     return {"baseline": resolve_options(model, **common),
             "speculative": resolve_options(model, gamma=config.gamma, gamma_max=config.gamma_max,
                                            collect_stats=config.time_split, return_logprobs=config.logprobs,
@@ -226,9 +227,15 @@ def _decoding_lines(config: RunConfig, processor) -> list[str]:
     if processor.is_greedy:
         compared = " (outputs of both methods are compared token for token)" if not config.no_baseline else ""
         return lines + [f"Decoding: greedy{compared}."]
+    if config.sampling_scheme == "coupled":
+        compared = "; outputs of both methods are compared token for token" if not config.no_baseline else ""
+        line = (f"Decoding: {processor.describe()}, coupled sampling from --seed {config.seed}: every output is the "
+                f"one target-only sampling draws with this seed{compared}.")
+        return lines + [line]
     gamma_note = "seeds reproduce outputs with an integer --gamma" if config.gamma != "auto" else \
-        "--gamma auto follows measured timings, so outputs differ between runs (each drawn from the target)"
-    compared = "; outputs are not compared under sampling (both are samples of the same distribution)" \
+        "--gamma auto follows measured timings, so outputs differ between runs (each drawn from the target; " \
+        "--sampling-scheme coupled makes them reproducible)"
+    compared = "; outputs are not compared under rejection sampling (both are samples of the same distribution)" \
         if not config.no_baseline else ""
     line = f"Decoding: {processor.describe()}, drawn on the device from --seed {config.seed}{compared}; {gamma_note}."
     return lines + [line]
@@ -340,11 +347,18 @@ def summarise(config: RunConfig, loaded: Loaded, merged: dict, per_process: list
     tokens_per_s = {m: [s.generated_tokens / s.wall_time_s for s in runs] for m, runs in stats.items()}
     timing = Timing(tokens_per_s.get("baseline"), tokens_per_s["speculative"])
     identical, differing = None, []
-    if loaded.options["speculative"].processor.is_greedy and not config.no_baseline:
+    if compares_outputs(config, loaded):
         identical = sum(merged["base_out"][i] == merged["spec_out"][i] for i in range(n))
-        differing = divergences(loaded.model, loaded.prompts, merged["base_out"], merged["spec_out"])
+        if loaded.options["speculative"].processor.is_greedy:  # the logit margin diagnoses greedy choices only
+            differing = divergences(loaded.model, loaded.prompts, merged["base_out"], merged["spec_out"])
     base = stats["baseline"][0] if "baseline" in stats else None
     return Summary(base, stats["speculative"][0], stats, timing, merged, per_process, identical, differing)
+
+
+def compares_outputs(config: RunConfig, loaded: Loaded) -> bool:
+    """Whether both methods must give the same tokens: greedy decoding, or sampling with the coupled scheme."""
+    greedy = loaded.options["speculative"].processor.is_greedy
+    return not config.no_baseline and (greedy or config.sampling_scheme == "coupled")
 
 
 def report(console, config: RunConfig, loaded: Loaded, summary: Summary) -> None:
@@ -353,8 +367,9 @@ def report(console, config: RunConfig, loaded: Loaded, summary: Summary) -> None
 
     print_report(console, config, summary.base, summary.spec, summary.timing, loaded.device)
     if summary.identical is not None:
+        kind = "Greedy" if loaded.options["speculative"].processor.is_greedy else "Sampled (coupled)"
         print_identity(console, summary.identical, len(loaded.prompts), str(loaded.dtype).replace("torch.", ""),
-                       summary.differing)
+                       summary.differing, kind)
     if len(summary.per_process) > 1:
         print_processes(console, _process_rows(summary.per_process))
     if config.show_output:
@@ -400,7 +415,8 @@ def results_dict(config: RunConfig, loaded: Loaded, summary: Summary, command: s
         "speculative": stats_dict(summary.spec, summary.runs["speculative"]),
         "timing": summary.timing.as_dict(),
         "speedup": summary.timing.speedup,
-        "greedy_identical_rows": summary.identical,
+        "sampling_scheme": config.sampling_scheme,
+        "identical_rows": summary.identical,
         "greedy_divergences": summary.differing,
         "rows": [
             {"index": loaded.indices[i], **loaded.fields[i], "prompt": loaded.texts[i],

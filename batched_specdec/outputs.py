@@ -29,7 +29,8 @@ OUTPUT_KEYS = ("index", "completion", "generated_tokens", "finish_reason", "logp
 refused when the prompts load)."""
 
 MATCHING_OPTIONS = ("target", "draft", "ngram_max", "ngram_min", "gamma", "gamma_max", "max_new_tokens",
-                    "temperature", "top_k", "top_p", "seed", "dtype", "attn_implementation", "logprobs")
+                    "temperature", "top_k", "top_p", "seed", "sampling_scheme", "dtype", "attn_implementation",
+                    "logprobs")
 """Options a resumed run must share with the run it continues: the ones that can change what is written (the
 batch size, the schedule and the attention backend cannot: outputs are the same whatever they are)."""
 

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from batched_specdec.checks import OptionError, check_positive_int, check_sampling, check_temperature, check_top_p
+from batched_specdec.checks import (
+    SAMPLING_SCHEMES,  # noqa: F401 (re-exported: the schemes the module docstring describes)
+    OptionError,
+    check_positive_int,
+    check_sampling,
+    check_temperature,
+    check_top_p,
+)
 from batched_specdec.kernels import coupled_verify, draw_seed_offset
 from batched_specdec.kernels.philox import philox_uint31_reference
 
@@ -33,8 +40,6 @@ DRAFT_DRAWS = 2**25
 """Where a drafter's counters start in a row's block: two per draft token."""
 SAMPLE_DRAWS = 2**25 + 2**20
 """Where a plain target sample's two counters sit in a row's block (a step without drafts)."""
-SAMPLING_SCHEMES = ("rejection", "coupled")
-"""How sampled tokens are drawn and drafts verified (module docstring); ``"rejection"`` is the default."""
 
 
 @dataclass(frozen=True)
@@ -300,8 +305,8 @@ class TopKNucleusProcessor(LogitsProcessor):
 
 
 def make_processor(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessor:
-    """The processor for sampling settings: temperature 0 is greedy; top_k / top_p of None are off (and need
-    temperature > 0)."""
+    """The processor for sampling settings: temperature 0 is greedy (top_k / top_p are then ignored, as
+    ``model.generate`` ignores them without ``do_sample``); top_k / top_p of None are off."""
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return GreedyProcessor()

@@ -43,16 +43,18 @@ def divergences(model, prompts: list[list[int]], base_out: list[list[int]], spec
     return found
 
 
-def print_identity(console, identical: int, n_rows: int, dtype: str, differing: list[dict]) -> None:
-    """The greedy check's verdict. In float32 identical is the promise; in reduced precision a verify of k + 1
-    tokens and a one-token forward run different kernels, so the share of identical rows is reported with, for
-    every row that differs, where and at which margin (near-ties are expected there, clear margins are not)."""
+def print_identity(console, identical: int, n_rows: int, dtype: str, differing: list[dict],
+                   kind: str = "Greedy") -> None:
+    """The verdict of the check that both methods gave the same tokens (``kind``: ``"Greedy"`` or ``"Sampled
+    (coupled)"``). In float32 identical is the promise; in reduced precision a verify of k + 1 tokens and a
+    one-token forward run different kernels, so the share of identical rows is reported with, for every greedy row
+    that differs, where and at which margin (near-ties are expected there, clear margins are not)."""
     reduced = dtype in ("bfloat16", "float16")
     if not reduced:
         verdict = "[green]identical[/]" if identical == n_rows else "[red]DIFFERENT[/]"
-        console.print(f"Greedy outputs {verdict} to target-only decoding for {identical}/{n_rows} prompts.")
+        console.print(f"{kind} outputs {verdict} to target-only decoding for {identical}/{n_rows} prompts.")
     else:
-        console.print(f"Greedy outputs in {dtype}: {identical}/{n_rows} prompts ({identical / max(n_rows, 1):.0%}) "
+        console.print(f"{kind} outputs in {dtype}: {identical}/{n_rows} prompts ({identical / max(n_rows, 1):.0%}) "
                       "identical to target-only decoding; near-tie flips are expected in reduced precision.")
     for d in differing:
         kind = "near-tie" if d["ulps"] <= 4 else "[red]clear margin: a bug[/]"

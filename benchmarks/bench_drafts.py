@@ -68,7 +68,7 @@ def main_job_cell(args, prompt_set: str, batch: int, draft: str) -> dict:
            "method": "main job", "tokens_per_s": statistics.median(timing["speculative_tokens_per_s"]),
            "speedup": r["speedup"], "speedup_spread": "-".join(f"{x:.2f}" for x in timing["speedup_spread"]),
            "acceptance_rate": spec["acceptance_rate"],
-           "identical": f"{r['greedy_identical_rows']}/{len(r['rows'])}", "sources": json.dumps(
+           "identical": f"{r['identical_rows']}/{len(r['rows'])}", "sources": json.dumps(
                {k: v["accepted"] for k, v in (spec["sources"] or {}).items()}) if spec["sources"] else ""}
     print(f"{prompt_set:5s} B={batch:2d} {draft:9s} speedup {r['speedup']:.2f}x ({row['speedup_spread']}) acceptance "
           f"{spec['acceptance_rate'] or 0:.1%} identical {row['identical']}", flush=True)

@@ -34,7 +34,7 @@ def _prompt_file(tmp_path, n: int, name: str = "prompts.jsonl"):
     return path
 
 
-def _argv(tiny_dir, prompts, out_dir, *extra):
+def _run_argv(tiny_dir, prompts, out_dir, *extra):
     return ["--target", tiny_dir, "--draft", "ngram", "--prompts", str(prompts), "--device", "cpu", "--gamma", "3",
             "--batch-size", "3", "--max-new-tokens", "10", "--output-dir", str(out_dir), *extra]
 
@@ -42,6 +42,9 @@ def _argv(tiny_dir, prompts, out_dir, *extra):
 def _flat(text: str) -> str:
     """Console output with rich's line wrapping undone."""
     return " ".join(text.split())
+
+
+_argv = _run_argv
 
 
 def _lines(out_dir):
@@ -66,12 +69,18 @@ def test_every_prompt_of_a_file_streams_to_outputs_jsonl_with_its_fields(tiny_di
     assert all(len(rows[line["index"]]["speculative_tokens"]) == line["generated_tokens"] for line in lines)
 
 
+@pytest.mark.parametrize("sampling", [(), ("--temperature", "0.9", "--sampling-scheme", "coupled", "--gamma", "auto")])
 def test_a_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch,
-                                                                                capsys):
+                                                                                capsys, sampling):
     """A run stopped after 4 of 10 prompts (and a half-written line) resumes with --resume: every prompt once, every
-    output identical to an uninterrupted run's; resuming a finished run decodes nothing."""
+    output identical to an uninterrupted run's, greedy and coupled-sampled; resuming a finished run decodes
+    nothing."""
     prompts = _prompt_file(tmp_path, 10)
     full, broken = tmp_path / "full", tmp_path / "broken"
+
+    def _argv(*args):
+        return _run_argv(*args, *sampling)
+
     assert main(_argv(tiny_dir, prompts, full, "--no-baseline")) == 0
     write = OutputWriter.write
 
@@ -184,3 +193,15 @@ def test_report_and_results_json_agree_and_greedy_ignores_top_p(tiny_dir, tmp_pa
     printed = re.search(r"tokens/s \(median\)\s*│\s*([\d.]+)\s*│\s*([\d.]+)", stdout)
     assert printed.groups() == (f"{results['baseline']['tokens_per_s']:.1f}",
                                 f"{results['speculative']['tokens_per_s']:.1f}")
+
+
+def test_coupled_sampling_is_compared_token_for_token(tiny_dir, tmp_path, capsys):
+    """Under --sampling-scheme coupled the sampled outputs of both methods are the same and the CLI checks it."""
+    prompts = _prompt_file(tmp_path, 5)
+    assert main(_argv(tiny_dir, prompts, tmp_path, "--temperature", "0.9", "--top-k", "20", "--sampling-scheme",
+                      "coupled", "--gamma", "auto", "--repeats", "1")) == 0
+    stdout = _flat(capsys.readouterr().out)
+    assert "coupled sampling from --seed 0" in stdout
+    assert "Sampled (coupled) outputs identical to target-only decoding for 5/5 prompts" in stdout
+    results = json.loads(next(tmp_path.glob("results_*.json")).read_text())
+    assert results["sampling_scheme"] == "coupled" and results["identical_rows"] == 5

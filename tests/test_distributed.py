@@ -158,7 +158,7 @@ def test_main_job_under_accelerate_matches_single_process(tmp_path):
     multi = json.loads(multi_file.read_text())
     assert [r["speculative_tokens"] for r in multi["rows"]] == [r["speculative_tokens"] for r in single["rows"]]
     assert [r["prompt"] for r in multi["rows"]] == [r["prompt"] for r in single["rows"]]
-    assert multi["greedy_identical_rows"] == 5
+    assert multi["identical_rows"] == 5
     assert [p["num_prompts"] for p in multi["processes"]] == [3, 2]
     assert multi["speculative"]["generated_tokens"] == single["speculative"]["generated_tokens"]
     assert "Per process" in proc.stdout

@@ -361,3 +361,17 @@ def test_draft_with_another_tokenizer_is_refused_by_name(tmp_path):
     (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(backend))
     with pytest.raises(OptionError, match=f"token id 5 is {second!r} in the draft's tokenizer and {first!r}"):
         load_draft(other, target, target_tokenizer=tokenizer)
+
+
+def test_coupled_sampling_scheme_gives_target_only_samples(tiny):
+    """generate(sampling_scheme="coupled"): seeded samples equal target-only sampling's, whatever the draft and
+    gamma; a bad scheme is refused by name."""
+    target, draft = tiny
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [3, 3, 4, 5, 3, 3]]
+    settings = dict(max_new_tokens=10, eos_token_id=[], do_sample=True, temperature=0.9, seed=3,
+                    sampling_scheme="coupled")
+    alone = generate(prompts, target, None, **settings).token_ids
+    for d, gamma in ((draft, "auto"), ("ngram", 3), (draft, 2)):
+        assert generate(prompts, target, d, gamma=gamma, batch_size=2, **settings).token_ids == alone
+    with pytest.raises(ValueError, match="sampling_scheme must be one of 'rejection', 'coupled', got 'gumbel'"):
+        generate(prompts, target, None, sampling_scheme="gumbel")

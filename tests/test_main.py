@@ -241,7 +241,7 @@ def test_end_to_end_greedy(tiny_dir, tmp_path, capsys, draft):
     assert "identical to target-only decoding for 5/5 prompts" in stdout
     (result_file,) = out_dir.glob("results_*.json")
     results = json.loads(result_file.read_text())
-    assert results["greedy_identical_rows"] == 5
+    assert results["identical_rows"] == 5
     assert len(results["rows"]) == 5
     assert all(row["identical_to_baseline"] for row in results["rows"])
     spec, base = results["speculative"], results["baseline"]
