@@ -8,15 +8,10 @@ acceptance, tokens per target forward, histogram, peak memory, the greedy check)
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 # The CLI is offline by design: never let transformers reach for the model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,6 +103,8 @@ def run(config: RunConfig, console=None, command: str | None = None) -> dict:
         return {}
     summary = summarise(config, loaded, merged, per_process)
     report(console, config, loaded, summary)
+    from batched_specdec.report import results_dict, save
+
     results = results_dict(config, loaded, summary, command)
     results["path"] = str(save(config, results, console))
     return results
@@ -363,7 +360,7 @@ def compares_outputs(config: RunConfig, loaded: Loaded) -> bool:
 
 def report(console, config: RunConfig, loaded: Loaded, summary: Summary) -> None:
     """Print the comparison, the greedy verdict, the per-process table and, with ``--show-output``, every output."""
-    from batched_specdec.report import print_identity, print_outputs, print_processes, print_report
+    from batched_specdec.report import print_identity, print_outputs, print_processes, print_report, process_rows
 
     print_report(console, config, summary.base, summary.spec, summary.timing, loaded.device)
     if summary.identical is not None:
@@ -371,90 +368,12 @@ def report(console, config: RunConfig, loaded: Loaded, summary: Summary) -> None
         print_identity(console, summary.identical, len(loaded.prompts), str(loaded.dtype).replace("torch.", ""),
                        summary.differing, kind)
     if len(summary.per_process) > 1:
-        print_processes(console, _process_rows(summary.per_process))
+        print_processes(console, process_rows(summary.per_process))
     if config.show_output:
         merged = summary.merged
         print_outputs(console, loaded.tokenizer, loaded.texts, merged["base_out"], merged["spec_out"],
                       merged["alphas"], summary.identical is not None, config.no_baseline,
                       summary.spec.extra.get("sources"))
-
-
-def _process_rows(per_process: list[dict]) -> list[dict]:
-    def tokens_per_s(stats):
-        return stats.generated_tokens / stats.wall_time_s if stats.wall_time_s > 0 else 0.0
-
-    rows = []
-    for p in per_process:
-        base, spec = p["runs"]["baseline"], p["runs"]["speculative"]
-        rows.append({"process_index": p["process_index"], "num_prompts": p["num_prompts"],
-                     "baseline_tokens_per_s": tokens_per_s(base[0]) if base else None,
-                     "speculative_tokens_per_s": tokens_per_s(spec[0]), "speculative_wall_time_s": spec[0].wall_time_s})
-    return rows
-
-
-def results_dict(config: RunConfig, loaded: Loaded, summary: Summary, command: str | None) -> dict:
-    """The results JSON: config, environment, both methods' stats, every run's timing, and every prompt's outputs."""
-    import torch
-    import transformers
-
-    from batched_specdec.devices import device_name
-    from batched_specdec.report import stats_dict
-
-    tok, merged = loaded.tokenizer, summary.merged
-    return {
-        "command": command,
-        "config": config.as_dict(),
-        "environment": {"device": device_name(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
-                        "commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__,
-                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
-        "load_time_s": loaded.load_s,
-        "processes": _process_rows(summary.per_process),
-        "eos_token_ids": list(loaded.options["speculative"].eos_token_ids),
-        "baseline": None if summary.base is None else stats_dict(summary.base, summary.runs["baseline"]),
-        "speculative": stats_dict(summary.spec, summary.runs["speculative"]),
-        "timing": summary.timing.as_dict(),
-        "speedup": summary.timing.speedup,
-        "sampling_scheme": config.sampling_scheme,
-        "identical_rows": summary.identical,
-        "greedy_divergences": summary.differing,
-        "rows": [
-            {"index": loaded.indices[i], **loaded.fields[i], "prompt": loaded.texts[i],
-             "prompt_tokens": len(loaded.prompts[i]),
-             "speculative_tokens": merged["spec_out"][i],
-             "speculative_text": tok.decode(merged["spec_out"][i], skip_special_tokens=True),
-             "baseline_tokens": merged["base_out"][i],
-             "baseline_text": None if merged["base_out"][i] is None else
-             tok.decode(merged["base_out"][i], skip_special_tokens=True),
-             "acceptance_rate": merged["alphas"][i],
-             "accepted_by_source": {name: c["accepted_per_prompt"][i]
-                                    for name, c in summary.spec.extra.get("sources", {}).items()} or None,
-             "identical_to_baseline": None if summary.identical is None else
-             merged["base_out"][i] == merged["spec_out"][i]}
-            for i in range(len(loaded.prompts))
-        ],
-    }
-
-
-def save(config: RunConfig, results: dict, console) -> Path:
-    """Write the results JSON to ``--output-dir`` whole (a temporary file renamed into place)."""
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"results_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
-    console.print(f"Results written to {path}")
-    return path
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], check=False,
-                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _fail(message: str, code: int = 1):

@@ -1,10 +1,16 @@
-"""What the main job reports: the comparison table (median over repeats, speedup spread), the greedy verdict, the
-per-process table, each output, and the device name."""
+"""What the main job reports: the comparison table (median over repeats, speedup spread), the verdict that both
+methods gave the same tokens, the per-process table, each output, and the results JSON it saves."""
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
+import os
+import platform
 import statistics
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from batched_specdec.devices import device_name
 
@@ -260,3 +266,82 @@ def print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy,
         if not no_baseline and (not greedy or base_out[i] != spec_out[i]):
             body += f"\n\n[dim]target-only:[/] {escape(tokenizer.decode(base_out[i], skip_special_tokens=True))}"
         console.print(Panel(body, title=title, title_align="left"))
+
+
+def process_rows(per_process: list[dict]) -> list[dict]:
+    """One row per process of a multi-process run: its prompts, both methods' tokens/s and its wall time."""
+    def tokens_per_s(stats):
+        return stats.generated_tokens / stats.wall_time_s if stats.wall_time_s > 0 else 0.0
+
+    rows = []
+    for p in per_process:
+        base, spec = p["runs"]["baseline"], p["runs"]["speculative"]
+        rows.append({"process_index": p["process_index"], "num_prompts": p["num_prompts"],
+                     "baseline_tokens_per_s": tokens_per_s(base[0]) if base else None,
+                     "speculative_tokens_per_s": tokens_per_s(spec[0]), "speculative_wall_time_s": spec[0].wall_time_s})
+    return rows
+
+
+def results_dict(config, loaded, summary, command: str | None) -> dict:
+    """The results JSON of a main-job run (``loaded``, ``summary``: :mod:`batched_specdec.main`'s): config,
+    environment, both methods' stats, every run's timing, and every prompt's outputs."""
+    import torch
+    import transformers
+
+    from batched_specdec.devices import device_name
+
+    tok, merged = loaded.tokenizer, summary.merged
+    return {
+        "command": command,
+        "config": config.as_dict(),
+        "environment": {"device": device_name(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+                        "commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__,
+                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+        "load_time_s": loaded.load_s,
+        "processes": process_rows(summary.per_process),
+        "eos_token_ids": list(loaded.options["speculative"].eos_token_ids),
+        "baseline": None if summary.base is None else stats_dict(summary.base, summary.runs["baseline"]),
+        "speculative": stats_dict(summary.spec, summary.runs["speculative"]),
+        "timing": summary.timing.as_dict(),
+        "speedup": summary.timing.speedup,
+        "sampling_scheme": config.sampling_scheme,
+        "identical_rows": summary.identical,
+        "greedy_divergences": summary.differing,
+        "rows": [
+            {"index": loaded.indices[i], **loaded.fields[i], "prompt": loaded.texts[i],
+             "prompt_tokens": len(loaded.prompts[i]),
+             "speculative_tokens": merged["spec_out"][i],
+             "speculative_text": tok.decode(merged["spec_out"][i], skip_special_tokens=True),
+             "baseline_tokens": merged["base_out"][i],
+             "baseline_text": None if merged["base_out"][i] is None else
+             tok.decode(merged["base_out"][i], skip_special_tokens=True),
+             "acceptance_rate": merged["alphas"][i],
+             "accepted_by_source": {name: c["accepted_per_prompt"][i]
+                                    for name, c in summary.spec.extra.get("sources", {}).items()} or None,
+             "identical_to_baseline": None if summary.identical is None else
+             merged["base_out"][i] == merged["spec_out"][i]}
+            for i in range(len(loaded.prompts))
+        ],
+    }
+
+
+def save(config, results: dict, console) -> Path:
+    """Write the results JSON to ``--output-dir`` whole (a temporary file renamed into place)."""
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"results_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    console.print(f"Results written to {path}")
+    return path
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], check=False,
+                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
