@@ -78,6 +78,16 @@ rows, which counts as this many verified positions (:meth:`AdaptiveSpeculation.r
 MIN_GAIN = 0.05
 """Speculate only when the predicted tokens per second beat a plain target step by this fraction: near
 break-even, prediction errors would otherwise make speculation slower than not speculating."""
+STREAK_ACCEPTANCE = 0.97
+"""Next-step per-position acceptance of a row drafting from a copy source (an n-gram match) whose last verified drafts
+were all accepted. Its next proposal continues the same match, and on copy and edit prompts such a match runs on for
+tens of tokens: pricing it at the row's average acceptance (at most :data:`ACCEPTANCE_CAP`) asked 3 drafts where the
+match had 8 or more to give (benchmarks/results/ngram_vs_prompt_lookup_cpu.md)."""
+COPY_GAMMA_MAX_DEFAULT = 16
+"""Largest draft length of ``gamma="auto"`` with a model-free drafter when ``gamma_max`` is not given: its drafts
+cost no forward, so only the verify width limits them, and the plan and :meth:`AdaptiveSpeculation.choose_width`
+cut that to what each step is worth (drafters with a model keep
+:data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`)."""
 
 
 CPU_MIN_VERIFY_TOKENS = 4
@@ -293,12 +303,16 @@ class AdaptiveSpeculation:
         Sources a row may draft from (a hybrid drafter's n-gram match and model): acceptance is kept per row and
         source, and the ``row_ids`` the hooks take are evidence slots, ``row * num_sources + source`` (:meth:`slots`).
         Default 1.
+    copy_sources : tuple of int
+        The sources that copy an n-gram match of the row's own tokens: a row drafting from one whose last verified
+        drafts were all accepted is priced at :data:`STREAK_ACCEPTANCE` for its next step (:meth:`acceptance`).
+        Default none.
     """
 
     adaptive = True
 
     def __init__(self, gamma_max: int, num_rows: int, device: torch.device, *, cost_model: CostModel | None = None,
-                 frozen_costs: bool = False, num_sources: int = 1) -> None:
+                 frozen_costs: bool = False, num_sources: int = 1, copy_sources: tuple[int, ...] = ()) -> None:
         self.gamma_max = gamma_max
         self.num_rows = num_rows
         self.num_sources = num_sources
@@ -307,6 +321,10 @@ class AdaptiveSpeculation:
         # [0]: long-run, [1]: recent; per evidence slot (original row and source)
         self.successes = torch.zeros(2, num_rows * num_sources, dtype=torch.float64)
         self.trials = torch.zeros(2, num_rows * num_sources, dtype=torch.float64)
+        self.copies = torch.zeros(num_rows * num_sources, dtype=torch.bool)  # slots of a copy source
+        for source in copy_sources:
+            self.copies[source::num_sources] = True
+        self.streak = torch.zeros(num_rows, dtype=torch.bool)  # rows whose last verified copy drafts were all accepted
         self.clock = StepClock(device)
         self.draft_lengths: list[int] = []
         self.width_histogram = [0] * (gamma_max + 1)
@@ -324,11 +342,14 @@ class AdaptiveSpeculation:
 
     def acceptance(self, row_ids: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance estimates of the original rows ``row_ids`` for the next step: the
-        recent estimate, its prior the long-run one (:meth:`_explored`)."""
+        recent estimate, its prior the long-run one (:meth:`_explored`); at least :data:`STREAK_ACCEPTANCE` for a copy
+        source's slot of a row whose last verified drafts were copies, all accepted."""
         s, t = self.successes[:, row_ids], self.trials[:, row_ids]
         long_run = (s[0] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t[0] + PRIOR_WEIGHT)
         recent = (s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)
-        return self._explored(recent, t[0])
+        estimate = self._explored(recent, t[0])
+        streak = self.copies[row_ids] & self.streak[row_ids // self.num_sources]
+        return torch.where(streak, estimate.clamp_min(STREAK_ACCEPTANCE), estimate)
 
     def run_acceptance(self, row_ids: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance the rows ``row_ids`` are predicted to keep for the rest of their
@@ -431,6 +452,8 @@ class AdaptiveSpeculation:
         ids = row_ids[seen]
         self.successes.index_add_(1, ids, accepted[seen].double().expand(2, -1))
         self.trials.index_add_(1, ids, torch.minimum(accepted[seen] + 1, proposed[seen]).double().expand(2, -1))
+        slots, full = row_ids[live], (proposed[live] > 0) & (accepted[live] >= proposed[live])
+        self.streak[slots // self.num_sources] = self.copies[slots] & full
         total = time.perf_counter() - self._step_t0
         draft = self.clock.seconds("start", "draft") if k else 0.0
         verify = self.clock.seconds("draft" if k else "start", "verify")
@@ -501,10 +524,13 @@ def forget_cost_models() -> None:
 def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None, *,
                     cost_model: CostModel | None = None, num_sources: int = 1):
     """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default
-    :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`, starting from ``cost_model`` or else a new one with draft costs
-    priced by ``draft_ratio`` until measured, see :class:`CostModel`; acceptance kept per row and each of
-    ``num_sources`` sources), or a controller instance built by the caller for ``num_rows`` rows (tests, benchmarks
-    of the policy)."""
+    :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`, or :data:`COPY_GAMMA_MAX_DEFAULT` for a model-free drafter
+    (``draft_ratio`` None), starting from ``cost_model`` or else a new one with draft costs priced by ``draft_ratio``
+    until measured, see :class:`CostModel`; acceptance kept per row and each of ``num_sources`` sources), or a
+    controller instance built by the caller for ``num_rows`` rows (tests, benchmarks of the policy).
+
+    The copy sources of the adaptive controller (:data:`STREAK_ACCEPTANCE`): a model-free drafter's one source (the
+    n-gram drafter's match), and the ``"ngram"`` source of a drafter with the hybrid drafter's sources."""
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         if gamma_max is not None:
             raise OptionError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
@@ -516,7 +542,12 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft
     gamma = check_gamma(gamma)
     gamma_max = check_gamma_max(gamma_max, gamma)
     if gamma == "auto":
-        gamma_max = GAMMA_MAX_DEFAULT if gamma_max is None else gamma_max
+        from batched_specdec.drafting.hybrid import SOURCES  # late: the drafting package imports the engine's parts
+
+        model_free = draft_ratio is None
+        if gamma_max is None:
+            gamma_max = COPY_GAMMA_MAX_DEFAULT if model_free else GAMMA_MAX_DEFAULT
+        copies = tuple(range(num_sources)) if model_free else (SOURCES.index("ngram"),) if num_sources == len(SOURCES) else ()
         return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=cost_model or CostModel(draft_ratio),
-                                   num_sources=num_sources)
+                                   num_sources=num_sources, copy_sources=copies)
     return StaticSpeculation(gamma)

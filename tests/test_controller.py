@@ -14,8 +14,12 @@ from tiny_models import tiny_causal_lm
 from torch import Tensor
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, speculative_generate_batch
+from batched_specdec.checks import GAMMA_MAX_DEFAULT
 from batched_specdec.controller import (
+    ACCEPTANCE_CAP,
+    COPY_GAMMA_MAX_DEFAULT,
     EVIDENCE_DECAY,
+    STREAK_ACCEPTANCE,
     AdaptiveSpeculation,
     CostModel,
     StepPlan,
@@ -23,6 +27,7 @@ from batched_specdec.controller import (
     expected_tokens,
     finish_seconds,
     forget_cost_models,
+    make_controller,
     shared_cost_model,
 )
 from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter, as_drafter
@@ -228,6 +233,48 @@ def test_each_source_of_a_row_keeps_its_own_acceptance():
     controller.observe(ngram, torch.tensor([4]), torch.tensor([4]), live, 1, 4, 4)
     decay = torch.tensor(EVIDENCE_DECAY, dtype=torch.float64)[:, None]
     assert torch.equal(controller.trials[:, model], before * decay)  # decayed, nothing added
+
+
+def test_a_copy_row_whose_drafts_were_all_accepted_plans_longer_drafts():
+    """A row whose last verified drafts were copies of its n-gram match, all accepted, is priced at STREAK_ACCEPTANCE
+    for its next copy (the match goes on), so it asks for more drafts than its average acceptance would; a miss, or a
+    step drafted by the model, ends that. The row's model source is priced at its estimate (at most ACCEPTANCE_CAP)."""
+    costs = CostModel.fixed((0.032, 0.0026), (0.0, 0.0))
+    controller = AdaptiveSpeculation(16, 1, CPU, cost_model=costs, frozen_costs=True, num_sources=2,
+                                     copy_sources=(1,))
+    controller.costs.widest = 16
+    live = torch.tensor([True])
+    model, ngram = torch.tensor([0]), torch.tensor([1])
+    controller.successes[:], controller.trials[:] = 6.0, 10.0  # 0.6 per position, the prior
+    before = controller.plan(ngram, live).draft_len
+    for slot in (model, ngram):
+        controller.start_step()
+        controller.observe(slot, torch.tensor([3]), torch.tensor([3]), live, 1, 3, 3)
+    assert controller.acceptance(ngram).item() >= STREAK_ACCEPTANCE
+    assert controller.acceptance(model).item() <= ACCEPTANCE_CAP
+    assert controller.plan(ngram, live).draft_len > max(before, controller.plan(model, live).draft_len)
+    controller.start_step()
+    controller.observe(model, torch.tensor([3]), torch.tensor([3]), live, 1, 3, 3)  # the model drafted: no streak
+    assert controller.acceptance(ngram).item() < STREAK_ACCEPTANCE
+    for slot in (ngram, ngram):
+        controller.start_step()
+        controller.observe(slot, torch.tensor([8]), torch.tensor([8]), live, 1, 8, 8)
+    assert controller.acceptance(ngram).item() >= STREAK_ACCEPTANCE
+    controller.start_step()
+    controller.observe(ngram, torch.tensor([8]), torch.tensor([2]), live, 1, 8, 8)  # a miss ends the streak
+    assert controller.acceptance(ngram).item() < STREAK_ACCEPTANCE
+
+
+def test_model_free_drafters_default_to_longer_drafts_and_copy_sources():
+    """gamma="auto" without gamma_max: a model-free drafter (draft_ratio None, the n-gram drafter) may draft up to
+    COPY_GAMMA_MAX_DEFAULT, its source a copy source; a model drafter keeps GAMMA_MAX_DEFAULT, and with the hybrid's
+    two sources only the n-gram one copies. An explicit gamma_max wins."""
+    ngram = make_controller("auto", None, 2, CPU, None)
+    assert ngram.gamma_max == COPY_GAMMA_MAX_DEFAULT and ngram.copies.all()
+    assert make_controller("auto", 5, 2, CPU, None).gamma_max == 5
+    hybrid = make_controller("auto", None, 2, CPU, 0.1, num_sources=2)
+    assert hybrid.gamma_max == GAMMA_MAX_DEFAULT and hybrid.copies.tolist() == [False, True, False, True]
+    assert not make_controller("auto", None, 2, CPU, 0.1).copies.any()
 
 
 def test_expected_tokens_matches_the_closed_form():
