@@ -73,6 +73,53 @@ def host_arrived(host: torch.Tensor, event) -> torch.Tensor:
     return host
 
 
+class HostRing:
+    """Non-blocking copies of small device tensors to the host without an allocation per copy: on CUDA a ring of
+    ``slots`` pinned buffers, each with an event recorded after its copy (a pinned allocation costs far more than
+    the copy); elsewhere a plain copy.
+
+    :meth:`start` returns a ticket; :meth:`read` waits for that copy and returns the slot's contents, valid until
+    ``slots`` later copies reuse the slot (the delayed host read has one copy in flight and reads it at the next
+    step: two slots suffice). A slot grows (one new pinned buffer) only when a copy is larger than any before.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 2) -> None:
+        self.cuda = is_cuda(device)
+        self.slots: list[list] = [[None, None, None] for _ in range(slots)]  # per slot: buffer, event, host view
+        self.copies = 0
+        self.allocations = 0
+
+    def start(self, state: torch.Tensor) -> int:
+        """Start copying ``state`` (1-D) to the host; returns the ticket :meth:`read` takes."""
+        ticket = self.copies
+        self.copies += 1
+        slot = self.slots[ticket % len(self.slots)]
+        if not self.cuda:
+            slot[2] = state.cpu()
+            return ticket
+        if slot[1] is not None:
+            slot[1].synchronize()  # its last copy was read long ago; never overwrite one in flight
+        if slot[0] is None or slot[0].numel() < state.numel() or slot[0].dtype != state.dtype:
+            slot[0] = torch.empty(state.numel(), dtype=state.dtype, pin_memory=True)
+            self.allocations += 1
+        host = slot[0][: state.numel()]
+        host.copy_(state, non_blocking=True)
+        if slot[1] is None:
+            slot[1] = torch.cuda.Event()
+        slot[1].record()
+        slot[2] = host
+        return ticket
+
+    def read(self, ticket: int) -> torch.Tensor:
+        """The host copy of ticket ``ticket``, once it has arrived."""
+        if ticket < self.copies - len(self.slots):
+            raise RuntimeError(f"host copy {ticket} was overwritten: the ring holds the last {len(self.slots)}")
+        _, event, host = self.slots[ticket % len(self.slots)]
+        if event is not None:
+            event.synchronize()
+        return host
+
+
 class StepClock:
     """Named time marks without host syncs: CUDA events (read after the step's one sync) or ``perf_counter``."""
 

@@ -179,14 +179,24 @@ def test_rejection_sampler_splits_the_vocabulary_for_small_batches_on_a_gpu(fake
 
 
 def test_ragged_batch_delayed_read_takes_the_cuda_copy_path(fake_cuda, monkeypatch):
-    """With the delayed read every sync starts a host copy and reads the previous one after its event."""
+    """With the delayed read every sync starts a host copy (into the batch's ring of pinned buffers) and reads the
+    previous one after its event."""
     started = []
 
-    def host_copy(state):
-        started.append(state.clone())
-        return state.clone(), _FakeEvent()
+    class Ring:  # devices.HostRing's interface, recording each copy
+        def __init__(self, device):
+            self.copies = []
 
-    monkeypatch.setattr("batched_specdec.decode.batch.host_copy", host_copy)
+        def start(self, state):
+            started.append(state.clone())
+            self.copies.append((state.clone(), _FakeEvent()))
+            return len(self.copies) - 1
+
+        def read(self, ticket):
+            host, event = self.copies[ticket]
+            return devices.host_arrived(host, event)
+
+    monkeypatch.setattr("batched_specdec.decode.batch.HostRing", Ring)
     batch = RaggedBatch([[1, 2, 3], [4]], [2, 2], [0, 1], 16, 2, 0, torch.device("cpu"), delayed_host_read=True)
     batch.sync()
     assert batch.view.seq_lens.tolist() == [3, 1]  # nothing arrived yet: the initial view

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from batched_specdec import capture
 from batched_specdec.controller import COMPACT_FRACTION
-from batched_specdec.devices import host_arrived, host_copy
+from batched_specdec.devices import HostRing
 
 
 @dataclass
@@ -46,10 +46,11 @@ class RaggedBatch:
     :attr:`row_seeds` its Philox key. Per-row generation budgets share the one scalar limit of the commit kernel:
     a row starts with ``gen_lens = max_gen_len - its budget``, so it reaches the limit after its own budget.
 
-    With ``compile=True`` the per-row buffers are static and pooled (graph-stable across calls). With
-    ``delayed_host_read=True`` the host's view is one step behind the device: :meth:`sync` starts a non-blocking
-    copy of this step's state and reads the previous step's, and :meth:`max_live_seq_len` adds the last commit's
-    width, which the host has not seen yet.
+    With ``compile=True`` (the session's ``compile`` or ``cuda_graphs``) the per-row buffers are static and pooled
+    (graph-stable across calls) and compaction keeps rows in the front of the same buffers. With ``delayed_host_read=True`` the
+    host's view is one step behind the device: :meth:`sync` starts a non-blocking copy of this step's state into a
+    small ring of pinned buffers (:class:`~batched_specdec.devices.HostRing`: no allocation per step) and reads the
+    previous step's, and :meth:`max_live_seq_len` adds the last commit's width, which the host has not seen yet.
     """
 
     def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], seeds: list[int], capacity: int,
@@ -61,7 +62,8 @@ class RaggedBatch:
         self.prefill_widths = [n - 1 for n in lens]
         self.max_prompt_len = max(lens)
         self.max_gen_len = max_gen_len
-        self.capacity, self.compile, self.device, self.pad_token_id = capacity, compile, device, pad_token_id
+        # compile: graph-stable buffers (the session passes compile or cuda_graphs)
+        self.capacity, self.stable, self.device, self.pad_token_id = capacity, compile, device, pad_token_id
         padded = torch.full((batch, capacity), pad_token_id, dtype=torch.int64)
         for row, i in enumerate(order):
             padded[row, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.int64)
@@ -84,18 +86,19 @@ class RaggedBatch:
         self.live_row_steps = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
         self.last_width = 0  # tokens per row the last commit may have added
         self.delayed = delayed_host_read
-        # a step's state on its way to the host (delayed read): (host tensor, event, rows kept since or None)
-        self._pending: tuple[Tensor, object, Tensor | None] | None = None
+        # a step's state on its way to the host (delayed read): (ring ticket, rows kept since or None)
+        self._pending: tuple[int, Tensor | None] | None = None
+        self._ring = HostRing(device) if delayed_host_read else None
         self.unseen_width = 0  # tokens per row the last commit may have added that the host view does not show
 
     def _device_state(self, role: str, values: Tensor) -> Tensor:
         """``values`` (host) in a device buffer: pooled and static with ``compile`` (graph-stable across calls)."""
-        buffer = capture.new_buffer(f"batch.{role}", values.shape, values.dtype, self.device, self.compile)
+        buffer = capture.new_buffer(f"batch.{role}", values.shape, values.dtype, self.device, self.stable)
         return buffer.copy_(values)
 
     def _kept(self, buffer: Tensor, rows: Tensor) -> Tensor:
         """``buffer[rows]``; with ``compile``, written into the front of ``buffer`` itself (same addresses)."""
-        return capture.copy_to_front(buffer, buffer[rows]) if self.compile else buffer[rows]
+        return capture.copy_to_front(buffer, buffer[rows]) if self.stable else buffer[rows]
 
     @property
     def size(self) -> int:
@@ -119,7 +122,7 @@ class RaggedBatch:
         if extra:
             raise ValueError("the delayed host read carries no extra per-row counts (the adaptive controller needs "
                              "them at once)")
-        previous, self._pending = self._pending, (*host_copy(state), None)
+        previous, self._pending = self._pending, (self._ring.start(state), None)
         # The host view now lags by exactly this step's commit (after the first step: the prompts, by the first).
         self.unseen_width = self.last_width
         if previous is not None:
@@ -127,8 +130,8 @@ class RaggedBatch:
         return self.view
 
     def _apply_arrived(self, pending) -> None:
-        host, event, kept = pending
-        host = host_arrived(host, event)
+        ticket, kept = pending
+        host = self._ring.read(ticket).clone()  # the view outlives the ring's slot, and admission writes into it
         if kept is not None:  # rows were compacted after this state was taken: drop theirs
             host = host.view(2, -1)[:, kept].reshape(-1)
         self._apply(host, 0)
@@ -219,8 +222,7 @@ class RaggedBatch:
         self.host_row_ids = self.host_row_ids[host_rows]
         self.host_retired = self.host_retired[host_rows]
         if self._pending is not None:  # the state in flight has the old rows: keep these when it arrives
-            host, event, _ = self._pending
-            self._pending = (host, event, host_rows)
+            self._pending = (self._pending[0], host_rows)
 
     def rows_to_keep(self, finished: Tensor) -> Tensor | None:
         """Ascending indices (on the host) of the rows to keep given ``finished`` (a host view), or None to keep
@@ -228,12 +230,13 @@ class RaggedBatch:
 
         Eager: the live rows, once at least :data:`COMPACT_FRACTION` of the batch finished. With ``compile``: only
         when the live rows fit a smaller power of two (:func:`capture.batch_bucket`), and then exactly that many
-        rows, the live ones and the first finished ones, which stay frozen, so compiled graphs see few batch sizes.
+        rows, the live ones and the first finished ones, which stay frozen, so compiled or recorded graphs see few
+        batch sizes.
         """
         done = int(finished.sum())
         if done == 0 or done == self.size:
             return None
-        if not self.compile:
+        if not self.stable:
             return None if done < COMPACT_FRACTION * self.size else torch.arange(self.size)[~finished]
         bucket = capture.batch_bucket(self.size - done)
         if bucket >= self.size:
