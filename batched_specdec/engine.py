@@ -43,6 +43,7 @@ def speculative_generate_batch(
     compile: bool = False,
     delayed_host_read: bool | None = None,
     sampling_scheme: str = "rejection",
+    cuda_graphs: bool | None = None,
 ) -> tuple[list[list[int]], list[float], GenerationStats]:
     """Speculative decoding for a batch of unpadded prompts of different lengths; lossless.
 
@@ -119,6 +120,13 @@ def speculative_generate_batch(
         ``autoregressive_generate_batch(..., sampling_scheme="coupled")``'s with the same seed, for any drafter,
         gamma (``"auto"`` included), batch and schedule. A model draft's acceptance can be lower than under
         rejection sampling. Greedy decoding is the same under both.
+    cuda_graphs : bool or None
+        Record every decode-sized forward (verify, target-only, draft-model and feature-head forwards) once per
+        (batch bucket, width, span bucket) after eager warm-up runs, and replay it (:mod:`batched_specdec.graphs`),
+        without inductor; prefill and catch-up forwards stay eager. Tokens are the eager path's (the same forwards,
+        spans bucketed geometrically). ``stats.extra`` counts the graphs a call recorded and the seconds recording
+        took. ``None`` (default): off everywhere, because the graph path is not measured on a GPU yet. ``True`` on
+        a CPU runs a checking stand-in (exact, slower). Not with ``compile``.
 
     Returns
     -------
@@ -132,7 +140,8 @@ def speculative_generate_batch(
                               eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, gamma=gamma, gamma_max=gamma_max,
                               attention=attention, prefill_chunk=prefill_chunk, compile=compile,
                               delayed_host_read=delayed_host_read, return_logprobs=return_logprobs,
-                              collect_stats=collect_stats, progress=progress, sampling_scheme=sampling_scheme)
+                              collect_stats=collect_stats, progress=progress, sampling_scheme=sampling_scheme,
+                              cuda_graphs=cuda_graphs)
     request = resolve_prompts(prompts, target_model, max_gen_len)
     drafter = as_drafter(draft_model, vocab_size(target_model), attention=attention, prefill_chunk=prefill_chunk,
                          compile=compile)
@@ -162,11 +171,12 @@ def autoregressive_generate_batch(
     compile: bool = False,
     delayed_host_read: bool | None = None,
     sampling_scheme: str = "rejection",
+    cuda_graphs: bool | None = None,
 ):
     """Target-only batched decoding through the same ragged cache: the fair baseline for every speedup.
 
     Same arguments, defaults and stopping rules as :func:`speculative_generate_batch`, ``compile``,
-    ``delayed_host_read`` and ``sampling_scheme`` included (the forward and the commit are compiled; sampling with a
+    ``delayed_host_read``, ``sampling_scheme`` and ``cuda_graphs`` included (the forward and the commit are compiled; sampling with a
     generator stays eager). With ``sampling_scheme="coupled"`` each token is the Gumbel-max sample keyed by the seed,
     the prompt and its position: what speculative decoding with that scheme and seed emits.
     Returns ``list[list[int]]``, the continuation of every prompt, or ``(outputs, stats)`` with
@@ -176,7 +186,8 @@ def autoregressive_generate_batch(
     options = resolve_options(model, tokenizer=tokenizer, logits_processor=logits_processor,
                               eos_tokens_id=eos_tokens_id, pad_token_id=pad_token_id, attention=attention,
                               prefill_chunk=prefill_chunk, compile=compile, delayed_host_read=delayed_host_read,
-                              return_logprobs=return_logprobs, progress=progress, sampling_scheme=sampling_scheme)
+                              return_logprobs=return_logprobs, progress=progress, sampling_scheme=sampling_scheme,
+                              cuda_graphs=cuda_graphs)
     request = resolve_prompts(prompts, model, max_gen_len)
     session = DecodeSession(model, None, request, options, run_seed(seed, generator))
     outputs, stats = session.run()

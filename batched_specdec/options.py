@@ -53,6 +53,8 @@ class DecodeOptions:
     ``gamma_max`` the largest draft length of ``"auto"`` (None: the default). ``delayed_host_read`` is resolved
     for the target's device (on for CUDA with an integer gamma). ``sampling_scheme`` is ``"rejection"`` or
     ``"coupled"`` (:data:`~batched_specdec.processors.SAMPLING_SCHEMES`; greedy decoding is the same under both).
+    ``cuda_graphs`` records decode-sized forwards once and replays them (:mod:`batched_specdec.graphs`; on a CPU its
+    checking stand-in).
     """
 
     processor: LogitsProcessor
@@ -68,6 +70,7 @@ class DecodeOptions:
     collect_stats: bool = False
     progress: bool = False
     sampling_scheme: str = "rejection"
+    cuda_graphs: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -97,7 +100,7 @@ def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor
                     pad_token_id=None, gamma=1, gamma_max=None, attention: str = "auto", prefill_chunk: int = 128,
                     compile: bool = False, delayed_host_read=None, return_logprobs: bool = False,
                     collect_stats: bool = False, progress: bool = False,
-                    sampling_scheme: str = "rejection") -> DecodeOptions:
+                    sampling_scheme: str = "rejection", cuda_graphs: bool | None = None) -> DecodeOptions:
     """Check every option and resolve the ones that come from the model (EOS ids, pad id, delayed host read).
 
     Raises
@@ -115,6 +118,7 @@ def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor
     elif gamma_max is not None:
         raise OptionError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
     compile = check_bool("compile", compile)
+    cuda_graphs = resolve_cuda_graphs(cuda_graphs, compile)
     for name, flag in (("return_logprobs", return_logprobs), ("collect_stats", collect_stats),
                        ("progress", progress)):
         check_bool(name, flag)
@@ -124,7 +128,22 @@ def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor
                             attention, prefill_chunk, compile, False, return_logprobs, collect_stats, progress,
                             sampling_scheme)
     delayed = resolve_delayed_host_read(delayed_host_read, input_device(target), options.adaptive, gamma)
-    return DecodeOptions(**{**options.__dict__, "delayed_host_read": delayed})
+    return DecodeOptions(**{**options.__dict__, "delayed_host_read": delayed, "cuda_graphs": cuda_graphs})
+
+
+def resolve_cuda_graphs(cuda_graphs, compile: bool) -> bool:
+    """Whether decode-sized forwards are recorded once and replayed (:mod:`batched_specdec.graphs`).
+
+    ``None`` (the default) means off on every device for now: the graph path has not been measured on a GPU yet, so
+    it is not the default there until it has been measured faster. ``True`` records CUDA graphs on CUDA and, on
+    a CPU, runs the checking stand-in (exact, slower than eager: for tests and smoke runs). Not with ``compile``,
+    which records its own graphs.
+    """
+    cuda_graphs = check_optional_bool("cuda_graphs", cuda_graphs)
+    if cuda_graphs and compile:
+        raise OptionError("cuda_graphs=True cannot be combined with compile=True (compile records its own CUDA "
+                          "graphs through inductor); choose one")
+    return bool(cuda_graphs)
 
 
 def resolve_delayed_host_read(delayed, device: torch.device, adaptive: bool, gamma) -> bool:

@@ -17,6 +17,7 @@ as-is). :func:`prefill` feeds prompts in bounded chunks, each over only the rows
 
 from __future__ import annotations
 
+import copy
 import itertools
 from contextlib import contextmanager
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from batched_specdec import capture
+from batched_specdec import capture, graphs
 from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, resolve_attention
 from batched_specdec.kernels import compact_rows, scatter_kv_at_offsets
 from batched_specdec.model_info import cache_keyword, decoder_config
@@ -99,23 +100,29 @@ class RaggedKVCache(Cache):
         shape reuses them, and compaction keeps rows in the front of the same buffers.
     role : str
         The pool's name for this cache's buffers (``"target"``, ``"draft"``): caches alive at the same time need
-        different roles.
+        different roles. Recorded forwards of different roles also have separate graph pools.
+    graphs : bool
+        Record decode-sized forwards through it once and replay them (:mod:`batched_specdec.graphs`): its buffers
+        are pooled and kept in place as with ``compile``, and spans are bucketed geometrically
+        (:func:`~batched_specdec.graphs.graph_span`).
 
     The state a forward reads is static: the buffers are allocated once, ``lens`` is updated in place and the span
     is a Python int, so a compiled forward's shapes depend only on (rows, queries per row, span bucket).
     """
 
     def __init__(self, config, batch_size: int, capacity: int, device: torch.device, attention: str = "auto",
-                 compile: bool = False, role: str = "target") -> None:
+                 compile: bool = False, role: str = "target", graphs: bool = False) -> None:
         super().__init__(layers=[])
         config = decoder_config(config)
         self.windows = _layer_windows(config)  # first: an unsupported layer type fails before any allocation
         self.attention = resolve_attention(attention, torch.device(device))
         self.compile = compile
+        self.graphs = graphs
+        self.stable = compile or graphs  # buffers pooled and kept in place (graph-stable addresses)
         self.config = config
         self.capacity = capacity
         self.role = role
-        self.lens = capture.new_buffer(f"{role}.lens", (batch_size,), torch.int64, device, compile).zero_()
+        self.lens = capture.new_buffer(f"{role}.lens", (batch_size,), torch.int64, device, self.stable).zero_()
         self.span = min(capacity, SPAN_BUCKET)
         self.rows: int | Tensor | None = None  # forwards cover rows [:rows], or the rows of an index; None: all
         self.key_buffers: list[Tensor | None] = [None] * config.num_hidden_layers
@@ -159,7 +166,7 @@ class RaggedKVCache(Cache):
         return kbuf[:, :, : self.span], vbuf[:, :, : self.span]
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        return capture.new_buffer(f"{self.role}.{name}", shape, like.dtype, like.device, self.compile)
+        return capture.new_buffer(f"{self.role}.{name}", shape, like.dtype, like.device, self.stable)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Only consulted by models when position_ids are not given; the engine always gives them.
@@ -199,8 +206,25 @@ class RaggedKVCache(Cache):
         self._lens_on = {}
 
     def set_span(self, max_len: int) -> None:
-        """Let attention span the first ``bucketed(max_len)`` columns; ``max_len`` bounds every key position read."""
-        self.span = bucketed_span(max_len, self.capacity)
+        """Let attention span the first ``bucketed(max_len)`` columns (with ``graphs``, the geometric
+        :func:`~batched_specdec.graphs.graph_span`); ``max_len`` bounds every key position read."""
+        span = graphs.graph_span if self.graphs else bucketed_span
+        self.span = span(max_len, self.capacity)
+
+    def frozen(self) -> RaggedKVCache:
+        """A copy that shares this cache's buffers (the same tensors) and keeps its current span, rows, lengths
+        tensor and buffer views, whatever this cache does later: what a recorded forward runs on, as a CUDA graph
+        keeps the addresses and shapes of its recording."""
+        frozen = copy.copy(self)
+        frozen.key_buffers, frozen.value_buffers = list(self.key_buffers), list(self.value_buffers)
+        frozen._lens_on = {}
+        return frozen
+
+    def addresses(self) -> tuple[int, ...]:
+        """Where the state a forward reads and writes in place lives (lengths, every layer's K/V buffers): what a
+        recorded forward is keyed by, with the shapes."""
+        buffers = (self.lens, *self.key_buffers, *self.value_buffers)
+        return (self.capacity, *(b.data_ptr() for b in buffers), *(b.shape[0] for b in self.key_buffers))
 
     def positions(self, num_queries: int) -> Tensor:
         """``(B, Q)`` int64 positions of the next forward's queries: ``lens[b] + j`` (rows ``[:rows]`` only)."""
@@ -220,7 +244,7 @@ class RaggedKVCache(Cache):
         keys = torch.arange(self.span, device=device)[None, None, :]
         visible = keys <= positions[:, :, None]
         zero = torch.zeros((), dtype=dtype, device=device)
-        blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)  # a fill: no host copy in a graph
 
         def additive(window: int | None) -> Tensor:
             allowed = visible if window is None else visible & (keys > positions[:, :, None] - window)
@@ -260,18 +284,18 @@ class RaggedKVCache(Cache):
 
         One layer at a time, each old buffer released before the next layer's new one is allocated, so the peak is
         the cache plus one layer, not two caches. With ``compile`` the kept rows are copied into the front of the
-        same buffers (graph-stable addresses)."""
+        same buffers (graph-stable addresses); likewise with ``graphs``."""
         for i, kbuf in enumerate(self.key_buffers):
             if kbuf is None:
                 continue
             idx = rows.to(kbuf.device)
             kept = compact_rows([kbuf, self.value_buffers[i]], idx)
-            if self.compile:
+            if self.stable:
                 kept = [capture.copy_to_front(buf, t) for buf, t in zip((kbuf, self.value_buffers[i]), kept)]
             self.key_buffers[i], self.value_buffers[i] = kept
             del kbuf
         lens = self.lens.index_select(0, rows.to(self.lens.device))
-        self.lens = capture.copy_to_front(self.lens, lens) if self.compile else lens
+        self.lens = capture.copy_to_front(self.lens, lens) if self.stable else lens
         self._lens_on = {}
 
 
@@ -312,16 +336,32 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     ``(B, Q, H)`` of every query (what its output head reads: after the final norm), as ``(logits, hidden)``.
     ``model_inputs`` go to the model as keyword arguments (a feature draft's ``features``).
 
-    With ``cache.compile`` (and ``compile``, which callers clear for one-off widths such as a drafter's catch-up),
-    a forward over every row (decode, draft and verify forwards; not prefill chunks, and not with
-    ``return_hidden``) runs compiled (:mod:`batched_specdec.capture`), with CUDA
-    graphs on CUDA (one per rows, queries and span bucket). Not before the cache's buffers exist (a batch of
-    one-token prompts has no prefill: its first forward allocates them eagerly, never inside a graph), and not with
-    flex attention on CPU, which compiles itself per shape (inductor cannot compile it with dynamic shapes there).
+    ``compile`` says the forward is decode-sized (callers clear it for one-off widths such as a drafter's catch-up).
+    A decode-sized forward over every row (decode, draft and verify forwards; not prefill chunks), once the cache's
+    buffers exist (a batch of one-token prompts has no prefill: its first forward allocates them eagerly):
+
+    * with ``cache.graphs`` and at most :data:`~batched_specdec.graphs.MAX_WIDTH` queries per row, is recorded once
+      per shape and buffer addresses and replayed (:mod:`batched_specdec.graphs`; ``return_hidden`` included). The
+      results are the recording's outputs: read or copy them before the next forward through a cache of the same
+      role and model;
+    * with ``cache.compile``, runs compiled (:mod:`batched_specdec.capture`), with CUDA graphs on CUDA (one per
+      rows, queries and span bucket); not with ``return_hidden``, and not with flex attention on CPU, which compiles
+      itself per shape (inductor cannot compile it with dynamic shapes there).
     """
-    implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
-    compiled = cache.compile and compile and not return_hidden and cache.rows is None and cache.allocated and \
+    decode_sized = compile and cache.rows is None and cache.allocated
+    if decode_sized and cache.graphs and input_ids.shape[1] <= graphs.MAX_WIDTH:
+        return _recorded_forward(model, cache, input_ids, logits_to_keep, return_hidden, model_inputs)
+    compiled = decode_sized and cache.compile and not return_hidden and \
         not (cache.attention == "flex" and cache.lens.is_cpu)
+    out = _eager_forward(model, cache, input_ids, logits_to_keep, return_hidden, model_inputs, compiled)
+    return out if return_hidden else out[0]
+
+
+def _eager_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden: bool,
+                   model_inputs: dict, compiled: bool = False) -> tuple:
+    """``(logits,)``, or ``(logits, hidden)`` with ``return_hidden``: the forward with the ragged attention selected
+    (compiled with ``compiled``)."""
+    implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
     captured: list[Tensor] = []
     cache_kw = cache_keyword(model)
     with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
@@ -331,10 +371,32 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
         else:
             logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs, cache_kw)
     if not return_hidden:
-        return logits
+        return (logits,)
     if len(captured) != 1:
         raise RuntimeError(f"{type(model).__name__}'s decoder ran {len(captured)} times in one forward; expected once")
     return logits, captured[0]
+
+
+def _recorded_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden: bool,
+                      model_inputs: dict):
+    """:func:`model_forward` through the graph pool of ``(model, cache.role)``: the tensor inputs are copied into a
+    recording's static buffers and the recording replayed (recorded first for a new shape or moved buffers)."""
+    tensors = {"input_ids": input_ids, **{k: v for k, v in model_inputs.items() if isinstance(v, Tensor)}}
+    settings = tuple(sorted((k, v) for k, v in model_inputs.items() if not isinstance(v, Tensor)))
+    shape = (cache.batch_size, cache.span, cache.attention, logits_to_keep, return_hidden, settings,
+             *((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors.items()))
+    weights = model.get_input_embeddings().weight
+    addresses = (*cache.addresses(), id(model), weights.data_ptr())
+    recorded: list[RaggedKVCache] = []  # the cache as it is now, frozen, if this call records
+
+    def forward(static: dict) -> tuple:
+        if not recorded:
+            recorded.append(cache.frozen())
+        inputs = {**model_inputs, **{k: v for k, v in static.items() if k != "input_ids"}}
+        return _eager_forward(model, recorded[0], static["input_ids"], logits_to_keep, return_hidden, inputs)
+
+    out = graphs.pool_for(model, cache.role, input_ids.device).run(shape, addresses, forward, tensors)
+    return out if return_hidden else out[0]
 
 
 def _forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, model_inputs: dict,

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "batched_specdec"
 
 LAYERS = [
     {"checks", "model_info", "devices", "kernels", "prompts"},
-    {"processors", "capture"},
+    {"processors", "capture", "graphs"},
     {"attention", "ragged_cache", "controller"},
     {"drafting"},
     {"options"},

@@ -17,7 +17,9 @@ cache, the drafter, the controller and the compile policy, and is the only thing
 
 Target-only decoding is a session without a drafter: every step plans ``k = 0``. With ``compile=True`` the verify
 forward, the rejection sampling and the commit run compiled (:mod:`batched_specdec.capture`); a step's randomness
-is drawn eagerly from the generator first, so seeded outputs do not depend on ``compile``.
+is drawn eagerly from the generator first, so seeded outputs do not depend on ``compile``. With
+``cuda_graphs=True`` the verify forward and the drafter's decode-sized forwards are recorded once per shape and
+replayed (:mod:`batched_specdec.graphs`); everything else runs as without it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 import torch
 from torch import Tensor
 
-from batched_specdec import capture
+from batched_specdec import capture, graphs
 from batched_specdec.controller import CPU_MIN_VERIFY_TOKENS, StaticSpeculation, make_controller, shared_cost_model
 from batched_specdec.decode.accept import accept, emitted_logprobs, pad_verify
 from batched_specdec.decode.batch import HostView, RaggedBatch
@@ -80,14 +82,18 @@ class DecodeSession:
         self.controller = self._make_controller(n_prompts, slots)
         verify_room = max(self.controller.gamma_max, CPU_MIN_VERIFY_TOKENS) if drafter is not None else 0
         longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
-        self.capacity = capture.stable_capacity(longest + verify_room + 2, options.compile)
+        stable = options.compile or options.cuda_graphs  # graph-stable buffers, compaction to power-of-two sizes
+        self.capacity = capture.stable_capacity(longest + verify_room + 2, stable)
         self.longest_queued = max((len(p) for p in request.rows[slots:]), default=1)  # what a stage may hold
         first = range(slots)
         self.rows = RaggedBatch([request.rows[i] for i in first], [request.max_gen_lens[i] for i in first],
                                 self.prompt_seeds[:slots], self.capacity, request.max_gen_len, options.pad_token_id,
-                                device, logprobs=options.return_logprobs, compile=options.compile,
+                                device, logprobs=options.return_logprobs, compile=stable,
                                 delayed_host_read=options.delayed_host_read)
-        self.cache = RaggedKVCache(target.config, slots, self.capacity, device, options.attention, options.compile)
+        self.cache = RaggedKVCache(target.config, slots, self.capacity, device, options.attention, options.compile,
+                                   graphs=options.cuda_graphs)
+        if drafter is not None:
+            drafter.use_graphs(options.cuda_graphs)
         self.eos = torch.tensor(list(options.eos_token_ids) or [-1], dtype=torch.int64, device=device)
         self.budgets = torch.tensor(request.max_gen_lens, dtype=torch.int64)  # per prompt, on the host
         self.accepted = torch.zeros(n_prompts, dtype=torch.int64, device=device)
@@ -100,13 +106,16 @@ class DecodeSession:
         self.steps = self.compactions = 0
         self.bar = None
         self.staging: StagedPrompts | None = None  # prompts prefilled ahead of admission (continuous batching)
+        self._recorded_before = graphs.COUNTS.snapshot()  # reset by start()
 
     def _make_controller(self, n_prompts: int, slots: int):
         if self.drafter is None:
             return StaticSpeculation(0)
         gamma, device = self.options.gamma, self.device
         ratio = draft_cost_ratio(self.drafter, self.target)
-        costs = shared_cost_model(self.target, self.drafter, device, ratio, compiled=self.options.compile,
+        # Step costs are shared by calls without host launch overhead (compiled or recorded) and by eager calls apart.
+        fast = self.options.compile or self.options.cuda_graphs
+        costs = shared_cost_model(self.target, self.drafter, device, ratio, compiled=fast,
                                   rows=slots) if gamma == "auto" else None
         sources = len(self.drafter.sources) if self.drafter.sources else 1
         return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs,
@@ -133,6 +142,7 @@ class DecodeSession:
         to :meth:`finish`."""
         reset_peak_memory(self.device)
         t0, graphs0 = time.perf_counter(), capture.graphs_compiled()
+        self._recorded_before = graphs.COUNTS.snapshot()
         self.timer.start()
         self.prefill()
         self.timer.lap("prefill")
@@ -143,6 +153,8 @@ class DecodeSession:
         """The outputs in prompt order and the stats of the run started at ``t0``."""
         outputs, stats = self.results(t0)
         stats.extra["graphs_compiled"] = capture.graphs_compiled() - graphs0
+        if self.options.cuda_graphs:
+            stats.extra.update(graphs.COUNTS.since(self._recorded_before))
         return outputs, stats
 
     def prefill(self) -> None:
@@ -240,7 +252,7 @@ class DecodeSession:
         if self.options.compile:
             capture.step_begin(self.device)
         controller.start_step()
-        graphs_before = capture.graphs_compiled()
+        graphs_before = capture.graphs_compiled(), graphs.COUNTS.recorded
         max_len = rows.max_live_seq_len()
         remaining = None if refilling or not controller.adaptive else self._remaining()
         slots = self._evidence_slots(max_len)
@@ -261,7 +273,7 @@ class DecodeSession:
         if controller.adaptive:
             controller.observe(slots, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
                                drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
-                               timing_usable=capture.graphs_compiled() == graphs_before)
+                               timing_usable=(capture.graphs_compiled(), graphs.COUNTS.recorded) == graphs_before)
         timer.lap("bookkeeping")
         if view.all_finished:
             return True

@@ -94,6 +94,11 @@ def in_prompt_order(per_batch: list[list], batches: list[list[int]], num_prompts
     return out
 
 
+GRAPH_COUNTS = ("graphs_compiled", "graphs_recorded", "graphs_rerecorded_moved", "graph_replays",
+                "graph_recording_s")
+"""The ``extra`` counts of compiled and recorded graphs a call reports (summed over a prompt set's batches)."""
+
+
 def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], num_prompts: int, *,
                 parallel: bool = False) -> GenerationStats:
     """One :class:`GenerationStats` for parts of a prompt set: batches that ran one after another, or with
@@ -101,7 +106,8 @@ def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], nu
 
     Per-row lists are put in prompt order (``batches[j]`` holds the prompt indices of part ``j``'s rows), counts,
     steps and times are summed, ``tokens_per_target_forward`` and the rates are recomputed from the sums, histograms
-    are summed, the peak memory is the largest, and ``extra["batches"]`` is the number of batches.
+    are summed, the peak memory is the largest, and ``extra["batches"]`` is the number of batches; the graph counts
+    (:data:`GRAPH_COUNTS`) are summed.
     """
     generated_tokens = sum(s.generated_tokens for s in batch_stats)
     walls = [s.wall_time_s for s in batch_stats]
@@ -133,6 +139,8 @@ def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], nu
         logprobs=in_prompt_order([s.logprobs for s in batch_stats], batches, num_prompts) if has_logprobs else None,
         controller=_merge_controllers([s.controller for s in batch_stats]),
         extra={"batches": sum(s.extra.get("batches", 1) for s in batch_stats),
+               **{k: sum(s.extra[k] for s in batch_stats) for k in GRAPH_COUNTS
+                  if batch_stats and all(k in s.extra for s in batch_stats)},
                **({"sources": _merge_sources(batch_stats, batches, num_prompts)}
                   if any("sources" in s.extra for s in batch_stats) else {})},
     )

@@ -102,6 +102,11 @@ class Drafter(ABC):
         entering some rows), or all (None), from every prefill chunk, verify forward and admission. Only drafters
         with :attr:`uses_target_features` are called."""
 
+    def use_graphs(self, enabled: bool) -> None:
+        """Called by the session before :meth:`start`: record and replay the drafter's decode-sized forwards
+        (``cuda_graphs``, :mod:`batched_specdec.graphs`) or not. A model drafter passes it to its cache; the
+        default does nothing."""
+
     def note_target_only_step(self, width: int = 1) -> None:
         """A step in which this drafter proposed nothing (the session's draft length 0, or a hybrid drafter's
         other source): rows commit up to ``width`` tokens it has not seen."""

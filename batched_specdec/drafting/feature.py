@@ -70,7 +70,10 @@ class FeatureDrafter(ModelDrafter):
         # What it missed, but never more pairs than a live row has (``max_seq_len`` bounds them): after a long stretch
         # without drafts (continuous batching: every entering prompt's prefill adds its pairs) the count can exceed
         # the cache's capacity, and feeding from position 0 already rewrites every pair.
-        logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), min(max(self._tokens_behind, 1), max_seq_len))
+        # The regular feed (the pairs of the last verify) is decode-sized; a catch-up (after steps without its drafts,
+        # or admissions) is a one-off width and runs eagerly.
+        logits, feature = self._feed_pairs(tokens, pairs.clamp_min(1), min(max(self._tokens_behind, 1), max_seq_len),
+                                           decode_sized=not self._missed_steps)
         self._tokens_behind = 0
         self.cache.set_lens(pairs.clamp_min(1))
 
@@ -85,30 +88,31 @@ class FeatureDrafter(ModelDrafter):
         return DraftProposal(tokens=drafted, probs=draft_probs, num_tokens=torch.where(pairs > 0, gamma, 0),
                              includes_catch_up=self._caught_up())
 
-    def _feed_pairs(self, tokens: Tensor, ends: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    def _feed_pairs(self, tokens: Tensor, ends: Tensor, width: int, decode_sized: bool = True) -> tuple[Tensor, Tensor]:
         """Write the pairs ``[ends - width, ends)`` of every row (from 0 for shorter rows) and return the logits
         ``(B, V)`` and predicted features ``(B, H)`` at each row's pair ``ends - 1``. Wider than ``prefill_chunk``,
-        all but the last pair go first, in chunks; columns past a row's last pair repeat it beyond its length."""
+        all but the last pair go first, in chunks; columns past a row's last pair repeat it beyond its length.
+        Only a ``decode_sized`` feed may be recorded and replayed (``cuda_graphs``)."""
         if width > self.prefill_chunk:
             first = (ends - width).clamp_min(0)
             for start in range(0, width - 1, self.prefill_chunk):
-                self._pairs_forward(tokens, first + start, ends - 1, min(self.prefill_chunk, width - 1 - start))
+                self._pairs_forward(tokens, first + start, ends - 1, min(self.prefill_chunk, width - 1 - start), False)
             width = 1
         first = (ends - width).clamp_min(0)
-        hidden = self._pairs_forward(tokens, first, ends, width)
+        hidden = self._pairs_forward(tokens, first, ends, width, decode_sized)
         col = (ends - 1 - first)[:, None, None]
         feature = hidden.gather(1, col.expand(-1, 1, hidden.shape[-1]))[:, 0]
         return self.model.full_logits(feature), feature
 
-    def _pairs_forward(self, tokens: Tensor, first: Tensor, ends: Tensor, cols: int) -> Tensor:
+    def _pairs_forward(self, tokens: Tensor, first: Tensor, ends: Tensor, cols: int, decode_sized: bool) -> Tensor:
         """One forward over pairs ``first + j`` (``j < cols``, clamped to ``ends - 1``) at those positions; returns
-        the predicted features ``(B, cols, H)``."""
+        the predicted features ``(B, cols, H)`` (recorded and replayed with ``cuda_graphs`` when ``decode_sized``)."""
         self.cache.set_lens(first)
         idx = torch.minimum(first[:, None] + torch.arange(cols, device=first.device)[None, :], ends[:, None] - 1)
         idx = idx.clamp_min(0)  # a row with nothing to write in this forward writes placeholders past its length
         feats = self.features.gather(1, idx[:, :, None].expand(-1, -1, self.features.shape[-1]))
         _, hidden = model_forward(self.model, self.cache, self._draft_ids(tokens.gather(1, idx + 1)),
-                                  return_hidden=True, features=feats, compute_logits=False)
+                                  return_hidden=True, features=feats, compute_logits=False, compile=decode_sized)
         return hidden
 
     def keep_rows(self, rows: Tensor) -> None:

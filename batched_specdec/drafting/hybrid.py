@@ -83,6 +83,9 @@ class HybridDrafter(Drafter):
             "used_ngram": torch.zeros(batch, dtype=torch.bool, device=device),
         }
 
+    def use_graphs(self, enabled: bool) -> None:
+        self.model_drafter.use_graphs(enabled)
+
     def observe_features(self, hidden: Tensor, first_position, rows: int | Tensor | None = None) -> None:
         self.model_drafter.observe_features(hidden, first_position, rows)
 

@@ -36,6 +36,7 @@ class ModelDrafter(Drafter):
         self.attention = attention
         self.prefill_chunk = prefill_chunk
         self.compile = compile  # its decode-sized forwards run compiled (ragged_cache.model_forward)
+        self.graphs = False  # or recorded and replayed (use_graphs)
         self.vocab_size = vocab_size(model)  # the width of its logits, so of the q it returns
         embeddings = model.get_input_embeddings()
         self._max_input_id = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]) - 1
@@ -54,7 +55,10 @@ class ModelDrafter(Drafter):
         # workload where drafting cannot pay) never pays the draft's prefill.
         self._tokens_behind = max(int(token_buffer.shape[1]) - 2, 0)  # committed tokens before s[:-2] not yet fed
         self.cache = RaggedKVCache(self.model.config, batch, max_seq_len, self.device, self.attention, self.compile,
-                                   role="draft")
+                                   role="draft", graphs=self.graphs)
+
+    def use_graphs(self, enabled: bool) -> None:
+        self.graphs = enabled
 
     def propose(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, logits_processor, max_seq_len: int,
                 draws: RowDraws | None = None) -> DraftProposal:
