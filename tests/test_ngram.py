@@ -69,7 +69,7 @@ def test_lookup_rejects_bad_gamma_and_shapes():
         ngram_lookup(buf, torch.tensor([4, 4]), 2)
 
 
-def test_is_a_stateless_drafter():
+def test_answers_depend_on_committed_tokens_only():
     drafter = NGramDrafter(max_ngram=4, min_ngram=2)
     assert isinstance(drafter, Drafter)
     assert drafter.vocab_size is None
@@ -81,10 +81,26 @@ def test_is_a_stateless_drafter():
     assert prop.tokens.shape == (2, 3) and prop.tokens.dtype == torch.int64
     assert prop.num_tokens.shape == (2,) and prop.num_tokens.dtype == torch.int64
     assert drafter.keep_rows(torch.tensor([1])) is None
-    # Stateless: after dropping row 0 the remaining row gets the same answer as before.
+    # After dropping row 0 the remaining row gets the same answer as before.
     again = drafter.propose(buf[1:], lens[1:], 3, GreedyProcessor(), None)
     assert again.tokens.tolist() == prop.tokens[1:].tolist()
     assert again.num_tokens.tolist() == prop.num_tokens[1:].tolist()
+
+
+def test_sources_are_match_lengths_and_next_sources_keeps_the_lookup():
+    """Source ``n - 1`` for a match of ``n`` tokens (0 also without a match); ``next_sources`` (CPU) looks up
+    ``gamma_max`` tokens and ``propose`` cuts that lookup to its ``gamma``: the same answer as a fresh lookup."""
+    drafter = NGramDrafter(max_ngram=3)
+    assert drafter.sources == ("ngram1", "ngram2", "ngram3")
+    rows = [[1, 2, 3, 9, 1, 2, 3], [5, 6, 7, 5], [4, 8], [1, 2, 7, 1, 2]]
+    buf, lens = pack(rows)
+    assert drafter.next_sources(buf, lens, int(lens.max()), 6).tolist() == [2, 0, 0, 1]
+    kept = drafter.propose(buf, lens, 2, GreedyProcessor(), int(lens.max()))
+    fresh = NGramDrafter(max_ngram=3).propose(buf, lens, 2, GreedyProcessor(), None)
+    assert kept.tokens.tolist() == fresh.tokens.tolist() == [[9, 1], [6, 7], [8, 8], [7, 1]]
+    assert kept.num_tokens.tolist() == fresh.num_tokens.tolist() == [2, 2, 0, 2]
+    assert kept.source.tolist() == fresh.source.tolist() == [2, 0, 0, 1]
+    assert drafter.next_sources(buf.to("meta"), lens.to("meta"), 7, 6) is None  # would need a device read
 
 
 def test_lookup_is_free_of_data_dependent_host_work():
@@ -264,7 +280,7 @@ def test_greedy_outputs_identical_to_target_only_decoding():
         prompts, target, logits_processor=GreedyProcessor(), max_gen_len=max_gen_len, eos_tokens_id=eos
     )
     assert baseline == expected
-    for gamma, (max_ngram, min_ngram) in [(1, (3, 1)), (4, (3, 1)), (7, (4, 2))]:
+    for gamma, (max_ngram, min_ngram) in [(1, (3, 1)), (4, (3, 1)), (7, (4, 2)), ("auto", (3, 1))]:
         outputs, alpha, _ = speculative_generate_batch(
             prompts,
             NGramDrafter(max_ngram, min_ngram),

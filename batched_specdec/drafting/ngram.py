@@ -120,8 +120,14 @@ def ngram_lookup_with_match(
 class NGramDrafter(Drafter):
     """Drafter that proposes continuations of the row's latest n-gram from the row's own committed tokens.
 
-    Stateless: every step re-reads the session's token buffer (the base class's hooks, which do nothing, suffice).
-    Plug it in as the draft of ``speculative_generate_batch(prompts, NGramDrafter(...), target, ...)``.
+    Its sources are the match lengths: a row's proposal comes from source ``n - 1`` when its matched n-gram is ``n``
+    tokens long (source 0 also when nothing matched, with no proposal). Longer matches are accepted far more often
+    (on the copy/edit prompts of benchmarks/results/ngram_vs_prompt_lookup_cpu.md the first draft of a 3-token
+    match 87-91% of the time, of a 1-token match 23-36%), so ``gamma="auto"`` keeps each row's acceptance per match
+    length and plans from the length the row's match has this step. On CPU :meth:`next_sources` runs the step's
+    lookup before the plan and keeps it for :meth:`propose`; elsewhere (a device read) it says nothing and every row's
+    evidence is kept as one. Plug it in as the draft of ``speculative_generate_batch(prompts, NGramDrafter(...),
+    target, ...)``.
 
     Parameters
     ----------
@@ -133,10 +139,39 @@ class NGramDrafter(Drafter):
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram, self.min_ngram = check_ngram_sizes(max_ngram, min_ngram)
+        self.sources = tuple(f"ngram{n}" for n in range(1, self.max_ngram + 1))
+        self._choice: tuple[Tensor, ...] | None = None  # next_sources' lookup (tokens, num, source, seq_lens)
+
+    def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
+        self._choice = None
+
+    def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
+        self._choice = None
+
+    def keep_rows(self, rows: Tensor) -> None:
+        self._choice = None
+
+    def _lookup(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, max_seq_len: int | None):
+        """``(tokens (B, gamma), num_tokens (B,), source (B,))`` of :func:`ngram_lookup_with_match`, the scan cut to
+        ``max_seq_len``."""
+        if max_seq_len is not None:
+            token_buffer = token_buffer[:, : max(1, min(int(max_seq_len), token_buffer.shape[1]))]
+        draft, num_tokens, match = ngram_lookup_with_match(token_buffer, seq_lens, gamma, self.max_ngram,
+                                                           self.min_ngram)  # fmt: skip
+        return draft, num_tokens, (match - 1).clamp_min(0)
+
+    def next_sources(self, token_buffer, seq_lens, max_seq_len, gamma_max):
+        """Each row's source this step (its match length less one), host ``(B,)``, on CPU; None elsewhere. The lookup
+        (of ``gamma_max`` tokens) is kept for :meth:`propose`, which cuts it to its ``gamma``: a shorter proposal of
+        the same match is a prefix of the longer one."""
+        if token_buffer.device.type != "cpu":
+            return None
+        self._choice = (*self._lookup(token_buffer, seq_lens, gamma_max, max_seq_len), seq_lens.clone())
+        return self._choice[2]
 
     def propose(self, token_buffer: Tensor, seq_lens: Tensor, gamma: int, logits_processor=None,
                 max_seq_len: int | None = None, draws=None) -> DraftProposal:
-        """Propose up to ``gamma`` draft tokens per row; see :func:`ngram_lookup`.
+        """Propose up to ``gamma`` draft tokens per row; see :func:`ngram_lookup_with_match`.
 
         Parameters
         ----------
@@ -156,12 +191,13 @@ class NGramDrafter(Drafter):
         -------
         DraftProposal
             ``tokens`` ``(B, gamma)`` int64, ``probs=None`` (q one-hot), ``num_tokens`` ``(B,)`` int64 in
-            ``0..gamma``.
+            ``0..gamma``, ``source`` ``(B,)`` int64 (the match length less one).
         """
-        if max_seq_len is not None:
-            token_buffer = token_buffer[:, : max(1, min(int(max_seq_len), token_buffer.shape[1]))]
-        draft, num_tokens = ngram_lookup(token_buffer, seq_lens, gamma, self.max_ngram, self.min_ngram)
-        return DraftProposal(tokens=draft, probs=None, num_tokens=num_tokens)
+        choice, self._choice = self._choice, None
+        if choice is None or choice[0].shape[1] < gamma or not torch.equal(choice[3], seq_lens):
+            choice = self._lookup(token_buffer, seq_lens, gamma, max_seq_len)
+        return DraftProposal(tokens=choice[0][:, :gamma], probs=None, num_tokens=choice[1].clamp_max(gamma),
+                             source=choice[2])
 
     def __repr__(self) -> str:
         return f"NGramDrafter(max_ngram={self.max_ngram}, min_ngram={self.min_ngram})"
