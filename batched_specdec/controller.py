@@ -529,8 +529,8 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft
     until measured, see :class:`CostModel`; acceptance kept per row and each of ``num_sources`` sources), or a
     controller instance built by the caller for ``num_rows`` rows (tests, benchmarks of the policy).
 
-    The copy sources of the adaptive controller (:data:`STREAK_ACCEPTANCE`): a model-free drafter's one source (the
-    n-gram drafter's match), and the ``"ngram"`` source of a drafter with the hybrid drafter's sources."""
+    The copy sources of the adaptive controller (:data:`STREAK_ACCEPTANCE`): every source of a model-free drafter (the
+    n-gram drafter's match lengths), and the ``"ngram"`` source of a drafter with the hybrid drafter's sources."""
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         if gamma_max is not None:
             raise OptionError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
