@@ -44,6 +44,12 @@ and, compiled, records every shape's graphs (span and compaction buckets), so no
     python benchmarks/bench_e2e.py --quick     # CI size
     python benchmarks/bench_e2e.py             # on CUDA: B 1 4 16 64, gamma 2..8, alpha 0.6 0.8 0.9
     python benchmarks/bench_e2e.py --compile   # both engines compiled
+    python benchmarks/bench_e2e.py --cuda-graphs   # both engines with cuda_graphs=True (recorded, no inductor)
+
+``--cuda-graphs`` runs both engines with ``cuda_graphs=True``: every decode-sized forward recorded once after eager
+warm-up runs and replayed (``batched_specdec.graphs``; on a CPU its checking stand-in, slower than eager). The
+warm-up pass records every shape's graphs; the rows say ``compiled=cuda_graphs`` and their ``note`` how many graphs
+the timed run recorded (0 when the warm-up covered it) and the warm-up's recordings and seconds.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import KEY_FIELDS, append_rows, cpu_note, pick_device, run_key, synchronize
 
+from batched_specdec import graphs
 from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.processors import GreedyProcessor
@@ -122,6 +129,9 @@ class SyntheticAcceptanceDrafter(Drafter):
         known = self.known.index_select(0, self.row_prompts).gather(1, idx)
         take = torch.rand(known.shape, generator=self.generator, device=device) < self.alpha
         return DraftProposal(tokens=torch.where(take, known, own.to(device)))
+
+    def use_graphs(self, enabled):
+        self.inner.use_graphs(enabled)  # the draft model's forwards are what it costs
 
     def keep_rows(self, rows):
         self.inner.keep_rows(rows)
@@ -271,6 +281,16 @@ def split_fields(split: dict | None) -> dict:
             "non_model_frac": (split["sampling"] + split["bookkeeping"]) / total if total > 0 else None}
 
 
+def noted(row: dict, stats) -> dict:
+    """``row`` with what the run's graph path recorded and replayed added to its ``note`` (``--cuda-graphs``)."""
+    if "graphs_recorded" in stats.extra:
+        extra = stats.extra
+        graph = (f"this run recorded {extra['graphs_recorded']} graphs ({extra['graph_recording_s']:.2f} s), "
+                 f"replayed {extra['graph_replays']}")
+        row["note"] = "; ".join(x for x in [row.get("note"), graph] if x)
+    return row
+
+
 def stats_fields(stats, batch: int) -> dict:
     per_row = stats.generated_tokens / batch
     return {"generated_tokens": stats.generated_tokens, "wall_s": stats.wall_time_s,
@@ -289,9 +309,9 @@ def sync_read_row(prompts, target, run_kw, ref_out, base_tps: float, base: dict,
     with progress(f"B={B} target-only again", device):
         again = autoregressive_generate_batch(prompts, target, return_stats=True, **run_kw)[1].tokens_per_s
     note = f"default read before / after: {base_tps:.1f} / {again:.1f} tok/s"
-    return dict(base, method="target_only_sync_read", status="measured", acceptance_kind="none",
-                speedup=st.tokens_per_s / ((base_tps + again) / 2), matches_target_only=out == ref_out,
-                **stats_fields(st, B), note="; ".join(x for x in [base.get("note"), note] if x))
+    return noted(dict(base, method="target_only_sync_read", status="measured", acceptance_kind="none",
+                      speedup=st.tokens_per_s / ((base_tps + again) / 2), matches_target_only=out == ref_out,
+                      **stats_fields(st, B), note="; ".join(x for x in [base.get("note"), note] if x)), st)
 
 
 def gamma_arg(text: str) -> int | str:
@@ -368,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="run both engines with compile=True (CUDA graphs on CUDA); every shape compiles in the "
                              "untimed warm-up pass")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="run both engines with cuda_graphs=True (decode forwards recorded once and replayed, no "
+                             "inductor); the untimed warm-up pass records every shape's graphs")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="dtype of the random-weight CUDA models (float32 allows TF32 matmuls); CPU runs fp32")
     parser.add_argument("--no-warmup", action="store_true",
@@ -378,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts, weights and the synthetic drafter")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/e2e.csv")
     args = parser.parse_args(argv)  # fmt: skip
+    if args.compile and args.cuda_graphs:
+        parser.error("--compile and --cuda-graphs exclude each other (compile records its own graphs)")
 
     device = pick_device(args.device, parser)
     gpu = device.type == "cuda"
@@ -422,13 +447,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target: {target_name} | draft: {draft_name}")
 
     run_kw = {"logits_processor": proc, "max_gen_len": max_new, "eos_tokens_id": eos, "pad_token_id": pad,
-              "compile": args.compile}
+              "compile": args.compile, "cuda_graphs": args.cuda_graphs}
+    compiled = "cuda_graphs" if args.cuda_graphs else args.compile
 
     def drafter(alpha, known, prompts):
         return SyntheticAcceptanceDrafter(draft_model, known, alpha, prompts, args.seed) if synthetic else draft
 
     if not args.no_warmup:
+        before = graphs.COUNTS.snapshot()
         warm_up(all_prompts, batch_sizes, gammas, max(alphas), target, drafter, run_kw, synthetic, device)
+        if args.cuda_graphs:
+            counts = graphs.COUNTS.since(before)
+            recorded = f"warm-up recorded {counts['graphs_recorded']} graphs in {counts['graph_recording_s']:.1f} s"
+            note = "; ".join(x for x in [note, recorded] if x)
+            print(recorded)
 
     rows, saved = [], 0
     for B in batch_sizes:
@@ -437,15 +469,15 @@ def main(argv: list[str] | None = None) -> int:
             saved = len(rows)
         prompts = all_prompts[:B]
         base = dict(key, target=target_name, draft="", batch=B, max_new_tokens=max_new, note=note,
-                    dtype=str(dtype).removeprefix("torch.") if synthetic else "float32", compiled=args.compile)
+                    dtype=str(dtype).removeprefix("torch.") if synthetic else "float32", compiled=compiled)
         # The baseline runs even when not asked for: every speedup is relative to it, and it is the known
         # continuation of the synthetic drafter.
         with progress(f"B={B} target-only", device):
             ref_out, ref = autoregressive_generate_batch(prompts, target, return_stats=True, **run_kw)
         base_tps = ref.tokens_per_s
         if "target_only_ours" in methods:
-            rows.append(dict(base, method="target_only_ours", status="measured", acceptance_kind="none",
-                             speedup=1.0, **stats_fields(ref, B)))  # fmt: skip
+            rows.append(noted(dict(base, method="target_only_ours", status="measured", acceptance_kind="none",
+                                   speedup=1.0, **stats_fields(ref, B)), ref))  # fmt: skip
         if "target_only_sync_read" in methods:
             rows.append(sync_read_row(prompts, target, run_kw, ref_out, base_tps, base, B, device))
         if "hf_generate" in methods:
@@ -492,14 +524,14 @@ def main(argv: list[str] | None = None) -> int:
                                                        collect_stats=True, **run_kw)[2].time_split  # fmt: skip
                 speedup = st.tokens_per_s / base_tps
                 expected = expected_acceptance(alpha, g) if synthetic else None
-                rows.append(dict(base, method="speculative_ours", status="measured", gamma=g,
+                rows.append(noted(dict(base, method="speculative_ours", status="measured", gamma=g,
                                  draft=draft_name, alpha=alpha if synthetic else "", expected_acceptance=expected,
                                  acceptance_kind="synthetic-acceptance" if synthetic else "real",
                                  speedup=speedup, acceptance_rate=st.acceptance_rate,
                                  acceptance_histogram=" ".join(map(str, st.acceptance_histogram)),
                                  matches_target_only=out == ref_out,
                                  goal=e2e_goal(B, alpha, speedup, st.acceptance_rate, expected, sum(st.proposed)) if gpu else "",
-                                 **stats_fields(st, B), **split_fields(split)))  # fmt: skip
+                                 **stats_fields(st, B), **split_fields(split)), st))  # fmt: skip
 
     print(f"{'method':<22}{'B':>4}{'gam':>5}{'alpha':>6}{'tok/s':>9}{'ms/tok/row':>11}{'speedup':>8}{'acc':>6}"
           f"{'tok/fwd':>8}{'non-model':>10}{'match':>7}  histogram / status")  # fmt: skip

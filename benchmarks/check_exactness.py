@@ -13,9 +13,11 @@ Two parts (a correctness check, not a timing):
   tokens per row: target-only and speculative decoding (gamma 3, the synthetic-acceptance drafter of
   ``bench_e2e.py``) on the device, per attention backend and SDPA kernel, each against target-only decoding of the
   same weights on the CPU (float32). A row passes when its tokens are identical; each failing row prints the index
-  of its first differing token.
+  of its first differing token. The graph path (``cuda_graphs=True``: every decode-sized forward recorded once and
+  replayed; on the CPU smoke its checking stand-in) is checked the same way, first.
 
     python benchmarks/check_exactness.py                  # on CUDA
+    python benchmarks/check_exactness.py --graphs-only    # only the graph path's engine check (sdpa)
     python benchmarks/check_exactness.py --cpu-smoke      # the same checks at toy size on the CPU
 """
 
@@ -138,8 +140,9 @@ def random_target(smoke: bool):
     return model
 
 
-def check_engine(device, smoke, backends):
-    """Yield one verdict per (backend, method): ``backends`` is a list of (name, attention, SDPA kernels)."""
+def check_engine(device, smoke, backends, graphs: bool = False):
+    """Yield one verdict per (backend, method): ``backends`` is a list of (name, attention, SDPA kernels); with
+    ``graphs`` through the graph path (``cuda_graphs=True``)."""
     import copy
 
     from bench_e2e import SyntheticAcceptanceDrafter, known_tokens, random_prompts
@@ -154,10 +157,12 @@ def check_engine(device, smoke, backends):
     kw = {"logits_processor": GreedyProcessor(), "max_gen_len": 16 if smoke else 48, "eos_tokens_id": [],
           "pad_token_id": 0}
     ref = autoregressive_generate_batch(prompts, cpu_model, **kw)
+    if graphs:
+        kw["cuda_graphs"] = True
     known = known_tokens(ref, device)
     for name, attention, kernels in backends:
         for method in ("target-only", "speculative"):
-            case = f"engine {method} B=8 fp32 {name}"
+            case = f"engine {method} B=8 fp32 {name}{' graphs' if graphs else ''}"
             try:
                 with restricted(kernels):
                     if method == "target-only":
@@ -180,6 +185,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (checks the script)")
     parser.add_argument("--json", metavar="FILE", help="also write the verdicts to FILE as JSON")
+    parser.add_argument("--graphs-only", action="store_true",
+                        help="only greedy decoding through the graph path (cuda_graphs=True, sdpa) against the CPU")
     args = parser.parse_args(argv)
     device = check_device(args.cpu_smoke, "check_exactness")
     if device is None:
@@ -187,11 +194,14 @@ def main(argv=None) -> int:
     key = run_key(device)
     print(f"{key['device']} | torch {key['torch']} | commit {key['commit']}", flush=True)
     sdpa = [(name, "sdpa", kernels) for name, kernels in sdpa_kernels(device).items()]
-    # SDPA first (no compile), then flex (compiled per shape: slow to start) and the dense reference path.
-    parts = [check_attention(device, args.cpu_smoke, sdpa),
-             check_engine(device, args.cpu_smoke, [b for b in sdpa if b[0] != "sdpa[flash]"]),
-             check_attention(device, args.cpu_smoke, [("flex", "flex", None)]),
-             check_engine(device, args.cpu_smoke, [("flex", "flex", None), ("dense", "dense", None)])]
+    # The graph path first (unmeasured on a GPU until this runs there); then SDPA (no compile), then flex (compiled
+    # per shape: slow to start) and the dense reference path.
+    parts = [check_engine(device, args.cpu_smoke, [("sdpa", "sdpa", None)], graphs=True)]
+    if not args.graphs_only:
+        parts += [check_attention(device, args.cpu_smoke, sdpa),
+                  check_engine(device, args.cpu_smoke, [b for b in sdpa if b[0] != "sdpa[flash]"]),
+                  check_attention(device, args.cpu_smoke, [("flex", "flex", None)]),
+                  check_engine(device, args.cpu_smoke, [("flex", "flex", None), ("dense", "dense", None)])]
     results = []
     for part in parts:
         for r in part:

@@ -6,19 +6,25 @@
 #   bash benchmarks/gpu_session.sh --cpu-smoke  # every stage at toy size on the CPU: checks the script
 #
 # Runs from the checkout through PYTHONPATH (no install, no network, no gguf), stage by stage, each under its own
-# time limit so that one failure or hang does not eat the rest:
-#   exactness      attention paths against float64 and greedy decoding against the CPU (benchmarks/check_exactness.py)
-#   kernels        every Triton kernel on CUDA against its torch reference (benchmarks/check_kernels.py)
-#   microbench     the rejection sampler in GB/s against the measured copy bandwidth, CUDA-graph timed
-#   e2e_eager      end to end at B = 1, 16, 64, gamma 3 and auto: a Qwen2-7B-class target and a 0.5B-class draft,
-#                  RANDOM weights, synthetic acceptance (labelled so in every row), eager; target-only also with the
-#                  synchronous host read
-#   e2e_compiled   e2e_eager's pair with compile=True (CUDA graphs), B = 1 (its command also runs in the background
-#                  during the untimed stages, exactness and kernels, to fill the compile caches)
-#   step_overhead  per-step dispatch, host reads (and where scalar reads come from), CUDA-graph recordings and
-#                  cudagraph skips (tiny synthetic model); last, on the time left
-# GPU_STAGES="..." picks stages; by default all but microbench, whose numbers change only with the rejection
-# kernels (recorded on an H200, 2026-12-04: results/gpu_h200.md). GPU_SESSION_SECONDS moves the deadline.
+# time limit so that one failure or hang does not eat the rest. What matters most comes first, so it survives any cut:
+#   host              the machine: GPU, driver, memory, torch/triton/transformers versions
+#   forward_table     ms per decode-sized forward, eager against graphs (cuda_graphs: recorded once, replayed; no
+#                     inductor), for the 7B-class target, the 0.5B-class draft and a one-layer feature head (RANDOM
+#                     weights, bf16), B 1/16/64, widths 1 and 5 (benchmarks/bench_forward_graphs.py)
+#   e2e_graphs        end to end with cuda_graphs=True at B = 1, 16, 64, gamma 3 and auto: target-only and the
+#                     0.5B-class draft with synthetic acceptance alpha 0.8 (labelled so in every row); the graphs'
+#                     recording count and seconds are in each row's note
+#   exactness_graphs  greedy float32 decoding through the graph path against the CPU, B = 8 (check_exactness.py)
+#   e2e_eager         end to end at B = 1, 16, 64, gamma 3 and auto, eager; target-only also with the synchronous
+#                     host read
+#   exactness         attention paths against float64 and eager greedy decoding against the CPU
+#   step_overhead     per-step dispatch, host reads (and where scalar reads come from), CUDA-graph recordings and
+#                     cudagraph skips (tiny synthetic model); last, on the time left
+# Stages whose numbers are settled run only when asked (GPU_STAGES): kernels (every Triton kernel on CUDA against
+# its torch reference), microbench (the rejection sampler in GB/s; recorded on an H200, 2026-12-04:
+# results/gpu_h200.md) and e2e_compiled (compile=True through inductor, B = 1; its command also runs in the
+# background during the untimed exactness and kernels stages, to fill the compile caches). The CPU smoke runs every
+# stage. GPU_STAGES="..." picks stages; GPU_SESSION_SECONDS moves the deadline.
 # A stage that runs out of time prints every thread's stack 8 s before its limit (BENCH_DUMP_STACKS_AFTER_S).
 # Output: one folder per session, $OUT/gpu_session_<UTC stamp> when $OUT is set (the device tool brings $OUT
 # back), else benchmarks/results/gpu_session/<UTC stamp>; it holds session.json (device, versions, commit, date,
@@ -57,10 +63,10 @@ if [[ $SMOKE == 0 ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.
   exit 2
 fi
 
-# Stages to run (GPU_STAGES, space-separated, overrides): by default every stage but microbench, whose numbers
-# change only with the rejection kernels (recorded on 2026-12-04, results/gpu_h200.md).
-GPU_STAGES="${GPU_STAGES:-exactness kernels e2e_eager e2e_compiled step_overhead}"
-[[ $SMOKE == 1 ]] && GPU_STAGES="${GPU_STAGES} microbench"
+# Stages to run (GPU_STAGES, space-separated, overrides): by default every stage but the settled ones (kernels,
+# microbench, e2e_compiled), which run when named here. The smoke mode runs them all.
+GPU_STAGES="${GPU_STAGES:-host forward_table e2e_graphs exactness_graphs e2e_eager exactness step_overhead}"
+[[ $SMOKE == 1 ]] && GPU_STAGES="${GPU_STAGES} kernels microbench e2e_compiled"
 
 # The whole call must end within the device tool's 600 s per command, archive included: GPU_SESSION_SECONDS
 # (default 555) is the deadline every stage's limit is cut to.
@@ -101,8 +107,9 @@ stage() {
 
 # From a cold cache the 7B pair's compiles take minutes (2026-12-04: the compiled target-only warm-up took 115 s and
 # the speculative one had not finished 77 s later), more than e2e_compiled's share of the call. So e2e_compiled's
-# own command (with --no-save) starts in the background as the call begins and compiles while the untimed stages
-# (exactness, kernels) run; it is stopped before the first timed stage (and on any exit of this script), and the
+# own command (with --no-save), when e2e_compiled is asked for, starts in the background before the untimed stages
+# (exactness, kernels) and compiles while they run; it is stopped before the next timed stage (and on any exit of
+# this script), and the
 # kernels and graphs it finished stay in inductor's and Triton's caches on this machine, which e2e_compiled then
 # reads. Log: compile_prewarm.log.
 PREWARM_PID=""
@@ -123,36 +130,61 @@ prewarm_stop() {
   grep -v -e Warning -e 'warnings.warn' -e '^ *File ' "$DIR/compile_prewarm.log" | tail -n 4
 }
 
+HOST=("$PY" -c 'import json, subprocess, sys, torch
+sys.path.insert(0, "benchmarks")
+from common import run_key
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+print(json.dumps(run_key(device), indent=1))
+if device.type == "cuda":
+    p = torch.cuda.get_device_properties(device)
+    print(f"{p.name}: {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
+    try:
+        print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"nvidia-smi unavailable: {exc}")')
+
 if [[ $SMOKE == 1 ]]; then
   COMPILED=("$PY" benchmarks/bench_e2e.py --device cpu --models toy --compile --batch-sizes 2 --gammas 2
             --alphas 0.8 --max-new-tokens 8 --methods target_only_ours speculative_ours --no-time-split)
+  stage host 60 "${HOST[@]}"
+  stage forward_table 180 "$PY" benchmarks/bench_forward_graphs.py --device cpu --models toy --batch-sizes 1 4 \
+    --repeats 3
+  stage e2e_graphs 240 "$PY" benchmarks/bench_e2e.py --device cpu --models toy --cuda-graphs --batch-sizes 1 4 \
+    --gammas 2 auto --alphas 0.8 --max-new-tokens 12 --methods target_only_ours speculative_ours --no-time-split
+  stage exactness_graphs 240 "$PY" benchmarks/check_exactness.py --cpu-smoke --graphs-only \
+    --json "$DIR/exactness_graphs.json"
+  stage e2e_eager 240 "$PY" benchmarks/bench_e2e.py --device cpu --models toy --batch-sizes 1 4 --gammas 2 \
+    --alphas 0.8 --max-new-tokens 12 --methods target_only_ours target_only_sync_read speculative_ours
   prewarm_start "${COMPILED[@]}"
   stage exactness 240 "$PY" benchmarks/check_exactness.py --cpu-smoke --json "$DIR/exactness.json"
   stage kernels 240 "$PY" benchmarks/check_kernels.py --cpu-smoke --json "$DIR/kernels.json"
   prewarm_stop
   stage microbench 120 "$PY" benchmarks/bench_rejection.py --device cpu --quick
-  stage e2e_eager 240 "$PY" benchmarks/bench_e2e.py --device cpu --models toy --batch-sizes 1 4 --gammas 2 \
-    --alphas 0.8 --max-new-tokens 12 --methods target_only_ours target_only_sync_read speculative_ours
   stage e2e_compiled 300 "${COMPILED[@]}"
   stage step_overhead 240 "$PY" benchmarks/bench_step_overhead.py --device cpu --quick
 else
-  # Limits, each cut to the deadline (555 s). Seconds seen on an H200 (2026-12-04, two sessions): kernels 45-48,
-  # microbench 38; exactness ran its attention part and the SDPA engine runs in ~70 s and was stopped at 80 s while
-  # inductor compiled the flex engine run; e2e_eager took ~165 s for B = 1, 16, 64 with its time-split reruns
-  # (80 of them warm-up); from a cold inductor cache the 7B pair's compiled target-only warm-up took 115 s and the
-  # speculative one had not finished 77 s later; step_overhead did not finish its first compile in 52 s cold and
-  # took 137 s in all on a machine whose cache an earlier call had filled. kernels is untimed and gives the compile
-  # prewarm its time; step_overhead runs last, on what is left.
+  # Limits, each cut to the deadline (555 s). Nothing of the graph path has run on a GPU yet: the first three
+  # limits are estimates (a recording costs about three eager forwards: 34-48 ms each for the 7B target eager on an
+  # H200, 2026-12-04). Seen on an H200 (2026-12-04, two sessions): kernels 45-48, microbench 38; exactness ran its
+  # attention part and the SDPA engine runs in ~70 s and was stopped at 80 s while inductor compiled the flex engine
+  # run; e2e_eager took ~165 s for B = 1, 16, 64 with its time-split reruns (80 of them warm-up); from a cold
+  # inductor cache the 7B pair's compiled target-only warm-up took 115 s; step_overhead took 137 s with a warm
+  # compile cache. step_overhead runs last, on what is left.
   COMPILED=("$PY" benchmarks/bench_e2e.py --compile --batch-sizes 1 --gammas 3 --alphas 0.8 --max-new-tokens 64
             --methods target_only_ours speculative_ours --no-time-split)
+  stage host 30 "${HOST[@]}"
+  stage forward_table 120 "$PY" benchmarks/bench_forward_graphs.py --batch-sizes 1 16 64 --widths 1 5
+  stage e2e_graphs 150 "$PY" benchmarks/bench_e2e.py --cuda-graphs --batch-sizes 1 16 64 --gammas 3 auto \
+    --alphas 0.8 --max-new-tokens 64 --methods target_only_ours speculative_ours --no-time-split
+  stage exactness_graphs 60 "$PY" benchmarks/check_exactness.py --graphs-only --json "$DIR/exactness_graphs.json"
+  stage e2e_eager 150 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 16 64 --gammas 3 auto --alphas 0.8 \
+    --max-new-tokens 64 --methods target_only_ours target_only_sync_read speculative_ours --no-time-split
   prewarm_start "${COMPILED[@]}"
   stage exactness 100 "$PY" benchmarks/check_exactness.py --json "$DIR/exactness.json"
   stage kernels 55 "$PY" benchmarks/check_kernels.py --json "$DIR/kernels.json"
   prewarm_stop
   stage microbench 50 "$PY" benchmarks/bench_rejection.py --batch-sizes 1 8 64 --ks 4 --vocabs 151936 \
     --dtypes fp32 bf16
-  stage e2e_eager 150 "$PY" benchmarks/bench_e2e.py --batch-sizes 1 16 64 --gammas 3 auto --alphas 0.8 \
-    --max-new-tokens 64 --methods target_only_ours target_only_sync_read speculative_ours --no-time-split
   stage e2e_compiled 150 "${COMPILED[@]}"
   stage step_overhead 130 "$PY" benchmarks/bench_step_overhead.py --quick
 fi
