@@ -233,3 +233,64 @@ def test_the_delayed_read_ring_pins_two_buffers_once(monkeypatch):
         ring.read(tickets[-3])
     assert ring.start(torch.arange(4)) == 10 and ring.allocations == 2  # a smaller state (compaction) fits
     assert ring.read(10).tolist() == [0, 1, 2, 3]
+
+
+def test_on_cuda_a_recording_warms_up_on_a_side_stream_captures_into_the_pool_and_replays(monkeypatch):
+    """The CUDA branch with torch.cuda faked: two eager warm-up runs on the pool's side stream, one capture into
+    the pool's memory on that stream, then a replay for every call (the first included); inputs copied before."""
+    calls = []
+
+    class Stream:
+        def __init__(self, device=None):
+            calls.append("stream")
+
+        def wait_stream(self, other):
+            calls.append("wait_stream")
+
+    class CUDAGraph:
+        def replay(self):
+            calls.append("replay")
+
+    class Capture:
+        def __init__(self, graph, pool=None, stream=None):
+            assert isinstance(graph, CUDAGraph) and pool == "pool handle" and isinstance(stream, Stream)
+
+        def __enter__(self):
+            calls.append("capture")
+
+        def __exit__(self, *exc):
+            calls.append("captured")
+
+    class OnStream:
+        def __init__(self, stream):
+            assert isinstance(stream, Stream)
+
+        def __enter__(self):
+            calls.append("on side stream")
+
+        def __exit__(self, *exc):
+            calls.append("off side stream")
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool handle")
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", OnStream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    pool = GraphPool(torch.device("cuda"))
+    assert pool.handle == "pool handle" and pool.warmup_runs == 2
+
+    def fn(static):
+        calls.append("forward")
+        return (static["x"] * 2,)
+
+    out = pool.run(("a",), (), fn, {"x": torch.ones(2)})
+    assert calls == ["stream", "sync", "stream", "wait_stream", "on side stream", "forward", "forward",
+                     "off side stream", "stream", "wait_stream", "sync", "capture", "forward", "captured", "sync",
+                     "replay"]
+    calls.clear()
+    x = torch.full((2,), 5.0)
+    again = pool.run(("a",), (), fn, {"x": x})
+    assert calls == ["replay"] and again is out  # the captured outputs, rewritten by the replay
+    assert pool.recordings[("a",)].inputs["x"].tolist() == [5.0, 5.0]
