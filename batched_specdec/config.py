@@ -56,6 +56,7 @@ class RunConfig:
     attention: str = "auto"
     prefill_chunk: int = 128
     compile: bool = False
+    cuda_graphs: bool = False
     num_prompts: int | None = None
     prompts: str | None = None
     output_dir: str = "outputs"
@@ -202,6 +203,9 @@ def validate(config: RunConfig, names: dict[str, str] | None = None) -> None:
     if config.resume and not config.no_baseline:
         raise ConfigError(f"{name('resume')} continues a generation run: it needs {name('no_baseline')} (a timing "
                           "comparison with a baseline is rerun whole)")
+    if config.cuda_graphs and config.compile:
+        raise ConfigError(f"{name('cuda_graphs')} and {name('compile')} are two ways to record the decode step: "
+                          "choose one")
     if config.logprobs and not config.no_baseline:
         raise ConfigError(f"{name('logprobs')} writes log-probabilities to outputs.jsonl, which runs with "
                           f"{name('no_baseline')} write")
@@ -357,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the decode step of both methods (torch.compile, fullgraph; CUDA graphs on CUDA): outputs are "
         "unchanged, each new shape costs a compile (minutes for the embedded model on a CPU, so it pays only on long "
         "runs); the warm-up decodes the first batch untimed",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        default=None,
+        help="record every decode-sized forward of both methods once per shape and replay it (CUDA graphs, without "
+        "inductor; on a CPU a checking stand-in, slower): outputs are unchanged; not yet measured on a GPU, so off "
+        "by default; not with --compile",
     )
     p.add_argument(
         "--num-prompts",

@@ -342,6 +342,7 @@ def generate(
     attention: str = "auto",
     prefill_chunk: int = PREFILL_CHUNK,
     compile: bool = False,
+    cuda_graphs: bool | None = None,
     **overrides,
 ) -> GenerationResult:
     """Generate continuations of text (or token-id) prompts with lossless speculative decoding.
@@ -408,6 +409,10 @@ def generate(
     compile : bool
         Compile the decode step (:mod:`batched_specdec.capture`; CUDA graphs on CUDA); outputs are unchanged, and
         each new batch shape costs a compile, so it pays when many batches share shapes.
+    cuda_graphs : bool or None
+        Record every decode-sized forward once per shape and replay it (:mod:`batched_specdec.graphs`: CUDA graphs
+        on CUDA, a checking stand-in elsewhere); outputs are unchanged. None (the default) is off: the graph path
+        has not been measured on a GPU yet. Not with ``compile=True``.
     **overrides
         GenerationConfig fields by name (``max_new_tokens=32``, ``do_sample=True``, ...); they take precedence
         over ``generation_config``. A name that is not a GenerationConfig field is a TypeError.
@@ -425,7 +430,8 @@ def generate(
     options = resolve_options(target, tokenizer=tokenizer, logits_processor=settings.processor,
                               eos_tokens_id=settings.eos_token_id, gamma=gamma, gamma_max=gamma_max,
                               attention=attention, prefill_chunk=prefill_chunk, compile=compile,
-                              return_logprobs=return_logprobs, progress=progress, sampling_scheme=sampling_scheme)
+                              return_logprobs=return_logprobs, progress=progress, sampling_scheme=sampling_scheme,
+                              cuda_graphs=cuda_graphs)
     batch_size, seed = check_positive_int("batch_size", batch_size), check_seed(seed)
     drafter = _resolve_draft(draft, target, tokenizer, attention, prefill_chunk, compile)
     ids = _encode(prompts, tokenizer, chat_template)

@@ -205,7 +205,7 @@ def method_options(config: RunConfig, model, tokenizer, processor) -> dict:
 
     common = {"tokenizer": tokenizer, "logits_processor": processor, "attention": config.attention,
               "prefill_chunk": config.prefill_chunk, "compile": config.compile,
-              "sampling_scheme": config.sampling_scheme}
+              "sampling_scheme": config.sampling_scheme, "cuda_graphs": config.cuda_graphs or None}
     return {"baseline": resolve_options(model, **common),
             "speculative": resolve_options(model, gamma=config.gamma, gamma_max=config.gamma_max,
                                            collect_stats=config.time_split, return_logprobs=config.logprobs,

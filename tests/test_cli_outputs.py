@@ -159,7 +159,8 @@ def test_bad_flags_exit_2_and_name_the_flag(tmp_path, capsys):
     for argv, expected in [(["--dtype", "float8"], "--dtype: invalid choice: 'float8'"),
                            (["--schedule", "fast"], "--schedule: invalid choice"),
                            (["--ngram-min", "4", "--ngram-max", "2"], "--ngram-max must be >= --ngram-min (4), got 2"),
-                           (["--logprobs"], "--logprobs writes log-probabilities to outputs.jsonl")]:
+                           (["--logprobs"], "--logprobs writes log-probabilities to outputs.jsonl"),
+                           (["--cuda-graphs", "--compile"], "--cuda-graphs and --compile are two ways")]:
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2 and expected in capsys.readouterr().err
@@ -205,3 +206,12 @@ def test_coupled_sampling_is_compared_token_for_token(tiny_dir, tmp_path, capsys
     assert "Sampled (coupled) outputs identical to target-only decoding for 5/5 prompts" in stdout
     results = json.loads(next(tmp_path.glob("results_*.json")).read_text())
     assert results["sampling_scheme"] == "coupled" and results["identical_rows"] == 5
+
+
+def test_cuda_graphs_flag_runs_both_methods_through_the_graph_path(tiny_dir, tmp_path, capsys):
+    """--cuda-graphs (on a CPU: the checking stand-in) decodes both methods to the same greedy tokens."""
+    prompts = _prompt_file(tmp_path, 4)
+    assert main(_argv(tiny_dir, prompts, tmp_path, "--cuda-graphs", "--repeats", "1")) == 0
+    assert "Greedy outputs identical to target-only decoding for 4/4 prompts" in _flat(capsys.readouterr().out)
+    results = json.loads(next(tmp_path.glob("results_*.json")).read_text())
+    assert results["config"]["cuda_graphs"] is True
