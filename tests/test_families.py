@@ -20,7 +20,7 @@ import torch
 from tiny_models import save_tiny_model_dir, tiny_causal_lm, tiny_gemma3_multimodal
 
 from batched_specdec import GreedyProcessor, autoregressive_generate_batch, generate, speculative_generate_batch
-from batched_specdec.config import ConfigError
+from batched_specdec.config import ConfigError, build_config
 from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.main import build_parser, method_options, parse_config
 from batched_specdec.models import ModelLoadError, load_draft, load_target, resolve_attn_implementation
@@ -230,6 +230,9 @@ def test_load_draft_vocabulary_rule(gemma2_dirs):
 def test_cli_attn_implementation_flag():
     assert parse_config([]).attn_implementation == "auto"
     assert parse_config(["--attn-implementation", "eager"]).attn_implementation == "eager"
-    with pytest.raises(ConfigError, match="unknown attn_implementation 'flash'"):
+    with pytest.raises(SystemExit) as info:  # argparse's choices: one line, exit 2
         parse_config(["--attn-implementation", "flash"])
+    assert info.value.code == 2
+    with pytest.raises(ConfigError, match="attn_implementation \\(config file 'c.yaml'\\) 'flash' is not one of auto"):
+        build_config({"attn_implementation": "flash"}, {}, "c.yaml")
     assert "--attn-implementation" in build_parser().format_help()
