@@ -75,9 +75,10 @@ def ours_gamma(method: str, rows: int, drafter, args):
     from batched_specdec.controller import CostModel, make_controller
 
     ratio = None if drafter.model is None else 0.1  # only "is there a model" matters to make_controller
+    draft_s = 0.0 if drafter.model is None else args.frozen_draft_s  # the n-gram lookup runs no forward
     sources = len(drafter.sources) if drafter.sources else 1
     controller = make_controller("auto", None, rows, torch.device("cpu"), ratio, num_sources=sources,
-                                 cost_model=CostModel.fixed(tuple(args.frozen_costs), (args.frozen_draft_s, 0.0)))
+                                 cost_model=CostModel.fixed(tuple(args.frozen_costs), (draft_s, 0.0)))
     controller.frozen_costs = True
     controller.costs.min_verify_tokens = 4  # the CPU engine pads narrower verifies to 4 tokens
     controller.costs.widest = controller.gamma_max  # as after earlier calls: no width ramp
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-costs", type=float, nargs=2, metavar=("V0", "V1"), default=None,
                         help="gamma auto prices a verify of x tokens at V0 + V1 * x s, never measured (counts repeat)")
     parser.add_argument("--frozen-draft-s", type=float, default=0.008,
-                        help="with --frozen-costs: seconds of one draft forward of the default drafter's model")
+                        help="with --frozen-costs: seconds of one draft forward of a drafter with a model (n-gram: 0)")
     parser.add_argument("--rounds", type=int, default=1, help="alternated rounds of every method (wall time summed)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-save", action="store_true", help="do not append rows to results/prompt_lookup.csv")
