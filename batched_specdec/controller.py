@@ -522,7 +522,8 @@ def forget_cost_models() -> None:
 
 
 def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None, *,
-                    cost_model: CostModel | None = None, num_sources: int = 1):
+                    cost_model: CostModel | None = None, num_sources: int = 1,
+                    copy_sources: tuple[int, ...] = ()):
     """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default
     :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`, or :data:`COPY_GAMMA_MAX_DEFAULT` for a model-free drafter
     (``draft_ratio`` None), starting from ``cost_model`` or else a new one with draft costs priced by ``draft_ratio``
@@ -530,7 +531,8 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft
     controller instance built by the caller for ``num_rows`` rows (tests, benchmarks of the policy).
 
     The copy sources of the adaptive controller (:data:`STREAK_ACCEPTANCE`): every source of a model-free drafter (the
-    n-gram drafter's match lengths), and the ``"ngram"`` source of a drafter with the hybrid drafter's sources."""
+    n-gram drafter's match lengths), else ``copy_sources`` (:attr:`~batched_specdec.drafting.Drafter.copy_sources`:
+    the hybrid drafter's ``"ngram"`` source)."""
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
         if gamma_max is not None:
             raise OptionError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
@@ -542,12 +544,10 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft
     gamma = check_gamma(gamma)
     gamma_max = check_gamma_max(gamma_max, gamma)
     if gamma == "auto":
-        from batched_specdec.drafting.hybrid import SOURCES  # late: the drafting package imports the engine's parts
-
         model_free = draft_ratio is None
         if gamma_max is None:
             gamma_max = COPY_GAMMA_MAX_DEFAULT if model_free else GAMMA_MAX_DEFAULT
-        copies = tuple(range(num_sources)) if model_free else (SOURCES.index("ngram"),) if num_sources == len(SOURCES) else ()
+        copies = tuple(range(num_sources)) if model_free else tuple(copy_sources)
         return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=cost_model or CostModel(draft_ratio),
                                    num_sources=num_sources, copy_sources=copies)
     return StaticSpeculation(gamma)

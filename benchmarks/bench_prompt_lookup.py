@@ -78,6 +78,7 @@ def ours_gamma(method: str, rows: int, drafter, args):
     draft_s = 0.0 if drafter.model is None else args.frozen_draft_s  # the n-gram lookup runs no forward
     sources = len(drafter.sources) if drafter.sources else 1
     controller = make_controller("auto", None, rows, torch.device("cpu"), ratio, num_sources=sources,
+                                 copy_sources=drafter.copy_sources,
                                  cost_model=CostModel.fixed(tuple(args.frozen_costs), (draft_s, 0.0)))
     controller.frozen_costs = True
     controller.costs.min_verify_tokens = 4  # the CPU engine pads narrower verifies to 4 tokens

@@ -272,7 +272,7 @@ def test_model_free_drafters_default_to_longer_drafts_and_copy_sources():
     ngram = make_controller("auto", None, 2, CPU, None)
     assert ngram.gamma_max == COPY_GAMMA_MAX_DEFAULT and ngram.copies.all()
     assert make_controller("auto", 5, 2, CPU, None).gamma_max == 5
-    hybrid = make_controller("auto", None, 2, CPU, 0.1, num_sources=2)
+    hybrid = make_controller("auto", None, 2, CPU, 0.1, num_sources=2, copy_sources=(1,))
     assert hybrid.gamma_max == GAMMA_MAX_DEFAULT and hybrid.copies.tolist() == [False, True, False, True]
     assert not make_controller("auto", None, 2, CPU, 0.1).copies.any()
 

@@ -119,7 +119,7 @@ class DecodeSession:
                                   rows=slots) if gamma == "auto" else None
         sources = len(self.drafter.sources) if self.drafter.sources else 1
         return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs,
-                               num_sources=sources)
+                               num_sources=sources, copy_sources=self.drafter.copy_sources)
 
     # --- the run ---------------------------------------------------------------------------------------------
 

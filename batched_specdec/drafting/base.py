@@ -69,7 +69,14 @@ class Drafter(ABC):
     model = None
     """The draft model whose forwards drafting costs (None for a model-free drafter)."""
     sources: tuple[str, ...] | None = None
-    """Names of the sources a proposal's ``source`` indexes, for a drafter with several (the hybrid drafter)."""
+    """Names of the sources a proposal's ``source`` indexes, for a drafter with several (the hybrid drafter, and the
+    n-gram drafter's match lengths)."""
+
+    @property
+    def copy_sources(self) -> tuple[int, ...]:
+        """Indices of the :attr:`sources` that copy an n-gram match of the row's own tokens (names ``ngram...``):
+        the ones gamma auto prices by their streak of full acceptances."""
+        return tuple(i for i, name in enumerate(self.sources or ()) if name.startswith("ngram"))
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         """Called once before the first step with the prompts; ``max_seq_len`` bounds every row's length."""
