@@ -28,7 +28,8 @@ SCHEDULES = ("continuous", "static")
 """How a prompt set is batched (:mod:`batched_specdec.runner`)."""
 
 GAMMA_MAX_DEFAULT = 8
-"""Largest draft length of ``gamma="auto"`` when ``gamma_max`` is not given."""
+"""Largest draft length of ``gamma="auto"`` when ``gamma_max`` is not given, for a drafter with a model; a
+model-free drafter (n-gram) may draft up to :data:`batched_specdec.controller.COPY_GAMMA_MAX_DEFAULT` (16)."""
 
 
 class OptionError(ValueError, TypeError):

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gamma-max",
         type=int,
-        help=f"--gamma auto: the longest draft a step may ask for [default: {GAMMA_MAX_DEFAULT}]",
+        help=f"--gamma auto: the longest draft a step may ask for [default: {GAMMA_MAX_DEFAULT}, 16 with --draft ngram]",
     )
     p.add_argument("--batch-size", type=int,
                    help=f"prompts decoded at the same time (the batch's slots) [default: {d.batch_size}]")

@@ -76,7 +76,7 @@ def speculative_generate_batch(
     pad_token_id : int or None
         Fills buffer slots past a row's length (masked, never a real token); ``None`` picks one.
     gamma_max : int, optional
-        Largest draft length with ``gamma="auto"`` (default 8).
+        Largest draft length with ``gamma="auto"`` (default 8; 16 for a model-free drafter such as n-gram).
     seed, generator : optional
         Randomness for sampling processors: a seed, or a ``torch.Generator`` one seed is drawn from (one host read
         per call), or neither (one draw from torch's default generator). Prompt ``i`` samples under its own Philox

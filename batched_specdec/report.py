@@ -217,7 +217,8 @@ def print_report(console, config, base, spec, timing: Timing, device) -> None:
 
 
 def sources_line(stats) -> str | None:
-    """Where the accepted draft tokens came from, for a drafter with several sources (the hybrid drafter); each
+    """Where the accepted draft tokens came from, for a drafter with several sources (the hybrid drafter's model and
+    n-gram sources, the n-gram drafter's match lengths ``ngram1``..``ngram3``); each
     row's share is in the results JSON (``accepted_by_source``) and, with ``--show-output``, above its text."""
     sources = stats.extra.get("sources")
     if not sources:
