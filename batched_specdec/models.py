@@ -362,8 +362,8 @@ def load_draft(
     """Load a draft: ``"auto"`` (the default: ``"hybrid"`` when a shipped draft fits the target, else ``"ngram"``),
     ``"ngram"`` (model-free), ``"hybrid"`` (a :class:`~batched_specdec.drafting.HybridDrafter`: per row, the n-gram
     match or the shipped draft), ``"distilled"`` (the draft shipped for the embedded target alone), a directory
-    written by ``python -m batched_specdec.training`` (``OUTPUT_DIR/draft``), or a model spec as in
-    :func:`load_target`.
+    written by ``python -m batched_specdec.training`` (``OUTPUT_DIR/draft``), an EAGLE-1 or EAGLE-3 head in its
+    public layout (:mod:`batched_specdec.drafting.eagle`), or a model spec as in :func:`load_target`.
 
     ``max_ngram``/``min_ngram`` configure the n-gram drafter and are ignored for a model draft;
     ``attn_implementation`` is as in :func:`load_target` and applies to a model draft only.
@@ -373,11 +373,12 @@ def load_draft(
     compute. With ``target_tokenizer``, a draft model whose own tokenizer maps an id of the shared range to another
     token is refused by name (:func:`check_same_tokenizer`).
     Returns an :class:`~batched_specdec.drafting.NGramDrafter`, a :class:`~batched_specdec.drafting.HybridDrafter`, a
-    :class:`~batched_specdec.drafting.heads.SubsetHeadDraft` or ``FeatureHeadDraft`` (on the target's device, in its
-    dtype) or an HF causal LM.
+    :class:`~batched_specdec.drafting.heads.SubsetHeadDraft`, ``FeatureHeadDraft`` or
+    :class:`~batched_specdec.drafting.eagle.EagleDraft` (on the target's device, in its dtype) or an HF causal LM.
     """
     spec = DEFAULT_DRAFT if spec is None else spec
     from batched_specdec.drafting import HybridDrafter, NGramDrafter, as_drafter
+    from batched_specdec.drafting.eagle import is_eagle_checkpoint, load_eagle_draft
     from batched_specdec.drafting.heads import CONFIG_NAME, DEFAULT_DRAFT_DIR, DraftLoadError, load_distilled_draft
 
     if spec.lower() == "auto":
@@ -401,6 +402,13 @@ def load_draft(
             )
         try:
             return load_distilled_draft(target, path)
+        except DraftLoadError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    if is_eagle_checkpoint(path):
+        if target is None:
+            raise ModelLoadError(f"draft {spec!r} is an EAGLE head: it needs the target model to load")
+        try:
+            return load_eagle_draft(target, path)
         except DraftLoadError as exc:
             raise ModelLoadError(str(exc)) from exc
     dev = resolve_device(device)

@@ -327,13 +327,15 @@ def _attention_configs(model) -> list:
 
 
 def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int = 0, *,
-                  return_hidden: bool = False, compile: bool = True, **model_inputs):
+                  return_hidden: bool | tuple[int, ...] = False, compile: bool = True, **model_inputs):
     """One forward of an HF causal LM through a :class:`RaggedKVCache`.
 
     Row ``b``'s ``Q`` tokens go to positions ``cache.lens[b] .. cache.lens[b] + Q - 1`` (rows ``[:cache.rows]``
     when set); the caller advances the lengths afterwards. Returns float logits ``(B, Q', V)`` for the last
-    ``logits_to_keep`` queries (all when 0), and with ``return_hidden=True`` also the decoder's final hidden states
-    ``(B, Q, H)`` of every query (what its output head reads: after the final norm), as ``(logits, hidden)``.
+    ``logits_to_keep`` queries (all when 0), and with ``return_hidden`` also hidden states of every query, as
+    ``(logits, hidden)``: with True the decoder's final ones ``(B, Q, H)`` (what its output head reads: after the
+    final norm), with a tuple of layer indices the inputs of those decoder layers (``output_hidden_states``
+    indices, 0 the embedding) concatenated, ``(B, Q, n * H)`` (an EAGLE-3 head's features).
     ``model_inputs`` go to the model as keyword arguments (a feature draft's ``features``).
 
     ``compile`` says the forward is decode-sized (callers clear it for one-off widths such as a drafter's catch-up).
@@ -357,14 +359,14 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
     return out if return_hidden else out[0]
 
 
-def _eager_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden: bool,
+def _eager_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden,
                    model_inputs: dict, compiled: bool = False) -> tuple:
     """``(logits,)``, or ``(logits, hidden)`` with ``return_hidden``: the forward with the ragged attention selected
     (compiled with ``compiled``)."""
     implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
     captured: list[Tensor] = []
     cache_kw = cache_keyword(model)
-    with _attention_selected(model, implementation), _last_hidden_captured(model, captured, return_hidden):
+    with _attention_selected(model, implementation), _hidden_captured(model, captured, return_hidden):
         if compiled:
             logits = capture.run_compiled(_forward, input_ids.device, model, cache, input_ids, logits_to_keep,
                                           model_inputs, cache_kw)
@@ -372,12 +374,14 @@ def _eager_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_kee
             logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs, cache_kw)
     if not return_hidden:
         return (logits,)
-    if len(captured) != 1:
-        raise RuntimeError(f"{type(model).__name__}'s decoder ran {len(captured)} times in one forward; expected once")
-    return logits, captured[0]
+    expected = 1 if return_hidden is True else len(return_hidden)
+    if len(captured) != expected:
+        raise RuntimeError(f"{type(model).__name__}'s hidden states were captured {len(captured)} times in one forward; "
+                           f"expected {expected}")
+    return logits, captured[0] if return_hidden is True else torch.cat(captured, dim=-1)
 
 
-def _recorded_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden: bool,
+def _recorded_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden,
                       model_inputs: dict):
     """:func:`model_forward` through the graph pool of ``(model, cache.role)``: the tensor inputs are copied into a
     recording's static buffers and the recording replayed (recorded first for a new shape or moved buffers)."""
@@ -415,25 +419,39 @@ def _forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int
 
 
 @contextmanager
-def _last_hidden_captured(model, captured: list, enabled: bool):
-    """Append the decoder's ``last_hidden_state`` of each forward to ``captured`` (a forward hook on
-    ``model.get_decoder()``, removed on exit)."""
-    if not enabled:
+def _hidden_captured(model, captured: list, which: bool | tuple[int, ...]):
+    """Append to ``captured``: with ``which=True`` the decoder's ``last_hidden_state`` of each forward (a forward
+    hook on ``model.get_decoder()``), with a tuple the input of each of those decoder layers, in that order (forward
+    pre-hooks on them); hooks removed on exit."""
+    if which is False:
         yield
         return
+    decoder = model.get_decoder()
+    if which is True:
+        def hook(module, args, output) -> None:
+            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-    def hook(module, args, output) -> None:
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+        handles = [decoder.register_forward_hook(hook)]
+    else:
+        slots: dict[int, Tensor] = {}
 
-    handle = model.get_decoder().register_forward_hook(hook)
+        def keep(index: int):
+            def pre_hook(module, args, kwargs) -> None:
+                slots[index] = args[0] if args else kwargs["hidden_states"]
+            return pre_hook
+
+        handles = [decoder.layers[i].register_forward_pre_hook(keep(n), with_kwargs=True) for n, i in enumerate(which)]
     try:
         yield
+        if which is not True:
+            captured.extend(slots[n] for n in sorted(slots))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chunk: int = PREFILL_CHUNK,
-            on_hidden=None, rows: Tensor | None = None) -> None:
+            on_hidden=None, rows: Tensor | None = None, hidden: bool | tuple[int, ...] = True) -> None:
     """Write ``tokens[b, :widths[b]]`` of every row into ``cache`` (positions ``0 .. widths[b] - 1``), ``chunk``
     columns per forward, each forward over only the rows with tokens left; then set their lengths to ``widths``.
 
@@ -451,12 +469,15 @@ def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chun
     chunk : int
         Columns per forward (>= 1).
     on_hidden : callable, optional
-        ``on_hidden(hidden, start, rows)`` after each forward, with the decoder's final hidden states ``(R, W, H)``
+        ``on_hidden(hidden, start, rows)`` after each forward, with the hidden states ``(R, W, F)`` that ``hidden``
+        asks :func:`model_forward` for (default: the decoder's final ones)
         of the chunk's positions ``start .. start + W - 1`` of the forward's rows: ``[:R]`` (an int), or an index
         tensor with ``rows`` (a feature drafter's input).
     rows : Tensor, optional
         ``(R,)`` int64 host indices of the rows to prefill (prompts that entered those rows); the other rows'
         cache entries and lengths are left as they are. None: every row.
+    hidden : bool or tuple of int
+        With ``on_hidden``: the hidden states it receives (``return_hidden`` of :func:`model_forward`).
     """
     if any(a < b for a, b in itertools.pairwise(widths)):
         raise ValueError(f"prefill needs rows ordered longest first, got widths {widths}")
@@ -476,7 +497,7 @@ def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chun
             cache.set_lens(cache.lens.index_fill(0, index, start))
             chunk_tokens = tokens.index_select(0, index[:active])[:, start : start + width]
         cache.set_span(start + width)
-        out = model_forward(model, cache, chunk_tokens, logits_to_keep=1, return_hidden=on_hidden is not None)
+        out = model_forward(model, cache, chunk_tokens, logits_to_keep=1, return_hidden=on_hidden is not None and hidden)
         if on_hidden is not None:
             on_hidden(out[1], start, active if index is None else index[:active])
     cache.set_rows(None)

@@ -157,16 +157,21 @@ class DecodeSession:
             stats.extra.update(graphs.COUNTS.since(self._recorded_before))
         return outputs, stats
 
+    @property
+    def target_hidden(self) -> bool | tuple[int, ...]:
+        """The target hidden states the drafter reads (:attr:`~batched_specdec.drafting.Drafter.target_hidden`)."""
+        return False if self.drafter is None else self.drafter.target_hidden
+
     def prefill(self) -> None:
         """Fill the target cache with ``s_b[:-1]`` of every row, in ragged chunks; a feature drafter receives each
-        chunk's final hidden states."""
+        chunk's hidden states."""
         rows, drafter = self.rows, self.drafter
         on_hidden = None
         if drafter is not None:
             drafter.start(rows.token_buffer[:, : rows.max_prompt_len], rows.seq_lens, self.capacity)
             on_hidden = drafter.observe_features if drafter.uses_target_features else None
         prefill(self.target, self.cache, rows.token_buffer, rows.prefill_widths, self.options.prefill_chunk,
-                on_hidden=on_hidden)
+                on_hidden=on_hidden, hidden=self.target_hidden)
 
     @torch.inference_mode()
     def free_rows(self) -> Tensor:
@@ -188,9 +193,8 @@ class DecodeSession:
         """Prefill the request's prompts ``prompts`` (indices, at most :attr:`stage_size`) together, ahead of their
         admission, replacing the prompts staged before (admit those first)."""
         if self.staging is None:
-            keep_hidden = self.drafter is not None and self.drafter.uses_target_features
             self.staging = StagedPrompts(self.target, self.stage_size, self.longest_queued, self.device,
-                                         self.options.attention, self.options.prefill_chunk, keep_hidden)
+                                         self.options.attention, self.options.prefill_chunk, self.target_hidden)
         self.timer.start()
         self.staging.fill({i: self.request.rows[i] for i in prompts})
         self.timer.lap("prefill")
@@ -239,7 +243,7 @@ class DecodeSession:
         if self.drafter is not None and self.drafter.uses_target_features:
             on_hidden = self.drafter.observe_features
         prefill(self.target, self.cache, self.rows.token_buffer, [lengths[r] - 1 for r in order],
-                self.options.prefill_chunk, on_hidden=on_hidden, rows=rows[order])
+                self.options.prefill_chunk, on_hidden=on_hidden, rows=rows[order], hidden=self.target_hidden)
 
     @torch.inference_mode()
     def step(self, refilling: bool = False) -> bool:
@@ -336,7 +340,7 @@ class DecodeSession:
         return DraftProposal(tokens, probs, num, onehot, proposal.includes_catch_up, source)
 
     def _verify(self, draft_tokens: Tensor, max_len: int) -> Tensor:
-        """The target's logits ``(B, k + 1, V)`` over ``[s_b[-1], d_1..d_k]``; a feature drafter receives the final
+        """The target's logits ``(B, k + 1, V)`` over ``[s_b[-1], d_1..d_k]``; a feature drafter receives the
         hidden states of all ``k + 1`` positions (it keeps only what rows commit: the rest is rewritten before it is
         read)."""
         k = draft_tokens.shape[1]
@@ -345,7 +349,7 @@ class DecodeSession:
         inputs = last if k == 0 else torch.cat([last, draft_tokens], dim=1)
         if self.drafter is None or not self.drafter.uses_target_features:
             return model_forward(self.target, self.cache, inputs).to(self.device)
-        logits, hidden = model_forward(self.target, self.cache, inputs, return_hidden=True)
+        logits, hidden = model_forward(self.target, self.cache, inputs, return_hidden=self.target_hidden)
         self.drafter.observe_features(hidden, self.cache.lens)
         return logits.to(self.device)
 

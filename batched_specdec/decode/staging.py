@@ -41,16 +41,18 @@ class StagedPrompts:
         The session's attention backend.
     prefill_chunk : int
         Columns per prefill forward.
-    keep_hidden : bool
-        Keep the target's final hidden states of every staged position (a feature drafter reads them on entry).
+    keep_hidden : bool or tuple of int
+        Keep the target's hidden states of every staged position (a feature drafter reads them on entry): False
+        none, else the ``return_hidden`` of :func:`~batched_specdec.ragged_cache.model_forward` (the drafter's
+        ``target_hidden``).
     """
 
     def __init__(self, target, rows: int, capacity: int, device: torch.device, attention: str, prefill_chunk: int,
-                 keep_hidden: bool) -> None:
+                 keep_hidden: bool | tuple[int, ...]) -> None:
         self.target, self.device, self.prefill_chunk = target, device, prefill_chunk
         self.cache = RaggedKVCache(target.config, rows, capacity, device, attention, compile=False, role="stage")
         self.keep_hidden = keep_hidden
-        self.hidden: Tensor | None = None  # (rows, capacity, H) once a prefill has run, with keep_hidden
+        self.hidden: Tensor | None = None  # (rows, capacity, F) once a prefill has run, with keep_hidden
         self.row_of: dict[int, int] = {}  # staged prompt (request index) -> stage row
         self.widths: dict[int, int] = {}  # staged prompt -> positions written
 
@@ -79,7 +81,8 @@ class StagedPrompts:
             tokens[r, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.int64)
         widths = [self.widths[i] for i in order] + [0] * (self.rows - len(order))  # unused stage rows: nothing
         on_hidden = self._keep if self.keep_hidden else None
-        prefill(self.target, self.cache, tokens.to(self.device), widths, self.prefill_chunk, on_hidden=on_hidden)
+        prefill(self.target, self.cache, tokens.to(self.device), widths, self.prefill_chunk, on_hidden=on_hidden,
+                hidden=self.keep_hidden)
 
     def _keep(self, hidden: Tensor, start: int, rows: int) -> None:
         """``prefill``'s ``on_hidden``: the chunk's hidden states ``(rows, W, H)`` at positions ``start ..``."""

@@ -65,7 +65,10 @@ class Drafter(ABC):
     vocab_size: int | None = None
     """Size of the vocabulary the drafter proposes from, or None when it proposes ids it saw (n-gram)."""
     uses_target_features: bool = False
-    """Whether the drafter reads the target's final hidden states (:meth:`observe_features`)."""
+    """Whether the drafter reads the target's hidden states (:meth:`observe_features`)."""
+    feature_layers: tuple[int, ...] | None = None
+    """Which: None for the final (normed) hidden states, else the inputs of these target decoder layers
+    (``output_hidden_states`` indices), concatenated (an EAGLE-3 head's three)."""
     model = None
     """The draft model whose forwards drafting costs (None for a model-free drafter)."""
     sources: tuple[str, ...] | None = None
@@ -77,6 +80,12 @@ class Drafter(ABC):
         """Indices of the :attr:`sources` that copy an n-gram match of the row's own tokens (names ``ngram...``):
         the ones gamma auto prices by their streak of full acceptances."""
         return tuple(i for i, name in enumerate(self.sources or ()) if name.startswith("ngram"))
+
+    @property
+    def target_hidden(self) -> bool | tuple[int, ...]:
+        """The ``return_hidden`` of the target's forwards (:func:`~batched_specdec.ragged_cache.model_forward`):
+        False when the drafter reads no features, True for the final hidden states, else :attr:`feature_layers`."""
+        return bool(self.uses_target_features) and (self.feature_layers or True)
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         """Called once before the first step with the prompts; ``max_seq_len`` bounds every row's length."""
@@ -104,7 +113,7 @@ class Drafter(ABC):
         return None
 
     def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | Tensor | None = None) -> None:
-        """The target's final hidden states ``(R, W, H)`` of positions ``first_position + j`` (an int, or ``(R,)``
+        """The target's hidden states ``(R, W, F)`` (:attr:`target_hidden`) of positions ``first_position + j`` (an int, or ``(R,)``
         int64 per row) for rows ``[:rows]``, the rows of an ``(R,)`` int64 index tensor on any device (prompts
         entering some rows), or all (None), from every prefill chunk, verify forward and admission. Only drafters
         with :attr:`uses_target_features` are called."""

@@ -1,4 +1,4 @@
-"""An EAGLE-style feature draft as drafter: it drafts from the target's own final hidden states."""
+"""A feature head as drafter (ours, EAGLE-1, EAGLE-3): it drafts from the target's own hidden states."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from batched_specdec.ragged_cache import PREFILL_CHUNK, model_forward
 
 
 class FeatureDrafter(ModelDrafter):
-    """A :class:`~batched_specdec.drafting.heads.FeatureHeadDraft` as drafter: it drafts from the target's features.
+    """A feature head (:class:`~batched_specdec.drafting.heads.FeatureHeadDraft`,
+    :class:`~batched_specdec.drafting.eagle.EagleDraft`) as drafter: it drafts from the target's features.
 
-    The session hands it the target's final hidden states of every position it runs (prefill chunks, every verify
-    forward: :meth:`observe_features`); it keeps them in a ``(B, capacity, H)`` buffer by position, so the features
+    The session hands it the target's hidden states of every position it runs (the final ones, or the layers of the
+    head's ``feature_layers``; prefill chunks, every verify forward: :meth:`observe_features`); it keeps them in a
+    ``(B, capacity, F)`` buffer by position, so the features
     of committed positions are always the target's own (positions a verify wrote past what a row committed are
     rewritten by the row's next verify before they are read). Its cache entry at position ``i`` is the draft's
     layer over the pair ``(f_i, x_{i+1})``: row ``b``'s committed pairs are ``i < |s_b| - 1``.
@@ -32,17 +34,18 @@ class FeatureDrafter(ModelDrafter):
 
     def __init__(self, model, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> None:
         super().__init__(model, attention, prefill_chunk)
+        self.feature_layers = model.feature_layers
         self.features: Tensor | None = None
 
     def start(self, token_buffer: Tensor, seq_lens: Tensor, max_seq_len: int) -> None:
         super().start(token_buffer, seq_lens, max_seq_len)
         batch = token_buffer.shape[0]
-        hidden = int(self.model.config.hidden_size)
-        self.features = torch.zeros(batch, max_seq_len, hidden, dtype=self.model.dtype, device=self.device)
+        width = int(self.model.feature_size)
+        self.features = torch.zeros(batch, max_seq_len, width, dtype=self.model.dtype, device=self.device)
         self._tokens_behind = 0  # the prefill's observations add every committed pair of the prompts
 
     def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | Tensor | None = None) -> None:
-        """Keep the target's final hidden states ``hidden`` ``(R, W, H)`` of positions ``first_position[r] + j``
+        """Keep the target's hidden states ``hidden`` ``(R, W, F)`` of positions ``first_position[r] + j``
         (``(R,)`` int64, or an int for every row) for rows ``[:rows]``, the rows of an index tensor, or all (None):
         up to ``W`` new committed pairs per row for the next proposal to feed. Also ``ragged_cache.prefill``'s
         ``on_hidden``."""

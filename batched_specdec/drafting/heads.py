@@ -60,7 +60,73 @@ class DraftLoadError(ValueError):
     """A draft directory that cannot be loaded for this target; the message is one line."""
 
 
-class SubsetHeadDraft(nn.Module):
+class HeadDraft(nn.Module):
+    """What every draft head is: decoder layers (``self.model``, a ``LlamaModel`` whose ``last_hidden_state`` the
+    drafter reads and, for a feature head, feeds back), called like an HF causal LM.
+
+    Subclasses define :meth:`hidden_states` (the decoder's output from token ids and, for a feature head,
+    ``features``) and :meth:`full_logits` (logits ``(..., V)`` over the target's vocabulary, ``-inf`` for ids the
+    head lacks) and set ``config`` (its ``vocab_size`` is the target's), ``_target_embed`` (the embedding module
+    :meth:`get_input_embeddings` returns) and ``_cache_kw`` (:func:`~batched_specdec.model_info.cache_keyword` of
+    ``model``, read once, outside any compiled forward).
+    """
+
+    kind = "tokens"
+    """What the draft reads: ``"tokens"`` (token ids only) or ``"feature"`` (the target's hidden states too)."""
+    feature_layers: tuple[int, ...] | None = None
+    """A feature head's target hidden states: None for the final (normed) hidden state, else the inputs of these
+    target decoder layers (``output_hidden_states`` indices: 0 is the embedding), concatenated in this order."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._target_embed
+
+    def get_decoder(self) -> nn.Module:
+        """The decoder layers' model (its config is the one their attention reads)."""
+        return self.model
+
+    def hidden_states(self, input_ids: Tensor, **kwargs) -> Tensor:
+        raise NotImplementedError
+
+    def full_logits(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask=None,
+        position_ids: Tensor | None = None,
+        cache=None,
+        use_cache: bool = True,
+        logits_to_keep: int = 0,
+        compute_logits: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``.logits`` ``(B, Q', V)``; ``compute_logits=False`` skips the head (``.logits`` is None) for callers that
+        only read the decoder's hidden states (a feature drafter's catch-up)."""
+        hidden = self.hidden_states(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{self._cache_kw: cache},
+            **kwargs,  # ragged_attention (each row's positions); a feature draft's features
+        )
+        if not compute_logits:
+            return CausalLMOutputWithPast(logits=None, **{_OUTPUT_CACHE_FIELD: cache})
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(logits=self.full_logits(hidden), **{_OUTPUT_CACHE_FIELD: cache})
+
+
+class SubsetHeadDraft(HeadDraft):
     """``N`` decoder layers over the target's embedding, with an output head restricted to ``vocab_ids``.
 
     Callable like an HF causal LM (``input_ids``, 4D additive ``attention_mask``, ``position_ids``,
@@ -76,9 +142,6 @@ class SubsetHeadDraft(nn.Module):
     vocab_ids : Tensor
         ``(K,)`` int64, distinct ids in ``0..V-1``.
     """
-
-    kind = "tokens"
-    """What the draft reads: ``"tokens"`` (token ids only) or ``"feature"`` (:class:`FeatureHeadDraft`)."""
 
     def __init__(self, config: LlamaConfig, target, vocab_ids: Tensor) -> None:
         super().__init__()
@@ -113,13 +176,6 @@ class SubsetHeadDraft(nn.Module):
     def device(self) -> torch.device:
         return self.head_weight.device
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self._target_embed
-
-    def get_decoder(self) -> nn.Module:
-        """The decoder layers' model (its config is the one their attention reads)."""
-        return self.model
-
     def subset_logits(self, hidden: Tensor) -> Tensor:
         """``(..., K)`` logits over the subset from the hidden states ``(..., target width)`` of :meth:`hidden_states`."""
         return nn.functional.linear(hidden, self.head_weight, self.head_bias)
@@ -134,33 +190,6 @@ class SubsetHeadDraft(nn.Module):
         if self.in_proj is None:
             return {}
         return {"in_proj": self.in_proj.weight, "out_proj": self.out_proj.weight}
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask=None,
-        position_ids: Tensor | None = None,
-        cache=None,
-        use_cache: bool = True,
-        logits_to_keep: int = 0,
-        compute_logits: bool = True,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """``.logits`` ``(B, Q', V)``; ``compute_logits=False`` skips the head (``.logits`` is None) for callers that
-        only read the final hidden states (a feature drafter's catch-up)."""
-        hidden = self.hidden_states(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{self._cache_kw: cache},
-            **kwargs,  # ragged_attention (each row's positions); a feature draft's features
-        )
-        if not compute_logits:
-            return CausalLMOutputWithPast(logits=None, **{_OUTPUT_CACHE_FIELD: cache})
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.full_logits(hidden), **{_OUTPUT_CACHE_FIELD: cache})
 
     def full_logits(self, hidden: Tensor) -> Tensor:
         """``(..., V)`` logits over the target's whole vocabulary, ``-inf`` outside the subset."""
@@ -208,6 +237,15 @@ class FeatureHeadDraft(SubsetHeadDraft):
         self.fc = nn.Linear(2 * width, width, bias=False, device=self.device, dtype=self.dtype)
         with torch.no_grad():  # start from "embedding + feature"
             self.fc.weight.copy_(torch.cat([torch.eye(width), torch.eye(width)], dim=1))
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the target features it reads (the target's hidden size)."""
+        return self.fc.in_features // 2
+
+    def project_features(self, features: Tensor) -> Tensor:
+        """Features in the width :meth:`pair_inputs` reads: the target's and its own are the same (unchanged)."""
+        return features
 
     def hidden_states(self, input_ids: Tensor, features: Tensor | None = None, **kwargs) -> Tensor:
         """Predicted features ``(B, Q, H)`` from token ids ``(B, Q)`` and the features ``(B, Q, H)`` before them."""

@@ -68,6 +68,7 @@ class HybridDrafter(Drafter):
         self.match_bonus = float(match_bonus)
         self.vocab_size = model_drafter.vocab_size
         self.uses_target_features = model_drafter.uses_target_features
+        self.feature_layers = model_drafter.feature_layers
         self.model = model_drafter.model  # the draft forwards drafting costs
         self._evidence: dict[str, Tensor] = {}
         # next_sources' choice for this step: (tokens, num, use_ngram) for gamma_max, and the seq_lens it was for
