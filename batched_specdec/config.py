@@ -263,10 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft",
         help=f"draft: auto (hybrid where a draft ships for the target, else ngram), ngram (model-free, prompt "
         f"lookup), hybrid (per row, the n-gram match or the shipped draft), distilled (the shipped draft), a draft "
-        f"directory written by "
-        f"python -m batched_specdec.training (a token or a feature draft), or a model spec like --target that shares "
-        f"the target's vocabulary "
-        f"[default: {d.draft}]",
+        f"directory written by python -m batched_specdec.training (a token, feature or EAGLE-3 draft), an EAGLE-1 or "
+        f"EAGLE-3 head directory in its public layout (config.json and model.safetensors or pytorch_model.bin), or a "
+        f"model spec like --target that shares the target's vocabulary [default: {d.draft}]",
     )
     p.add_argument(
         "--ngram-max",

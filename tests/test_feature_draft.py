@@ -163,17 +163,30 @@ def test_feature_head_needs_features_of_the_right_shape(target):
         draft(input_ids=torch.tensor([[1, 2]]), features=torch.zeros(1, 3, 32), use_cache=False)
 
 
-def test_unrolled_training_passes_see_what_the_drafts_of_a_step_see(target):
+@pytest.mark.parametrize("kind", ["feature", "eagle3"])
+def test_unrolled_training_passes_see_what_the_drafts_of_a_step_see(target, kind):
     """Pass m of the training-time test at pair i must equal the m-th draft of a step whose last committed pair is
-    i - m + 1: a no-cache forward over the real pairs up to there, then the head's own predicted features."""
+    i - m + 1: a no-cache forward over the real pairs up to there, then the head's own predicted features (for an
+    EAGLE-3 head, the real pairs' fused features go through its fc, its own do not)."""
     from batched_specdec.training.feature import unrolled_features
 
-    draft = feature_head(target, seed=2)
+    if kind == "eagle3":
+        from batched_specdec.training.eagle3 import build_eagle3_draft
+
+        torch.manual_seed(2)
+        draft = build_eagle3_draft(target, torch.arange(0, VOCAB, 2), feature_layers=(0, 1, 1))
+        with torch.no_grad():
+            for p in draft.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    else:
+        draft = feature_head(target, seed=2)
     ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        feats = target.model(ids).last_hidden_state
+        out = target.model(ids, output_hidden_states=True)
+        feats = out.last_hidden_state if kind == "feature" else torch.cat([out.hidden_states[i] for i in (0, 1, 1)], -1)
         tokens, inputs = ids[:, 1:], feats[:, :-1]
         passes = list(unrolled_features(draft, tokens, inputs, 3))
+        inputs = draft.project_features(inputs)  # in the head's width, as its own predictions
         for m, i in [(2, 5), (3, 7), (3, 12)]:
             c = i - m + 1  # the step's last committed pair
             pair_feats, pair_tokens = [inputs[:, : c + 1]], [tokens[:, : c + 1]]

@@ -4,8 +4,8 @@ GenerationConfig, token-id prompts on tiny models, and every error case before a
 from __future__ import annotations
 
 import copy
-import json
 import importlib.util
+import json
 
 import numpy as np
 import pytest

@@ -206,8 +206,15 @@ def test_encode_prompts_without_chat_template(tiny_dir):
     assert [len(x) for x in ids] == [3, 1]
 
 
-@pytest.mark.parametrize("draft", ["ngram", "target"])
+@pytest.mark.parametrize("draft", ["ngram", "target", "eagle3"])
 def test_end_to_end_greedy(tiny_dir, tmp_path, capsys, draft):
+    draft_args = {"ngram": ["ngram", "--ngram-max", "4", "--ngram-min", "2"], "target": [tiny_dir]}
+    if draft == "eagle3":  # a public-layout EAGLE-3 head for the tiny target
+        from eagle_checkpoints import write_eagle3
+        from transformers import AutoModelForCausalLM
+
+        head = write_eagle3(tmp_path / "eagle3", AutoModelForCausalLM.from_pretrained(tiny_dir), layer_ids=(0, 1, 1))
+        draft_args["eagle3"] = [str(head)]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(
         "the quick brown fox jumps over the lazy dog the quick brown\nhello world\n"
@@ -218,7 +225,7 @@ def test_end_to_end_greedy(tiny_dir, tmp_path, capsys, draft):
         "--target",
         tiny_dir,
         "--draft",
-        *([tiny_dir] if draft == "target" else ["ngram", "--ngram-max", "4", "--ngram-min", "2"]),
+        *draft_args[draft],
         "--prompts",
         str(prompts),
         "--num-prompts",

@@ -129,6 +129,9 @@ class EagleDraft(HeadDraft):
             self.lm_head = nn.Linear(width, len(vocab_ids), bias=False)
             self.register_buffer("vocab_ids", torch.as_tensor(vocab_ids, dtype=torch.int64).clone(), persistent=False)
             self.feature_layers = tuple(int(i) for i in feature_layers)
+            num_layers = int(text_config(target).num_hidden_layers)
+            if not all(0 <= i < num_layers for i in self.feature_layers):
+                raise ValueError(f"feature layers {list(self.feature_layers)} are outside the target's {num_layers}")
             self.feature_size = 3 * target_width
         else:
             self.model.layers[0] = _Eagle1Layer(inner)

@@ -16,7 +16,8 @@ Pipeline (every stage is cached under ``--output-dir``, so an interrupted run re
    ``KL(p_target || q_draft)`` where ``p_target`` is the recorded top-k distribution restricted to the subset and
    renormalised, and ``q_draft`` the draft's softmax over the subset. AdamW, linear warm-up, cosine decay.
    With ``--kind feature``, an EAGLE-style :class:`~batched_specdec.drafting.heads.FeatureHeadDraft` over the
-   target's own hidden states instead (:mod:`batched_specdec.training.feature`).
+   target's own hidden states instead (:mod:`batched_specdec.training.feature`); with ``--kind eagle3`` an EAGLE-3
+   head over three target layers, saved in the public EAGLE-3 layout (:mod:`batched_specdec.training.eagle3`).
 5. Evaluation on the held-out prompts: greedy speculative decoding with the draft (``--gamma``), its acceptance
    rate, its exactness against target-only decoding, and the speedup over target-only decoding in the same run,
    at batch 1 and at ``--eval-batch-size``.
@@ -81,24 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the data generation")
     p.add_argument("--teacher-top-k", type=int, default=32,
                    help="teacher log-probabilities recorded per position (the loss uses these, renormalised)")
-    p.add_argument("--kind", default="tokens", choices=["tokens", "feature"],
+    p.add_argument("--kind", default="tokens", choices=["tokens", "feature", "eagle3"],
                    help="tokens: a small LM over token ids (SubsetHeadDraft); feature: an EAGLE-style head over the "
-                        "target's own final hidden states (FeatureHeadDraft, see batched_specdec.training.feature)")
+                        "target's own final hidden states (FeatureHeadDraft, see batched_specdec.training.feature); "
+                        "eagle3: an EAGLE-3 head over three target layers, saved in the public EAGLE-3 layout "
+                        "(vLLM and SGLang load it; batched_specdec.training.eagle3)")
     p.add_argument("--layers", type=int, default=None,
-                   help="decoder layers of the draft (default: 2 for --kind tokens, 1 for --kind feature)")
+                   help="decoder layers of the draft (default: 2 for --kind tokens, 1 for --kind feature and eagle3, "
+                        "which has exactly 1)")
     p.add_argument("--width", type=int, default=0,
                    help="hidden size of the draft's layers (0: the target's); a narrower draft gets trained "
                         "projections to and from the target's width and needs --init random")
     p.add_argument("--init", default="even",
                    help="draft layer initialisation: even (evenly spaced target layers, first and last included), "
                         "first (the first N layers), random, or a comma-separated list of N target layer indices")
-    p.add_argument("--feature-weight", type=float, default=1.0,
-                   help="--kind feature: weight of the feature regression (smooth L1) next to the KL term")
+    p.add_argument("--feature-weight", type=float, default=None,
+                   help="--kind feature: weight of the feature regression (smooth L1) next to the KL term (default "
+                        "1.0; --kind eagle3 trains on the KL term alone: 0)")
     p.add_argument("--feature-noise", type=float, default=0.1,
-                   help="--kind feature: Gaussian noise on input features during training, relative to their RMS")
+                   help="--kind feature/eagle3: Gaussian noise on input features during training, relative to their "
+                        "RMS")
     p.add_argument("--unroll", type=int, default=2,
-                   help="--kind feature: draft positions trained per pair (2+: later passes read the head's own "
-                        "predicted features, as drafts after the first do)")
+                   help="--kind feature/eagle3: draft positions trained per pair (2+: later passes read the head's "
+                        "own predicted features, as drafts after the first do)")
     p.add_argument("--vocab-subset", type=int, default=8192,
                    help="size of the draft's output vocabulary (most frequent ids in the data); 0 = full vocabulary")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -133,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     if args.layers is None:
-        args.layers = 1 if args.kind == "feature" else 2
-    if args.kind == "feature" and args.width:
-        raise DistillError(f"--kind feature drafts have the target's width; got --width {args.width}")
+        args.layers = 2 if args.kind == "tokens" else 1
+    if args.kind != "tokens" and args.width:
+        raise DistillError(f"--kind {args.kind} drafts have the target's width; got --width {args.width}")
+    if args.kind == "eagle3" and (args.layers != 1 or args.feature_weight or args.init != "even"):
+        raise DistillError(f"--kind eagle3 heads have one layer, start from the target's last layer and train on the "
+                           f"KL term alone; got --layers {args.layers}, --init {args.init} and --feature-weight "
+                           f"{args.feature_weight}")
+    if args.feature_weight is None:
+        args.feature_weight = 0.0 if args.kind == "eagle3" else 1.0
     if args.feature_weight < 0 or args.feature_noise < 0:
         raise DistillError(f"--feature-weight and --feature-noise must be >= 0, got {args.feature_weight} and "
                            f"{args.feature_noise}")
@@ -199,19 +211,35 @@ def main_job_prompts(tokenizer) -> frozenset:
 
 
 def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path, exclude: frozenset):
-    """A feature draft, its training set with the target's features (cached next to the data), and its loss."""
+    """A feature or EAGLE-3 draft, its training set with the target's features (cached next to the data), and its
+    loss."""
+    from batched_specdec.training.eagle3 import build_eagle3_draft
     from batched_specdec.training.feature import FeatureTrainSet, build_feature_draft, feature_loss
 
-    layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
-    draft = build_feature_draft(target, vocab_ids, args.layers, layer_ids)
+    if args.kind == "eagle3":
+        draft = build_eagle3_draft(target, vocab_ids)
+        layer_ids = list(draft.feature_layers)
+    else:
+        layer_ids = init_layers(args.init, args.layers, int(target.config.num_hidden_layers))
+        draft = build_feature_draft(target, vocab_ids, args.layers, layer_ids)
     train_set = FeatureTrainSet(chunks, args.seq_len, exclude)
-    train_set.attach_features(target, data_dir / "features", progress=not args.no_progress)
+    train_set.attach_features(target, data_dir / "features", progress=not args.no_progress,
+                              layers=draft.feature_layers)
+    teacher = target.get_output_embeddings().weight.detach()[torch.as_tensor(vocab_ids)].float()
 
     def loss_fn(ids, feats, mask):
-        return feature_loss(draft, ids, feats, mask, feature_weight=args.feature_weight, noise=args.feature_noise,
-                            unroll=args.unroll)
+        return feature_loss(draft, ids, feats, mask, teacher=teacher.to(ids.device), feature_weight=args.feature_weight,
+                            noise=args.feature_noise, unroll=args.unroll)
 
     return draft, layer_ids, train_set, loss_fn
+
+
+def load_trained_draft(target, path):
+    """A draft this tool saved: an EAGLE-3 head in the public layout, or a distilled draft."""
+    from batched_specdec.drafting.eagle import is_eagle_checkpoint, load_eagle_draft
+    from batched_specdec.drafting.heads import load_distilled_draft
+
+    return load_eagle_draft(target, path) if is_eagle_checkpoint(path) else load_distilled_draft(target, path)
 
 
 def build_draft(target, args, vocab_ids: torch.Tensor):
@@ -304,7 +332,7 @@ def _train_draft(target, tokenizer, chunks, data_dir: Path, sources, eos_ids, ar
         summary["main_job_sequences_left_out"] = left_out
         print(f"{left_out} sequences of the prompts the main job decodes by default are left out of training",
               file=sys.stderr)
-    if args.kind == "feature":
+    if args.kind != "tokens":
         draft, layer_ids, train_set, loss_fn = _feature_setup(target, chunks, vocab_ids, args, data_dir, exclude)
     else:
         draft, layer_ids = build_draft(target, args, vocab_ids)
@@ -323,24 +351,30 @@ def _train_draft(target, tokenizer, chunks, data_dir: Path, sources, eos_ids, ar
 
 
 def _save(draft, layer_ids, result: dict, target, args, out_dir: Path, summary: dict) -> Path:
-    """Write the draft and its manifest (the target's name and weight checksum, what the training recorded)."""
+    """Write the draft (an EAGLE-3 head in the public layout) and its manifest (the target's name and weight
+    checksum, what the training recorded)."""
+    from batched_specdec.training.eagle3 import save_eagle3
     from batched_specdec.training.save import save_draft, write_manifest
 
-    draft_dir = save_draft(draft, out_dir / "draft", storage_dtype=getattr(torch, args.storage_dtype), metadata={
+    metadata = {
         "target": args.target, "kind": args.kind, "layers": args.layers, "width": draft.config.hidden_size,
         "init_layers": layer_ids, "steps": result["steps"], "sequences": summary["data_sequences"],
         "gen_len": args.gen_len, "data_tokens": summary["data_tokens"], "loss_first": summary.get("loss_first"),
         "loss_last": summary.get("loss_last"),
-    })
-    write_manifest(draft_dir, target, target_description(args.target), training=json.loads(
-        (draft_dir / "draft_config.json").read_text()).get("metadata"))
+    }
+    dtype = getattr(torch, args.storage_dtype)
+    if args.kind == "eagle3":
+        draft_dir = save_eagle3(draft, out_dir / "draft", storage_dtype=dtype)
+    else:
+        draft_dir = save_draft(draft, out_dir / "draft", storage_dtype=dtype, metadata=metadata)
+    write_manifest(draft_dir, target, target_description(args.target), training=metadata)
     print(f"draft saved to {draft_dir}")
     return draft_dir
 
 
 def run(args) -> dict:
     """Every stage of the pipeline (module docstring); returns the run's summary (also ``summary.json``)."""
-    from batched_specdec.drafting.heads import DraftLoadError, load_distilled_draft
+    from batched_specdec.drafting.heads import DraftLoadError
     from batched_specdec.model_info import vocab_size
     from batched_specdec.models import ModelLoadError, resolve_device
     from batched_specdec.options import resolve_eos
@@ -364,7 +398,7 @@ def run(args) -> dict:
     eval_prompts, train_prompts = _split_prompts(base_prompts(sources, tokenizer), args)
     if args.eval_only:
         try:
-            draft = load_distilled_draft(target, args.eval_only)
+            draft = load_trained_draft(target, args.eval_only)
         except DraftLoadError as exc:
             raise DistillError(str(exc)) from exc
         results = evaluate(draft, target, eval_prompts, args, eos_ids)
@@ -382,7 +416,7 @@ def run(args) -> dict:
         return summary
     draft_dir = _save(draft, layer_ids, result, target, args, out_dir, summary)
     if not args.no_eval and eval_prompts:
-        results = evaluate(load_distilled_draft(target, draft_dir), target, eval_prompts, args, eos_ids)
+        results = evaluate(load_trained_draft(target, draft_dir), target, eval_prompts, args, eos_ids)
         print_eval(results, len(eval_prompts), args)
         summary["eval"] = results
     summary["total_time_s"] = time.perf_counter() - t_start

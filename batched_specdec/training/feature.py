@@ -1,5 +1,6 @@
 """Training a feature draft (``python -m batched_specdec.training --kind feature``): an EAGLE-style head that reads
-the target's own final hidden states (:class:`~batched_specdec.draft_model.FeatureHeadDraft`).
+the target's own final hidden states (:class:`~batched_specdec.drafting.heads.FeatureHeadDraft`); with ``--kind
+eagle3`` an EAGLE-3 head over three target layers' (:mod:`batched_specdec.training.eagle3`), trained the same way.
 
 Data are the distillation tool's: the target's own sampled continuations of the training prompts. The features
 come from one plain target forward over each training sequence (prompt + continuation, cut to ``--seq-len``),
@@ -9,6 +10,10 @@ distribution towards the target's next-token distribution at ``i + 1`` restricte
 (``KL(p || q)``, ``p = softmax(f_{i+1} W_subset^T)``), as in the EAGLE paper. Input features get Gaussian noise of
 ``--feature-noise`` times their RMS, so that the head learns to continue from its own, imperfect, predictions.
 Only pairs whose next token the target generated carry loss (the prompts' pairs are context).
+
+An EAGLE-3 head's features are the inputs of its three target layers, fused by its ``fc``; the training set then
+keeps those (``3H``) and the final hidden state (``H``, for the teacher distribution) of every position, and the
+head's output (before its norm) has no target counterpart, so the loss is the KL term alone.
 """
 
 from __future__ import annotations
@@ -47,9 +52,12 @@ class FeatureTrainSet:
     def __len__(self) -> int:
         return len(self.items)
 
-    def attach_features(self, target, cache_dir: Path, batch_size: int = 16, progress: bool = True) -> None:
-        """Compute the target's final hidden states (bfloat16) of every sequence, or load them from ``cache_dir``,
-        where each data chunk's are kept under a hash of its content (so new chunks add, old ones are reused)."""
+    def attach_features(self, target, cache_dir: Path, batch_size: int = 16, progress: bool = True,
+                        layers: tuple[int, ...] | None = None) -> None:
+        """Compute the target's features (bfloat16) of every sequence, or load them from ``cache_dir``, where each
+        data chunk's are kept under a hash of its content (so new chunks add, old ones are reused): the final hidden
+        states ``(T, H)``, or with ``layers`` the inputs of those decoder layers and the final hidden states,
+        concatenated ``(T, (len(layers) + 1) H)``."""
         cache_dir.mkdir(parents=True, exist_ok=True)
         by_chunk: dict[int, list[int]] = {}
         for i, c in enumerate(self.chunk_of_item):
@@ -58,7 +66,8 @@ class FeatureTrainSet:
         missing = []
         for c, items in by_chunk.items():
             dtype = str(target.dtype).removeprefix("torch.")  # features of another precision are other features
-            path = cache_dir / f"{_chunk_hash(self.chunks[c])}-len{self.seq_len}-{dtype}.pt"
+            tag = "" if layers is None else "-layers" + "_".join(str(i) for i in layers)
+            path = cache_dir / f"{_chunk_hash(self.chunks[c])}-len{self.seq_len}-{dtype}{tag}.pt"
             if path.is_file():
                 for i, f in zip(items, torch.load(path)):
                     self.features[i] = f
@@ -72,7 +81,7 @@ class FeatureTrainSet:
             bar = tqdm(total=todo, desc="target features", unit="seq", dynamic_ncols=True)
         t0 = time.perf_counter()
         for path, items in missing:
-            self._compute(target, items, batch_size, bar)
+            self._compute(target, items, batch_size, bar, layers)
             tmp = path.with_suffix(".tmp")
             torch.save([self.features[i] for i in items], tmp)
             tmp.rename(path)
@@ -86,7 +95,7 @@ class FeatureTrainSet:
         self.features = [self.features[i] for i in keep]
 
     @torch.inference_mode()
-    def _compute(self, target, items: list[int], batch_size: int, bar) -> None:
+    def _compute(self, target, items: list[int], batch_size: int, bar, layers) -> None:
         order = sorted(items, key=lambda i: -len(self.items[i][0]))
         device = target.get_input_embeddings().weight.device
         for s in range(0, len(order), batch_size):
@@ -94,7 +103,10 @@ class FeatureTrainSet:
             ids = torch.zeros(len(group), len(self.items[group[0]][0]), dtype=torch.int64)
             for r, i in enumerate(group):  # right padding: causal attention keeps real positions exact
                 ids[r, : len(self.items[i][0])] = self.items[i][0]
-            hidden = target.get_decoder()(input_ids=ids.to(device)).last_hidden_state
+            out = target.get_decoder()(input_ids=ids.to(device), output_hidden_states=layers is not None)
+            hidden = out.last_hidden_state
+            if layers is not None:
+                hidden = torch.cat([out.hidden_states[i] for i in layers] + [hidden], dim=-1)
             for r, i in enumerate(group):
                 self.features[i] = hidden[r, : len(self.items[i][0])].to("cpu", torch.bfloat16).clone()
             if bar is not None:
@@ -121,25 +133,28 @@ def _chunk_hash(chunk: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_loss(draft, ids: Tensor, feats: Tensor, mask: Tensor, *, feature_weight: float, noise: float,
-                 unroll: int = 1) -> Tensor:
+def feature_loss(draft, ids: Tensor, feats: Tensor, mask: Tensor, *, teacher: Tensor, feature_weight: float,
+                 noise: float, unroll: int = 1) -> Tensor:
     """EAGLE's loss over the masked pairs, ``KL(p || q) + feature_weight * smooth_l1(f_hat, f_next)``, averaged
-    over ``unroll`` draft positions.
+    over ``unroll`` draft positions. ``feats`` ``(N, T, F [+ H])``: the features the head reads
+    (``draft.feature_size`` wide) and, for a head whose features are not the final hidden states, those after
+    them; ``p`` is the target's distribution over the subset, ``softmax(f_final teacher^T)`` with ``teacher`` the
+    target's output-head rows of the subset ``(K, H)``.
 
     Pass 1 feeds the target's (noisy) features. Pass ``m > 1`` ("training-time test", as EAGLE-3) feeds at pair
     ``i`` the feature pass ``m - 1`` predicted at pair ``i - 1``, as the ``m``-th draft of a step does, and attends
     as that draft would: to real pairs up to ``i - m + 1`` and to the passes' own pairs after them
     (:func:`unrolled_mask`)."""
-    inputs = feats[:, :-1]
+    inputs = feats[:, :-1, : draft.feature_size]
     if noise > 0:
         rms = inputs.pow(2).mean(-1, keepdim=True).sqrt()
         inputs = inputs + noise * rms * torch.randn_like(inputs)
-    real = feats[:, 1:]
+    real = feats[:, 1:, -teacher.shape[-1]:]
     loss = 0.0
     for m, out in enumerate(unrolled_features(draft, ids[:, 1:], inputs, unroll), start=1):
         keep = mask.clone()
         keep[:, : m - 1] = False  # the first m - 1 pairs have no m-th draft
-        loss = loss + _pair_loss(draft, out[keep], real[keep], feature_weight)
+        loss = loss + _pair_loss(draft, out[keep], real[keep], teacher, feature_weight)
     return loss / unroll
 
 
@@ -149,6 +164,7 @@ def unrolled_features(draft, tokens: Tensor, features: Tensor, passes: int):
     one pair earlier (no gradient through them), each pass recomputed with the earlier ones as its context."""
     rows, pairs = tokens.shape
     positions = torch.arange(pairs, device=tokens.device)[None].expand(rows, -1)
+    features = draft.project_features(features)  # the head's width: what its own predictions have
     embeds = [draft.pair_inputs(tokens, features)]
     out = draft.model(inputs_embeds=embeds[0], position_ids=positions, use_cache=False).last_hidden_state
     yield out
@@ -161,11 +177,13 @@ def unrolled_features(draft, tokens: Tensor, features: Tensor, passes: int):
         yield out
 
 
-def _pair_loss(draft, predicted: Tensor, real: Tensor, feature_weight: float) -> Tensor:
+def _pair_loss(draft, predicted: Tensor, real: Tensor, teacher: Tensor, feature_weight: float) -> Tensor:
     logq = torch.log_softmax(draft.subset_logits(predicted).float(), dim=-1)
     with torch.no_grad():
-        logp = torch.log_softmax(nn.functional.linear(real, draft.head_weight).float(), dim=-1)
+        logp = torch.log_softmax(nn.functional.linear(real, teacher).float(), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    if not feature_weight:
+        return kl
     return kl + feature_weight * nn.functional.smooth_l1_loss(predicted, real)
 
 
