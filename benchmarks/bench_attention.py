@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import KEY_FIELDS, RESULTS_DIR, append_rows, cpu_note, pick_device, run_key, synchronize
 
-from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
+from batched_specdec.forwards import model_forward, prefill
+from batched_specdec.ragged_cache import RaggedKVCache
 
 FIELDS = KEY_FIELDS + [
     "measure", "backend", "chunk", "batch", "q_heads", "kv_heads", "head_dim", "layers", "tokens", "span", "dtype",

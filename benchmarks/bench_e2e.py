@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -65,10 +66,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import KEY_FIELDS, append_rows, cpu_note, pick_device, run_key, synchronize
+from common import KEY_FIELDS, append_rows, cpu_note, join_notes, pick_device, print_run_header, run_key, synchronize
+from e2e_models import E2EModels, embedded_pair, known_tokens, random_pair
+from e2e_report import e2e_goal, expected_acceptance, noted, print_report, split_fields, stats_fields
 
 from batched_specdec import graphs
-from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter
 from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
 from batched_specdec.processors import GreedyProcessor
 
@@ -81,286 +83,26 @@ FIELDS = KEY_FIELDS + [
 ]  # fmt: skip
 
 
-class SyntheticAcceptanceDrafter(Drafter):
-    """Benchmark-only drafter: real draft-model cost, controlled acceptance.
+@dataclasses.dataclass
+class E2ERun:
+    """One invocation's resolved sweep, device, models and the keyword arguments of every engine call."""
 
-    Every step runs :class:`~batched_specdec.drafting.ModelDrafter`'s forwards on the real draft model, then
-    replaces each draft slot ``i`` of row ``b`` with ``known[p_b, g_b + i]`` (the target-only greedy continuation
-    of the row's prompt ``p_b`` at the row's next positions, ``g_b`` tokens generated so far) with probability
-    ``alpha``. ``known`` is in prompt order; the session's rows are not (it orders them by length, compacts them
-    and refills them), so each row finds its prompt by its prompt tokens when it enters (``prompts``, the same
-    token lists the session decodes; one host read per entry, none per step). Under greedy verification a slot
-    holding the known token is accepted (the target's argmax is that token) and any other token is rejected, so
-    per-token acceptance is about ``alpha``. Proposals are deterministic (``probs=None``).
-    """
+    device: torch.device
+    batch_sizes: list[int]
+    gammas: list[int | str]
+    alphas: list[float]
+    max_new: int
+    methods: list[str]
+    time_split: bool  # on CUDA, a second collect_stats=True run per speculative row measures the time split
+    models: E2EModels | None = None
+    run_kw: dict = dataclasses.field(default_factory=dict)
 
-    def __init__(self, draft_model, known: torch.Tensor, alpha: float, prompts: list[list[int]], seed: int = 0) -> None:
-        self.inner = ModelDrafter(draft_model)
-        self.known = known  # (P, N) int64 on the draft's device, one row per prompt, in prompt order
-        self.alpha = alpha
-        self.generator = torch.Generator(device=known.device).manual_seed(seed)
-        self.index = {tuple(p): i for i, p in enumerate(prompts)}
-        self.prompt_lens = self.row_prompts = None
-
-    def _prompts_of(self, token_buffer, rows, lens) -> list[int]:
-        tokens = token_buffer.index_select(0, rows).cpu()
-        return [self.index[tuple(tokens[r, :n].tolist())] for r, n in enumerate(lens)]
-
-    def start(self, token_buffer, seq_lens, max_seq_len):
-        self.inner.start(token_buffer, seq_lens, max_seq_len)
-        device = self.known.device
-        self.prompt_lens = seq_lens.clone().to(device)
-        rows = torch.arange(seq_lens.shape[0], device=token_buffer.device)
-        self.row_prompts = torch.tensor(self._prompts_of(token_buffer, rows, seq_lens.tolist()), device=device)
-
-    def admit_rows(self, token_buffer, rows, prompt_lens):
-        self.inner.admit_rows(token_buffer, rows, prompt_lens)
-        device = self.known.device
-        index = rows.to(device)
-        self.prompt_lens.index_copy_(0, index, torch.tensor(prompt_lens, device=device))
-        found = self._prompts_of(token_buffer, rows, prompt_lens)
-        self.row_prompts.index_copy_(0, index, torch.tensor(found, device=device))
-
-    def propose(self, token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws=None):
-        own = self.inner.propose(token_buffer, seq_lens, gamma, logits_processor, max_seq_len, draws).tokens
-        device = self.known.device
-        gen = seq_lens.to(device) - self.prompt_lens
-        idx = (gen[:, None] + torch.arange(gamma, device=device)[None, :]).clamp(max=self.known.shape[1] - 1)
-        known = self.known.index_select(0, self.row_prompts).gather(1, idx)
-        take = torch.rand(known.shape, generator=self.generator, device=device) < self.alpha
-        return DraftProposal(tokens=torch.where(take, known, own.to(device)))
-
-    def use_graphs(self, enabled):
-        self.inner.use_graphs(enabled)  # the draft model's forwards are what it costs
-
-    def keep_rows(self, rows):
-        self.inner.keep_rows(rows)
-        index = rows.to(self.known.device)
-        self.prompt_lens = self.prompt_lens.index_select(0, index)
-        self.row_prompts = self.row_prompts.index_select(0, index)
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
 
 
-# --- models ------------------------------------------------------------------------------------------------------
-
-
-def random_qwen2(size: str, vocab: int, dtype, device):
-    """A Qwen2-style model of a real (or toy) size with random weights (no checkpoint available)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    shapes = {  # Qwen2.5-7B and Qwen2.5-0.5B shapes
-        "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-               "num_key_value_heads": 4},
-        "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                 "num_key_value_heads": 2, "tie_word_embeddings": True},
-        # toy shapes of the same layout, for --models toy (checking the script, not timing a GPU)
-        "toy-target": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "num_key_value_heads": 2},
-        "toy-draft": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "num_key_value_heads": 1, "tie_word_embeddings": True},
-    }  # fmt: skip
-    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, rope_theta=1e6, **shapes[size])
-    config._attn_implementation = "sdpa"
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval().requires_grad_(False)
-
-
-def load_cpu_models(args):
-    from batched_specdec.model_info import vocab_size
-    from batched_specdec.models import load_target
-    from batched_specdec.options import resolve_eos
-
-    target, tokenizer = load_target(None, device="cpu", quiet=True)
-    draft, draft_name = None, "ngram"
-    try:
-        from batched_specdec.drafting.heads import load_distilled_draft
-
-        draft = load_distilled_draft(target)
-        draft_name = "distilled (batched_specdec.drafting.heads)"
-    except Exception as exc:  # noqa: BLE001 -- missing module or files: the documented default draft is n-gram
-        print(f"distilled draft not used ({type(exc).__name__}: {exc}); using the n-gram drafter")
-    if draft is None:
-        from batched_specdec.drafting.ngram import NGramDrafter
-
-        draft = NGramDrafter()
-    return target, tokenizer, draft, draft_name, resolve_eos(None, target, tokenizer, vocab_size(target)), None
-
-
-def cpu_prompts(tokenizer, n: int) -> list[list[int]]:
-    from batched_specdec.prompts import builtin_prompts, encode_prompts, select_prompts
-
-    return encode_prompts(tokenizer, select_prompts(builtin_prompts(), n))
-
-
-def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
-    return [torch.randint(0, vocab, (m,), generator=g).tolist() for m in lens]
-
-
-# --- runners -----------------------------------------------------------------------------------------------------
-
-
-def known_tokens(outputs: list[list[int]], device) -> torch.Tensor:
-    """(B, N) int64 target-only continuations, zero-padded: the synthetic drafter's known tokens."""
-    width = max(len(o) for o in outputs)
-    return torch.tensor([o + [0] * (width - len(o)) for o in outputs], dtype=torch.int64, device=device)
-
-
-@contextlib.contextmanager
-def progress(what: str, device):
-    """Print ``what`` and, once the block has run (device synchronised), its seconds: a run stopped at a time limit
-    shows how far it got."""
-    print(f"  {what} ...", end="", flush=True)
-    t0 = time.perf_counter()
-    yield
-    synchronize(device)
-    print(f" {time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def warm_up(all_prompts, batch_sizes, gammas, alpha, target, drafter, run_kw, synthetic, device) -> None:
-    """Run every batch size and gamma once, untimed, at the timed runs' length: Triton compiles each kernel
-    specialisation here and, with ``compile=True``, every shape's graphs (span and compaction buckets) are compiled
-    and recorded here, not in a timed run."""
-    t0 = time.perf_counter()
-    for B in batch_sizes:
-        prompts = all_prompts[:B]
-        with progress(f"warm-up B={B} target-only", device):
-            ref_out = autoregressive_generate_batch(prompts, target, **run_kw)
-        known = known_tokens(ref_out, device) if synthetic else None
-        for g in gammas:
-            with progress(f"warm-up B={B} gamma={g}", device):
-                speculative_generate_batch(prompts, drafter(alpha if synthetic else None, known, prompts), target,
-                                           gamma=g, **run_kw)
-    synchronize(device)
-    print(f"warm-up (every B and gamma once, untimed): {time.perf_counter() - t0:.1f} s")
-
-
-
-def truncate(tokens: list[int], eos: list[int], n: int) -> list[int]:
-    out = []
-    for t in tokens[:n]:
-        out.append(t)
-        if t in eos:
-            break
-    return out
-
-
-def hf_generate(model, prompts, max_new, eos, pad, device, **kwargs):
-    """Left-padded ``model.generate``; returns (outputs truncated after the first EOS, wall seconds)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    synchronize(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0,
-                             do_sample=False, pad_token_id=pad, eos_token_id=eos or None, **kwargs)  # fmt: skip
-    synchronize(device)
-    wall = time.perf_counter() - t0
-    return [truncate(row, eos, max_new) for row in out[:, width:].tolist()], wall
-
-
-def split_fields(split: dict | None) -> dict:
-    if not split:
-        return {}
-    total = sum(split[phase] for phase in ("draft", "verify", "sampling", "bookkeeping"))  # a step's phases
-    return {"draft_s": split["draft"], "verify_s": split["verify"], "sampling_s": split["sampling"],
-            "bookkeeping_s": split["bookkeeping"],
-            "non_model_frac": (split["sampling"] + split["bookkeeping"]) / total if total > 0 else None}
-
-
-def noted(row: dict, stats) -> dict:
-    """``row`` with what the run's graph path recorded and replayed added to its ``note`` (``--cuda-graphs``)."""
-    if "graphs_recorded" in stats.extra:
-        extra = stats.extra
-        graph = (f"this run recorded {extra['graphs_recorded']} graphs ({extra['graph_recording_s']:.2f} s), "
-                 f"replayed {extra['graph_replays']}")
-        row["note"] = "; ".join(x for x in [row.get("note"), graph] if x)
-    return row
-
-
-def stats_fields(stats, batch: int) -> dict:
-    per_row = stats.generated_tokens / batch
-    return {"generated_tokens": stats.generated_tokens, "wall_s": stats.wall_time_s,
-            "tokens_per_s": stats.tokens_per_s,
-            "row_ms_per_token": 1e3 * stats.wall_time_s / per_row if per_row else None,
-            "tokens_per_target_forward": stats.tokens_per_target_forward, "target_forwards": stats.target_forwards,
-            "peak_memory_bytes": stats.peak_memory_bytes, "peak_memory_kind": stats.peak_memory_kind}
-
-
-def sync_read_row(prompts, target, run_kw, ref_out, base_tps: float, base: dict, B: int, device) -> dict:
-    """The ``target_only_sync_read`` row: target-only decoding with ``delayed_host_read=False``, then the default
-    (delayed on CUDA) once more, so that the speedup is over the mean of the default's runs before and after it
-    (whatever runs first at a batch size is not favoured)."""
-    with progress(f"B={B} target-only, synchronous host read", device):
-        out, st = autoregressive_generate_batch(prompts, target, return_stats=True, delayed_host_read=False, **run_kw)
-    with progress(f"B={B} target-only again", device):
-        again = autoregressive_generate_batch(prompts, target, return_stats=True, **run_kw)[1].tokens_per_s
-    note = f"default read before / after: {base_tps:.1f} / {again:.1f} tok/s"
-    return noted(dict(base, method="target_only_sync_read", status="measured", acceptance_kind="none",
-                      speedup=st.tokens_per_s / ((base_tps + again) / 2), matches_target_only=out == ref_out,
-                      **stats_fields(st, B), note="; ".join(x for x in [base.get("note"), note] if x)), st)
-
-
-def gamma_arg(text: str) -> int | str:
-    """``--gammas`` values: an integer >= 1, or ``auto`` (the adaptive controller)."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
-    return value
-
-
-def expected_acceptance(alpha: float, gamma: int | str) -> float | None:
-    """Accepted per proposed draft when each of ``gamma`` drafts is right with probability ``alpha`` and verification
-    stops at the first wrong one: E[accepted] / gamma = alpha (1 - alpha^gamma) / ((1 - alpha) gamma). None for
-    ``gamma="auto"``, whose draft lengths vary from step to step."""
-    if gamma == "auto":
-        return None
-    if alpha >= 1:
-        return 1.0
-    return alpha * (1 - alpha**gamma) / ((1 - alpha) * gamma)
-
-
-def drifted(measured: float | None, expected: float) -> bool:
-    """True when a synthetic row's measured acceptance is below 85% of the expected one (the target left the known
-    continuation, see the module docstring)."""
-    return measured is not None and measured < 0.85 * expected
-
-
-def e2e_goal(batch: int, alpha, speedup: float, measured=None, expected=None, proposed: int | None = None) -> str:
-    """End-to-end goals (H100-class, alpha 0.8) this row can speak to; not judged when the acceptance drifted or
-    when no draft was verified (``proposed == 0``: gamma auto chose plain target steps throughout, so the row
-    measures the engine without speculation, and its ratio to target-only is run-to-run variation)."""
-    if alpha != 0.8:
-        return ""
-    if proposed == 0:
-        return "not judged: no drafts verified (plain target steps only)"
-    if expected is not None and drifted(measured, expected):
-        return f"not judged: acceptance drifted ({measured:.2f} measured, {expected:.2f} expected)"
-    need = {1: 2.0, 16: 1.3, 64: 1.0}.get(batch)
-    if need is None:
-        return ""
-    return f">= {need}x at B={batch}: {'met' if speedup >= need else 'NOT met'} ({speedup:.2f}x)"
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
@@ -400,163 +142,254 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (default 1: the shared CPU machines oversubscribe badly with more)")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts, weights and the synthetic drafter")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/e2e.csv")
-    args = parser.parse_args(argv)  # fmt: skip
+    return parser
+
+
+def gamma_arg(text: str) -> int | str:
+    """``--gammas`` values: an integer >= 1, or ``auto`` (the adaptive controller)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    return value
+
+
+def resolve_run(args: argparse.Namespace, device: torch.device) -> E2ERun:
+    """The sweep: each flag's values, else the CUDA or CPU defaults; ``--quick`` is B 1, gamma 2, the first alpha and
+    8 new tokens. Methods default to all but ``target_only_sync_read``."""
+    gpu = device.type == "cuda"
+    run = E2ERun(device=device, batch_sizes=args.batch_sizes or ([1, 4, 16, 64] if gpu else [1, 4]),
+                 gammas=args.gammas or (list(range(2, 9)) if gpu else [2, 4]), alphas=args.alphas or [0.6, 0.8, 0.9],
+                 max_new=args.max_new_tokens or (128 if gpu else 32),
+                 methods=args.methods or ["target_only_ours", "hf_generate", "hf_assisted", "speculative_ours"],
+                 time_split=not args.no_time_split)  # fmt: skip
+    if args.quick:
+        run.batch_sizes, run.gammas, run.alphas, run.max_new = [1], [2], run.alphas[:1], 8
+    return run
+
+
+def load_models(run: E2ERun, args: argparse.Namespace) -> None:
+    """Set ``run.models``: the random-weight pair with synthetic acceptance (``--models toy`` or ``real-size``, or
+    ``auto`` on CUDA), else the embedded target and its default draft; and ``run.run_kw``: greedy, ``max_new`` tokens,
+    the models' EOS and pad ids, ``--compile`` and ``--cuda-graphs``."""
+    synthetic = args.models == "toy" or args.models == "real-size" or run.gpu
+    n_prompts = max(run.batch_sizes)
+    models = random_pair(args, run.device, n_prompts) if synthetic else embedded_pair(n_prompts, args.seed)
+    print(f"target: {models.target_name} | draft: {models.draft_name}")
+    run.models = models
+    run.run_kw = {"logits_processor": GreedyProcessor(), "max_gen_len": run.max_new, "eos_tokens_id": models.eos,
+                  "pad_token_id": models.pad, "compile": args.compile, "cuda_graphs": args.cuda_graphs}  # fmt: skip
+
+
+@contextlib.contextmanager
+def progress(what: str, device):
+    """Print ``what`` and, once the block has run (device synchronised), its seconds: a run stopped at a time limit
+    shows how far it got."""
+    print(f"  {what} ...", end="", flush=True)
+    t0 = time.perf_counter()
+    yield
+    synchronize(device)
+    print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def warm_up(run: E2ERun) -> str:
+    """Run every batch size and gamma once, untimed, at the timed runs' length: Triton compiles each kernel
+    specialisation here and, with ``compile=True``, every shape's graphs (span and compaction buckets) are compiled
+    and recorded here, not in a timed run. Returns (and prints), with ``cuda_graphs=True``, how many graphs it
+    recorded and in how many seconds; else ""."""
+    models, device = run.models, run.device
+    before = graphs.COUNTS.snapshot()
+    t0 = time.perf_counter()
+    for B in run.batch_sizes:
+        prompts = models.prompts[:B]
+        with progress(f"warm-up B={B} target-only", device):
+            ref_out = autoregressive_generate_batch(prompts, models.target, **run.run_kw)
+        known = known_tokens(ref_out, device) if models.synthetic else None
+        for g in run.gammas:
+            with progress(f"warm-up B={B} gamma={g}", device):
+                speculative_generate_batch(prompts, models.drafter(max(run.alphas), known, prompts), models.target,
+                                           gamma=g, **run.run_kw)  # fmt: skip
+    synchronize(device)
+    print(f"warm-up (every B and gamma once, untimed): {time.perf_counter() - t0:.1f} s")
+    if not run.run_kw["cuda_graphs"]:
+        return ""
+    counts = graphs.COUNTS.since(before)
+    recorded = f"warm-up recorded {counts['graphs_recorded']} graphs in {counts['graph_recording_s']:.1f} s"
+    print(recorded)
+    return recorded
+
+
+def truncate(tokens: list[int], eos: list[int], n: int) -> list[int]:
+    out = []
+    for t in tokens[:n]:
+        out.append(t)
+        if t in eos:
+            break
+    return out
+
+
+def hf_generate(model, prompts, max_new, eos, pad, device, **kwargs):
+    """Left-padded ``model.generate``; returns (outputs truncated after the first EOS, wall seconds)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0,
+                             do_sample=False, pad_token_id=pad, eos_token_id=eos or None, **kwargs)  # fmt: skip
+    synchronize(device)
+    wall = time.perf_counter() - t0
+    return [truncate(row, eos, max_new) for row in out[:, width:].tolist()], wall
+
+
+def generated_fields(out: list[list[int]], wall: float, base_tps: float, ref_out: list[list[int]]) -> dict:
+    """The columns of a ``transformers`` run that generated ``out`` in ``wall`` seconds, next to target-only's
+    ``base_tps`` tokens/s and outputs ``ref_out``."""
+    n = sum(len(o) for o in out)
+    return {"generated_tokens": n, "wall_s": wall, "tokens_per_s": n / wall,
+            "row_ms_per_token": 1e3 * wall * len(out) / n, "speedup": (n / wall) / base_tps,
+            "matches_target_only": out == ref_out}  # fmt: skip
+
+
+def hf_generate_row(run: E2ERun, base: dict, prompts, ref_out, base_tps: float) -> dict:
+    """The ``hf_generate`` row: target-only ``model.generate``, with its peak allocated memory on CUDA."""
+    models = run.models
+    if run.gpu:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    out, wall = hf_generate(models.target, prompts, run.max_new, models.eos, models.pad, run.device)
+    return dict(base, method="hf_generate", status="measured", acceptance_kind="none",
+                **generated_fields(out, wall, base_tps, ref_out),
+                peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if run.gpu else "",
+                peak_memory_kind="cuda_max_allocated" if run.gpu else "")  # fmt: skip
+
+
+def hf_assisted_row(run: E2ERun, base: dict, prompts, ref_out, base_tps: float) -> dict:
+    """The ``hf_assisted`` row: assisted generation with the draft model, or prompt lookup with the first integer
+    gamma (3 if none) for the n-gram drafter; ``status=refused`` and the error's words when ``transformers``
+    refuses the batch."""
+    models = run.models
+    g = next((x for x in run.gammas if x != "auto"), 3)
+    kwargs = ({"assistant_model": models.draft_model} if models.draft_model is not None
+              else {"prompt_lookup_num_tokens": g})  # fmt: skip
+    how = "assistant_model=draft" if models.draft_model is not None else f"prompt_lookup_num_tokens={g}"
+    row = dict(base, method="hf_assisted", gamma=g, draft=how,
+               acceptance_kind="random-weight draft (HF cannot use synthetic acceptance)" if models.synthetic
+               else "real")  # fmt: skip
+    try:
+        out, wall = hf_generate(models.target, prompts, run.max_new, models.eos, models.pad, run.device, **kwargs)
+        row.update(status="measured", **generated_fields(out, wall, base_tps, ref_out))
+    except Exception as exc:  # noqa: BLE001 -- transformers refuses batched assisted generation; record its words
+        msg = " ".join(str(exc).split())[:300]
+        row.update(status="refused", note=join_notes(base["note"], f"{type(exc).__name__}: {msg}"))
+        print(f"hf_assisted B={len(prompts)}: refused: {type(exc).__name__}: {msg}")
+    return row
+
+
+def sync_read_row(run: E2ERun, base: dict, prompts, ref_out, base_tps: float) -> dict:
+    """The ``target_only_sync_read`` row: target-only decoding with ``delayed_host_read=False``, then the default
+    (delayed on CUDA) once more, so that the speedup is over the mean of the default's runs before and after it
+    (whatever runs first at a batch size is not favoured)."""
+    B, target, run_kw = len(prompts), run.models.target, run.run_kw
+    with progress(f"B={B} target-only, synchronous host read", run.device):
+        out, st = autoregressive_generate_batch(prompts, target, return_stats=True, delayed_host_read=False, **run_kw)
+    with progress(f"B={B} target-only again", run.device):
+        again = autoregressive_generate_batch(prompts, target, return_stats=True, **run_kw)[1].tokens_per_s
+    note = f"default read before / after: {base_tps:.1f} / {again:.1f} tok/s"
+    return noted(dict(base, method="target_only_sync_read", status="measured", acceptance_kind="none",
+                      speedup=st.tokens_per_s / ((base_tps + again) / 2), matches_target_only=out == ref_out,
+                      **stats_fields(st, B), note=join_notes(base.get("note"), note)), st)  # fmt: skip
+
+
+def speculative_row(run: E2ERun, base: dict, gamma, alpha, stats, split, speedup: float, matches: bool) -> dict:
+    """One ``speculative_ours`` row from a run's statistics and time split; on CUDA with its goal verdict."""
+    models, B = run.models, base["batch"]
+    expected = expected_acceptance(alpha, gamma) if models.synthetic else None
+    goal = e2e_goal(B, alpha, speedup, stats.acceptance_rate, expected, sum(stats.proposed)) if run.gpu else ""
+    return noted(dict(base, method="speculative_ours", status="measured", gamma=gamma, draft=models.draft_name,
+                      alpha=alpha if models.synthetic else "", expected_acceptance=expected,
+                      acceptance_kind="synthetic-acceptance" if models.synthetic else "real",
+                      speedup=speedup, acceptance_rate=stats.acceptance_rate,
+                      acceptance_histogram=" ".join(map(str, stats.acceptance_histogram)),
+                      matches_target_only=matches, goal=goal,
+                      **stats_fields(stats, B), **split_fields(split)), stats)  # fmt: skip
+
+
+def speculative_rows(run: E2ERun, base: dict, prompts, ref_out, base_tps: float) -> list[dict]:
+    """The ``speculative_ours`` rows: every alpha (synthetic acceptance) and gamma. On CPU the timed run collects the
+    time split; on CUDA a second run with ``collect_stats=True`` does (it synchronises between phases), unless
+    ``--no-time-split``."""
+    models, B = run.models, len(prompts)
+    known = known_tokens(ref_out, run.device) if models.synthetic else None
+    rows = []
+    for alpha in run.alphas if models.synthetic else [None]:
+        for g in run.gammas:
+            gc.collect()
+            with progress(f"B={B} gamma={g} alpha={alpha}", run.device):
+                out, _, st = speculative_generate_batch(prompts, models.drafter(alpha, known, prompts), models.target,
+                                                        gamma=g, collect_stats=not run.gpu, **run.run_kw)  # fmt: skip
+            split = st.time_split
+            if run.gpu and run.time_split:
+                split = speculative_generate_batch(prompts, models.drafter(alpha, known, prompts), models.target,
+                                                   gamma=g, collect_stats=True, **run.run_kw)[2].time_split  # fmt: skip
+            rows.append(speculative_row(run, base, g, alpha, st, split, st.tokens_per_s / base_tps, out == ref_out))
+    return rows
+
+
+def measure_batch(run: E2ERun, base: dict) -> list[dict]:
+    """Every asked-for method's rows at batch size ``base["batch"]``. Target-only runs first even when not asked for:
+    every speedup is relative to it, and it is the known continuation of the synthetic drafter."""
+    B = base["batch"]
+    prompts = run.models.prompts[:B]
+    with progress(f"B={B} target-only", run.device):
+        ref_out, ref = autoregressive_generate_batch(prompts, run.models.target, return_stats=True, **run.run_kw)
+    rows = []
+    if "target_only_ours" in run.methods:
+        rows.append(noted(dict(base, method="target_only_ours", status="measured", acceptance_kind="none",
+                               speedup=1.0, **stats_fields(ref, B)), ref))  # fmt: skip
+    measures = {"target_only_sync_read": sync_read_row, "hf_generate": hf_generate_row,
+                "hf_assisted": hf_assisted_row}  # fmt: skip
+    for method, measure in measures.items():
+        if method in run.methods:
+            rows.append(measure(run, base, prompts, ref_out, ref.tokens_per_s))
+    if "speculative_ours" in run.methods:
+        rows += speculative_rows(run, base, prompts, ref_out, ref.tokens_per_s)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.compile and args.cuda_graphs:
         parser.error("--compile and --cuda-graphs exclude each other (compile records its own graphs)")
-
     device = pick_device(args.device, parser)
-    gpu = device.type == "cuda"
-    if not gpu:
+    if device.type != "cuda":
         torch.set_num_threads(args.threads)
-    # the random-weight pair with synthetic acceptance (real sizes, or toy ones), else the embedded model
-    synthetic = args.models == "toy" or (args.models == "real-size" or gpu)
-    batch_sizes = args.batch_sizes or ([1, 4, 16, 64] if gpu else [1, 4])
-    gammas = args.gammas or (list(range(2, 9)) if gpu else [2, 4])
-    alphas = args.alphas or [0.6, 0.8, 0.9]
-    max_new = args.max_new_tokens or (128 if gpu else 32)
-    if args.quick:
-        batch_sizes, gammas, alphas, max_new = [1], [2], alphas[:1], 8
-    methods = args.methods or ["target_only_ours", "hf_generate", "hf_assisted", "speculative_ours"]
-    proc = GreedyProcessor()
-
+    run = resolve_run(args, device)
     key = run_key(device)
     note = cpu_note(device)
-    print(f"{key['device']} | torch {key['torch']} | triton {key['triton']} | commit {key['commit']}")
-    if note:
-        print(note)
+    print_run_header(key, note)
     torch.manual_seed(args.seed)
-    if synthetic:
-        toy = args.models == "toy"
-        vocab = 512 if toy else 152064
-        dtype = getattr(torch, args.dtype) if gpu else torch.float32
-        if dtype == torch.float32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        short = {torch.bfloat16: "bf16", torch.float32: "fp32 (TF32 matmuls)" if gpu else "fp32"}[dtype]
-        target = random_qwen2("toy-target" if toy else "7b", vocab, dtype, device)
-        draft_model = random_qwen2("toy-draft" if toy else "0.5b", vocab, dtype, device)
-        target_name = f"Qwen2-{'toy' if toy else '7B-class'} config, random weights, {short}"
-        draft_name = f"Qwen2-{'toy' if toy else '0.5B-class'} config, random weights, {short} (real forwards)"
-        eos, pad = [], 0
-        all_prompts = random_prompts(max(batch_sizes), vocab, *args.prompt_len, seed=args.seed)
-    else:
-        target, tokenizer, draft, draft_name, eos, pad = load_cpu_models(args)
-        draft_model = draft if hasattr(draft, "config") else None
-        target_name = "SmolLM2-135M-Instruct (embedded GGUF Q4_1, fp32)"
-        all_prompts = cpu_prompts(tokenizer, max(batch_sizes))
-    print(f"target: {target_name} | draft: {draft_name}")
-
-    run_kw = {"logits_processor": proc, "max_gen_len": max_new, "eos_tokens_id": eos, "pad_token_id": pad,
-              "compile": args.compile, "cuda_graphs": args.cuda_graphs}
-    compiled = "cuda_graphs" if args.cuda_graphs else args.compile
-
-    def drafter(alpha, known, prompts):
-        return SyntheticAcceptanceDrafter(draft_model, known, alpha, prompts, args.seed) if synthetic else draft
-
+    load_models(run, args)
     if not args.no_warmup:
-        before = graphs.COUNTS.snapshot()
-        warm_up(all_prompts, batch_sizes, gammas, max(alphas), target, drafter, run_kw, synthetic, device)
-        if args.cuda_graphs:
-            counts = graphs.COUNTS.since(before)
-            recorded = f"warm-up recorded {counts['graphs_recorded']} graphs in {counts['graph_recording_s']:.1f} s"
-            note = "; ".join(x for x in [note, recorded] if x)
-            print(recorded)
-
+        note = join_notes(note, warm_up(run))
+    base = dict(key, target=run.models.target_name, draft="", max_new_tokens=run.max_new, note=note,
+                dtype=run.models.dtype, compiled="cuda_graphs" if args.cuda_graphs else args.compile)  # fmt: skip
     rows, saved = [], 0
-    for B in batch_sizes:
+    for B in run.batch_sizes:
         if not args.no_save:  # the previous batch size's rows, saved as they finish (a killed run keeps them)
             append_rows("e2e", FIELDS, rows[saved:])
             saved = len(rows)
-        prompts = all_prompts[:B]
-        base = dict(key, target=target_name, draft="", batch=B, max_new_tokens=max_new, note=note,
-                    dtype=str(dtype).removeprefix("torch.") if synthetic else "float32", compiled=compiled)
-        # The baseline runs even when not asked for: every speedup is relative to it, and it is the known
-        # continuation of the synthetic drafter.
-        with progress(f"B={B} target-only", device):
-            ref_out, ref = autoregressive_generate_batch(prompts, target, return_stats=True, **run_kw)
-        base_tps = ref.tokens_per_s
-        if "target_only_ours" in methods:
-            rows.append(noted(dict(base, method="target_only_ours", status="measured", acceptance_kind="none",
-                                   speedup=1.0, **stats_fields(ref, B)), ref))  # fmt: skip
-        if "target_only_sync_read" in methods:
-            rows.append(sync_read_row(prompts, target, run_kw, ref_out, base_tps, base, B, device))
-        if "hf_generate" in methods:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            out, wall = hf_generate(target, prompts, max_new, eos, pad, device)
-            n = sum(len(o) for o in out)
-            rows.append(dict(base, method="hf_generate", status="measured", acceptance_kind="none",
-                             generated_tokens=n, wall_s=wall, tokens_per_s=n / wall, row_ms_per_token=1e3 * wall * B / n,
-                             speedup=(n / wall) / base_tps, matches_target_only=out == ref_out,
-                             peak_memory_bytes=torch.cuda.max_memory_allocated(device) if gpu else "",
-                             peak_memory_kind="cuda_max_allocated" if gpu else ""))  # fmt: skip
-        if "hf_assisted" in methods:
-            g = next((x for x in gammas if x != "auto"), 3)
-            kwargs = ({"assistant_model": draft_model} if draft_model is not None
-                      else {"prompt_lookup_num_tokens": g})  # fmt: skip
-            how = "assistant_model=draft" if draft_model is not None else f"prompt_lookup_num_tokens={g}"
-            row = dict(base, method="hf_assisted", gamma=g, draft=how,
-                       acceptance_kind="random-weight draft (HF cannot use synthetic acceptance)" if synthetic
-                       else "real")
-            try:
-                out, wall = hf_generate(target, prompts, max_new, eos, pad, device, **kwargs)
-                n = sum(len(o) for o in out)
-                row.update(status="measured", generated_tokens=n, wall_s=wall, tokens_per_s=n / wall,
-                           row_ms_per_token=1e3 * wall * B / n, speedup=(n / wall) / base_tps,
-                           matches_target_only=out == ref_out)  # fmt: skip
-            except Exception as exc:  # noqa: BLE001 -- transformers refuses batched assisted generation; record its words
-                msg = " ".join(str(exc).split())[:300]
-                row.update(status="refused", note="; ".join(x for x in [note, f"{type(exc).__name__}: {msg}"] if x))
-                print(f"hf_assisted B={B}: refused: {type(exc).__name__}: {msg}")
-            rows.append(row)
-        if "speculative_ours" not in methods:
-            continue
-        known = known_tokens(ref_out, device) if synthetic else None
-        for alpha in alphas if synthetic else [None]:
-            for g in gammas:
-                gc.collect()
-                with progress(f"B={B} gamma={g} alpha={alpha}", device):
-                    out, _, st = speculative_generate_batch(prompts, drafter(alpha, known, prompts), target, gamma=g,
-                                                            collect_stats=not gpu, **run_kw)  # fmt: skip
-                split = st.time_split
-                if gpu and not args.no_time_split:
-                    split = speculative_generate_batch(prompts, drafter(alpha, known, prompts), target, gamma=g,
-                                                       collect_stats=True, **run_kw)[2].time_split  # fmt: skip
-                speedup = st.tokens_per_s / base_tps
-                expected = expected_acceptance(alpha, g) if synthetic else None
-                rows.append(noted(dict(base, method="speculative_ours", status="measured", gamma=g,
-                                 draft=draft_name, alpha=alpha if synthetic else "", expected_acceptance=expected,
-                                 acceptance_kind="synthetic-acceptance" if synthetic else "real",
-                                 speedup=speedup, acceptance_rate=st.acceptance_rate,
-                                 acceptance_histogram=" ".join(map(str, st.acceptance_histogram)),
-                                 matches_target_only=out == ref_out,
-                                 goal=e2e_goal(B, alpha, speedup, st.acceptance_rate, expected, sum(st.proposed)) if gpu else "",
-                                 **stats_fields(st, B), **split_fields(split)), st))  # fmt: skip
-
-    print(f"{'method':<22}{'B':>4}{'gam':>5}{'alpha':>6}{'tok/s':>9}{'ms/tok/row':>11}{'speedup':>8}{'acc':>6}"
-          f"{'tok/fwd':>8}{'non-model':>10}{'match':>7}  histogram / status")  # fmt: skip
-    for r in rows:
-        if r["status"] != "measured":
-            print(f"{r['method']:<22}{r['batch']:>4}{r.get('gamma', ''):>5}{'':>66}  {r['status']}")
-            continue
-
-        def f(k, spec, r=r):
-            v = r.get(k)
-            return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v or "")
-
-        print(f"{r['method']:<22}{r['batch']:>4}{r.get('gamma', '') or '':>5}{f('alpha', '.1f'):>6}"
-              f"{f('tokens_per_s', '.1f'):>9}{f('row_ms_per_token', '.1f'):>11}{f('speedup', '.2f'):>8}"
-              f"{f('acceptance_rate', '.2f'):>6}{f('tokens_per_target_forward', '.2f'):>8}"
-              f"{f('non_model_frac', '.1%'):>10}{r.get('matches_target_only', '')!s:>7}  "
-              f"{r.get('acceptance_histogram', '')} {r.get('goal', '')}")  # fmt: skip
-    for r in rows:
-        if r["method"] == "speculative_ours" and r.get("draft_s") is not None:
-            print(f"time split B={r['batch']} gamma={r['gamma']} alpha={r.get('alpha')}: draft {r['draft_s']:.3f}s "
-                  f"verify {r['verify_s']:.3f}s sampling {r['sampling_s']:.3f}s bookkeeping {r['bookkeeping_s']:.3f}s"
-                  f" -> non-model {r['non_model_frac']:.1%}")  # fmt: skip
-    if not gpu:
-        print("GPU goals NOT measured: no CUDA device; these are CPU rows"
-              + (" with synthetic acceptance (random-weight models)." if synthetic else " with real acceptance."))
+        rows += measure_batch(run, dict(base, batch=B))
+    print_report(rows, run.gpu, run.models.synthetic)
     if not args.no_save:
         path = append_rows("e2e", FIELDS, rows[saved:])
         print(f"appended {len(rows)} rows to {os.path.relpath(path)} (each batch size's as it finished)")

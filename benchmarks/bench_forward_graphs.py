@@ -4,7 +4,7 @@ For each model, batch size B and width (queries per row): a ragged cache whose r
 one forward of ``width`` new tokens per row, repeated (the lengths are not advanced, so every repeat rewrites the same
 entries and reads the same span):
 
-* ``eager``: :func:`batched_specdec.ragged_cache.model_forward` as the engine runs it without graphs;
+* ``eager``: :func:`batched_specdec.forwards.model_forward` as the engine runs it without graphs;
 * ``graphs``: the same forward through the graph path (``cuda_graphs=True``, :mod:`batched_specdec.graphs`): the
   first call records it after eager warm-up runs (its seconds are ``record_s``), every later call copies the inputs
   into the recording's static buffers and replays it. On a CPU this is the checking stand-in (slower than eager:
@@ -33,11 +33,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_e2e import random_qwen2
 from common import KEY_FIELDS, append_rows, cpu_note, pick_device, run_key, synchronize
+from e2e_models import random_qwen2
 
 from batched_specdec import capture, graphs
-from batched_specdec.ragged_cache import RaggedKVCache, model_forward
+from batched_specdec.forwards import model_forward
+from batched_specdec.ragged_cache import RaggedKVCache
 
 FIELDS = KEY_FIELDS + ["model", "weights", "dtype", "batch", "width", "context", "repeats", "eager_ms", "graphs_ms",
                        "speedup", "record_s", "note"]

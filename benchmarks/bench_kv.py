@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import KEY_FIELDS, append_rows, cpu_note, do_bench, pick_device, run_key
+from common import KEY_FIELDS, cpu_note, do_bench, join_notes, pick_device, print_run_header, run_key, save_rows
 
 from batched_specdec.kernels import commit_emitted_tokens, scatter_kv_at_offsets
 
@@ -144,7 +144,7 @@ def bench_realign(B, K, L, H, D, T, dtype, device, accepted, repeats):
     return do_bench(step, device, repeats=repeats), 2 * L * 2 * B * H * old_T * D * new_k.element_size()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
@@ -171,66 +171,95 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (default 1: the shared CPU machines oversubscribe badly with more)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the accepted counts and random tensors")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/kv.csv")
-    args = parser.parse_args(argv)  # fmt: skip
+    return parser
 
-    device = pick_device(args.device, parser)
-    gpu = device.type == "cuda"
-    if not gpu:
-        torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or
-                                                                                   ("bf16" if gpu else "fp32")]
-    pick = (lambda v, g, c: v if v is not None else (g if gpu else c))
-    batch_sizes = args.batch_sizes or ([1, 8, 32, 64, 128] if gpu else [1, 8])
-    L, H, D = pick(args.layers, 32, 2), pick(args.kv_heads, 8, 2), pick(args.head_dim, 128, 32)
-    T, repeats = pick(args.kv_len, 512, 128), args.repeats
+
+def resolve_sizes(args: argparse.Namespace, gpu: bool) -> argparse.Namespace:
+    """The run's sizes and dtype: each flag's value, else its CUDA or CPU default; ``--quick`` sets B 1 8, one layer,
+    T 64 and 5 repeats over them."""
+
+    def pick(value, on_gpu, on_cpu):
+        return value if value is not None else (on_gpu if gpu else on_cpu)
+
+    sizes = argparse.Namespace(
+        batch_sizes=args.batch_sizes or ([1, 8, 32, 64, 128] if gpu else [1, 8]), K=args.k,
+        L=pick(args.layers, 32, 2), H=pick(args.kv_heads, 8, 2), D=pick(args.head_dim, 128, 32),
+        T=pick(args.kv_len, 512, 128), repeats=args.repeats, q_heads=pick(args.q_heads, 32, 4),
+        intermediate=pick(args.intermediate, 14336, 512), vocab=pick(args.vocab, 128256, 1000),
+        dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or
+                                                                                     ("bf16" if gpu else "fp32")],
+    )  # fmt: skip
     if args.quick:
-        batch_sizes, L, T, repeats = [1, 8], 1, 64, 5
-    K = args.k
-    backend = "triton" if gpu else "torch-reference"
+        sizes.batch_sizes, sizes.L, sizes.T, sizes.repeats = [1, 8], 1, 64, 5
+    return sizes
 
-    key = run_key(device)
-    note = cpu_note(device)
-    print(f"{key['device']} | torch {key['torch']} | triton {key['triton']} | commit {key['commit']}")
-    if note:
-        print(note)
-    model = None
-    if not args.no_recompute:
-        torch.manual_seed(args.seed)
-        model = make_model(L, H, D, pick(args.q_heads, 32, 4), pick(args.intermediate, 14336, 512),
-                           pick(args.vocab, 128256, 1000), dtype, device)  # fmt: skip
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"recompute model: random Llama, {n_params:.1f}M params, L={L} H_kv={H} D={D}")
-    rows = []
-    dname = str(dtype).removeprefix("torch.")
-    for B in batch_sizes:
-        g = torch.Generator().manual_seed(args.seed + B)
-        accepted = torch.randint(0, K + 1, (B,), generator=g).to(device)
-        base = dict(key, batch=B, k=K, layers=L, kv_heads=H, head_dim=D, kv_len=T, dtype=dname)
-        (m, lo, hi), nbytes = bench_ours(B, K, L, H, D, T, dtype, device, accepted, repeats)
-        ours = m
-        rows.append(dict(base, method="ragged_prune_commit_append", backend=backend, median_us=m * 1e3,
-                         p20_us=lo * 1e3, p80_us=hi * 1e3, kv_bytes=nbytes, speedup_of_ours=1.0,
-                         note="; ".join(x for x in [note, "no KV bytes move on prune"] if x)))  # fmt: skip
-        if model is not None:
-            (m, lo, hi), delta = bench_crop(model, B, K, L, H, D, T, dtype, device, accepted, repeats)
-            rows.append(dict(base, method="crop_to_shortest_recompute", backend="torch+transformers",
-                             median_us=m * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3, kv_bytes="",
-                             speedup_of_ours=m / ours,
-                             note="; ".join(x for x in [note, f"recomputes {delta} tokens per row (max-min accepted)"]
-                                            if x)))  # fmt: skip
-        (m, lo, hi), nbytes = bench_realign(B, K, L, H, D, T, dtype, device, accepted, repeats)
-        rows.append(dict(base, method="copy_realign", backend="torch", median_us=m * 1e3, p20_us=lo * 1e3,
-                         p80_us=hi * 1e3, kv_bytes=nbytes, speedup_of_ours=m / ours,
-                         note="; ".join(x for x in [note, "vectorised gather unpad/re-pad"] if x)))  # fmt: skip
 
+def recompute_model(args: argparse.Namespace, sizes: argparse.Namespace, device):
+    """The random-weight Llama that ``crop_to_shortest_recompute`` runs (seeded with ``--seed``), or None with
+    ``--no-recompute``; prints its size."""
+    if args.no_recompute:
+        return None
+    torch.manual_seed(args.seed)
+    s = sizes
+    model = make_model(s.L, s.H, s.D, s.q_heads, s.intermediate, s.vocab, s.dtype, device)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"recompute model: random Llama, {n_params:.1f}M params, L={s.L} H_kv={s.H} D={s.D}")
+    return model
+
+
+def batch_rows(B: int, sizes, model, device, base: dict, note: str, seed: int) -> list[dict]:
+    """The rows of batch size ``B``: ours, then crop-and-recompute (when ``model`` is set), then copy-realign, all on
+    the same accepted counts (drawn with ``seed + B``); ``speedup_of_ours`` is each method's time over ours."""
+    s = sizes
+    g = torch.Generator().manual_seed(seed + B)
+    accepted = torch.randint(0, s.K + 1, (B,), generator=g).to(device)
+    dims = (B, s.K, s.L, s.H, s.D, s.T, s.dtype, device, accepted, s.repeats)
+    base = dict(base, batch=B)
+    backend = "triton" if device.type == "cuda" else "torch-reference"
+    (ours, lo, hi), nbytes = bench_ours(*dims)
+    rows = [dict(base, method="ragged_prune_commit_append", backend=backend, median_us=ours * 1e3, p20_us=lo * 1e3,
+                 p80_us=hi * 1e3, kv_bytes=nbytes, speedup_of_ours=1.0,
+                 note=join_notes(note, "no KV bytes move on prune"))]  # fmt: skip
+    if model is not None:
+        (m, lo, hi), delta = bench_crop(model, *dims)
+        rows.append(dict(base, method="crop_to_shortest_recompute", backend="torch+transformers",
+                         median_us=m * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3, kv_bytes="", speedup_of_ours=m / ours,
+                         note=join_notes(note, f"recomputes {delta} tokens per row (max-min accepted)")))  # fmt: skip
+    (m, lo, hi), nbytes = bench_realign(*dims)
+    rows.append(dict(base, method="copy_realign", backend="torch", median_us=m * 1e3, p20_us=lo * 1e3,
+                     p80_us=hi * 1e3, kv_bytes=nbytes, speedup_of_ours=m / ours,
+                     note=join_notes(note, "vectorised gather unpad/re-pad")))  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print the rows as a table: per-call median and quantiles in microseconds and each method's time over ours."""
     print(f"{'method':<30}{'B':>5}{'K':>3}{'L':>4}{'T':>6}{'median us':>12}{'p20':>11}{'p80':>11}{'ours x':>8}")
     for r in rows:
         print(f"{r['method']:<30}{r['batch']:>5}{r['k']:>3}{r['layers']:>4}{r['kv_len']:>6}{r['median_us']:>12.1f}"
               f"{r['p20_us']:>11.1f}{r['p80_us']:>11.1f}{r['speedup_of_ours']:>8.2f}")  # fmt: skip
     print("'ours x' = this method's time / ours (> 1: ours is faster).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    if device.type != "cuda":
+        torch.set_num_threads(args.threads)
+    sizes = resolve_sizes(args, device.type == "cuda")
+    key = run_key(device)
+    note = cpu_note(device)
+    print_run_header(key, note)
+    model = recompute_model(args, sizes, device)
+    base = dict(key, k=sizes.K, layers=sizes.L, kv_heads=sizes.H, head_dim=sizes.D, kv_len=sizes.T,
+                dtype=str(sizes.dtype).removeprefix("torch."))  # fmt: skip
+    rows = []
+    for B in sizes.batch_sizes:
+        rows += batch_rows(B, sizes, model, device, base, note, args.seed)
+    print_table(rows)
     if not args.no_save:
-        path = append_rows("kv", FIELDS, rows)
-        print(f"appended {len(rows)} rows to {os.path.relpath(path)}")
+        save_rows("kv", FIELDS, rows)
     return 0
 
 

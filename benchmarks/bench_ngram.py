@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import KEY_FIELDS, append_rows, do_bench, pick_device, run_key
+from common import KEY_FIELDS, do_bench, pick_device, print_run_header, run_key, save_rows
 
 from batched_specdec.drafting.ngram import ngram_lookup
 
@@ -66,7 +66,7 @@ def model_step_fn(model, batch: int, seq_len: int, device: torch.device):
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -99,81 +99,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timeit repeats on CPU (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the CPU machines are shared)")
     parser.add_argument("--no-save", action="store_true", help="do not append rows to benchmarks/results/ngram.csv")
-    args = parser.parse_args(argv)
+    return parser
 
-    device = pick_device(args.device, parser)
+
+def draft_model(args: argparse.Namespace, max_seq_len: int, device: torch.device):
+    """The random Llama draft (``--draft-hidden``, ``--draft-layers``, else the CUDA or CPU defaults; seed 0) and its
+    rows' note, or (None, None) with ``--no-model``."""
+    if args.no_model:
+        return None, None
     on_gpu = device.type == "cuda"
-    torch.set_num_threads(args.threads)
-    batch_sizes = args.batch_sizes or ([1, 8, 64] if on_gpu else [1, 8])
-    seq_lens = args.seq_lens or ([512, 2048] if on_gpu else [512])
     hidden = args.draft_hidden or (768 if on_gpu else 128)
     layers = args.draft_layers or (12 if on_gpu else 2)
+    torch.manual_seed(0)
+    model = make_draft_model(args.vocab, hidden, layers, max_seq_len + 8, device)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    return model, f"ONE 1-token forward, random Llama {n_params:.1f}M params (h={hidden}, L={layers}), KV len S"
 
-    key = run_key(device)
-    print(f"{key['device']} | torch {key['torch']} | triton {key['triton']} | commit {key['commit']}")
 
-    rows = []
-    model = None
-    if not args.no_model:
-        torch.manual_seed(0)
-        model = make_draft_model(args.vocab, hidden, layers, max(seq_lens) + 8, device)
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        model_note = f"ONE 1-token forward, random Llama {n_params:.1f}M params (h={hidden}, L={layers}), KV len S"
+def lookup_row(args: argparse.Namespace, key: dict, batch: int, seq_len: int, device: torch.device) -> dict:
+    """Time one ``ngram_lookup`` over a batch of ``batch`` rows of ``seq_len`` tokens (fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    # Small-vocabulary tokens so that matches happen; the cost does not depend on the data.
+    buf = torch.randint(0, 8, (batch, seq_len), generator=g).to(device)
+    lens = torch.full((batch,), seq_len, dtype=torch.long, device=device)
 
-    for batch in batch_sizes:
-        for seq_len in seq_lens:
-            g = torch.Generator().manual_seed(0)
-            # Small-vocabulary tokens so that matches happen; the cost does not depend on the data.
-            buf = torch.randint(0, 8, (batch, seq_len), generator=g).to(device)
-            lens = torch.full((batch,), seq_len, dtype=torch.long, device=device)
+    def lookup():
+        return ngram_lookup(buf, lens, args.gamma, args.max_ngram, args.min_ngram)
 
-            def lookup(buf=buf, lens=lens):
-                return ngram_lookup(buf, lens, args.gamma, args.max_ngram, args.min_ngram)
+    med, lo, hi = do_bench(lookup, device, repeats=args.repeats)
+    return dict(key, method="ngram_lookup", batch=batch, seq_len=seq_len, gamma=args.gamma, max_ngram=args.max_ngram,
+                median_ms=med, p20_ms=lo, p80_ms=hi, note="whole step: all rows, up to gamma drafts each")  # fmt: skip
 
-            med, lo, hi = do_bench(lookup, device, repeats=args.repeats)
-            rows.append(
-                dict(
-                    key,
-                    method="ngram_lookup",
-                    batch=batch,
-                    seq_len=seq_len,
-                    gamma=args.gamma,
-                    max_ngram=args.max_ngram,
-                    median_ms=med,
-                    p20_ms=lo,
-                    p80_ms=hi,
-                    note="whole step: all rows, up to gamma drafts each",
-                )
-            )
-            if model is not None:
-                med, lo, hi = do_bench(model_step_fn(model, batch, seq_len, device), device, repeats=args.repeats)
-                rows.append(
-                    dict(
-                        key,
-                        method="model_draft_forward",
-                        batch=batch,
-                        seq_len=seq_len,
-                        gamma=args.gamma,
-                        max_ngram="",
-                        median_ms=med,
-                        p20_ms=lo,
-                        p80_ms=hi,
-                        note=model_note,
-                    )
-                )
 
+def model_row(args, key: dict, model, note: str, batch: int, seq_len: int, device: torch.device) -> dict:
+    """Time one 1-token forward of the draft ``model`` at batch ``batch`` with a KV cache of ``seq_len``."""
+    med, lo, hi = do_bench(model_step_fn(model, batch, seq_len, device), device, repeats=args.repeats)
+    return dict(key, method="model_draft_forward", batch=batch, seq_len=seq_len, gamma=args.gamma, max_ngram="",
+                median_ms=med, p20_ms=lo, p80_ms=hi, note=note)  # fmt: skip
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print the rows as a table: per-step median and quantiles in milliseconds."""
     print(f"{'method':<22}{'B':>5}{'S':>7}{'gamma':>7}{'median ms':>12}{'p20':>10}{'p80':>10}")
     for r in rows:
         print(
             f"{r['method']:<22}{r['batch']:>5}{r['seq_len']:>7}{r['gamma']:>7}"
             f"{r['median_ms']:>12.4f}{r['p20_ms']:>10.4f}{r['p80_ms']:>10.4f}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    on_gpu = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    batch_sizes = args.batch_sizes or ([1, 8, 64] if on_gpu else [1, 8])
+    seq_lens = args.seq_lens or ([512, 2048] if on_gpu else [512])
+    key = run_key(device)
+    print_run_header(key)
+    model, model_note = draft_model(args, max(seq_lens), device)
+    rows = []
+    for batch in batch_sizes:
+        for seq_len in seq_lens:
+            rows.append(lookup_row(args, key, batch, seq_len, device))
+            if model is not None:
+                rows.append(model_row(args, key, model, model_note, batch, seq_len, device))
+    print_table(rows)
     if model is not None:
         print(f"model_draft_forward = {model_note}; a model-draft step runs gamma={args.gamma} of them.")
-
     if not args.no_save:
-        path = append_rows("ngram", FIELDS, rows)
-        print(f"appended {len(rows)} rows to {os.path.relpath(path)}")
+        save_rows("ngram", FIELDS, rows)
     return 0
 
 

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import KEY_FIELDS, append_rows, copy_bandwidth_gbs, cpu_note, pick_device, run_key, timed
+from common import KEY_FIELDS, copy_bandwidth_gbs, cpu_note, pick_device, print_run_header, run_key, save_rows, timed
 
 import batched_specdec.kernels._launch as launch
 from batched_specdec.kernels import rejection_sample_from_logits
@@ -127,7 +127,7 @@ def make_fns(draft_tokens, draft, target, seed, offset, gen) -> dict:
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
@@ -148,65 +148,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the shared CPU machines oversubscribe badly with more)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/rejection.csv")
-    args = parser.parse_args(argv)  # fmt: skip
+    return parser
 
-    device = pick_device(args.device, parser)
-    gpu = device.type == "cuda"
-    if not gpu:
-        torch.set_num_threads(args.threads)
+
+def resolve_sweep(args: argparse.Namespace, gpu: bool) -> argparse.Namespace:
+    """The sweep: each flag's values, else the CUDA or CPU defaults; ``--quick`` is B 1, K 4, V 32000, fp32 and 5
+    repeats whatever the other flags say. Methods default to all on CUDA, to the fused kernel (recorded as skipped),
+    the torch reference and the eager path on CPU."""
     if args.quick:
-        batch_sizes, ks, vocabs, dtypes, repeats = [1], [4], [32000], ["fp32"], 5
+        sweep = argparse.Namespace(batch_sizes=[1], ks=[4], vocabs=[32000], dtypes=["fp32"], repeats=5)
     else:
-        batch_sizes = args.batch_sizes or ([1, 8, 32, 64, 128] if gpu else [1, 8])
-        ks = args.ks or ([1, 4, 8] if gpu else [4])
-        vocabs = args.vocabs or ([32000, 128256, 151936] if gpu else [32000])
-        dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
-        repeats = args.repeats
-    methods = args.methods or (METHODS if gpu else ["fused_triton", "torch_reference", "eager_pytorch"])
+        sweep = argparse.Namespace(batch_sizes=args.batch_sizes or ([1, 8, 32, 64, 128] if gpu else [1, 8]),
+                                   ks=args.ks or ([1, 4, 8] if gpu else [4]),
+                                   vocabs=args.vocabs or ([32000, 128256, 151936] if gpu else [32000]),
+                                   dtypes=args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"]),
+                                   repeats=args.repeats)  # fmt: skip
+    sweep.methods = args.methods or (METHODS if gpu else ["fused_triton", "torch_reference", "eager_pytorch"])
+    sweep.cudagraph = not args.no_cudagraph
+    return sweep
 
-    key = run_key(device)
-    note = cpu_note(device)
-    print(f"{key['device']} | torch {key['torch']} | triton {key['triton']} | commit {key['commit']}")
-    if note:
-        print(note)
-    rows = []
-    copy_cache: dict[int, float] = {}
-    for dname in dtypes:
-        dtype = DTYPES[dname]
-        for V in vocabs:
-            for K in ks:
-                for B in batch_sizes:
-                    draft_tokens, draft, target = make_inputs(B, K, V, dtype, device)
-                    nbytes = bytes_moved(B, K, V, target.element_size())
-                    if nbytes not in copy_cache:
-                        copy_cache[nbytes] = copy_bandwidth_gbs(nbytes, device, repeats=repeats,
-                                                                cudagraph=not args.no_cudagraph)
-                    copy_gbs = copy_cache[nbytes]
-                    seed = torch.tensor(1234, dtype=torch.int64, device=device)
-                    offset = torch.tensor(0, dtype=torch.int64, device=device)
-                    gen = torch.Generator(device=device).manual_seed(0)
-                    fns = make_fns(draft_tokens, draft, target, seed, offset, gen)
-                    medians = {}
-                    for m in methods:
-                        row = dict(key, method=m, batch=B, k=K, vocab=V, dtype=dname, bytes=nbytes,
-                                   copy_GBps=copy_gbs, note=note)  # fmt: skip
-                        if m in TRITON_METHODS and not gpu:
-                            row.update(status="skipped-no-gpu",
-                                       note="Triton kernel needs CUDA; the interpreter is not timed")  # fmt: skip
-                            rows.append(row)
-                            continue
-                        med, lo, hi, timer = timed(fns[m], device, repeats=repeats, cudagraph=not args.no_cudagraph)
-                        medians[m] = med
-                        eff = nbytes / (med * 1e-3) / 1e9
-                        row.update(status="measured", timer=timer, median_us=med * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3,
-                                   eff_GBps=eff, frac_copy_bw=eff / copy_gbs)  # fmt: skip
-                        rows.append(row)
-                    for row in rows[-len(methods):]:
-                        if row["status"] == "measured" and "eager_pytorch" in medians:
-                            row["speedup_vs_eager"] = medians["eager_pytorch"] / medians[row["method"]]
-                        if row["method"] == "fused_triton" and row["status"] == "measured":
-                            row["goal"] = goal_text(row)
 
+def case_rows(sweep, base: dict, B: int, K: int, V: int, dname: str, copy_cache: dict, device) -> list[dict]:
+    """One row per method at (B, K, V, dtype) on the same inputs: Triton methods without CUDA are recorded as
+    ``skipped-no-gpu``; measured rows get ``speedup_vs_eager`` when the eager path ran, and ``fused_triton`` its
+    goals. ``copy_cache`` keeps the measured copy bandwidth per byte count."""
+    draft_tokens, draft, target = make_inputs(B, K, V, DTYPES[dname], device)
+    nbytes = bytes_moved(B, K, V, target.element_size())
+    if nbytes not in copy_cache:
+        copy_cache[nbytes] = copy_bandwidth_gbs(nbytes, device, repeats=sweep.repeats, cudagraph=sweep.cudagraph)
+    copy_gbs = copy_cache[nbytes]
+    seed = torch.tensor(1234, dtype=torch.int64, device=device)
+    offset = torch.tensor(0, dtype=torch.int64, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fns = make_fns(draft_tokens, draft, target, seed, offset, gen)
+    rows, medians = [], {}
+    for m in sweep.methods:
+        row = dict(base, method=m, batch=B, k=K, vocab=V, dtype=dname, bytes=nbytes, copy_GBps=copy_gbs)
+        if m in TRITON_METHODS and device.type != "cuda":
+            row.update(status="skipped-no-gpu", note="Triton kernel needs CUDA; the interpreter is not timed")
+            rows.append(row)
+            continue
+        med, lo, hi, timer = timed(fns[m], device, repeats=sweep.repeats, cudagraph=sweep.cudagraph)
+        medians[m] = med
+        eff = nbytes / (med * 1e-3) / 1e9
+        row.update(status="measured", timer=timer, median_us=med * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3,
+                   eff_GBps=eff, frac_copy_bw=eff / copy_gbs)  # fmt: skip
+        rows.append(row)
+    for row in rows:
+        if row["status"] == "measured" and "eager_pytorch" in medians:
+            row["speedup_vs_eager"] = medians["eager_pytorch"] / medians[row["method"]]
+        if row["method"] == "fused_triton" and row["status"] == "measured":
+            row["goal"] = goal_text(row)
+    return rows
+
+
+def print_table(rows: list[dict], gpu: bool) -> None:
+    """Print the rows as a table (time, effective bandwidth, share of copy bandwidth, speedup over eager, goals)."""
     print(f"{'method':<16}{'dtype':>6}{'B':>5}{'K':>3}{'V':>8}{'median us':>11}{'p20':>9}{'p80':>9}"
           f"{'GB/s':>8}{'copy%':>7}{'x eager':>8}  status")  # fmt: skip
     for r in rows:
@@ -219,9 +216,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if sp is None else f'{sp:.2f}':>8}  {r['status']} {r.get('goal', '')}")  # fmt: skip
     if not gpu:
         print("GPU goals NOT measured: no CUDA device; fused_triton rows are skipped-no-gpu.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    sweep = resolve_sweep(args, gpu)
+    key = run_key(device)
+    note = cpu_note(device)
+    print_run_header(key, note)
+    base = dict(key, note=note)
+    rows = []
+    copy_cache: dict[int, float] = {}
+    for dname in sweep.dtypes:
+        for V in sweep.vocabs:
+            for K in sweep.ks:
+                for B in sweep.batch_sizes:
+                    rows += case_rows(sweep, base, B, K, V, dname, copy_cache, device)
+    print_table(rows, gpu)
     if not args.no_save:
-        path = append_rows("rejection", FIELDS, rows)
-        print(f"appended {len(rows)} rows to {os.path.relpath(path)}")
+        save_rows("rejection", FIELDS, rows)
     return 0
 
 

@@ -145,7 +145,7 @@ def check_engine(device, smoke, backends, graphs: bool = False):
     ``graphs`` through the graph path (``cuda_graphs=True``)."""
     import copy
 
-    from bench_e2e import SyntheticAcceptanceDrafter, known_tokens, random_prompts
+    from e2e_models import SyntheticAcceptanceDrafter, known_tokens, random_prompts
 
     from batched_specdec.engine import autoregressive_generate_batch, speculative_generate_batch
     from batched_specdec.processors import GreedyProcessor

@@ -81,6 +81,13 @@ def run_key(device: torch.device) -> dict:
 KEY_FIELDS = ["date", "commit", "device", "torch", "triton", "transformers"]
 
 
+def print_run_header(key: dict, note: str = "") -> None:
+    """Print the run key's device, torch and triton versions and commit on one line, then ``note`` if it is set."""
+    print(f"{key['device']} | torch {key['torch']} | triton {key['triton']} | commit {key['commit']}")
+    if note:
+        print(note)
+
+
 def append_rows(name: str, fields: list[str], rows: list[dict]) -> str:
     """Append ``rows`` to ``benchmarks/results/<name>.csv`` (header written once); never rewrites existing rows.
 
@@ -103,6 +110,18 @@ def append_rows(name: str, fields: list[str], rows: list[dict]) -> str:
             writer.writeheader()
         for r in rows:
             writer.writerow({k: fmt(r.get(k, "")) for k in fields})
+    return path
+
+
+def join_notes(*notes: str | None) -> str:
+    """The non-empty ``notes`` joined with ``"; "`` (a row's ``note`` column)."""
+    return "; ".join(n for n in notes if n)
+
+
+def save_rows(name: str, fields: list[str], rows: list[dict]) -> str:
+    """:func:`append_rows`, then print how many rows went to which file (path relative to the working directory)."""
+    path = append_rows(name, fields, rows)
+    print(f"appended {len(rows)} rows to {os.path.relpath(path)}")
     return path
 
 

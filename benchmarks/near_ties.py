@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_e2e import random_prompts, random_qwen2
+from e2e_models import random_prompts, random_qwen2
 
 
 def main() -> None:
