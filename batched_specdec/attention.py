@@ -2,7 +2,7 @@
 model and no copy of the KV cache per query group.
 
 The function :func:`ragged_attention_forward` is registered with transformers' public ``AttentionInterface`` under
-:data:`RAGGED_ATTENTION`. :func:`batched_specdec.ragged_cache.model_forward` selects it for the duration of one
+:data:`RAGGED_ATTENTION`. :func:`batched_specdec.forwards.model_forward` selects it for the duration of one
 forward (the model's decoder config names it, then the previous value is restored) and hands it a
 :class:`RaggedAttentionInputs` through the model's keyword arguments, which transformers passes through to every
 attention call. With that implementation selected transformers builds no mask at all.
@@ -241,7 +241,7 @@ def ragged_attention_forward(
     the config (``ragged_attention.windows[module.layer_idx]``), the same one the dense reference masks with."""
     if ragged_attention is None:
         raise RuntimeError(f"attention implementation {RAGGED_ATTENTION!r} runs only inside "
-                           "batched_specdec.ragged_cache.model_forward, which supplies each row's positions")
+                           "batched_specdec.forwards.model_forward, which supplies each row's positions")
     window = ragged_attention.windows[module.layer_idx]
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])

@@ -1,7 +1,7 @@
 """The capturable decode step: what ``compile=True`` compiles, with which settings, and how graphs are counted.
 
 With ``compile=True`` (``speculative_generate_batch``, ``autoregressive_generate_batch``, ``generate``, the CLI's
-``--compile``) every decode-sized forward through a ragged cache (:func:`batched_specdec.ragged_cache.model_forward`:
+``--compile``) every decode-sized forward through a ragged cache (:func:`batched_specdec.forwards.model_forward`:
 verify, draft and target-only forwards) and the step's sampling and commit (:mod:`batched_specdec.engine`) run
 through ``torch.compile(fullgraph=True, dynamic=True)``:
 

@@ -36,6 +36,10 @@ class OptionError(ValueError, TypeError):
     """A bad argument: the message names it, the value given and what was expected."""
 
 
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded offline; the message says what to do instead."""
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -1,7 +1,7 @@
 """Graph replay of decode-sized forwards without inductor (``cuda_graphs=True``).
 
 A decode-sized forward through a ragged cache (target-only steps, verify forwards, a model draft's and a feature
-head's forwards, with the hidden states a feature drafter reads; :func:`batched_specdec.ragged_cache.model_forward`)
+head's forwards, with the hidden states a feature drafter reads; :func:`batched_specdec.forwards.model_forward`)
 is recorded once per key and replayed after:
 
 * the key is the forward's shape (rows, width, span bucket, what it returns) and the addresses of every buffer it

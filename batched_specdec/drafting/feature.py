@@ -7,8 +7,9 @@ from torch import Tensor
 
 from batched_specdec.drafting.base import DraftProposal
 from batched_specdec.drafting.model import ModelDrafter
+from batched_specdec.forwards import model_forward
 from batched_specdec.kernels import compact_rows
-from batched_specdec.ragged_cache import PREFILL_CHUNK, model_forward
+from batched_specdec.ragged_cache import PREFILL_CHUNK
 
 
 class FeatureDrafter(ModelDrafter):
@@ -47,7 +48,7 @@ class FeatureDrafter(ModelDrafter):
     def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | Tensor | None = None) -> None:
         """Keep the target's hidden states ``hidden`` ``(R, W, F)`` of positions ``first_position[r] + j``
         (``(R,)`` int64, or an int for every row) for rows ``[:rows]``, the rows of an index tensor, or all (None):
-        up to ``W`` new committed pairs per row for the next proposal to feed. Also ``ragged_cache.prefill``'s
+        up to ``W`` new committed pairs per row for the next proposal to feed. Also ``forwards.prefill``'s
         ``on_hidden``."""
         r, w, h = hidden.shape
         first = torch.as_tensor(first_position, dtype=torch.int64, device=self.device).expand(r)

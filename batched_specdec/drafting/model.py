@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 from batched_specdec.drafting.base import Drafter, DraftProposal
+from batched_specdec.forwards import model_forward
 from batched_specdec.model_info import vocab_size
 from batched_specdec.processors import RowDraws
-from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache, model_forward
+from batched_specdec.ragged_cache import PREFILL_CHUNK, RaggedKVCache
 
 
 class ModelDrafter(Drafter):
@@ -35,7 +36,7 @@ class ModelDrafter(Drafter):
         self.model = model
         self.attention = attention
         self.prefill_chunk = prefill_chunk
-        self.compile = compile  # its decode-sized forwards run compiled (ragged_cache.model_forward)
+        self.compile = compile  # its decode-sized forwards run compiled (forwards.model_forward)
         self.graphs = False  # or recorded and replayed (use_graphs)
         self.vocab_size = vocab_size(model)  # the width of its logits, so of the q it returns
         embeddings = model.get_input_embeddings()

@@ -88,19 +88,7 @@ def train(draft, train_set, vocab_ids, args, out_dir: Path, device, loss_fn=None
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     full_to_sub = torch.full((draft.config.vocab_size,), -1, dtype=torch.int64, device=device)
     full_to_sub[vocab_ids.to(device)] = torch.arange(len(vocab_ids), device=device)
-    step, losses, elapsed_before = 0, [], 0.0
-    if args.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if not torch.equal(ck["vocab_ids"].cpu(), vocab_ids.cpu()):
-            raise DistillError(f"{ckpt_path} was trained with another vocabulary subset; remove it or change "
-                               "--output-dir")
-        if ck.get("args", {}).get("kind", "tokens") != args.kind:
-            raise DistillError(f"{ckpt_path} is a checkpoint of a --kind {ck['args'].get('kind', 'tokens')} draft, "
-                               f"not --kind {args.kind}; remove it or change --output-dir")
-        draft.load_state_dict(ck["draft"], strict=False)
-        opt.load_state_dict(ck["optimizer"])
-        step, losses, elapsed_before = ck["step"], ck["losses"], ck.get("elapsed_s", 0.0)
-        print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr, flush=True)
+    step, losses, elapsed_before = _resume(ckpt_path, draft, opt, vocab_ids, args, device)
     rng = random.Random(args.seed * 7919 + step)
     order: list[int] = []
 
@@ -133,12 +121,8 @@ def train(draft, train_set, vocab_ids, args, out_dir: Path, device, loss_fn=None
                 group["lr"] = _lr_at(step, args)
             batch = train_set.batch(idx, device)
             loss = kl_loss(draft, full_to_sub, *batch) if loss_fn is None else loss_fn(*batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            losses.append(_optimizer_step(loss, opt, params))
             step += 1
-            losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", avg10=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
@@ -158,6 +142,33 @@ def train(draft, train_set, vocab_ids, args, out_dir: Path, device, loss_fn=None
     draft.eval().requires_grad_(False)
     return {"steps": step, "losses": losses, "interrupted": interrupted,
             "train_time_s": elapsed_before + time.perf_counter() - t0}
+
+
+def _resume(ckpt_path: Path, draft, opt, vocab_ids, args, device) -> tuple[int, list[float], float]:
+    """With ``--resume`` and a checkpoint: load the draft and optimizer state from it (refusing one of another
+    vocabulary subset or kind) and return its ``(step, losses, elapsed seconds)``; else a fresh start."""
+    if not (args.resume and ckpt_path.is_file()):
+        return 0, [], 0.0
+    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if not torch.equal(ck["vocab_ids"].cpu(), vocab_ids.cpu()):
+        raise DistillError(f"{ckpt_path} was trained with another vocabulary subset; remove it or change "
+                           "--output-dir")
+    if ck.get("args", {}).get("kind", "tokens") != args.kind:
+        raise DistillError(f"{ckpt_path} is a checkpoint of a --kind {ck['args'].get('kind', 'tokens')} draft, "
+                           f"not --kind {args.kind}; remove it or change --output-dir")
+    draft.load_state_dict(ck["draft"], strict=False)
+    opt.load_state_dict(ck["optimizer"])
+    print(f"resumed from {ckpt_path} at step {ck['step']}", file=sys.stderr, flush=True)
+    return ck["step"], ck["losses"], ck.get("elapsed_s", 0.0)
+
+
+def _optimizer_step(loss, opt, params) -> float:
+    """One AdamW step on ``loss`` with gradients clipped to norm 1; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
 
 
 def evaluate(draft, target, prompts: list[list[int]], args, eos_ids: list[int]) -> dict:
