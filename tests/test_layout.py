@@ -1,9 +1,11 @@
-"""The package's shape: no module over 600 lines, no function over 80 lines of code, no upward import."""
+"""The package's and the benchmarks' shape: no module over 450 lines, no function over 60 lines of code (argument
+parser builders aside), and in the package no upward import."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "batched_specdec"
+BENCHMARKS = PACKAGE.parent / "benchmarks"
 
 LAYERS = [
     {"checks", "model_info", "devices", "kernels", "prompts", "gguf_cache"},
@@ -18,8 +20,8 @@ LAYERS = [
 ]
 """Each unit (a top-level module or subpackage of ``batched_specdec``) may import units of its own layer or below."""
 
-MAX_MODULE_LINES = 600
-MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 60
 EXEMPT_FUNCTIONS = {"build_parser"}  # argument parser builders: one add_argument per flag
 
 
@@ -71,7 +73,7 @@ def test_no_module_imports_one_above_it():
 
 def test_modules_and_functions_stay_small():
     too_big = []
-    for path in _modules():
+    for path in _modules() + sorted(BENCHMARKS.rglob("*.py")):
         source = path.read_text()
         lines = source.splitlines()
         if len(lines) > MAX_MODULE_LINES:
