@@ -76,9 +76,9 @@ def forward_ms(model, kind: str, batch: int, width: int, context: int, use_graph
     g = torch.Generator(device="cpu").manual_seed(batch * 100 + width)
     ids = torch.randint(0, vocab, (batch, width), generator=g).to(device)
     extra = {}
-    if kind == "head":
-        extra = {"features": torch.randn(batch, width, model.config.hidden_size, generator=g).to(device, model.dtype),
-                 "return_hidden": True}
+    if kind in ("head", "eagle3"):  # the target's features: an EAGLE-3 head's three layers go through its fc
+        features = torch.randn(batch, width, model.feature_size, generator=g).to(device, model.dtype)
+        extra = {"features": features, "return_hidden": True}
     keep = 0 if kind == "target" else 1
     model_forward(model, cache, ids, logits_to_keep=keep, compile=False, **extra)  # allocates the buffers
     cache.set_lens(torch.full((batch,), context, dtype=torch.int64, device=device))
@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 5], help="queries per row")
     parser.add_argument("--context", type=int, default=256, help="entries every row holds before the forward")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per configuration (median)")
-    parser.add_argument("--kinds", nargs="+", choices=["target", "draft", "head"], default=["target", "draft", "head"],
-                        help="which forwards to time")
+    parser.add_argument("--kinds", nargs="+", choices=["target", "draft", "head", "eagle3"],
+                        default=["target", "draft", "head", "eagle3"],
+                        help="which forwards to time (eagle3: an EAGLE-3-layout head over three target layers, a "
+                             "32,000-id draft vocabulary, RANDOM weights; its features go through its fc)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
@@ -123,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         models["draft"] = random_qwen2("toy-draft" if toy else "0.5b", vocab, dtype, device)
     if "head" in args.kinds:
         models["head"] = feature_head(target, device)
-    names = {"target": "Qwen2-7B-class target", "draft": "Qwen2-0.5B-class draft", "head": "feature head (1 layer)"}
+    if "eagle3" in args.kinds:
+        from e2e_models import eagle3_head
+
+        models["eagle3"] = eagle3_head(target, 64 if toy else 32000, 0)
+    names = {"target": "Qwen2-7B-class target", "draft": "Qwen2-0.5B-class draft", "head": "feature head (1 layer)",
+             "eagle3": "EAGLE-3-layout head (1 layer, 32k draft vocabulary)"}
     print(f"{'model':<30}{'B':>4}{'width':>6}{'eager ms':>10}{'graphs ms':>10}{'speedup':>9}{'record s':>10}",
           flush=True)
     rows = []

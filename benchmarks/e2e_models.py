@@ -1,8 +1,9 @@
 """The end-to-end benchmark's models, prompts and drafters (``bench_e2e.py``).
 
 Synthetic acceptance (``--models toy``, ``--models real-size``, and the default on CUDA): a random-weight Qwen2 pair
-(7B-class target and 0.5B-class draft, or toy shapes of the same layout), ragged random prompts, and
-:class:`SyntheticAcceptanceDrafter`, which runs the draft model's forwards and proposes the known continuation with
+(7B-class target and 0.5B-class draft, or toy shapes of the same layout; with ``--draft-head eagle3`` an EAGLE-3-layout
+head for the target instead of the draft model, random weights, a 32,000-id draft vocabulary), ragged random prompts,
+and :class:`SyntheticAcceptanceDrafter`, which runs the draft's forwards and proposes the known continuation with
 probability alpha. Otherwise (the default on CPU): the embedded SmolLM2-135M-Instruct target, its default draft (the
 distilled draft when it loads, else the n-gram drafter) and the built-in chat prompts.
 """
@@ -14,7 +15,7 @@ import dataclasses
 
 import torch
 
-from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter
+from batched_specdec.drafting import Drafter, DraftProposal, FeatureDrafter, ModelDrafter
 
 
 class SyntheticAcceptanceDrafter(Drafter):
@@ -31,7 +32,9 @@ class SyntheticAcceptanceDrafter(Drafter):
     """
 
     def __init__(self, draft_model, known: torch.Tensor, alpha: float, prompts: list[list[int]], seed: int = 0) -> None:
-        self.inner = ModelDrafter(draft_model)
+        feature = getattr(draft_model, "kind", None) == "feature"  # a draft head: it reads the target's features
+        self.inner = FeatureDrafter(draft_model) if feature else ModelDrafter(draft_model)
+        self.uses_target_features, self.feature_layers = self.inner.uses_target_features, self.inner.feature_layers
         self.known = known  # (P, N) int64 on the draft's device, one row per prompt, in prompt order
         self.alpha = alpha
         self.generator = torch.Generator(device=known.device).manual_seed(seed)
@@ -68,6 +71,12 @@ class SyntheticAcceptanceDrafter(Drafter):
 
     def use_graphs(self, enabled):
         self.inner.use_graphs(enabled)  # the draft model's forwards are what it costs
+
+    def observe_features(self, hidden, first_position, rows=None):
+        self.inner.observe_features(hidden, first_position, rows)
+
+    def note_target_only_step(self, width=1):
+        self.inner.note_target_only_step(width)
 
     def keep_rows(self, rows):
         self.inner.keep_rows(rows)
@@ -153,7 +162,7 @@ class E2EModels:
 
     synthetic: bool  # the random-weight pair with synthetic acceptance
     target: torch.nn.Module
-    draft_model: torch.nn.Module | None  # the draft model (None for the n-gram drafter)
+    draft_model: torch.nn.Module | None  # the draft model (None for the n-gram drafter and a draft head)
     draft: Drafter | None  # the drafter of every run without synthetic acceptance
     target_name: str
     draft_name: str
@@ -162,12 +171,13 @@ class E2EModels:
     prompts: list[list[int]]
     dtype: str  # the models' dtype, as the rows' ``dtype`` column says it
     seed: int
+    head: torch.nn.Module | None = None  # an EAGLE-3-layout head drafting instead of draft_model (--draft-head)
 
     def drafter(self, alpha: float | None, known: torch.Tensor | None, prompts: list[list[int]]):
         """The drafter of one speculative run: a fresh :class:`SyntheticAcceptanceDrafter` (``alpha``, ``known``
         continuations of ``prompts``), or the shared default drafter."""
         if self.synthetic:
-            return SyntheticAcceptanceDrafter(self.draft_model, known, alpha, prompts, self.seed)
+            return SyntheticAcceptanceDrafter(self.head or self.draft_model, known, alpha, prompts, self.seed)
         return self.draft
 
 
@@ -183,14 +193,34 @@ def random_pair(args: argparse.Namespace, device: torch.device, n_prompts: int) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     short = {torch.bfloat16: "bf16", torch.float32: "fp32 (TF32 matmuls)" if gpu else "fp32"}[dtype]
+    target = random_qwen2("toy-target" if toy else "7b", vocab, dtype, device)
+    head = eagle3_head(target, 64 if toy else 32000, args.seed) if args.draft_head == "eagle3" else None
+    draft_name = f"Qwen2-{'toy' if toy else '0.5B-class'} config, random weights, {short} (real forwards)"
+    if head is not None:
+        draft_name = f"EAGLE-3-layout head, {len(head.vocab_ids)}-id draft vocabulary, random weights, {short}"
     return E2EModels(
-        synthetic=True, target=random_qwen2("toy-target" if toy else "7b", vocab, dtype, device),
-        draft_model=random_qwen2("toy-draft" if toy else "0.5b", vocab, dtype, device), draft=None,
-        target_name=f"Qwen2-{'toy' if toy else '7B-class'} config, random weights, {short}",
-        draft_name=f"Qwen2-{'toy' if toy else '0.5B-class'} config, random weights, {short} (real forwards)",
+        synthetic=True, target=target, head=head, draft=None,
+        draft_model=None if head is not None else random_qwen2("toy-draft" if toy else "0.5b", vocab, dtype, device),
+        target_name=f"Qwen2-{'toy' if toy else '7B-class'} config, random weights, {short}", draft_name=draft_name,
         eos=[], pad=0, prompts=random_prompts(n_prompts, vocab, *args.prompt_len, seed=args.seed),
         dtype=str(dtype).removeprefix("torch."), seed=args.seed,
     )  # fmt: skip
+
+
+def eagle3_head(target, draft_vocab: int, seed: int):
+    """An EAGLE-3-layout head for ``target`` (its default layers, ``draft_vocab`` ids), random weights in the
+    target's dtype and device: what an EAGLE-3 draft forward costs, whatever it proposes."""
+    from batched_specdec.drafting.eagle import default_feature_layers
+    from batched_specdec.training.eagle3 import build_eagle3_draft
+
+    torch.manual_seed(seed)
+    layers = target.config.num_hidden_layers  # the toy target has 2: its layers clipped into range
+    ids = tuple(min(max(i, 0), layers - 1) for i in default_feature_layers(layers))
+    head = build_eagle3_draft(target, torch.arange(draft_vocab), ids)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.02)
+    return head.eval().requires_grad_(False)
 
 
 def embedded_pair(n_prompts: int, seed: int) -> E2EModels:

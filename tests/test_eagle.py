@@ -179,7 +179,7 @@ def test_a_head_made_for_another_target_names_what_differs(tmp_path, other, matc
 
 def test_an_eagle_directory_without_weights_or_target_is_an_error(target, tmp_path):
     path = write_eagle3(tmp_path / "e3", target)
-    with pytest.raises(ModelLoadError, match="EAGLE head: it needs the target model"):
+    with pytest.raises(ModelLoadError, match="is a draft head: it needs the target model"):
         load_draft(str(path), None)
     (path / "model.safetensors").unlink()
     (path / "pytorch_model.bin").write_bytes(b"not a pickle")

@@ -87,12 +87,14 @@ def test_exactness_check_reports_a_refused_kernel_as_unsupported_and_other_error
     assert (verdict["ok"], verdict["status"]) == (False, "error")
 
 
-def test_synthetic_acceptance_follows_each_rows_prompt_whatever_the_engines_row_order(capsys):
+@pytest.mark.parametrize("head", ["model", "eagle3"])
+def test_synthetic_acceptance_follows_each_rows_prompt_whatever_the_engines_row_order(capsys, head):
     """alpha = 1 proposes the known continuation of every row's own prompt: every draft is accepted, at batch 1
-    and at batch 4 with ragged prompts (which the engine reorders)."""
+    and at batch 4 with ragged prompts (which the engine reorders), drafting with the draft model's forwards or an
+    EAGLE-3-layout head's (which reads the target's features)."""
     assert bench_e2e.main(["--device", "cpu", "--models", "toy", "--batch-sizes", "1", "4", "--gammas", "3",
                            "--alphas", "1.0", "--max-new-tokens", "16", "--methods", "speculative_ours",
-                           "--no-save", "--no-warmup"]) == 0  # fmt: skip
+                           "--draft-head", head, "--no-save", "--no-warmup"]) == 0  # fmt: skip
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("speculative_ours")]
     assert len(rows) == 2
     for row in rows:
