@@ -190,7 +190,9 @@ class RaggedKVCache(Cache):
         return lens
 
     def set_lens(self, lens: Tensor) -> None:
-        """Set every row's valid length (``(B,)`` int64), in place. Pruning rejected drafts is exactly this."""
+        """Set every row's valid length to ``lens`` (``(B,)`` int64), copied into :attr:`lens` (its address stays,
+        as recorded forwards need), and drop the copies of the old lengths made for forwards. Pruning rejected
+        drafts is exactly this."""
         if lens is not self.lens:
             self.lens.copy_(lens)
         self._lens_on = {}

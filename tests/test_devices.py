@@ -197,7 +197,7 @@ def test_ragged_batch_delayed_read_takes_the_cuda_copy_path(fake_cuda, monkeypat
             return devices.host_arrived(host, event)
 
     monkeypatch.setattr("batched_specdec.decode.batch.HostRing", Ring)
-    batch = RaggedBatch([[1, 2, 3], [4]], [2, 2], [0, 1], 16, 2, 0, torch.device("cpu"), delayed_host_read=True)
+    batch = RaggedBatch([[1, 2, 3], [4]], [2, 2], [0, 1], 16, 0, torch.device("cpu"), delayed_host_read=True)
     batch.sync()
     assert batch.view.seq_lens.tolist() == [3, 1]  # nothing arrived yet: the initial view
     batch.seq_lens += 1

@@ -28,38 +28,39 @@ def test_batch_bucket_and_capacity():
 
 
 def test_compiled_rows_to_keep_stops_at_powers_of_two_and_keeps_finished_rows_as_fillers():
-    batch = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU, compile=True)
+    batch = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, 0, CPU, compile=True)
     finished = torch.tensor([True, True, False, False, False, False, False])
     assert batch.rows_to_keep(finished) is None  # 5 live rows need 8: stay at 7
     finished[2] = True
     assert batch.rows_to_keep(finished).tolist() == [3, 4, 5, 6]  # 4 live rows fill bucket 4
-    eager = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU)
+    eager = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, 0, CPU)
     assert eager.rows_to_keep(finished).tolist() == [3, 4, 5, 6]
 
 
 def test_compiled_rows_to_keep_fills_the_bucket():
-    batch = RaggedBatch(PROMPTS[:6], BUDGETS[:6], SEEDS[:6], 32, max(BUDGETS), 0, CPU, compile=True)
+    batch = RaggedBatch(PROMPTS[:6], BUDGETS[:6], SEEDS[:6], 32, 0, CPU, compile=True)
     finished = torch.tensor([True, False, True, True, False, False])  # 3 live rows: bucket 4, one filler
     assert batch.rows_to_keep(finished).tolist() == [0, 1, 4, 5]
 
 
 def test_batch_buffers_keep_their_addresses_across_calls_and_compaction():
     capture.BUFFERS.release()
-    first = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU, compile=True)
-    addresses = [t.data_ptr() for t in (first.token_buffer, first.seq_lens, first.gen_lens, first.finished)]
+    first = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, 0, CPU, compile=True)
+    addresses = [t.data_ptr() for t in (first.token_buffer, first.seq_lens, first.num_generated, first.finished)]
     tokens_before = first.token_buffer.clone()
     keep = torch.tensor([1, 3, 4, 6])
     first.keep_rows(keep, keep)
-    assert [t.data_ptr() for t in (first.token_buffer, first.seq_lens, first.gen_lens, first.finished)] == addresses
+    assert [t.data_ptr() for t in (first.token_buffer, first.seq_lens, first.num_generated, first.finished)] == \
+        addresses
     assert torch.equal(first.token_buffer, tokens_before[keep]) and first.size == 4
     allocations = capture.BUFFERS.allocations
     # same shapes: the same buffers
-    second = RaggedBatch(PROMPTS[::-1], BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU, compile=True)
+    second = RaggedBatch(PROMPTS[::-1], BUDGETS, SEEDS, 32, 0, CPU, compile=True)
     assert capture.BUFFERS.allocations == allocations
-    assert [t.data_ptr() for t in (second.token_buffer, second.seq_lens, second.gen_lens, second.finished)] == \
+    assert [t.data_ptr() for t in (second.token_buffer, second.seq_lens, second.num_generated, second.finished)] == \
         addresses
     assert second.seq_lens.tolist() == sorted(map(len, PROMPTS), reverse=True)  # refilled, not stale
-    eager = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, max(BUDGETS), 0, CPU)
+    eager = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, 0, CPU)
     assert eager.token_buffer.data_ptr() not in addresses
 
 

@@ -113,6 +113,24 @@ def test_commit_matches_reference(B, K):
     assert (states[1][1] <= states[1][0].shape[1]).all()  # never past the buffer
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_commit_per_row_budgets_equal_one_shared_limit(backend):
+    """Per-row budgets ``m`` with generated counts ``g`` commit what one shared limit ``L`` does with ``g + L - m``."""
+    out, num_acc, buf, seq, gen, fin = _commit_case()
+    budgets = torch.tensor([3, 5, 2, 4, 1, 9, 6, 2])
+    limit, eos = 10, torch.tensor([9, 100, 12345])
+    per_row = [t.clone() for t in (buf, seq, gen, fin)] + [torch.zeros(8, dtype=torch.int64)]
+    shared = [t.clone() for t in (buf, seq, gen + limit - budgets, fin)] + [torch.zeros(8, dtype=torch.int64)]
+    n_rows = commit_emitted_tokens(out, num_acc, *per_row, eos, budgets, backend=backend)
+    n_shared = commit_emitted_tokens(out, num_acc, *shared, eos, limit, backend=backend)
+    assert torch.equal(n_rows, n_shared)
+    assert torch.equal(per_row[2], shared[2] - limit + budgets)
+    for i in (0, 1, 3, 4):
+        assert torch.equal(per_row[i], shared[i])
+    with pytest.raises(ValueError, match="max_gen_len"):
+        commit_emitted_tokens(out, num_acc, *per_row, eos, budgets[:3], backend=backend)
+
+
 def test_commit_bad_inputs():
     out, num_acc, buf, seq, gen, fin = _commit_case()
     cache = torch.zeros(8, dtype=torch.int64)

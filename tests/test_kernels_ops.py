@@ -40,7 +40,8 @@ def _commit_inputs():
     gen_lens = torch.tensor([0, 1, 2])
     finished = torch.tensor([False, False, False])
     cache_lens = seq_lens - 1
-    return out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, torch.tensor([5]), 6
+    eos, max_gen_lens = torch.tensor([5]), torch.full((3,), 6)
+    return out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos, max_gen_lens
 
 
 def _rejection_inputs():

@@ -4,23 +4,46 @@ Every row keeps its committed tokens ``s_b`` (prompt + emitted) in ``token_buffe
 one prompt from its admission until it is retired: its results are copied out on the device (no host read) when it
 leaves the batch (compaction), when its slot takes the next prompt (continuous batching), or at the end. The host
 reads one small tensor per step (:meth:`RaggedBatch.sync`, which returns a :class:`HostView`); everything else stays
-on the device. The session (:mod:`batched_specdec.decode.session`) commits each step's tokens into these buffers.
+on the device. Each step's emitted tokens are committed by the batch itself (:meth:`RaggedBatch.commit`), which
+returns the lengths the session's target cache adopts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from batched_specdec import capture
 from batched_specdec.devices import HostRing
+from batched_specdec.kernels import commit_emitted_tokens
 
 COMPACT_FRACTION = 0.25
 """An eager batch drops its finished rows once at least this fraction of it has finished
 (:meth:`RaggedBatch.rows_to_keep`); the session passes it to the controller, whose prediction of a batch's last
 stretch follows the same rule (:func:`batched_specdec.controller.compacted_batch_sizes`)."""
+
+
+def commit_step(out_tokens, num_accepted, token_buffer, seq_lens, num_generated, finished, eos_token_ids, budgets):
+    """The fused commit of :meth:`RaggedBatch.commit` (compiled with ``compile=True``) on the batch's own buffers,
+    so no checks. Returns the tokens appended per row and the target cache's lengths after pruning (a new tensor)."""
+    cache_lens = torch.empty_like(seq_lens)
+    num_committed = commit_emitted_tokens(out_tokens, num_accepted, token_buffer, seq_lens, num_generated, finished,
+                                          cache_lens, eos_token_ids, budgets, validate=False)
+    return num_committed, cache_lens
+
+
+class Commit(NamedTuple):
+    """What one :meth:`RaggedBatch.commit` did, per row (``(B,)`` tensors on the device)."""
+
+    num_committed: Tensor
+    """int64: tokens appended (0 for rows that had finished before)."""
+    was_live: Tensor
+    """bool: the rows that had not finished before (the rows this step counts as live)."""
+    cache_lens: Tensor
+    """int64: the target cache's lengths after pruning the rejected drafts, ``seq_lens - 1``."""
 
 
 @dataclass
@@ -47,8 +70,8 @@ class RaggedBatch:
     Rows are first filled longest prompt first (``prompts`` given to the constructor), so that the rows with prompt
     left in any prefill chunk are a prefix of the batch; :meth:`admit` puts later prompts into any retired rows.
     :attr:`row_ids` is each row's prompt index within the session (its results and statistics are kept under it),
-    :attr:`row_seeds` its Philox key. Per-row generation budgets share the one scalar limit of the commit kernel:
-    a row starts with ``gen_lens = max_gen_len - its budget``, so it reaches the limit after its own budget.
+    :attr:`row_seeds` its Philox key. Each row counts the tokens it generated (:attr:`num_generated`) against its
+    own budget (:attr:`budgets`) and finishes at it or at an EOS.
 
     With ``compile=True`` (the session's ``compile`` or ``cuda_graphs``) the per-row buffers are static and pooled
     (graph-stable across calls) and compaction keeps rows in the front of the same buffers. With ``delayed_host_read=True`` the
@@ -58,14 +81,13 @@ class RaggedBatch:
     """
 
     def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], seeds: list[int], capacity: int,
-                 max_gen_len: int, pad_token_id: int, device: torch.device, *, logprobs: bool = False,
-                 compile: bool = False, delayed_host_read: bool = False) -> None:
+                 pad_token_id: int, device: torch.device, *, logprobs: bool = False, compile: bool = False,
+                 delayed_host_read: bool = False) -> None:
         batch = len(prompts)
         order = sorted(range(batch), key=lambda i: -len(prompts[i]))
         lens = [len(prompts[i]) for i in order]
         self.prefill_widths = [n - 1 for n in lens]
         self.max_prompt_len = max(lens)
-        self.max_gen_len = max_gen_len
         # compile: graph-stable buffers (the session passes compile or cuda_graphs)
         self.capacity, self.stable, self.device, self.pad_token_id = capacity, compile, device, pad_token_id
         padded = torch.full((batch, capacity), pad_token_id, dtype=torch.int64)
@@ -74,7 +96,8 @@ class RaggedBatch:
         self.token_buffer = self._device_state("tokens", padded)
         self.logprob_buffer = self._device_state("logprobs", torch.zeros(batch, capacity)) if logprobs else None
         self.seq_lens = self._device_state("seq_lens", torch.tensor(lens, dtype=torch.int64))
-        self.gen_lens = self._device_state("gen_lens", torch.tensor([max_gen_len - max_gen_lens[i] for i in order]))
+        self.num_generated = self._device_state("num_generated", torch.zeros(batch, dtype=torch.int64))
+        self.budgets = self._device_state("budgets", torch.tensor([max_gen_lens[i] for i in order], dtype=torch.int64))
         self.finished = self._device_state("finished", torch.zeros(batch, dtype=torch.bool))
         self.row_ids = self._device_state("row_ids", torch.tensor(order, dtype=torch.int64))
         self.row_seeds = self._device_state("row_seeds", torch.tensor([seeds[i] for i in order], dtype=torch.int64))
@@ -111,6 +134,55 @@ class RaggedBatch:
     def last_tokens(self) -> Tensor:
         """``(B, 1)``: every row's last committed token."""
         return self.token_buffer.gather(1, (self.seq_lens - 1)[:, None])
+
+    # --- the step's commit ----------------------------------------------------------------------------------
+
+    def commit(self, *, out_tokens: Tensor, num_accepted: Tensor, eos_token_ids: Tensor,
+               logprobs: Tensor | None = None, compiled: bool = False) -> Commit:
+        """Append each live row's emitted tokens and count the step, on the device (no host read).
+
+        Row ``b``'s emitted tokens ``out_tokens[b, :num_accepted[b] + 1]`` are cut after the first EOS among them
+        (EOS kept) and at the row's budget, then appended to its committed tokens; the row finishes at that EOS or
+        budget. One fused kernel (:func:`~batched_specdec.kernels.commit_emitted_tokens`) writes the tokens, lengths,
+        generated counts and flags in place (the same buffers every step) and the target cache's new lengths. The
+        live rows' step is added to :attr:`live_row_steps`, and ``W``, the most a row grew, is kept as
+        :attr:`last_width`.
+
+        Parameters
+        ----------
+        out_tokens : Tensor
+            ``(B, W)`` int64 emitted tokens, padded with -1.
+        num_accepted : Tensor
+            ``(B,)`` int64 accepted drafts per row.
+        eos_token_ids : Tensor
+            ``(E,)`` int64, E >= 1 (``[-1]`` for none).
+        logprobs : Tensor or None
+            ``(B, W)`` log-probabilities of ``out_tokens``, stored with the tokens (the batch keeps them).
+        compiled : bool
+            Run the kernel compiled (:func:`batched_specdec.capture.run_compiled` of :func:`commit_step`).
+
+        Returns
+        -------
+        Commit
+            Tokens appended per row, the rows that were live, and the lengths the target cache takes now.
+        """
+        start = self.seq_lens.clone() if logprobs is not None else None
+        was_live = ~self.finished
+        self.live_row_steps += was_live.sum()
+        args = (out_tokens, num_accepted, self.token_buffer, self.seq_lens, self.num_generated, self.finished,
+                eos_token_ids, self.budgets)
+        num_committed, cache_lens = capture.run_compiled(commit_step, self.device, *args) if compiled else \
+            commit_step(*args)
+        self.last_width = out_tokens.shape[1]
+        if start is not None:
+            self._record_logprobs(start, logprobs)
+        return Commit(num_committed, was_live, cache_lens)
+
+    def _record_logprobs(self, start: Tensor, logprobs: Tensor) -> None:
+        """Store ``(B, W)`` log-probabilities of the tokens committed from positions ``start`` ``(B,)`` on. Slots
+        past a row's committed count land past its length (stale, never read); the capacity has room."""
+        cols = start[:, None] + torch.arange(logprobs.shape[1], device=start.device)[None, :]
+        self.logprob_buffer.scatter_(1, cols, logprobs.float())
 
     # --- the host's view ------------------------------------------------------------------------------------
 
@@ -194,8 +266,9 @@ class RaggedBatch:
         idx = rows.to(self.device)
         self.token_buffer.index_copy_(0, idx, padded.to(self.device))
         self.seq_lens.index_copy_(0, idx, lens.to(self.device))
-        gen = torch.tensor([self.max_gen_len - m for m in max_gen_lens], dtype=torch.int64)
-        self.gen_lens.index_copy_(0, idx, gen.to(self.device))
+        budgets = torch.tensor(max_gen_lens, dtype=torch.int64)
+        self.num_generated.index_fill_(0, idx, 0)
+        self.budgets.index_copy_(0, idx, budgets.to(self.device))
         self.finished.index_fill_(0, idx, False)
         self.row_ids.index_copy_(0, idx, torch.tensor(ids, dtype=torch.int64, device=self.device))
         self.row_seeds.index_copy_(0, idx, torch.tensor(seeds, dtype=torch.int64, device=self.device))
@@ -212,10 +285,9 @@ class RaggedBatch:
         kept = torch.zeros(self.size, dtype=torch.bool)
         kept[host_rows] = True
         self.retire(torch.nonzero(~kept).flatten())
-        self.token_buffer, self.seq_lens, self.gen_lens, self.finished, self.row_ids, self.row_seeds = (
-            self._kept(t, rows) for t in (self.token_buffer, self.seq_lens, self.gen_lens, self.finished,
-                                          self.row_ids, self.row_seeds)
-        )
+        (self.token_buffer, self.seq_lens, self.num_generated, self.budgets, self.finished, self.row_ids,
+         self.row_seeds) = (self._kept(t, rows) for t in (self.token_buffer, self.seq_lens, self.num_generated,
+                                                          self.budgets, self.finished, self.row_ids, self.row_seeds))
         if self.logprob_buffer is not None:
             self.logprob_buffer = self._kept(self.logprob_buffer, rows)
         view = self.view
@@ -250,12 +322,6 @@ class RaggedBatch:
         keep[~finished] = True
         keep[fillers] = True
         return torch.arange(self.size)[keep]
-
-    def record_logprobs(self, start: Tensor, logprobs: Tensor) -> None:
-        """Store ``(B, W)`` log-probabilities of the tokens committed from positions ``start`` ``(B,)`` on. Slots
-        past a row's committed count land past its length (stale, never read); the capacity has room."""
-        cols = start[:, None] + torch.arange(logprobs.shape[1], device=start.device)[None, :]
-        self.logprob_buffer.scatter_(1, cols, logprobs.float())
 
     # --- results -------------------------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ cache, the drafter, the controller and the compile policy, and is the only thing
 4. accept: rejection sampling (or, with ``sampling_scheme="coupled"``, coupled verification) keeps 0..k drafts
    per row and adds one recovered or bonus token (:mod:`batched_specdec.decode.accept`); with ``k == 0`` a plain
    target sample;
-5. commit: the emitted tokens are appended, EOS and budgets checked, the cache pruned to ``|s_b| - 1`` entries
-   (``kernels.commit_emitted_tokens``: lengths only, no KV bytes move);
+5. commit: the rows append their emitted tokens and check EOS and budgets (:meth:`RaggedBatch.commit`, one fused
+   kernel), and the cache is pruned to the ``|s_b| - 1`` entries that commit returns
+   (:meth:`RaggedKVCache.set_lens`: lengths only, no KV bytes move);
 6. sync: the one host read of the step (:meth:`RaggedBatch.sync`), whose view the controller learns from, and
    compaction of finished rows (rows, cache and drafter, in that order).
 
@@ -38,16 +39,9 @@ from batched_specdec.decode.stats import GenerationStats, PhaseTimer, progress_b
 from batched_specdec.devices import peak_memory, reset_peak_memory
 from batched_specdec.drafting.base import Drafter, DraftProposal, draft_cost_ratio
 from batched_specdec.forwards import model_forward, prefill
-from batched_specdec.kernels import commit_emitted_tokens
 from batched_specdec.options import DecodeOptions, DecodeRequest, prompt_seed
 from batched_specdec.processors import DRAFT_DRAWS, DRAW_BLOCK, RowDraws
 from batched_specdec.ragged_cache import RaggedKVCache
-
-
-def commit_step(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos, max_gen_len):
-    """The step's commit (compiled with ``compile=True``); the buffers are the session's own, so no checks."""
-    return commit_emitted_tokens(out_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos,
-                                 max_gen_len, validate=False)
 
 
 class DecodeSession:
@@ -88,8 +82,8 @@ class DecodeSession:
         self.longest_queued = max((len(p) for p in request.rows[slots:]), default=1)  # what a stage may hold
         first = range(slots)
         self.rows = RaggedBatch([request.rows[i] for i in first], [request.max_gen_lens[i] for i in first],
-                                self.prompt_seeds[:slots], self.capacity, request.max_gen_len, options.pad_token_id,
-                                device, logprobs=options.return_logprobs, compile=stable,
+                                self.prompt_seeds[:slots], self.capacity, options.pad_token_id, device,
+                                logprobs=options.return_logprobs, compile=stable,
                                 delayed_host_read=options.delayed_host_read)
         self.cache = RaggedKVCache(target.config, slots, self.capacity, device, options.attention, options.compile,
                                    graphs=options.cuda_graphs)
@@ -356,22 +350,17 @@ class DecodeSession:
         return logits.to(self.device)
 
     def _commit(self, out_tokens: Tensor, num_accepted: Tensor, logits: Tensor, drafts: DraftProposal) -> list[Tensor]:
-        """Append each live row's emitted tokens, detect EOS and budgets, prune the target cache to
-        ``seq_lens - 1`` and count the step's drafts. Returns the per-row counts the controller reads at the sync
-        (proposed and accepted, with ``gamma="auto"``), else nothing."""
+        """The rows commit their emitted tokens (EOS and budgets checked), the target cache is pruned to the lengths
+        they return (``seq_lens - 1``), and the step's drafts are counted. Returns the per-row counts the controller
+        reads at the sync (proposed and accepted, with ``gamma="auto"``), else nothing."""
         rows, options = self.rows, self.options
-        start = rows.seq_lens.clone() if options.return_logprobs else None
-        live = ~rows.finished
-        rows.live_row_steps += live.sum()
-        args = (out_tokens, num_accepted, rows.token_buffer, rows.seq_lens, rows.gen_lens, rows.finished,
-                self.cache.lens, self.eos, rows.max_gen_len)
-        committed = capture.run_compiled(commit_step, self.device, *args) if options.compile else commit_step(*args)
-        rows.last_width = out_tokens.shape[1]
-        self.cache.set_lens(self.cache.lens)
-        if start is not None:
-            rows.record_logprobs(start, emitted_logprobs(logits, out_tokens, options.processor))
+        logprobs = emitted_logprobs(logits, out_tokens, options.processor) if options.return_logprobs else None
+        commit = rows.commit(out_tokens=out_tokens, num_accepted=num_accepted, eos_token_ids=self.eos,
+                             logprobs=logprobs, compiled=options.compile)
+        self.cache.set_lens(commit.cache_lens)
         if self.drafter is None:
             return []
+        live, committed = commit.was_live, commit.num_committed
         # Drafts past a row's stop (EOS or budget) in its last step count neither as proposed nor as accepted.
         k = drafts.tokens.shape[1]
         proposed = torch.full_like(num_accepted, k) if drafts.num_tokens is None else drafts.num_tokens
