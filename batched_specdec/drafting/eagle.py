@@ -109,7 +109,8 @@ class EagleDraft(HeadDraft):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.config, self.layout = config, layout
         width, target_width = int(config.hidden_size), int(text_config(target).hidden_size)
-        inner = LlamaConfig.from_dict({**config.to_dict(), "vocab_size": 1, "pad_token_id": None, "num_hidden_layers": 1})
+        inner = LlamaConfig.from_dict({**config.to_dict(), "pad_token_id": None, "num_hidden_layers": 1})
+        inner.vocab_size = 1  # the embedding is the target's or the head's own: no V x H table in the decoder
         inner._attn_implementation = config._attn_implementation
         self.model = LlamaModel(inner)
         self.model.embed_tokens = None  # inputs arrive as embeddings (pair_inputs)
