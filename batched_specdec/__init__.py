@@ -1,7 +1,7 @@
 """batched_specdec: lossless batched speculative decoding over ragged prompts for Hugging Face causal LMs.
 
 The public names below load on first use, so ``python -m batched_specdec.main --help`` answers without importing
-torch and transformers.
+torch and transformers. The words the package uses are defined once, in :mod:`batched_specdec.glossary`.
 """
 
 from __future__ import annotations

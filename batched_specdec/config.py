@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-split",
         action="store_true",
         default=None,
-        help="measure time spent in prefill/draft/verify/sampling/bookkeeping (adds device syncs)",
+        help="measure time spent in prefill and each step phase, plan/draft/verify/accept/commit/sync (adds device syncs)",
     )
     return p
 

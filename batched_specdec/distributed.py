@@ -152,8 +152,7 @@ def speculative_generate_distributed(prompts: Sequence, draft_model, target_mode
         result = decode_prompt_set(target_model, drafter, shard, [request.max_gen_lens[i] for i in indices], resolved,
                                    batch_size=batch_size, seed=seed, schedule=schedule, prompt_ids=indices)
         stats = result.stats
-        alpha = [a / p if p else 0.0 for a, p in zip(stats.accepted, stats.proposed)]
-        return {"outputs": result.outputs, "alpha": alpha}, {
+        return {"outputs": result.outputs, "alpha": stats.acceptance_rates}, {
             "wall_time_s": stats.wall_time_s, "generated_tokens": stats.generated_tokens,
             "tokens_per_s": stats.tokens_per_s}
 

@@ -147,8 +147,7 @@ def speculative_generate_batch(
                          compile=compile)
     session = DecodeSession(target_model, drafter, request, options, run_seed(seed, generator))
     outputs, stats = session.run()
-    alpha = [a / p if p else 0.0 for a, p in zip(stats.accepted, stats.proposed)]
-    return outputs, alpha, stats
+    return outputs, stats.acceptance_rates, stats
 
 
 @torch.inference_mode()

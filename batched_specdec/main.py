@@ -306,9 +306,8 @@ def decode_shard(config: RunConfig, loaded: Loaded, shard: list[list[int]], ids:
                 outputs.setdefault(method, result.outputs)
                 progress.update(tasks[method], seconds=progress.tasks[tasks[method]].fields["seconds"] + seconds)
     spec = runs["speculative"][0]
-    alphas = [a / p if p else 0.0 for a, p in zip(spec.accepted, spec.proposed)]
     per_prompt = {"base_out": outputs.get("baseline", [None] * len(shard)), "spec_out": outputs["speculative"],
-                  "alphas": alphas}
+                  "alphas": spec.acceptance_rates}
     return per_prompt, {"runs": runs, "prompt_ids": ids}
 
 
@@ -341,7 +340,7 @@ def summarise(config: RunConfig, loaded: Loaded, merged: dict, per_process: list
 
     methods = _method_order(config, 0)
     stats = {m: [run_stats(m, r) for r in range(config.repeats)] for m in methods}
-    tokens_per_s = {m: [s.generated_tokens / s.wall_time_s for s in runs] for m, runs in stats.items()}
+    tokens_per_s = {m: [s.tokens_per_s for s in runs] for m, runs in stats.items()}
     timing = Timing(tokens_per_s.get("baseline"), tokens_per_s["speculative"])
     identical, differing = None, []
     if compares_outputs(config, loaded):

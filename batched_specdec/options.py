@@ -123,8 +123,8 @@ def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor
                        ("progress", progress)):
         check_bool(name, flag)
     vocab = vocab_size(target)
-    eos = resolve_eos(eos_tokens_id, target, tokenizer, vocab)
-    options = DecodeOptions(logits_processor, tuple(eos), resolve_pad(pad_token_id, vocab), gamma, gamma_max,
+    eos_token_ids = resolve_eos(eos_tokens_id, target, tokenizer, vocab)
+    options = DecodeOptions(logits_processor, tuple(eos_token_ids), resolve_pad(pad_token_id, vocab), gamma, gamma_max,
                             attention, prefill_chunk, compile, False, return_logprobs, collect_stats, progress,
                             sampling_scheme)
     delayed = resolve_delayed_host_read(delayed_host_read, input_device(target), options.adaptive, gamma)
@@ -262,18 +262,19 @@ def _as_id_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, set)) else [value]
 
 
-def resolve_eos(eos_tokens_id, model, tokenizer, vocab: int) -> list[int]:
-    """The EOS rule: ``eos_tokens_id`` when given; ``None`` means the model's ``generation_config.eos_token_id``
-    (an int or a list), else the tokenizer's; ``[]`` means no EOS (every row runs to its budget)."""
+def resolve_eos(eos_token_ids, model, tokenizer, vocab: int) -> list[int]:
+    """The EOS rule: ``eos_token_ids`` (the engines' ``eos_tokens_id``) when given; ``None`` means the model's
+    ``generation_config.eos_token_id`` (an int or a list), else the tokenizer's; ``[]`` means no EOS (every row runs
+    to its budget). Errors name the engines' argument."""
     source = "eos_tokens_id"
-    if eos_tokens_id is None:
-        eos_tokens_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_ids is None:
+        eos_token_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         source = "eos_tokens_id (from the target's generation_config.eos_token_id)"
-        if eos_tokens_id is None and tokenizer is not None:
-            eos_tokens_id = tokenizer.eos_token_id
+        if eos_token_ids is None and tokenizer is not None:
+            eos_token_ids = tokenizer.eos_token_id
             source = "eos_tokens_id (from tokenizer.eos_token_id)"
     ids = []
-    for t in _as_id_list(eos_tokens_id):
+    for t in _as_id_list(eos_token_ids):
         if not _is_token_id(t) or not 0 <= t < vocab:
             raise OptionError(f"{source} has {t!r}, expected ints in [0, {vocab})")
         if int(t) not in ids:

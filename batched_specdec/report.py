@@ -122,7 +122,7 @@ def stats_dict(stats, runs: list | None = None) -> dict:
     controller = stats.controller or {}
     steps = controller.get("predicted_steps") or 0
     runs = runs or [stats]
-    rates = [s.generated_tokens / s.wall_time_s if s.wall_time_s > 0 else 0.0 for s in runs]
+    rates = [s.tokens_per_s for s in runs]
     walls = [s.wall_time_s for s in runs]
     return {
         "generated_tokens": stats.generated_tokens,
@@ -134,7 +134,7 @@ def stats_dict(stats, runs: list | None = None) -> dict:
         "tokens_per_target_forward": stats.tokens_per_target_forward,
         "accepted": sum(stats.accepted),
         "proposed": sum(stats.proposed),
-        "acceptance_rate": sum(stats.accepted) / sum(stats.proposed) if sum(stats.proposed) else None,
+        "acceptance_rate": stats.acceptance_rate if sum(stats.proposed) else None,
         "acceptance_histogram": stats.acceptance_histogram,
         "peak_memory_bytes": stats.peak_memory_bytes,
         "peak_memory_kind": stats.peak_memory_kind,
@@ -271,15 +271,12 @@ def print_outputs(console, tokenizer, texts, base_out, spec_out, alphas, greedy,
 
 def process_rows(per_process: list[dict]) -> list[dict]:
     """One row per process of a multi-process run: its prompts, both methods' tokens/s and its wall time."""
-    def tokens_per_s(stats):
-        return stats.generated_tokens / stats.wall_time_s if stats.wall_time_s > 0 else 0.0
-
     rows = []
     for p in per_process:
         base, spec = p["runs"]["baseline"], p["runs"]["speculative"]
         rows.append({"process_index": p["process_index"], "num_prompts": p["num_prompts"],
-                     "baseline_tokens_per_s": tokens_per_s(base[0]) if base else None,
-                     "speculative_tokens_per_s": tokens_per_s(spec[0]), "speculative_wall_time_s": spec[0].wall_time_s})
+                     "baseline_tokens_per_s": base[0].tokens_per_s if base else None,
+                     "speculative_tokens_per_s": spec[0].tokens_per_s, "speculative_wall_time_s": spec[0].wall_time_s})
     return rows
 
 

@@ -143,9 +143,9 @@ def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], ma
     device = input_device(target)
     progress = _Progress(options.progress, len(rows), "target-only" if drafter is None else "speculative", on_prompt)
     options = replace(options, progress=False)
-    eos = frozenset(options.eos_token_ids)
+    eos_token_ids = frozenset(options.eos_token_ids)
     hand_over = None if on_result is None else \
-        (lambda i, tokens, lps: on_result(PromptResult(i, tokens, finish_reason(tokens, eos), lps)))
+        (lambda i, tokens, lps: on_result(PromptResult(i, tokens, finish_reason(tokens, eos_token_ids), lps)))
     if schedule == "continuous":
         request = DecodeRequest(rows, max_gen_lens, device, keys)
         session = DecodeSession(target, drafter, request, options, seed, slots=batch_size)
@@ -165,7 +165,7 @@ def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], ma
     progress.close()
     merged = merge_stats(batch_stats, batches, len(rows))
     ordered = in_prompt_order(outputs, batches, len(rows))
-    return PromptSetResult(ordered, merged, batch_stats, batches, [finish_reason(o, eos) for o in ordered])
+    return PromptSetResult(ordered, merged, batch_stats, batches, [finish_reason(o, eos_token_ids) for o in ordered])
 
 
 def _continuous(session: DecodeSession, progress: _Progress, hand_over=None) -> tuple[list[list[int]], GenerationStats]:

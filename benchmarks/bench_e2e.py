@@ -18,8 +18,9 @@ Rows: ``tokens_per_s`` (generated tokens of all rows / wall time), ``row_ms_per_
 per row: the per-token latency one row sees), ``speedup`` (tokens/s over ``target_only_ours`` at the same B in the
 same run), acceptance rate, tokens per target forward, the acceptance histogram (count of (row, step) pairs that
 accepted 0..gamma drafts), peak memory, the time split and the non-model fraction
-``(sampling + bookkeeping) / (draft + verify + sampling + bookkeeping)``, and ``matches_target_only`` (every
-row's greedy output equals ``target_only_ours``'s, token for token).
+``(sampling + bookkeeping) / (draft + verify + sampling + bookkeeping)`` (columns that sum step phases:
+``e2e_report.SPLIT_COLUMNS``), and ``matches_target_only`` (every row's greedy output equals ``target_only_ours``'s,
+token for token).
 
 CPU (default without CUDA): the embedded SmolLM2-135M-Instruct target (``batched_specdec.models.load_target``) with
 its default draft: the distilled draft (``batched_specdec.draft_model.load_distilled_draft``) when it loads, else

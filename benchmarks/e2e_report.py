@@ -8,15 +8,21 @@ import functools
 
 from common import join_notes
 
+SPLIT_COLUMNS = {"draft_s": ("plan", "draft"), "verify_s": ("verify",), "sampling_s": ("accept",),
+                 "bookkeeping_s": ("commit", "sync")}
+"""The time-split columns of ``results/e2e.csv`` and the step phases (:data:`batched_specdec.glossary.STEP_PHASES`)
+each sums: the columns keep the names of the recorded runs."""
+
 
 def split_fields(split: dict | None) -> dict:
-    """The time-split columns of a run's ``time_split`` (seconds per phase) and its non-model fraction."""
+    """The time-split columns (:data:`SPLIT_COLUMNS`) of a run's ``time_split`` (seconds per phase) and its
+    non-model fraction (accept, commit and sync over the whole step)."""
     if not split:
         return {}
-    total = sum(split[phase] for phase in ("draft", "verify", "sampling", "bookkeeping"))  # a step's phases
-    return {"draft_s": split["draft"], "verify_s": split["verify"], "sampling_s": split["sampling"],
-            "bookkeeping_s": split["bookkeeping"],
-            "non_model_frac": (split["sampling"] + split["bookkeeping"]) / total if total > 0 else None}
+    row = {column: sum(split[phase] for phase in phases) for column, phases in SPLIT_COLUMNS.items()}
+    total = sum(row.values())
+    row["non_model_frac"] = (row["sampling_s"] + row["bookkeeping_s"]) / total if total > 0 else None
+    return row
 
 
 def noted(row: dict, stats) -> dict:

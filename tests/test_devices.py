@@ -77,7 +77,7 @@ def test_report_prints_the_gpus_name(fake_cuda):
 
     console = Console(record=True, width=200)
     config = SimpleNamespace(no_baseline=False, draft="ngram", gamma=3)
-    base, spec = (GenerationStats([0], [0], [10], 10, 1.0, [10], wall, 10, 10 / wall, 0.0) for wall in (1.0, 0.5))
+    base, spec = (GenerationStats([0], [0], [10], [10], wall, steps=10, row_steps=10) for wall in (1.0, 0.5))
     print_report(console, config, base, spec, Timing([10.0], [20.0]), CUDA)
     assert "on NVIDIA H200" in console.export_text()
 
@@ -104,7 +104,7 @@ def test_phase_timer_synchronises_cuda_at_every_mark(fake_cuda):
     timer.lap("draft")
     timer.lap("verify")
     assert fake_cuda == ["synchronize"] * 3
-    assert set(timer.split) == {"prefill", "draft", "verify", "sampling", "bookkeeping"}
+    assert set(timer.split) == {"prefill", "plan", "draft", "verify", "accept", "commit", "sync"}
 
 
 def test_step_clock_reads_cuda_events(fake_cuda):

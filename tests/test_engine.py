@@ -231,7 +231,7 @@ def test_stats_are_consistent(llama_pair):
     assert len(stats.acceptance_histogram) == 4
     assert all(0.0 <= a <= 1.0 for a in alpha)
     assert [a / p for a, p in zip(stats.accepted, stats.proposed)] == alpha
-    assert set(stats.time_split) == {"prefill", "draft", "verify", "sampling", "bookkeeping"}
+    assert set(stats.time_split) == {"prefill", "plan", "draft", "verify", "accept", "commit", "sync"}
     assert stats.time_split["prefill"] > 0
     assert stats.tokens_per_s == stats.generated_tokens / stats.wall_time_s
     assert sum(stats.time_split.values()) <= stats.wall_time_s  # the phases are parts of the call

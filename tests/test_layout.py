@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "batched_specdec"
 BENCHMARKS = PACKAGE.parent / "benchmarks"
 
 LAYERS = [
-    {"checks", "model_info", "devices", "kernels", "prompts", "gguf_cache"},
+    {"glossary", "checks", "model_info", "devices", "kernels", "prompts", "gguf_cache"},
     {"processors", "capture", "graphs"},
     {"attention", "ragged_cache", "forwards", "controller"},
     {"drafting"},

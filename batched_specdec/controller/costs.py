@@ -126,9 +126,9 @@ class CostModel:
     def add_step(self, rows: int, k: int, width: int, draft_s: float, verify_s: float, total_s: float, *,
                  fit: bool = True, fit_draft: bool = True) -> None:
         """Learn from a measured step of ``rows`` rows, ``k`` draft forwards and ``width`` verified drafts per row
-        that took ``draft_s``, ``verify_s`` and ``total_s`` seconds. ``fit=False`` keeps its times out of the lines
-        (frozen costs, or a step that did one-off work), ``fit_draft=False`` its draft time alone; the widest width
-        run so far is kept either way."""
+        that took ``draft_s`` (its plan and draft phases), ``verify_s`` (its verify and accept phases) and
+        ``total_s`` seconds. ``fit=False`` keeps its times out of the lines (frozen costs, or a step that did
+        one-off work), ``fit_draft=False`` its draft time alone; the widest width run so far is kept either way."""
         if fit:
             if k and fit_draft:
                 self.draft_per_forward.add(rows, draft_s / k)

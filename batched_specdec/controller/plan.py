@@ -64,7 +64,7 @@ class Controller(Protocol):
         """A step begins (a controller that times steps starts its clock)."""
 
     def mark(self, phase: str) -> None:
-        """The step's ``phase`` (``"draft"``, ``"verify"``) has ended."""
+        """The step's ``phase`` (one of :data:`~batched_specdec.glossary.STEP_PHASES`) has ended."""
 
     def choose_width(self, plan: StepPlan, lengths: Tensor | None, row_ids: Tensor, live: Tensor) -> int:
         """Drafts per row to verify once the drafter has proposed: ``lengths`` (host ``(B,)``) are the rows'

@@ -32,6 +32,10 @@ COPY_GAMMA_MAX_DEFAULT = 16
 cost no forward, so only the verify width limits them, and the plan and :meth:`AdaptiveSpeculation.choose_width`
 cut that to what each step is worth (drafters with a model keep
 :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`)."""
+TIMED_PHASES = ("draft", "accept")
+"""The step phases whose ends the controller's clock marks (:meth:`AdaptiveSpeculation.mark`). The cost model's
+draft seconds run from the step's start to the end of *draft* (plan and draft), its verify seconds from there to
+the end of *accept* (verify and accept), and its overhead is the rest of the step (commit and sync)."""
 COMPACT_FRACTION_DEFAULT = 0.25
 """The batch's compaction rule a controller assumes when its caller gives none (tests and benchmarks that build a
 controller directly): finished rows leave once this fraction of the batch has finished. The decode session passes
@@ -143,7 +147,8 @@ class AdaptiveSpeculation:
         self.clock.mark("start")
 
     def mark(self, phase: str) -> None:
-        self.clock.mark(phase)
+        if phase in TIMED_PHASES:
+            self.clock.mark(phase)
 
     # --- the plan ----------------------------------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class AdaptiveSpeculation:
         self.estimates.update(row_ids, proposed, accepted, live)
         total = time.perf_counter() - self._step_t0
         draft = self.clock.seconds("start", "draft") if k else 0.0
-        verify = self.clock.seconds("draft" if k else "start", "verify")
+        verify = self.clock.seconds("draft" if k else "start", "accept")
         ready = self.costs.ready
         predicted = float(self.costs.step_s(torch.tensor([rows]), torch.full((width + 1,), k))[0, width]) if ready \
             else math.nan

@@ -89,7 +89,7 @@ class DecodeSession:
                                    graphs=options.cuda_graphs)
         if drafter is not None:
             drafter.use_graphs(options.cuda_graphs)
-        self.eos = torch.tensor(list(options.eos_token_ids) or [-1], dtype=torch.int64, device=device)
+        self.eos_token_ids = torch.tensor(list(options.eos_token_ids) or [-1], dtype=torch.int64, device=device)
         self.budgets = torch.tensor(request.max_gen_lens, dtype=torch.int64)  # per prompt, on the host
         self.accepted = torch.zeros(n_prompts, dtype=torch.int64, device=device)
         self.proposed = torch.zeros(n_prompts, dtype=torch.int64, device=device)
@@ -247,8 +247,8 @@ class DecodeSession:
         ``refilling=True``: queued prompts take the finished rows' places, so finished rows stay in the batch and
         the controller plans for a batch that stays full; otherwise for the batch's last stretch (each row's tokens
         to go)."""
-        timer, controller, rows = self.timer, self.controller, self.rows
-        timer.start()
+        controller, rows = self.controller, self.rows
+        self.timer.start()
         if self.options.compile:
             capture.step_begin(self.device)
         controller.start_step()
@@ -257,31 +257,35 @@ class DecodeSession:
         remaining = None if refilling or not controller.adaptive else self._remaining()
         slots = self._evidence_slots(max_len)
         plan = controller.plan(slots, ~rows.view.finished, remaining)
+        self._phase_ended("plan")
         drafts = self._draft(plan, max_len, slots)
-        controller.mark("draft")
-        timer.lap("draft")
+        self._phase_ended("draft")
         logits = self._verify(drafts.tokens, max_len)
-        timer.lap("verify")
+        self._phase_ended("verify")
         out_tokens, num_accepted = accept(self.options.processor, drafts.tokens, drafts.probs, logits,
                                           drafts.num_tokens, self._draws(), drafts.deterministic_rows,
                                           self.options.compile)
-        controller.mark("verify")
-        timer.lap("sampling")
+        self._phase_ended("accept")
         counts = self._commit(out_tokens, num_accepted, logits, drafts)
+        self._phase_ended("commit")
         finished_before = rows.view.finished
         view = self._sync(counts)
         if controller.adaptive:
             controller.observe(slots, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
                                drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
                                timing_usable=(capture.graphs_compiled(), graphs.COUNTS.recorded) == graphs_before)
-        timer.lap("bookkeeping")
-        if view.all_finished:
-            return True
         # Compaction follows the state after the previous step in both read modes (what the delayed read has now),
         # so the batch's row layout is the same with and without the delay.
-        if not refilling:
+        if not view.all_finished and not refilling:
             self._compact(view.finished if self.options.delayed_host_read else finished_before)
-        return False
+        self._phase_ended("sync")
+        return view.all_finished
+
+    def _phase_ended(self, phase: str) -> None:
+        """The step's ``phase`` (:data:`~batched_specdec.glossary.STEP_PHASES`) has ended: the controller's clock
+        marks it (without a sync), then the phase timer adds its time (with one, when enabled)."""
+        self.controller.mark(phase)
+        self.timer.lap(phase)
 
     def _evidence_slots(self, max_len: int) -> Tensor:
         """Host ``(B,)``: where the controller keeps each row's acceptance for this step, by original row and, for a
@@ -355,7 +359,7 @@ class DecodeSession:
         reads at the sync (proposed and accepted, with ``gamma="auto"``), else nothing."""
         rows, options = self.rows, self.options
         logprobs = emitted_logprobs(logits, out_tokens, options.processor) if options.return_logprobs else None
-        commit = rows.commit(out_tokens=out_tokens, num_accepted=num_accepted, eos_token_ids=self.eos,
+        commit = rows.commit(out_tokens=out_tokens, num_accepted=num_accepted, eos_token_ids=self.eos_token_ids,
                              logprobs=logprobs, compiled=options.compile)
         self.cache.set_lens(commit.cache_lens)
         if self.drafter is None:
@@ -404,20 +408,15 @@ class DecodeSession:
         n = len(self.request.rows)
         outputs = [by_prompt[i] for i in range(n)]
         wall = time.perf_counter() - t0
-        generated = [len(o) for o in outputs]
-        total = sum(generated)
         row_steps = self.rows.row_steps
-        accepted, proposed = self.accepted.tolist(), self.proposed.tolist()
         histogram = self.histogram.tolist() if self.drafter is not None else [row_steps]
         peak, peak_kind = peak_memory(self.device)
         stats = GenerationStats(
-            accepted=accepted, proposed=proposed, generated=generated, target_forwards=self.steps,
-            tokens_per_target_forward=total / max(row_steps, 1), acceptance_histogram=histogram, wall_time_s=wall,
-            generated_tokens=total, tokens_per_s=total / wall if wall > 0 else 0.0,
-            acceptance_rate=sum(accepted) / max(sum(proposed), 1), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
-            time_split=dict(self.timer.split) if self.options.collect_stats else None, steps=self.steps,
-            compactions=self.compactions, logprobs=None if logprobs is None else [logprobs[i] for i in range(n)],
-            controller=self.controller.summary(),
+            accepted=self.accepted.tolist(), proposed=self.proposed.tolist(), generated=[len(o) for o in outputs],
+            steps=self.steps, row_steps=row_steps, wall_time_s=wall,
+            acceptance_histogram=histogram, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+            time_split=dict(self.timer.split) if self.options.collect_stats else None, compactions=self.compactions,
+            logprobs=None if logprobs is None else [logprobs[i] for i in range(n)], controller=self.controller.summary(),
         )
         if self.by_source.numel():
             stats.extra["sources"] = self._source_counts(n)

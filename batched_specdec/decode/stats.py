@@ -9,18 +9,27 @@ from dataclasses import dataclass, field
 import torch
 
 from batched_specdec.devices import synchronize
+from batched_specdec.glossary import PHASES
 
 
 @dataclass
 class GenerationStats:
-    """What a generation call measured. Per-row lists are in prompt order.
+    """What a generation call measured: raw counts, and the rates derived from them on read (each defined once,
+    here). Per-prompt lists are in prompt order.
 
-    ``tokens_per_target_forward`` is the mean number of tokens a live row gained per target forward
-    (accepted drafts + 1 for speculative decoding, 1 for the baseline). ``acceptance_histogram[j]`` counts the
-    (row, step) pairs that accepted exactly ``j`` drafts. ``peak_memory_bytes`` is the peak CUDA memory
-    allocated on CUDA, and the process' peak resident memory on CPU (``peak_memory_kind`` says which).
-    ``time_split`` (seconds in prefill, which includes the prefills of prompts entering rows under the continuous
-    schedule, and in each step's draft, verify, sampling and bookkeeping) is measured only with
+    Counts: per prompt ``accepted`` and ``proposed`` drafts (verified drafts; drafts past a row's stop count as
+    neither) and ``generated`` tokens; ``acceptance_histogram[j]``, the (row, step) pairs that accepted exactly
+    ``j`` drafts (target-only: ``[row_steps]``); ``wall_time_s``; ``steps``, the decode steps, each of which runs
+    one target forward (:attr:`target_forwards`; prefill forwards are not counted); ``row_steps``, the (row, step)
+    pairs in which a row was live; ``compactions``.
+
+    Rates: :attr:`generated_tokens`, :attr:`tokens_per_s`, :attr:`acceptance_rate` (per prompt:
+    :attr:`acceptance_rates`) and :attr:`tokens_per_target_forward`.
+
+    ``peak_memory_bytes`` is the peak CUDA memory allocated on CUDA, and the process' peak resident memory on CPU
+    (``peak_memory_kind`` says which). ``time_split`` (seconds per phase, keyed by
+    :data:`~batched_specdec.glossary.PHASES`: prefill, which includes the prefills of prompts entering rows under
+    the continuous schedule, and each step's plan, draft, verify, accept, commit and sync) is measured only with
     ``collect_stats=True``, which synchronises the device between phases. ``logprobs[i]`` (with
     ``return_logprobs=True``) holds, for every token of output ``i``, the target's log-probability of it under the
     processed distribution it was sampled from. ``controller`` (with ``gamma="auto"``) says which draft lengths
@@ -30,21 +39,48 @@ class GenerationStats:
     accepted: list[int]
     proposed: list[int]
     generated: list[int]
-    target_forwards: int
-    tokens_per_target_forward: float
     acceptance_histogram: list[int]
     wall_time_s: float
-    generated_tokens: int
-    tokens_per_s: float
-    acceptance_rate: float
+    steps: int
+    row_steps: int
     peak_memory_bytes: int | None = None
     peak_memory_kind: str = ""
     time_split: dict[str, float] | None = None
-    steps: int = 0
     compactions: int = 0
     logprobs: list[list[float]] | None = None
     controller: dict | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def target_forwards(self) -> int:
+        """Target forwards of the decode steps: one verify forward per step, so :attr:`steps`."""
+        return self.steps
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated over every prompt."""
+        return sum(self.generated)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of wall time (0.0 without wall time)."""
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over proposed drafts of every prompt (0.0 when none was proposed)."""
+        return sum(self.accepted) / max(sum(self.proposed), 1)
+
+    @property
+    def acceptance_rates(self) -> list[float]:
+        """Each prompt's accepted over proposed drafts (0.0 where it proposed none)."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """The mean number of tokens a live row gained per target forward, generated tokens over row-steps
+        (accepted drafts + 1 for speculative decoding, 1 for the baseline; 0.0 without steps)."""
+        return self.generated_tokens / self.row_steps if self.row_steps else 0.0
 
 
 def add_counts(into: list[int], counts: list[int]) -> list[int]:
@@ -104,37 +140,25 @@ def merge_stats(batch_stats: list[GenerationStats], batches: list[list[int]], nu
     """One :class:`GenerationStats` for parts of a prompt set: batches that ran one after another, or with
     ``parallel=True`` processes that ran at the same time (then the wall time is the longest part's).
 
-    Per-row lists are put in prompt order (``batches[j]`` holds the prompt indices of part ``j``'s rows), counts,
-    steps and times are summed, ``tokens_per_target_forward`` and the rates are recomputed from the sums, histograms
-    are summed, the peak memory is the largest, and ``extra["batches"]`` is the number of batches; the graph counts
-    (:data:`GRAPH_COUNTS`) are summed.
+    Per-prompt lists are put in prompt order (``batches[j]`` holds the prompt indices of part ``j``'s rows), counts,
+    steps, row-steps, times and histograms are summed (the rates follow from the sums), the peak memory is the
+    largest, and ``extra["batches"]`` is the number of batches; the graph counts (:data:`GRAPH_COUNTS`) are summed.
     """
-    generated_tokens = sum(s.generated_tokens for s in batch_stats)
     walls = [s.wall_time_s for s in batch_stats]
-    wall = (max(walls) if parallel else sum(walls)) if walls else 0.0
-    # tokens_per_target_forward = tokens / (row, step) pairs, so the pairs of each batch are tokens / that ratio
-    row_steps = sum(s.generated_tokens / s.tokens_per_target_forward for s in batch_stats
-                    if s.tokens_per_target_forward > 0)
-    accepted = in_prompt_order([s.accepted for s in batch_stats], batches, num_prompts)
-    proposed = in_prompt_order([s.proposed for s in batch_stats], batches, num_prompts)
     splits = [s.time_split for s in batch_stats if s.time_split]
     peaks = [s.peak_memory_bytes for s in batch_stats if s.peak_memory_bytes is not None]
     has_logprobs = all(s.logprobs is not None for s in batch_stats)
     return GenerationStats(
-        accepted=accepted,
-        proposed=proposed,
+        accepted=in_prompt_order([s.accepted for s in batch_stats], batches, num_prompts),
+        proposed=in_prompt_order([s.proposed for s in batch_stats], batches, num_prompts),
         generated=in_prompt_order([s.generated for s in batch_stats], batches, num_prompts),
-        target_forwards=sum(s.target_forwards for s in batch_stats),
-        tokens_per_target_forward=generated_tokens / row_steps if row_steps else 0.0,
+        steps=sum(s.steps for s in batch_stats),
+        row_steps=sum(s.row_steps for s in batch_stats),
+        wall_time_s=(max(walls) if parallel else sum(walls)) if walls else 0.0,
         acceptance_histogram=_sum_histograms([s.acceptance_histogram for s in batch_stats]),
-        wall_time_s=wall,
-        generated_tokens=generated_tokens,
-        tokens_per_s=generated_tokens / wall if wall > 0 else 0.0,
-        acceptance_rate=sum(accepted) / max(sum(proposed), 1),
         peak_memory_bytes=max(peaks) if peaks else None,
         peak_memory_kind=batch_stats[0].peak_memory_kind if batch_stats else "",
         time_split={k: sum(s[k] for s in splits) for k in splits[0]} if splits else None,
-        steps=sum(s.steps for s in batch_stats),
         compactions=sum(s.compactions for s in batch_stats),
         logprobs=in_prompt_order([s.logprobs for s in batch_stats], batches, num_prompts) if has_logprobs else None,
         controller=_merge_controllers([s.controller for s in batch_stats]),
@@ -161,12 +185,14 @@ def _merge_sources(batch_stats: list[GenerationStats], batches: list[list[int]],
 
 
 class PhaseTimer:
-    """Seconds per phase of a step, measured only when enabled (it synchronises the device between phases)."""
+    """Seconds per phase (:data:`~batched_specdec.glossary.PHASES`: prefill and the step's phases), measured only
+    when enabled (it synchronises the device between phases). :meth:`lap` adds the time since the last mark to the
+    phase that just ended."""
 
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled = enabled
         self.device = device
-        self.split = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "sampling": 0.0, "bookkeeping": 0.0}
+        self.split = dict.fromkeys(PHASES, 0.0)
         self._t = 0.0
 
     def start(self) -> None:

@@ -112,13 +112,13 @@ def self_prompts(target, tokenizer, n: int, seed: int, progress: bool) -> list[l
     head = text.split(marker)[0]
     openers = [SELF_PROMPT_OPENERS[i % len(SELF_PROMPT_OPENERS)] for i in range(n)]
     starts = [tokenizer(head + o, add_special_tokens=False)["input_ids"] for o in openers]
-    end_ids = [t for t in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    eos_token_ids = [t for t in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
                if isinstance(t, int) and t >= 0]
     gens = autoregressive_generate_batch(starts, target, MultinomialProcessor(1.0), max_gen_len=48,
-                                         eos_tokens_id=end_ids, seed=seed, progress=progress)
+                                         eos_tokens_id=eos_token_ids, seed=seed, progress=progress)
     users = []
     for opener, gen in zip(openers, gens):
-        body = tokenizer.decode([t for t in gen if t not in end_ids], skip_special_tokens=True).strip()
+        body = tokenizer.decode([t for t in gen if t not in eos_token_ids], skip_special_tokens=True).strip()
         users.append((opener + " " + body if body and not body[0] in ",.?!'" else opener + body).strip())
     return encode_prompts(tokenizer, users)
 

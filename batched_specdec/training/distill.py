@@ -315,11 +315,11 @@ def _data(target, seqs: list[list[int]], args, out_dir: Path, summary: dict) -> 
     return chunks, data_dir
 
 
-def _train_draft(target, tokenizer, chunks, data_dir: Path, sources, eos_ids, args, out_dir: Path, device,
+def _train_draft(target, tokenizer, chunks, data_dir: Path, sources, eos_token_ids, args, out_dir: Path, device,
                  summary: dict):
     """Choose the vocabulary subset, build the draft and its training set, and train it; returns
     ``(draft, layer_ids, train result)``."""
-    vocab_ids = choose_vocab_subset(chunks, args.vocab_subset, int(target.config.vocab_size), eos_ids)
+    vocab_ids = choose_vocab_subset(chunks, args.vocab_subset, int(target.config.vocab_size), eos_token_ids)
     covered = torch.zeros(int(target.config.vocab_size), dtype=torch.bool)
     covered[vocab_ids] = True
     gen_all = torch.cat([ch["gen"].flatten() for ch in chunks])
@@ -392,7 +392,7 @@ def run(args) -> dict:
         target, tokenizer = load_target_and_tokenizer(args.target, device, args.dtype)
     except ModelLoadError as exc:
         raise DistillError(str(exc)) from exc
-    eos_ids = resolve_eos(None, target, tokenizer, vocab_size(target))
+    eos_token_ids = resolve_eos(None, target, tokenizer, vocab_size(target))
     if not args.eval_only:
         draft_plan(target, args)  # bad --layers/--width/--init fail here, before any generation
     eval_prompts, train_prompts = _split_prompts(base_prompts(sources, tokenizer), args)
@@ -401,7 +401,7 @@ def run(args) -> dict:
             draft = load_trained_draft(target, args.eval_only)
         except DraftLoadError as exc:
             raise DistillError(str(exc)) from exc
-        results = evaluate(draft, target, eval_prompts, args, eos_ids)
+        results = evaluate(draft, target, eval_prompts, args, eos_token_ids)
         print_eval(results, len(eval_prompts), args)
         return {"eval": results}
     summary: dict = {"eval_prompts": len(eval_prompts)}
@@ -409,14 +409,14 @@ def run(args) -> dict:
     chunks, data_dir = _data(target, seqs, args, out_dir, summary)
     if args.data_only:
         return summary
-    draft, layer_ids, result = _train_draft(target, tokenizer, chunks, data_dir, sources, eos_ids, args, out_dir,
+    draft, layer_ids, result = _train_draft(target, tokenizer, chunks, data_dir, sources, eos_token_ids, args, out_dir,
                                             device, summary)
     if result["interrupted"]:
         print(f"interrupted at step {result['steps']}; rerun with --resume to continue", file=sys.stderr)
         return summary
     draft_dir = _save(draft, layer_ids, result, target, args, out_dir, summary)
     if not args.no_eval and eval_prompts:
-        results = evaluate(load_trained_draft(target, draft_dir), target, eval_prompts, args, eos_ids)
+        results = evaluate(load_trained_draft(target, draft_dir), target, eval_prompts, args, eos_token_ids)
         print_eval(results, len(eval_prompts), args)
         summary["eval"] = results
     summary["total_time_s"] = time.perf_counter() - t_start

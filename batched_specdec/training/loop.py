@@ -171,12 +171,12 @@ def _optimizer_step(loss, opt, params) -> float:
     return float(loss.detach())
 
 
-def evaluate(draft, target, prompts: list[list[int]], args, eos_ids: list[int]) -> dict:
+def evaluate(draft, target, prompts: list[list[int]], args, eos_token_ids: list[int]) -> dict:
     """Greedy acceptance, exactness and speedup over target-only decoding on ``prompts``, batch 1 and batched."""
     from batched_specdec import autoregressive_generate_batch, speculative_generate_batch
 
     common = {"logits_processor": GreedyProcessor(), "max_gen_len": args.eval_gen_len,
-              "eos_tokens_id": eos_ids}
+              "eos_tokens_id": eos_token_ids}
     # warm-up (allocator, first-call overheads) excluded from timings
     speculative_generate_batch(prompts[:1], draft, target, gamma=args.gamma, logits_processor=GreedyProcessor(),
                                max_gen_len=4, eos_tokens_id=[])
