@@ -276,10 +276,11 @@ class DecodeSession:
                                timing_usable=(capture.graphs_compiled(), graphs.COUNTS.recorded) == graphs_before)
         # Compaction follows the state after the previous step in both read modes (what the delayed read has now),
         # so the batch's row layout is the same with and without the delay.
-        if not view.all_finished and not refilling:
+        done = view.all_finished
+        if not done and not refilling:
             self._compact(view.finished if self.options.delayed_host_read else finished_before)
         self._phase_ended("sync")
-        return view.all_finished
+        return done
 
     def _phase_ended(self, phase: str) -> None:
         """The step's ``phase`` (:data:`~batched_specdec.glossary.STEP_PHASES`) has ended: the controller's clock
