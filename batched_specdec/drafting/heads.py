@@ -92,12 +92,6 @@ class HeadDraft(nn.Module):
         """The decoder layers' model (its config is the one their attention reads)."""
         return self.model
 
-    def hidden_states(self, input_ids: Tensor, **kwargs) -> Tensor:
-        raise NotImplementedError
-
-    def full_logits(self, hidden: Tensor) -> Tensor:
-        raise NotImplementedError
-
     def forward(
         self,
         input_ids: Tensor,

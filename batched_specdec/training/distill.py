@@ -234,14 +234,6 @@ def _feature_setup(target, chunks, vocab_ids, args, data_dir: Path, exclude: fro
     return draft, layer_ids, train_set, loss_fn
 
 
-def load_trained_draft(target, path):
-    """A draft this tool saved: an EAGLE-3 head in the public layout, or a distilled draft."""
-    from batched_specdec.drafting.eagle import is_eagle_checkpoint, load_eagle_draft
-    from batched_specdec.drafting.heads import load_distilled_draft
-
-    return load_eagle_draft(target, path) if is_eagle_checkpoint(path) else load_distilled_draft(target, path)
-
-
 def build_draft(target, args, vocab_ids: torch.Tensor):
     from batched_specdec.drafting.heads import SubsetHeadDraft
     from batched_specdec.training.save import init_from_target
@@ -374,9 +366,8 @@ def _save(draft, layer_ids, result: dict, target, args, out_dir: Path, summary: 
 
 def run(args) -> dict:
     """Every stage of the pipeline (module docstring); returns the run's summary (also ``summary.json``)."""
-    from batched_specdec.drafting.heads import DraftLoadError
     from batched_specdec.model_info import vocab_size
-    from batched_specdec.models import ModelLoadError, resolve_device
+    from batched_specdec.models import ModelLoadError, load_draft, resolve_device
     from batched_specdec.options import resolve_eos
 
     _check_args(args)
@@ -398,8 +389,8 @@ def run(args) -> dict:
     eval_prompts, train_prompts = _split_prompts(base_prompts(sources, tokenizer), args)
     if args.eval_only:
         try:
-            draft = load_trained_draft(target, args.eval_only)
-        except DraftLoadError as exc:
+            draft = load_draft(str(args.eval_only), target)  # an EAGLE-3 head or a distilled draft
+        except ModelLoadError as exc:
             raise DistillError(str(exc)) from exc
         results = evaluate(draft, target, eval_prompts, args, eos_token_ids)
         print_eval(results, len(eval_prompts), args)
@@ -416,7 +407,7 @@ def run(args) -> dict:
         return summary
     draft_dir = _save(draft, layer_ids, result, target, args, out_dir, summary)
     if not args.no_eval and eval_prompts:
-        results = evaluate(load_trained_draft(target, draft_dir), target, eval_prompts, args, eos_token_ids)
+        results = evaluate(load_draft(str(draft_dir), target), target, eval_prompts, args, eos_token_ids)
         print_eval(results, len(eval_prompts), args)
         summary["eval"] = results
     summary["total_time_s"] = time.perf_counter() - t_start
