@@ -6,9 +6,10 @@ two schedules over ``batch_size`` slots:
 
 * ``"continuous"`` (the default): one :class:`~batched_specdec.decode.session.DecodeSession` of ``batch_size`` rows;
   whenever rows finish, the next queued prompts enter them (their rows only) and the other rows keep their state,
-  so every step verifies a full batch while prompts remain. Queued prompts are prefilled several at a time, ahead
-  of their turn (:mod:`batched_specdec.decode.staging`), and copied into their rows as they enter. Output lengths
-  vary a lot in real prompt sets; in fixed batches the end of every batch runs at a fraction of its width.
+  so every step verifies a full batch while prompts remain. Which prompts enter when, and how (prefilled several
+  at a time ahead of their turn, then copied into their rows), is the session's admission
+  (:mod:`batched_specdec.decode.admission`). Output lengths vary a lot in real prompt sets; in fixed batches the end
+  of every batch runs at a fraction of its width.
 * ``"static"``: prompts grouped into batches of similar length, one session per batch, each run to its end.
 
 The seed rule: with ``seed=s`` prompt ``i`` of the set samples under its own Philox key
@@ -18,8 +19,6 @@ schedule, the batch size and the other prompts. Results come back in prompt orde
 
 from __future__ import annotations
 
-import itertools
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -169,22 +168,19 @@ def decode_prompt_set(target, drafter: Drafter | None, rows: list[list[int]], ma
 
 
 def _continuous(session: DecodeSession, progress: _Progress, hand_over=None) -> tuple[list[list[int]], GenerationStats]:
-    """Step ``session`` until every prompt of its request has been decoded, refilling finished rows from the queue
-    (in prompt order); ``hand_over(prompt, tokens, logprobs)`` receives each prompt as it finishes. Returns the
-    outputs (prompt order) and the stats."""
+    """Step ``session`` until every prompt of its request has been decoded, refilling finished rows from its queue
+    after every step (:meth:`~batched_specdec.decode.admission.Admission.refill`); ``hand_over(prompt, tokens,
+    logprobs)`` receives each prompt as it finishes. Returns the outputs (prompt order) and the stats."""
     t0, graphs0 = session.start()
-    total = len(session.request.rows)
-    queue = deque(range(session.rows.size, total))
+    total, admission = len(session.request.rows), session.admission
     handed: set[int] = set()
     while True:
-        refilling = bool(queue)
+        refilling = admission.waiting > 0
         done = session.step(refilling)
         if refilling:
-            free = session.free_rows()
-            if len(free):
-                _admit(session, [queue.popleft() for _ in range(min(len(free), len(queue)))], queue)
+            admission.refill()
         view = session.rows.view
-        finished = total - len(queue) - int((~view.finished).sum())  # entered minus still decoding
+        finished = total - admission.waiting - int((~view.finished).sum())  # entered minus still decoding
         if finished != progress.prompts:
             progress.update(finished, view.generated)
             if hand_over is not None:
@@ -207,28 +203,6 @@ def _hand_over_finished(session: DecodeSession, hand_over) -> set[int]:
     for i, (tokens, lps) in results.items():
         hand_over(i, tokens, lps)
     return set(results)
-
-
-def _admit(session: DecodeSession, prompts: list[int], queue: deque) -> None:
-    """Admit ``prompts`` (taken from the front of ``queue``): the staged ones first, then the others, each group of
-    :attr:`~DecodeSession.stage_size` staged together with (for the last group) the prompts next in ``queue``. A
-    stage of one prompt would only add a copy, so then prompts are prefilled in their rows. The stage is released
-    once the queue is empty."""
-    size = session.stage_size
-    if size == 1:
-        session.admit(prompts)
-        return
-    ready = [i for i in prompts if session.is_staged(i)]
-    rest = [i for i in prompts if not session.is_staged(i)]
-    if ready:
-        session.admit(ready)
-    for start in range(0, len(rest), size):
-        group = rest[start : start + size]
-        ahead = list(itertools.islice(queue, size - len(group))) if start + size >= len(rest) else []
-        session.stage(group + ahead)
-        session.admit(group)
-    if not queue:
-        session.release_stage()
 
 
 class _Progress:

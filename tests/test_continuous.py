@@ -16,6 +16,7 @@ from test_feature_draft import feature_head
 from tiny_models import greedy_reference, tiny_causal_lm
 
 from batched_specdec import GreedyProcessor, HybridDrafter, MultinomialProcessor, NGramDrafter, generate
+from batched_specdec.decode.admission import Admission
 from batched_specdec.decode.session import DecodeSession
 from batched_specdec.drafting import as_drafter
 from batched_specdec.options import DecodeRequest, resolve_options
@@ -200,7 +201,7 @@ def test_the_stage_is_released_when_the_queue_is_empty(models, monkeypatch):
     target, _ = models
     prompts, budgets = _prompt_set(6, seed=5)
     released = []
-    monkeypatch.setattr(DecodeSession, "release_stage", lambda self: released.append(self.staging is not None))
+    monkeypatch.setattr(Admission, "release_stage", lambda self: released.append(self.staging is not None))
     options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[])
     decode_prompt_set(target, None, prompts, budgets, options, batch_size=2)
     assert released == [True]
@@ -221,7 +222,7 @@ def test_staged_one_token_prompts_enter_with_nothing_to_copy(models, kind):
 
 
 def test_the_stage_holds_fewer_prompts_when_they_are_long():
-    from batched_specdec.decode.staging import stage_rows
+    from batched_specdec.decode.admission import stage_rows
 
     assert stage_rows(8, 44, 128) == 8
     assert stage_rows(8, 512, 128) == 2
@@ -257,10 +258,10 @@ def test_time_split_counts_every_prefill_including_admissions(models, monkeypatc
     target, _ = models
     prompts, budgets = _prompt_set(5, seed=6)
     laps, admitted, staged = [], [], []
-    lap, admit, stage = stats_module.PhaseTimer.lap, DecodeSession.admit, DecodeSession.stage
+    lap, admit, stage = stats_module.PhaseTimer.lap, Admission.admit, Admission.stage
     monkeypatch.setattr(stats_module.PhaseTimer, "lap", lambda self, phase: (laps.append(phase), lap(self, phase)))
-    monkeypatch.setattr(DecodeSession, "admit", lambda self, queued: (admitted.append(len(queued)), admit(self, queued)))
-    monkeypatch.setattr(DecodeSession, "stage", lambda self, queued: (staged.append(len(queued)), stage(self, queued)))
+    monkeypatch.setattr(Admission, "admit", lambda self, queued: (admitted.append(len(queued)), admit(self, queued)))
+    monkeypatch.setattr(Admission, "stage", lambda self, queued: (staged.append(len(queued)), stage(self, queued)))
     options = resolve_options(target, logits_processor=GreedyProcessor(), eos_tokens_id=[], collect_stats=True)
     result = decode_prompt_set(target, None, prompts, budgets, options, batch_size=2)
     assert sum(admitted) == sum(staged) == 3  # every later prompt was staged, then admitted

@@ -31,7 +31,7 @@ from batched_specdec.controller import (
     make_controller,
     shared_cost_model,
 )
-from batched_specdec.decode.batch import COMPACT_FRACTION
+from batched_specdec.decode.compaction import COMPACT_FRACTION
 from batched_specdec.drafting import Drafter, DraftProposal, ModelDrafter, as_drafter
 from batched_specdec.drafting.ngram import NGramDrafter
 from batched_specdec.options import resolve_options

@@ -11,6 +11,7 @@ from tiny_models import tiny_causal_lm
 
 from batched_specdec import MultinomialProcessor, autoregressive_generate_batch, capture, speculative_generate_batch
 from batched_specdec.decode.batch import RaggedBatch
+from batched_specdec.decode.compaction import rows_to_keep
 from batched_specdec.forwards import model_forward, prefill
 from batched_specdec.ragged_cache import RaggedKVCache
 
@@ -30,17 +31,17 @@ def test_batch_bucket_and_capacity():
 def test_compiled_rows_to_keep_stops_at_powers_of_two_and_keeps_finished_rows_as_fillers():
     batch = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, 0, CPU, compile=True)
     finished = torch.tensor([True, True, False, False, False, False, False])
-    assert batch.rows_to_keep(finished) is None  # 5 live rows need 8: stay at 7
+    assert rows_to_keep(finished, batch.stable) is None  # 5 live rows need 8: stay at 7
     finished[2] = True
-    assert batch.rows_to_keep(finished).tolist() == [3, 4, 5, 6]  # 4 live rows fill bucket 4
+    assert rows_to_keep(finished, batch.stable).tolist() == [3, 4, 5, 6]  # 4 live rows fill bucket 4
     eager = RaggedBatch(PROMPTS, BUDGETS, SEEDS, 32, 0, CPU)
-    assert eager.rows_to_keep(finished).tolist() == [3, 4, 5, 6]
+    assert rows_to_keep(finished, eager.stable).tolist() == [3, 4, 5, 6]
 
 
 def test_compiled_rows_to_keep_fills_the_bucket():
     batch = RaggedBatch(PROMPTS[:6], BUDGETS[:6], SEEDS[:6], 32, 0, CPU, compile=True)
     finished = torch.tensor([True, False, True, True, False, False])  # 3 live rows: bucket 4, one filler
-    assert batch.rows_to_keep(finished).tolist() == [0, 1, 4, 5]
+    assert rows_to_keep(finished, batch.stable).tolist() == [0, 1, 4, 5]
 
 
 def test_batch_buffers_keep_their_addresses_across_calls_and_compaction():

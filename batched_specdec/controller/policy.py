@@ -39,7 +39,7 @@ the end of *accept* (verify and accept), and its overhead is the rest of the ste
 COMPACT_FRACTION_DEFAULT = 0.25
 """The batch's compaction rule a controller assumes when its caller gives none (tests and benchmarks that build a
 controller directly): finished rows leave once this fraction of the batch has finished. The decode session passes
-the batch's own, :data:`batched_specdec.decode.batch.COMPACT_FRACTION`, which this equals
+the batch's own, :data:`batched_specdec.decode.compaction.COMPACT_FRACTION`, which this equals
 (tests/test_controller.py)."""
 
 

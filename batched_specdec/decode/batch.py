@@ -20,11 +20,6 @@ from batched_specdec import capture
 from batched_specdec.devices import HostRing
 from batched_specdec.kernels import commit_emitted_tokens
 
-COMPACT_FRACTION = 0.25
-"""An eager batch drops its finished rows once at least this fraction of it has finished
-(:meth:`RaggedBatch.rows_to_keep`); the session passes it to the controller, whose prediction of a batch's last
-stretch follows the same rule (:func:`batched_specdec.controller.compacted_batch_sizes`)."""
-
 
 def commit_step(out_tokens, num_accepted, token_buffer, seq_lens, num_generated, finished, eos_token_ids, budgets):
     """The fused commit of :meth:`RaggedBatch.commit` (compiled with ``compile=True``) on the batch's own buffers,
@@ -281,7 +276,7 @@ class RaggedBatch:
 
     def keep_rows(self, rows: Tensor, host_rows: Tensor) -> None:
         """Keep ``rows`` (on the device) of the batch; ``host_rows`` is the same index on the host. Rows that
-        leave are retired first."""
+        leave are retired first (compaction: :func:`~batched_specdec.decode.compaction.compact`)."""
         kept = torch.zeros(self.size, dtype=torch.bool)
         kept[host_rows] = True
         self.retire(torch.nonzero(~kept).flatten())
@@ -299,29 +294,6 @@ class RaggedBatch:
         self.host_retired = self.host_retired[host_rows]
         if self._pending is not None:  # the state in flight has the old rows: keep these when it arrives
             self._pending = (self._pending[0], host_rows)
-
-    def rows_to_keep(self, finished: Tensor) -> Tensor | None:
-        """Ascending indices (on the host) of the rows to keep given ``finished`` (a host view), or None to keep
-        the batch as it is.
-
-        Eager: the live rows, once at least :data:`COMPACT_FRACTION` of the batch finished. With ``compile``: only
-        when the live rows fit a smaller power of two (:func:`capture.batch_bucket`), and then exactly that many
-        rows, the live ones and the first finished ones, which stay frozen, so compiled or recorded graphs see few
-        batch sizes.
-        """
-        done = int(finished.sum())
-        if done == 0 or done == self.size:
-            return None
-        if not self.stable:
-            return None if done < COMPACT_FRACTION * self.size else torch.arange(self.size)[~finished]
-        bucket = capture.batch_bucket(self.size - done)
-        if bucket >= self.size:
-            return None
-        fillers = torch.arange(self.size)[finished][: bucket - (self.size - done)]
-        keep = torch.zeros(self.size, dtype=torch.bool)
-        keep[~finished] = True
-        keep[fillers] = True
-        return torch.arange(self.size)[keep]
 
     # --- results -------------------------------------------------------------------------------------------
 

@@ -1,20 +1,27 @@
 """The decode session: one batch's state and the step that advances it.
 
 A :class:`DecodeSession` owns the rows (:class:`~batched_specdec.decode.batch.RaggedBatch`), the target's ragged KV
-cache, the drafter, the controller and the compile policy, and is the only thing that changes them. Its
-:meth:`~DecodeSession.step` reads top to bottom:
+cache, the drafter, the controller and the compile policy; they change only in its step, in the compaction it runs
+and in its admission, each through its own methods. :meth:`~DecodeSession.step` reads as its phases
+(:data:`~batched_specdec.glossary.STEP_PHASES`), each written in one place:
 
-1. plan: the controller picks the step's draft length ``k`` (0..gamma_max);
-2. draft: the drafter proposes up to ``k`` tokens per row (skipped when ``k == 0``);
-3. verify: one target forward over ``[s_b[-1], d_1..d_k]`` per row through the ragged cache;
-4. accept: rejection sampling (or, with ``sampling_scheme="coupled"``, coupled verification) keeps 0..k drafts
-   per row and adds one recovered or bonus token (:mod:`batched_specdec.decode.accept`); with ``k == 0`` a plain
-   target sample;
-5. commit: the rows append their emitted tokens and check EOS and budgets (:meth:`RaggedBatch.commit`, one fused
-   kernel), and the cache is pruned to the ``|s_b| - 1`` entries that commit returns
-   (:meth:`RaggedKVCache.set_lens`: lengths only, no KV bytes move);
-6. sync: the one host read of the step (:meth:`RaggedBatch.sync`), whose view the controller learns from, and
-   compaction of finished rows (rows, cache and drafter, in that order).
+1. plan (``controller/``): the controller picks the step's draft length ``k`` (0..gamma_max);
+2. draft (``drafting/``): the drafter proposes up to ``k`` tokens per row (skipped when ``k == 0``), cut to the
+   verify width the controller chooses;
+3. verify (:func:`~batched_specdec.forwards.model_forward`, through the session's ``_verify``): one target forward
+   over ``[s_b[-1], d_1..d_k]`` per row through the ragged cache;
+4. accept (``decode/accept.py``): rejection sampling (or, with ``sampling_scheme="coupled"``, coupled verification)
+   keeps 0..k drafts per row and adds one recovered or bonus token; with ``k == 0`` a plain target sample;
+5. commit (:meth:`RaggedBatch.commit <batched_specdec.decode.batch.RaggedBatch.commit>`, one fused kernel,
+   ``kernels/commit_tokens.py``): the rows append their emitted tokens and check EOS ids and budgets, and the cache
+   is pruned to the ``|s_b| - 1`` entries that commit returns (:meth:`RaggedKVCache.set_lens`: lengths only, no KV
+   bytes move);
+6. sync (:meth:`RaggedBatch.sync <batched_specdec.decode.batch.RaggedBatch.sync>`): the one host read of the
+   step, whose view the controller learns from;
+
+then compaction (``decode/compaction.py``, timed with the sync): finished rows leave the rows, the cache and the
+drafter, in that order. Between steps, admission (``decode/admission.py``, the session's
+:attr:`~DecodeSession.admission`) puts queued prompts into rows that finished (continuous batching).
 
 Target-only decoding is a session without a drafter: every step plans ``k = 0``. With ``compile=True`` the verify
 forward, the rejection sampling and the commit run compiled (:mod:`batched_specdec.capture`); a step's randomness
@@ -31,10 +38,17 @@ import torch
 from torch import Tensor
 
 from batched_specdec import capture, graphs
-from batched_specdec.controller import CPU_MIN_VERIFY_TOKENS, StaticSpeculation, make_controller, shared_cost_model
+from batched_specdec.controller import (
+    CPU_MIN_VERIFY_TOKENS,
+    StaticSpeculation,
+    StepPlan,
+    make_controller,
+    shared_cost_model,
+)
 from batched_specdec.decode.accept import accept, emitted_logprobs, pad_verify
-from batched_specdec.decode.batch import COMPACT_FRACTION, HostView, RaggedBatch
-from batched_specdec.decode.staging import StagedPrompts, stage_rows
+from batched_specdec.decode.admission import Admission
+from batched_specdec.decode.batch import HostView, RaggedBatch
+from batched_specdec.decode.compaction import COMPACT_FRACTION, compact, finished_to_follow
 from batched_specdec.decode.stats import GenerationStats, PhaseTimer, progress_bar
 from batched_specdec.devices import peak_memory, reset_peak_memory
 from batched_specdec.drafting.base import Drafter, DraftProposal, draft_cost_ratio
@@ -47,7 +61,7 @@ from batched_specdec.ragged_cache import RaggedKVCache
 class DecodeSession:
     """A set of prompts decoded by ``target``, speculatively with ``drafter`` or target-only without, in ``slots``
     rows: all at once (the default), or a few at a time, later prompts entering rows that finished
-    (:meth:`admit`, continuous batching).
+    (:attr:`admission`, continuous batching).
 
     Parameters
     ----------
@@ -79,7 +93,6 @@ class DecodeSession:
         longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
         stable = options.compile or options.cuda_graphs  # graph-stable buffers, compaction to power-of-two sizes
         self.capacity = capture.stable_capacity(longest + verify_room + 2, stable)
-        self.longest_queued = max((len(p) for p in request.rows[slots:]), default=1)  # what a stage may hold
         first = range(slots)
         self.rows = RaggedBatch([request.rows[i] for i in first], [request.max_gen_lens[i] for i in first],
                                 self.prompt_seeds[:slots], self.capacity, options.pad_token_id, device,
@@ -100,8 +113,8 @@ class DecodeSession:
         self.timer = PhaseTimer(options.collect_stats, device)
         self.steps = self.compactions = 0
         self.bar = None
-        self.staging: StagedPrompts | None = None  # prompts prefilled ahead of admission (continuous batching)
         self._recorded_before = graphs.COUNTS.snapshot()  # reset by start()
+        self.admission = Admission(self)  # the prompts beyond the first ``slots``, queued (continuous batching)
 
     def _make_controller(self, n_prompts: int, slots: int):
         if self.drafter is None:
@@ -169,124 +182,70 @@ class DecodeSession:
         prefill(self.target, self.cache, rows.token_buffer, rows.prefill_widths, self.options.prefill_chunk,
                 on_hidden=on_hidden, hidden=self.target_hidden)
 
-    @torch.inference_mode()
+    # --- admission (continuous batching: decode/admission.py) ------------------------------------------------
+
     def free_rows(self) -> Tensor:
-        """Host indices of the rows that can take a prompt: finished, their results copied out (finished rows are
-        retired here first, on the device)."""
-        self.rows.retire(self.rows.retirable())
-        return torch.nonzero(self.rows.view.finished & self.rows.host_retired).flatten()
+        """:meth:`Admission.free_rows <batched_specdec.decode.admission.Admission.free_rows>`."""
+        return self.admission.free_rows()
 
     @property
     def stage_size(self) -> int:
-        """Prompts :meth:`stage` prefills at a time (:func:`~batched_specdec.decode.staging.stage_rows`)."""
-        return stage_rows(self.rows.size, self.longest_queued, self.options.prefill_chunk)
+        """:attr:`Admission.stage_size <batched_specdec.decode.admission.Admission.stage_size>`."""
+        return self.admission.stage_size
 
     def is_staged(self, prompt: int) -> bool:
-        return self.staging is not None and prompt in self.staging
+        """:meth:`Admission.is_staged <batched_specdec.decode.admission.Admission.is_staged>`."""
+        return self.admission.is_staged(prompt)
 
-    @torch.inference_mode()
     def stage(self, prompts: list[int]) -> None:
-        """Prefill the request's prompts ``prompts`` (indices, at most :attr:`stage_size`) together, ahead of their
-        admission, replacing the prompts staged before (admit those first)."""
-        if self.staging is None:
-            self.staging = StagedPrompts(self.target, self.stage_size, self.longest_queued, self.device,
-                                         self.options.attention, self.options.prefill_chunk, self.target_hidden)
-        self.timer.start()
-        self.staging.fill({i: self.request.rows[i] for i in prompts})
-        self.timer.lap("prefill")
+        """:meth:`Admission.stage <batched_specdec.decode.admission.Admission.stage>`."""
+        self.admission.stage(prompts)
 
-    def release_stage(self) -> None:
-        """Free the stage's buffers (no prompt is left to stage); staged prompts not yet admitted are dropped."""
-        self.staging = None
-
-    @torch.inference_mode()
     def admit(self, prompts: list[int]) -> None:
-        """Put the request's prompts ``prompts`` (indices) into free rows (:meth:`free_rows`) and fill their cache
-        rows: staged prompts (:meth:`stage`) by copying their entries, the others by a prefill over those rows only
-        (no other row's KV moves); then reset what the drafter keeps for them."""
-        rows = self.free_rows()[: len(prompts)]
-        if len(rows) < len(prompts):
-            raise RuntimeError(f"{len(prompts)} prompts to admit but only {len(rows)} free rows")
-        request = self.request
-        self.timer.start()
-        self.rows.drain()  # the host view must be current: these rows change hands now
-        self.rows.admit(rows, [request.rows[i] for i in prompts], [request.max_gen_lens[i] for i in prompts],
-                        prompts, [self.prompt_seeds[i] for i in prompts])
-        staged = [j for j, i in enumerate(prompts) if self.is_staged(i)]
-        fresh = [j for j, i in enumerate(prompts) if not self.is_staged(i)]
-        if staged:
-            self._enter_staged([prompts[j] for j in staged], rows[staged])
-        if fresh:
-            self._prefill_rows([prompts[j] for j in fresh], rows[fresh])
-        if self.drafter is not None:
-            self.drafter.admit_rows(self.rows.token_buffer, rows.to(self.device), [len(request.rows[i]) for i in prompts])
-        self.timer.lap("prefill")
+        """:meth:`Admission.admit <batched_specdec.decode.admission.Admission.admit>`."""
+        self.admission.admit(prompts)
 
-    def _enter_staged(self, prompts: list[int], rows: Tensor) -> None:
-        """Copy staged ``prompts``' cache entries (and, for a feature drafter, hidden states) into ``rows``."""
-        source, widths = self.staging.take(prompts)
-        self.cache.copy_rows_from(self.staging.cache, source, rows, widths)
-        width = max(widths)
-        if self.drafter is not None and self.drafter.uses_target_features and width > 0:
-            hidden = self.staging.hidden[:, :width].index_select(0, source.to(self.staging.hidden.device))
-            self.drafter.observe_features(hidden, 0, rows)
-
-    def _prefill_rows(self, prompts: list[int], rows: Tensor) -> None:
-        """Prefill ``prompts`` (just admitted into ``rows``) over those rows only."""
-        lengths = [len(self.request.rows[i]) for i in prompts]
-        order = sorted(range(len(prompts)), key=lambda r: -lengths[r])
-        on_hidden = None
-        if self.drafter is not None and self.drafter.uses_target_features:
-            on_hidden = self.drafter.observe_features
-        prefill(self.target, self.cache, self.rows.token_buffer, [lengths[r] - 1 for r in order],
-                self.options.prefill_chunk, on_hidden=on_hidden, rows=rows[order], hidden=self.target_hidden)
+    # --- the step --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self, refilling: bool = False) -> bool:
-        """One step: plan, draft, verify, accept, commit, sync. Returns True once every row has finished.
-        ``refilling=True``: queued prompts take the finished rows' places, so finished rows stay in the batch and
-        the controller plans for a batch that stays full; otherwise for the batch's last stretch (each row's tokens
-        to go)."""
-        controller, rows = self.controller, self.rows
-        self.timer.start()
-        if self.options.compile:
-            capture.step_begin(self.device)
-        controller.start_step()
-        graphs_before = capture.graphs_compiled(), graphs.COUNTS.recorded
-        max_len = rows.max_live_seq_len()
-        remaining = None if refilling or not controller.adaptive else self._remaining()
-        slots = self._evidence_slots(max_len)
-        plan = controller.plan(slots, ~rows.view.finished, remaining)
+        """One step: plan, draft, verify, accept, commit, sync, then compaction (timed with the sync). Returns True
+        once every row has finished. ``refilling=True``: queued prompts take the finished rows' places
+        (:meth:`Admission.refill <batched_specdec.decode.admission.Admission.refill>`), so finished rows stay in the
+        batch and the controller plans for a batch that stays full; otherwise for the batch's last stretch (each
+        row's tokens to go), and finished rows leave the batch (:mod:`batched_specdec.decode.compaction`)."""
+        graphs_before = self._step_started()
+        max_len = self.rows.max_live_seq_len()
+        plan, slots = self._plan(max_len, refilling)
         self._phase_ended("plan")
         drafts = self._draft(plan, max_len, slots)
         self._phase_ended("draft")
         logits = self._verify(drafts.tokens, max_len)
         self._phase_ended("verify")
-        out_tokens, num_accepted = accept(self.options.processor, drafts.tokens, drafts.probs, logits,
-                                          drafts.num_tokens, self._draws(), drafts.deterministic_rows,
-                                          self.options.compile)
+        out_tokens, num_accepted = self._accept(drafts, logits)
         self._phase_ended("accept")
         counts = self._commit(out_tokens, num_accepted, logits, drafts)
         self._phase_ended("commit")
-        finished_before = rows.view.finished
+        finished_before = self.rows.view.finished
         view = self._sync(counts)
-        if controller.adaptive:
-            controller.observe(slots, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
-                               drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
-                               timing_usable=(capture.graphs_compiled(), graphs.COUNTS.recorded) == graphs_before)
-        # Compaction follows the state after the previous step in both read modes (what the delayed read has now),
-        # so the batch's row layout is the same with and without the delay.
+        self._observe(view, finished_before, plan, slots, drafts, graphs_before)
         done = view.all_finished
         if not done and not refilling:
-            self._compact(view.finished if self.options.delayed_host_read else finished_before)
+            finished = finished_to_follow(view, finished_before, self.options.delayed_host_read)
+            if compact(self.rows, self.cache, self.drafter, finished):
+                self.compactions += 1
         self._phase_ended("sync")
         return done
 
-    def _phase_ended(self, phase: str) -> None:
-        """The step's ``phase`` (:data:`~batched_specdec.glossary.STEP_PHASES`) has ended: the controller's clock
-        marks it (without a sync), then the phase timer adds its time (with one, when enabled)."""
-        self.controller.mark(phase)
-        self.timer.lap(phase)
+    # --- the phases ------------------------------------------------------------------------------------------
+
+    def _plan(self, max_len: int, refilling: bool) -> tuple[StepPlan, Tensor]:
+        """The controller's plan for the step and the rows' evidence slots (:meth:`_evidence_slots`); see
+        :meth:`step` for ``refilling``."""
+        controller = self.controller
+        remaining = None if refilling or not controller.adaptive else self._remaining()
+        slots = self._evidence_slots(max_len)
+        return controller.plan(slots, ~self.rows.view.finished, remaining), slots
 
     def _evidence_slots(self, max_len: int) -> Tensor:
         """Host ``(B,)``: where the controller keeps each row's acceptance for this step, by original row and, for a
@@ -310,9 +269,7 @@ class DecodeSession:
         positions = seq_lens if self.options.sampling_scheme == "coupled" else None
         return RowDraws(self.rows.row_seeds, seq_lens * DRAW_BLOCK, positions)
 
-    # --- the phases ------------------------------------------------------------------------------------------
-
-    def _draft(self, plan, max_len: int, slots: Tensor) -> DraftProposal:
+    def _draft(self, plan: StepPlan, max_len: int, slots: Tensor) -> DraftProposal:
         """The plan's drafts, cut to the width worth verifying (``slots``: the rows' evidence slots) and padded to
         the device's narrowest efficient verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
         rows, device = self.rows, self.device
@@ -354,6 +311,13 @@ class DecodeSession:
         self.drafter.observe_features(hidden, self.cache.lens)
         return logits.to(self.device)
 
+    def _accept(self, drafts: DraftProposal, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Verification of ``drafts`` against the target's ``logits`` (:func:`~batched_specdec.decode.accept.accept`):
+        the emitted tokens ``(B, width + 1)`` and the accepted drafts per row ``(B,)``."""
+        options = self.options
+        return accept(options.processor, drafts.tokens, drafts.probs, logits, drafts.num_tokens, self._draws(),
+                      drafts.deterministic_rows, options.compile)
+
     def _commit(self, out_tokens: Tensor, num_accepted: Tensor, logits: Tensor, drafts: DraftProposal) -> list[Tensor]:
         """The rows commit their emitted tokens (EOS and budgets checked), the target cache is pruned to the lengths
         they return (``seq_lens - 1``), and the step's drafts are counted. Returns the per-row counts the controller
@@ -388,18 +352,38 @@ class DecodeSession:
             self.bar.update(view.generated - self.bar.n)
         return view
 
-    def _compact(self, finished: Tensor) -> None:
-        """Drop finished rows (host ``(B,)`` flags) from the rows, the cache and the drafter when enough have
-        finished (:meth:`RaggedBatch.rows_to_keep`)."""
-        host_keep = self.rows.rows_to_keep(finished)
-        if host_keep is None:
-            return
-        keep = host_keep.to(self.device)  # built on the host from the step's sync: no device-to-host read here
-        self.rows.keep_rows(keep, host_keep)
-        self.cache.keep_rows(keep)
-        if self.drafter is not None:
-            self.drafter.keep_rows(keep)
-        self.compactions += 1
+    def _observe(self, view: HostView, finished_before: Tensor, plan: StepPlan, slots: Tensor, drafts: DraftProposal,
+                 graphs_before: tuple[int, int]) -> None:
+        """What the adaptive controller learns from the sync: the rows that were live (``finished_before``: the view
+        before the sync), their proposed and accepted drafts (``view.extra``), and the step's timings unless a graph
+        was compiled or recorded during it."""
+        if self.controller.adaptive:
+            self.controller.observe(slots, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
+                                    drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
+                                    timing_usable=self._graph_counts() == graphs_before)
+
+    # --- instrumentation -------------------------------------------------------------------------------------
+
+    def _step_started(self) -> tuple[int, int]:
+        """A step starts: the phase timer and the controller's clock start (and, with ``compile``, the compiled
+        step). Returns the graphs compiled and recorded so far (:meth:`_graph_counts`)."""
+        self.timer.start()
+        if self.options.compile:
+            capture.step_begin(self.device)
+        self.controller.start_step()
+        return self._graph_counts()
+
+    def _phase_ended(self, phase: str) -> None:
+        """The step's ``phase`` (:data:`~batched_specdec.glossary.STEP_PHASES`) has ended: the controller's clock
+        marks it (without a sync), then the phase timer adds its time (with one, when enabled)."""
+        self.controller.mark(phase)
+        self.timer.lap(phase)
+
+    @staticmethod
+    def _graph_counts() -> tuple[int, int]:
+        """Graphs compiled and graphs recorded so far: a step whose timings include either teaches the controller
+        nothing about step costs."""
+        return capture.graphs_compiled(), graphs.COUNTS.recorded
 
     # --- results ---------------------------------------------------------------------------------------------
 
