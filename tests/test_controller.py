@@ -23,6 +23,7 @@ from batched_specdec.controller import (
     STREAK_ACCEPTANCE,
     AdaptiveSpeculation,
     CostModel,
+    StaticSpeculation,
     StepPlan,
     compacted_batch_sizes,
     expected_tokens,
@@ -215,6 +216,39 @@ def test_the_verify_width_follows_the_proposal_lengths():
     assert plan.draft_len > 2
     assert controller.choose_width(plan, torch.tensor([0, 0, 6]), rows, live) == 0
     assert controller.choose_width(plan, torch.tensor([2, 1, 6]), rows, live) == 2
+
+
+def test_a_fixed_gamma_verifies_no_wider_than_the_longest_live_proposal():
+    """With a fixed gamma and proposal lengths known on the host, positions past every live row's proposal are not
+    verified (none can be accepted), but a step keeps one draft position; without lengths (a model drafter) every
+    step verifies gamma."""
+    controller = StaticSpeculation(10)
+    plan, rows, live = controller.plan(torch.arange(3), torch.ones(3, dtype=torch.bool)), torch.arange(3), \
+        torch.tensor([True, True, False])
+    assert plan.draft_len == 10
+    assert controller.choose_width(plan, None, rows, live) == 10
+    assert controller.choose_width(plan, torch.tensor([3, 1, 10]), rows, live) == 3
+    assert controller.choose_width(plan, torch.tensor([0, 0, 10]), rows, live) == 1  # never 0 (seeded draws)
+    assert controller.choose_width(plan, torch.tensor([12, 0, 0]), rows, live) == 10
+
+
+def test_a_fixed_gamma_with_the_ngram_drafter_stays_exact_with_fewer_verified_positions():
+    """End to end: the n-gram drafter with gamma 8 on a repetitive prompt decodes exactly what target-only decoding
+    does, and some steps verify fewer than 8 drafts (rows without a match propose none)."""
+    target = tiny_causal_lm(seed=3)
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 3]]
+    expected = autoregressive_generate_batch(prompts, target, max_gen_len=24, eos_tokens_id=[])
+    widths = []
+    hook = target.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                            with_kwargs=True)
+    try:
+        out, _, _ = speculative_generate_batch(prompts, NGramDrafter(), target, gamma=8, max_gen_len=24,
+                                               eos_tokens_id=[])
+    finally:
+        hook.remove()
+    assert out == expected
+    verify_widths = widths[1:]  # after the prefill
+    assert max(verify_widths) == 9 and min(verify_widths) < 9
 
 
 def test_each_source_of_a_row_keeps_its_own_acceptance():

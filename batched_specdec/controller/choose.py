@@ -12,13 +12,15 @@ from batched_specdec.controller.policy import COMPACT_FRACTION_DEFAULT, COPY_GAM
 
 def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft_ratio: float | None = None, *,
                     cost_model: CostModel | None = None, num_sources: int = 1, copy_sources: tuple[int, ...] = (),
-                    compact_fraction: float = COMPACT_FRACTION_DEFAULT) -> Controller:
+                    compact_fraction: float = COMPACT_FRACTION_DEFAULT, fixed_width: bool = False) -> Controller:
     """The controller for ``gamma``: an int (static), ``"auto"`` (adaptive, ``gamma_max`` default
     :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`, or :data:`COPY_GAMMA_MAX_DEFAULT` for a model-free drafter
     (``draft_ratio`` None), starting from ``cost_model`` or else a new one with draft costs priced by ``draft_ratio``
     until measured, see :class:`CostModel`; acceptance kept per row and each of ``num_sources`` sources; the last
     stretch predicted for a batch that compacts at ``compact_fraction``), or a controller instance built by the caller
-    for ``num_rows`` rows (tests, benchmarks of the policy).
+    for ``num_rows`` rows (tests, benchmarks of the policy). ``fixed_width``: an int ``gamma`` verifies ``gamma``
+    drafts every step (compiled or recorded forwards), else no more than the longest proposal
+    (:class:`StaticSpeculation`).
 
     The copy sources of the adaptive controller (:data:`~batched_specdec.controller.acceptance.STREAK_ACCEPTANCE`):
     every source of a model-free drafter (the n-gram drafter's match lengths), else ``copy_sources``
@@ -39,4 +41,4 @@ def make_controller(gamma, gamma_max, num_rows: int, device: torch.device, draft
         copies = tuple(range(num_sources)) if model_free else tuple(copy_sources)
         return AdaptiveSpeculation(gamma_max, num_rows, device, cost_model=cost_model or CostModel(draft_ratio),
                                    num_sources=num_sources, copy_sources=copies, compact_fraction=compact_fraction)
-    return StaticSpeculation(gamma)
+    return StaticSpeculation(gamma, narrow=not fixed_width)

@@ -83,15 +83,19 @@ class Controller(Protocol):
 
 
 class StaticSpeculation:
-    """A fixed draft length: every step asks every row for ``gamma`` drafts and verifies ``gamma + 1`` tokens
-    (a :class:`Controller` that learns nothing, for any number of rows unless ``num_rows`` is given)."""
+    """A fixed draft length: every step asks every row for ``gamma`` drafts and verifies ``gamma + 1`` tokens, fewer
+    with ``narrow`` when a drafter that may propose less (the n-gram drafter) says so without a device read and no
+    live row proposed ``gamma`` (:meth:`choose_width`). A :class:`Controller` that learns nothing, for any number of
+    rows unless ``num_rows`` is given; ``narrow=False`` keeps every verify at one width (compiled or recorded
+    forwards)."""
 
     adaptive = False
     num_sources = 1
 
-    def __init__(self, gamma: int, num_rows: int | None = None) -> None:
+    def __init__(self, gamma: int, num_rows: int | None = None, *, narrow: bool = True) -> None:
         self.gamma_max = gamma
         self.num_rows = num_rows
+        self.narrow = narrow
 
     def slots(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
         return row_ids
@@ -106,7 +110,14 @@ class StaticSpeculation:
         pass
 
     def choose_width(self, plan: StepPlan, lengths: Tensor | None, row_ids: Tensor, live: Tensor) -> int:
-        return plan.draft_len
+        """``gamma``, or with known proposal lengths the longest live row's, at least 1: a verify position past
+        every row's proposal can never be accepted. Never 0: a step without drafts draws a row's token from other
+        Philox counters than a verify does, and a row's seeded samples must not depend on the other rows'
+        proposals."""
+        if lengths is None or plan.draft_len == 0 or not self.narrow:
+            return plan.draft_len
+        lengths = lengths[live]
+        return max(1, min(plan.draft_len, int(lengths.max()) if lengths.numel() else 0))
 
     def observe(self, row_ids: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor, rows: int, k: int,
                 width: int, *, draft_timing_usable: bool = True, timing_usable: bool = True) -> None:

@@ -128,7 +128,7 @@ class DecodeSession:
         sources = len(self.drafter.sources) if self.drafter.sources else 1
         return make_controller(gamma, self.options.gamma_max, n_prompts, device, ratio, cost_model=costs,
                                num_sources=sources, copy_sources=self.drafter.copy_sources,
-                               compact_fraction=COMPACT_FRACTION)
+                               compact_fraction=COMPACT_FRACTION, fixed_width=fast)
 
     # --- the run ---------------------------------------------------------------------------------------------
 
