@@ -24,6 +24,9 @@ from batched_specdec.devices import StepClock
 
 FIRST_DRAFT_LEN = 1
 """Draft length of the first step, before anything has been measured."""
+WIDTH_GROWTH = 2
+"""A plan's draft length is at most this many times the widest verify the cost model has measured, so an optimistic
+cost model probes wider verifies gradually."""
 MIN_GAIN = 0.05
 """Speculate only when the predicted tokens per second beat a plain target step by this fraction: near
 break-even, prediction errors would otherwise make speculation slower than not speculating."""
@@ -163,8 +166,7 @@ class AdaptiveSpeculation:
         if not self.costs.ready:  # first step: one draft per row (a model draft: none, its cost has a prior)
             k = 0 if self.costs.draft_ratio is not None else min(self.gamma_max, FIRST_DRAFT_LEN)
             return StepPlan(k, remaining)
-        # Widths grow at most twofold past the widest one measured, so an optimistic cost model probes gradually.
-        longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, 2 * self.costs.widest))
+        longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, WIDTH_GROWTH * self.costs.widest))
         step_s = self.costs.step_s(torch.arange(rows + 1), torch.arange(longest + 1)).clamp_min(1e-9)
         gains = expected_tokens(self._estimates(row_ids[live], remaining), longest)  # (N, longest + 1)
         caps = torch.full((gains.shape[0],), longest)  # as far as the plan knows, every row proposes k
