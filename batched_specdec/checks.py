@@ -1,6 +1,8 @@
 """One check per argument, written once: every entry point (both engines, ``generate``, the CLI, the multi-process
 path) validates an argument with the same function, so a bad value raises the same error with the same message
-wherever it enters, before any compute.
+wherever it enters, before any compute. A check that needs a class of a later layer lives beside that class and is
+the only check of its argument: ``gamma`` as a controller instance
+(:func:`batched_specdec.controller.check_gamma_option`, which calls :func:`check_gamma` otherwise).
 
 Every check raises :class:`OptionError`, which is a ``ValueError`` and a ``TypeError`` (a bad value and a value of
 the wrong type are one kind of mistake here; code that catches either keeps working).

@@ -30,13 +30,11 @@ from batched_specdec.attention import resolve_attention
 from batched_specdec.checks import (
     OptionError,
     check_bool,
-    check_gamma,
-    check_gamma_max,
     check_optional_bool,
     check_positive_int,
     check_seed,
 )
-from batched_specdec.controller import AdaptiveSpeculation, StaticSpeculation
+from batched_specdec.controller import AdaptiveSpeculation, check_gamma_option
 from batched_specdec.devices import is_cuda
 from batched_specdec.model_info import input_device, max_positions, vocab_size
 from batched_specdec.processors import SAMPLING_SCHEMES, LogitsProcessor
@@ -112,11 +110,7 @@ def resolve_options(target, *, tokenizer=None, logits_processor: LogitsProcessor
     check_processor(logits_processor)
     sampling_scheme = check_sampling_scheme(sampling_scheme)
     check_tokenizer(tokenizer)
-    if not isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):
-        gamma = check_gamma(gamma)
-        gamma_max = check_gamma_max(gamma_max, gamma)
-    elif gamma_max is not None:
-        raise OptionError(f"gamma_max={gamma_max!r} cannot be combined with a controller instance as gamma")
+    gamma, gamma_max = check_gamma_option(gamma, gamma_max)
     compile = check_bool("compile", compile)
     cuda_graphs = resolve_cuda_graphs(cuda_graphs, compile)
     for name, flag in (("return_logprobs", return_logprobs), ("collect_stats", collect_stats),

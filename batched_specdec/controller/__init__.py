@@ -42,7 +42,8 @@ Where each piece lives:
   verify, and the cost models shared between calls (:func:`shared_cost_model`);
 * :mod:`~batched_specdec.controller.policy`: the choice of a draft length (:func:`expected_tokens`,
   :func:`finish_seconds`, :func:`compacted_batch_sizes`) and :class:`AdaptiveSpeculation`;
-* :mod:`~batched_specdec.controller.choose`: :func:`make_controller`, the controller of a call's ``gamma``.
+* :mod:`~batched_specdec.controller.choose`: :func:`make_controller`, the controller of a call's ``gamma``, and
+  :func:`check_gamma_option`, the one check of ``gamma`` and ``gamma_max``.
 """
 
 from batched_specdec.controller.acceptance import (
@@ -55,7 +56,7 @@ from batched_specdec.controller.acceptance import (
     STREAK_ACCEPTANCE,
     AcceptanceEstimates,
 )
-from batched_specdec.controller.choose import make_controller
+from batched_specdec.controller.choose import check_gamma_option, make_controller
 from batched_specdec.controller.costs import (
     COST_DECAY,
     CPU_MIN_VERIFY_TOKENS,
@@ -83,5 +84,5 @@ __all__ = [
     "CPU_MIN_VERIFY_TOKENS", "EVIDENCE_DECAY", "EXPLORATION", "FIRST_DRAFT_LEN", "MIN_GAIN", "POOL_WEIGHT",
     "PRIOR_WEIGHT", "RIDGE", "STREAK_ACCEPTANCE", "AcceptanceEstimates", "AdaptiveSpeculation", "Controller",
     "CostModel", "LinearFit", "StaticSpeculation", "StepPlan", "compacted_batch_sizes", "expected_tokens",
-    "finish_seconds", "forget_cost_models", "make_controller", "min_verify_tokens", "shared_cost_model",
+    "check_gamma_option", "finish_seconds", "forget_cost_models", "make_controller", "min_verify_tokens", "shared_cost_model",
 ]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from batched_specdec.decode.batch import padded_prompts
 from batched_specdec.forwards import prefill
 from batched_specdec.ragged_cache import RaggedKVCache
 
@@ -233,9 +234,7 @@ class StagedPrompts:
         order = sorted(prompts, key=lambda i: -len(prompts[i]))  # prefill wants rows longest first
         self.row_of = {i: r for r, i in enumerate(order)}
         self.widths = {i: len(prompts[i]) - 1 for i in order}
-        tokens = torch.zeros(self.rows, self.cache.capacity, dtype=torch.int64)
-        for r, i in enumerate(order):
-            tokens[r, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.int64)
+        tokens = padded_prompts([prompts[i] for i in order], self.cache.capacity, 0, rows=self.rows)
         widths = [self.widths[i] for i in order] + [0] * (self.rows - len(order))  # unused stage rows: nothing
         on_hidden = self._keep if self.keep_hidden else None
         prefill(self.target, self.cache, tokens.to(self.device), widths, self.prefill_chunk, on_hidden=on_hidden,

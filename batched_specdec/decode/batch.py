@@ -21,6 +21,15 @@ from batched_specdec.devices import HostRing
 from batched_specdec.kernels import commit_emitted_tokens
 
 
+def padded_prompts(prompts: list[list[int]], width: int, pad_token_id: int, rows: int | None = None) -> Tensor:
+    """``(rows, width)`` int64 on the host: prompt ``i`` in row ``i``, left-aligned, ``pad_token_id`` after it and in
+    rows past the prompts (``rows`` default: one per prompt)."""
+    padded = torch.full((len(prompts) if rows is None else rows, width), pad_token_id, dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+    return padded
+
+
 def commit_step(out_tokens, num_accepted, token_buffer, seq_lens, num_generated, finished, eos_token_ids, budgets):
     """The fused commit of :meth:`RaggedBatch.commit` (compiled with ``compile=True``) on the batch's own buffers,
     so no checks. Returns the tokens appended per row and the target cache's lengths after pruning (a new tensor)."""
@@ -85,9 +94,7 @@ class RaggedBatch:
         self.max_prompt_len = max(lens)
         # compile: graph-stable buffers (the session passes compile or cuda_graphs)
         self.capacity, self.stable, self.device, self.pad_token_id = capacity, compile, device, pad_token_id
-        padded = torch.full((batch, capacity), pad_token_id, dtype=torch.int64)
-        for row, i in enumerate(order):
-            padded[row, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.int64)
+        padded = padded_prompts([prompts[i] for i in order], capacity, pad_token_id)
         self.token_buffer = self._device_state("tokens", padded)
         self.logprob_buffer = self._device_state("logprobs", torch.zeros(batch, capacity)) if logprobs else None
         self.seq_lens = self._device_state("seq_lens", torch.tensor(lens, dtype=torch.int64))
@@ -255,9 +262,7 @@ class RaggedBatch:
             raise RuntimeError(f"rows {rows.tolist()} still hold results: retire them before admitting prompts")
         self.left_generated += int((self.view.seq_lens[rows] - self.host_prompt_lens[rows]).sum())
         lens = torch.tensor([len(p) for p in prompts])
-        padded = torch.full((len(prompts), self.capacity), self.pad_token_id, dtype=torch.int64)
-        for r, p in enumerate(prompts):
-            padded[r, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        padded = padded_prompts(prompts, self.capacity, self.pad_token_id)
         idx = rows.to(self.device)
         self.token_buffer.index_copy_(0, idx, padded.to(self.device))
         self.seq_lens.index_copy_(0, idx, lens.to(self.device))
