@@ -25,8 +25,8 @@ drafts (draft tokens)
     no draft probabilities.
 verify width
     Drafts per row the step's verify forward checks: the draft length, cut to what is worth verifying of the
-    proposals (``gamma="auto"``) and padded up to the device's narrowest efficient verify (4 tokens on CPU). The
-    verify forward carries ``width + 1`` tokens per row, ``[s_b[-1], d_1..d_width]``.
+    proposals (``gamma="auto"``; with a fixed ``gamma``, to the longest proposal when the drafter's proposal lengths
+    are on the host). The verify forward carries ``width + 1`` tokens per row, ``[s_b[-1], d_1..d_width]``.
 accepted
     A draft kept by verification; ``num_accepted[b]`` is in ``0..width``, a prefix of the row's drafts.
 recovered token

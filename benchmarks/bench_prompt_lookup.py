@@ -81,8 +81,6 @@ def ours_gamma(method: str, rows: int, drafter, args):
                                  copy_sources=drafter.copy_sources,
                                  cost_model=CostModel.fixed(tuple(args.frozen_costs), (draft_s, 0.0)))
     controller.frozen_costs = True
-    controller.costs.min_verify_tokens = 4  # the CPU engine pads narrower verifies to 4 tokens
-    controller.costs.widest = controller.gamma_max  # as after earlier calls: no width ramp
     return controller
 
 

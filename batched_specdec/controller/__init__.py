@@ -51,7 +51,6 @@ from batched_specdec.controller.acceptance import (
     ACCEPTANCE_PRIOR,
     EVIDENCE_DECAY,
     EXPLORATION,
-    POOL_WEIGHT,
     PRIOR_WEIGHT,
     STREAK_ACCEPTANCE,
     AcceptanceEstimates,
@@ -59,12 +58,10 @@ from batched_specdec.controller.acceptance import (
 from batched_specdec.controller.choose import check_gamma_option, make_controller
 from batched_specdec.controller.costs import (
     COST_DECAY,
-    CPU_MIN_VERIFY_TOKENS,
     RIDGE,
     CostModel,
     LinearFit,
     forget_cost_models,
-    min_verify_tokens,
     shared_cost_model,
 )
 from batched_specdec.controller.plan import Controller, StaticSpeculation, StepPlan
@@ -80,9 +77,30 @@ from batched_specdec.controller.policy import (
 )
 
 __all__ = [
-    "ACCEPTANCE_CAP", "ACCEPTANCE_PRIOR", "COMPACT_FRACTION_DEFAULT", "COPY_GAMMA_MAX_DEFAULT", "COST_DECAY",
-    "CPU_MIN_VERIFY_TOKENS", "EVIDENCE_DECAY", "EXPLORATION", "FIRST_DRAFT_LEN", "MIN_GAIN", "POOL_WEIGHT",
-    "PRIOR_WEIGHT", "RIDGE", "STREAK_ACCEPTANCE", "AcceptanceEstimates", "AdaptiveSpeculation", "Controller",
-    "CostModel", "LinearFit", "StaticSpeculation", "StepPlan", "compacted_batch_sizes", "expected_tokens",
-    "check_gamma_option", "finish_seconds", "forget_cost_models", "make_controller", "min_verify_tokens", "shared_cost_model",
+    "ACCEPTANCE_CAP",
+    "ACCEPTANCE_PRIOR",
+    "COMPACT_FRACTION_DEFAULT",
+    "COPY_GAMMA_MAX_DEFAULT",
+    "COST_DECAY",
+    "EVIDENCE_DECAY",
+    "EXPLORATION",
+    "FIRST_DRAFT_LEN",
+    "MIN_GAIN",
+    "PRIOR_WEIGHT",
+    "RIDGE",
+    "STREAK_ACCEPTANCE",
+    "AcceptanceEstimates",
+    "AdaptiveSpeculation",
+    "Controller",
+    "CostModel",
+    "LinearFit",
+    "StaticSpeculation",
+    "StepPlan",
+    "check_gamma_option",
+    "compacted_batch_sizes",
+    "expected_tokens",
+    "finish_seconds",
+    "forget_cost_models",
+    "make_controller",
+    "shared_cost_model",
 ]

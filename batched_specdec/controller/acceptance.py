@@ -17,7 +17,8 @@ PRIOR_WEIGHT = 0.5
 """The prior counts as this many verified positions: three rejections in a row bring a row's estimate under 0.1."""
 ACCEPTANCE_CAP = 0.9
 """Estimates are capped here: a few accepted steps push an estimate past 0.95, and a long draft priced on it loses a
-whole step at the first miss (measured with a bf16 copy of the target as draft)."""
+whole step at the first miss. Measured: without the cap the main job at batch 4 ran 2.7% slower (every round of 4;
+``benchmarks/results/controller_rules_cpu.md``)."""
 EVIDENCE_DECAY = (0.99, 0.8)
 """Per step, old evidence keeps these weights in a row's long-run and recent estimates. The long-run estimate is
 the prior of the recent one: acceptance is bursty (a drafter wrong a moment ago may be right now), so a row whose
@@ -26,15 +27,15 @@ EXPLORATION = 0.5
 """How far a row's estimate is lifted back towards the prior, divided by the square root of its decaying long-run
 evidence. Steps without drafts bring no evidence, so a row whose drafts missed early (a model repeating a text often
 starts with words of its own, where the n-gram drafter's first proposals miss) otherwise waited for that evidence to
-decay: 12 to 315 steps after 1 to 30 misses, longer than most outputs. Now 0 to 181 (tests/test_controller.py)."""
-POOL_WEIGHT = 4.0
-"""In the last stretch's prediction a row's long-run acceptance is shrunk towards the pooled rate of the batch's live
-rows, which counts as this many verified positions (:meth:`AcceptanceEstimates.run_acceptance`)."""
+decay: 12 to 315 steps after 1 to 30 misses, longer than most outputs; with it 0 to 181 (tests/test_controller.py).
+Measured: without it the main job at batch 4 took 94 target forwards instead of 72 and ran 8.7% slower, copy and edit
+prompts at batch 1 1.5% slower (``benchmarks/results/controller_rules_cpu.md``)."""
 STREAK_ACCEPTANCE = 0.97
 """Next-step per-position acceptance of a row drafting from a copy source (an n-gram match) whose last verified drafts
 were all accepted. Its next proposal continues the same match, and on copy and edit prompts such a match runs on for
 tens of tokens: pricing it at the row's average acceptance (at most :data:`ACCEPTANCE_CAP`) asked 3 drafts where the
-match had 8 or more to give (benchmarks/results/ngram_vs_prompt_lookup_cpu.md)."""
+match had 8 or more to give (benchmarks/results/ngram_vs_prompt_lookup_cpu.md). Measured: without it copy and edit
+prompts at batch 1 took 170 target forwards instead of 158 and ran 4.9% slower (every round of 4; ``benchmarks/results/controller_rules_cpu.md``)."""
 
 
 class AcceptanceEstimates:
@@ -83,17 +84,19 @@ class AcceptanceEstimates:
 
     def run_acceptance(self, slots: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance the evidence ``slots`` are predicted to keep for the rest of their
-        rows' runs, for the last stretch's prediction: each slot's long-run estimate, shrunk towards the pooled
-        long-run rate of these slots (worth :data:`POOL_WEIGHT` verified positions; :meth:`_explored`). The slowest row
-        decides that prediction, and the lowest of several noisy few-step estimates is mostly noise; rows share the
-        drafter, so the pool is a sound prior. One slot: its next-step estimate (:meth:`acceptance`), since one row's
-        time to its end is its tokens to go over its throughput (the two aims agree), and a single row's bursts (the
-        stretches of a copy task) are worth following."""
+        rows' runs, for the last stretch's prediction: each slot's long-run rate of accepted over verified positions
+        (a slot without evidence: the pooled rate of these slots), :meth:`_explored`. One slot: its next-step
+        estimate (:meth:`acceptance`), since one row's time to its end is its tokens to go over its throughput (the
+        two aims agree), and a single row's bursts (the stretches of a copy task) are worth following.
+
+        Shrinking each slot's rate towards the pooled one (as if the pool were 4 more verified positions) made the
+        main job at batch 8 1.1% slower, in each of 4 alternated rounds
+        (``benchmarks/results/controller_rules_cpu.md``), so a slot's rate stands on its own evidence."""
         if slots.numel() == 1:
             return self.acceptance(slots)
         s, t = self.successes[0, slots], self.trials[0, slots]
         pooled = (s.sum() + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t.sum() + PRIOR_WEIGHT)
-        return self._explored((s + pooled * POOL_WEIGHT) / (t + POOL_WEIGHT), t)
+        return self._explored(torch.where(t > 0, s / t.clamp_min(1e-12), pooled), t)
 
     @staticmethod
     def _explored(estimate: Tensor, evidence: Tensor) -> Tensor:

@@ -16,17 +16,6 @@ COST_DECAY = 0.97
 """Per step, old timing observations keep this weight in the cost fits."""
 RIDGE = 0.05
 """Shrinkage of the cost slopes towards 0, relative to the mean x (see :class:`LinearFit`)."""
-CPU_MIN_VERIFY_TOKENS = 4
-"""A verify forward on CPU carries at least this many tokens (``rows x width``). torch's CPU linear layers stream
-their weights once per token below 4 tokens (measured with MKL on the embedded 135M target at batch 1: a 1-, 2-, 3-
-and 4-token forward took 40, 60, 75 and 58 ms; its 576 x 49152 output layer alone 7, 14, 21 and 12 ms), so padding
-a narrower verify to 4 tokens costs nothing and saves up to a quarter of the step."""
-
-
-def min_verify_tokens(device) -> int:
-    """Fewest tokens a verify forward with drafts carries on ``device`` (the engine pads up to it)."""
-    return CPU_MIN_VERIFY_TOKENS if torch.device(device).type == "cpu" else 1
-
 
 class LinearFit:
     """Weighted least squares ``y = c0 + c1 * x`` with exponential forgetting, the slope shrunk towards 0.
@@ -82,13 +71,11 @@ class CostModel:
     one-token verify until draft forwards have been measured, so a draft as large as the target is never tried.
     """
 
-    def __init__(self, draft_ratio: float | None = None, min_verify_tokens: int = 1) -> None:
+    def __init__(self, draft_ratio: float | None = None) -> None:
         self.draft_ratio = draft_ratio
-        self.min_verify_tokens = min_verify_tokens  # the engine pads narrower verify forwards (on CPU: 4)
         self.verify = LinearFit()  # seconds against verified tokens (rows * width)
         self.draft_per_forward = LinearFit()  # seconds per draft forward against rows
         self.overhead = LinearFit()  # everything else, against rows
-        self.widest = 0  # widest verify (drafts per row) measured so far
 
     @classmethod
     def fixed(cls, verify_s: tuple[float, float], draft_forward_s: tuple[float, float] = (0.0, 0.0),
@@ -111,9 +98,8 @@ class CostModel:
         return forwards * self.draft_per_forward(rows)
 
     def verify_s(self, rows: Tensor, width: Tensor) -> Tensor:
-        """Seconds of a verify forward of ``rows`` rows and ``width`` positions, padded as the engine pads it."""
-        tokens = rows * width
-        return self.verify(torch.where(width > 1, tokens.clamp_min(self.min_verify_tokens), tokens))
+        """Seconds of a verify forward of ``rows`` rows and ``width`` positions."""
+        return self.verify(rows * width)
 
     def step_s(self, rows: Tensor, draft_forwards: Tensor) -> Tensor:
         """``(M, W)`` float64: predicted seconds of a step with ``rows[m]`` rows (``(M,)``), ``draft_forwards[j]``
@@ -128,13 +114,12 @@ class CostModel:
         """Learn from a measured step of ``rows`` rows, ``k`` draft forwards and ``width`` verified drafts per row
         that took ``draft_s`` (its plan and draft phases), ``verify_s`` (its verify and accept phases) and
         ``total_s`` seconds. ``fit=False`` keeps its times out of the lines (frozen costs, or a step that did
-        one-off work), ``fit_draft=False`` its draft time alone; the widest width run so far is kept either way."""
+        one-off work), ``fit_draft=False`` its draft time alone."""
         if fit:
             if k and fit_draft:
                 self.draft_per_forward.add(rows, draft_s / k)
             self.verify.add(rows * (width + 1), verify_s)
             self.overhead.add(rows, max(total_s - draft_s - verify_s, 0.0))
-        self.widest = max(self.widest, width)
 
 
 _SHARED_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -147,10 +132,9 @@ def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: 
 
     Step costs belong to the (target, drafter, device, compiled, batch size) tuple, not to one call: a program that
     decodes batch after batch (the CLI, an evaluation loop, :func:`~batched_specdec.generate`) measures them once
-    and later calls start from those measurements instead of from the prior (no first exploratory step, no width
-    ramp to re-measure). Batch sizes share a model only within a power-of-two bucket of ``rows``: a line fitted on
-    the costs of 16-row steps says little about 1-row steps (on a CPU a 1-token verify costs as much as a 4-token
-    one), so a batch-1 run after batch-16 runs starts from its own measurements. Entries go away with the target
+    and later calls start from those measurements instead of from the prior (no first exploratory step). Batch sizes share a model only within a power-of-two bucket of ``rows``: a line fitted on
+    the costs of 16-row steps says little about 1-row steps (on a CPU a 1-token verify of the embedded target takes
+    37 ms and a 4-token one 58 ms), so a batch-1 run after batch-16 runs starts from its own measurements. Entries go away with the target
     model. :func:`forget_cost_models` starts from the prior again.
     """
     draft = drafter.model
@@ -158,7 +142,7 @@ def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: 
     key = (type(drafter).__name__, id(draft) if draft is not None else None, str(device), compiled, bucket)
     models = _SHARED_COSTS.setdefault(target_model, {})
     if key not in models:
-        models[key] = CostModel(draft_ratio, min_verify_tokens=min_verify_tokens(device))
+        models[key] = CostModel(draft_ratio)
     return models[key]
 
 

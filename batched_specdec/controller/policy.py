@@ -23,18 +23,19 @@ from batched_specdec.controller.plan import StepPlan
 from batched_specdec.devices import StepClock
 
 FIRST_DRAFT_LEN = 1
-"""Draft length of the first step, before anything has been measured."""
-WIDTH_GROWTH = 2
-"""A plan's draft length is at most this many times the widest verify the cost model has measured, so an optimistic
-cost model probes wider verifies gradually."""
+"""Draft length of the first step of a new cost model, before anything has been measured (not a tuned rule: it
+decides one step per cost model, and cost models are shared between calls)."""
 MIN_GAIN = 0.05
 """Speculate only when the predicted tokens per second beat a plain target step by this fraction: near
-break-even, prediction errors would otherwise make speculation slower than not speculating."""
+break-even, prediction errors would otherwise make speculation slower than not speculating. Measured (alternated,
+4 rounds, CPU; ``benchmarks/results/controller_rules_cpu.md``): without it chat prompts at batch 1 with the n-gram drafter ran 1.9% slower
+(every round), the main job at batch 4 0.8% slower (within noise)."""
 COPY_GAMMA_MAX_DEFAULT = 16
 """Largest draft length of ``gamma="auto"`` with a model-free drafter when ``gamma_max`` is not given: its drafts
 cost no forward, so only the verify width limits them, and the plan and :meth:`AdaptiveSpeculation.choose_width`
 cut that to what each step is worth (drafters with a model keep
-:data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`)."""
+:data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`). Measured: with 8 instead, copy and edit prompts at batch 1 took
+167 target forwards instead of 159 and ran 2.3% slower (every round of 4; ``benchmarks/results/controller_rules_cpu.md``)."""
 TIMED_PHASES = ("draft", "accept")
 """The step phases whose ends the controller's clock marks (:meth:`AdaptiveSpeculation.mark`). The cost model's
 draft seconds run from the step's start to the end of *draft* (plan and draft), its verify seconds from there to
@@ -166,7 +167,7 @@ class AdaptiveSpeculation:
         if not self.costs.ready:  # first step: one draft per row (a model draft: none, its cost has a prior)
             k = 0 if self.costs.draft_ratio is not None else min(self.gamma_max, FIRST_DRAFT_LEN)
             return StepPlan(k, remaining)
-        longest = min(self.gamma_max, max(FIRST_DRAFT_LEN, WIDTH_GROWTH * self.costs.widest))
+        longest = self.gamma_max
         step_s = self.costs.step_s(torch.arange(rows + 1), torch.arange(longest + 1)).clamp_min(1e-9)
         gains = expected_tokens(self._estimates(row_ids[live], remaining), longest)  # (N, longest + 1)
         caps = torch.full((gains.shape[0],), longest)  # as far as the plan knows, every row proposes k
@@ -231,8 +232,6 @@ class AdaptiveSpeculation:
         self.costs.add_step(rows, k, width, draft, verify, total, fit=not self.frozen_costs and timing_usable,
                             fit_draft=draft_timing_usable)
         self.draft_lengths.append(k)
-        if width >= len(self.width_histogram):  # a verify padded past gamma_max (CPU_MIN_VERIFY_TOKENS)
-            self.width_histogram += [0] * (width + 1 - len(self.width_histogram))
         self.width_histogram[width] += 1
         if not math.isnan(predicted):
             self.predicted_s += predicted

@@ -15,25 +15,8 @@ import torch
 from torch import Tensor
 
 from batched_specdec import capture
-from batched_specdec.controller import min_verify_tokens
 from batched_specdec.kernels import rejection_sample_from_logits, rejection_sample_from_probs
 from batched_specdec.processors import SAMPLE_DRAWS, VERIFY_DRAWS, LogitsProcessor, RowDraws
-
-
-def pad_verify(tokens: Tensor, probs: Tensor | None, num: Tensor | None, device: torch.device):
-    """Widen a verify of fewer than ``controller.min_verify_tokens(device)`` tokens (4 on CPU) with padding drafts
-    (copies of the last draft, and of its q) past every row's ``num_draft``, which rejection sampling never accepts
-    or reads. ``tokens`` ``(B, k)``, ``probs`` ``(B, k, V)`` or None, ``num`` ``(B,)`` or None (``k`` per row)."""
-    rows, k = tokens.shape
-    least = min_verify_tokens(device)
-    if k == 0 or rows * (k + 1) >= least:
-        return tokens, probs, num
-    extra = -(-least // rows) - 1 - k
-    num = torch.full((rows,), k, dtype=torch.int64, device=tokens.device) if num is None else num
-    tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1)
-    if probs is not None:
-        probs = torch.cat([probs, probs[:, -1:].expand(-1, extra, -1)], dim=1)
-    return tokens, probs, num
 
 
 def verify_drafts(processor: LogitsProcessor, draft_tokens: Tensor, draft_probs: Tensor | None, logits: Tensor,

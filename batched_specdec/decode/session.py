@@ -39,13 +39,12 @@ from torch import Tensor
 
 from batched_specdec import capture, graphs
 from batched_specdec.controller import (
-    CPU_MIN_VERIFY_TOKENS,
     StaticSpeculation,
     StepPlan,
     make_controller,
     shared_cost_model,
 )
-from batched_specdec.decode.accept import accept, emitted_logprobs, pad_verify
+from batched_specdec.decode.accept import accept, emitted_logprobs
 from batched_specdec.decode.admission import Admission
 from batched_specdec.decode.batch import HostView, RaggedBatch
 from batched_specdec.decode.compaction import COMPACT_FRACTION, compact, finished_to_follow
@@ -89,7 +88,7 @@ class DecodeSession:
         slots = n_prompts if slots is None else min(slots, n_prompts)
         self.prompt_seeds = [prompt_seed(seed, key) for key in request.keys]
         self.controller = self._make_controller(n_prompts, slots)
-        verify_room = max(self.controller.gamma_max, CPU_MIN_VERIFY_TOKENS) if drafter is not None else 0
+        verify_room = self.controller.gamma_max if drafter is not None else 0
         longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
         stable = options.compile or options.cuda_graphs  # graph-stable buffers, compaction to power-of-two sizes
         self.capacity = capture.stable_capacity(longest + verify_room + 2, stable)
@@ -270,8 +269,8 @@ class DecodeSession:
         return RowDraws(self.rows.row_seeds, seq_lens * DRAW_BLOCK, positions)
 
     def _draft(self, plan: StepPlan, max_len: int, slots: Tensor) -> DraftProposal:
-        """The plan's drafts, cut to the width worth verifying (``slots``: the rows' evidence slots) and padded to
-        the device's narrowest efficient verify: ``tokens`` ``(B, k)``, ``k`` possibly 0."""
+        """The plan's drafts, cut to the width worth verifying (``slots``: the rows' evidence slots): ``tokens``
+        ``(B, width)``, ``width`` possibly 0."""
         rows, device = self.rows, self.device
         if plan.draft_len == 0:
             if self.drafter is not None:
@@ -282,7 +281,8 @@ class DecodeSession:
                                         self._draws().at(DRAFT_DRAWS))
         tokens = proposal.tokens.to(device)
         probs = None if proposal.probs is None else proposal.probs.to(device)
-        onehot = None if probs is None or proposal.deterministic_rows is None else proposal.deterministic_rows.to(device)
+        deterministic = proposal.deterministic_rows
+        deterministic = None if probs is None or deterministic is None else deterministic.to(device)
         num = proposal.num_tokens
         # Proposal lengths, when the drafter may propose fewer than asked and the host knows them without a sync (a
         # drafter that always proposes k adds nothing to what the plan already weighed).
@@ -293,9 +293,8 @@ class DecodeSession:
             tokens = tokens[:, :width]
             probs = None if probs is None else probs[:, :width]
             num = None if num is None else num.clamp_max(width)
-        tokens, probs, num = pad_verify(tokens, probs, num, device)
         source = None if proposal.source is None else proposal.source.to(device)
-        return DraftProposal(tokens, probs, num, onehot, proposal.includes_catch_up, source)
+        return DraftProposal(tokens, probs, num, deterministic, proposal.includes_catch_up, source)
 
     def _verify(self, draft_tokens: Tensor, max_len: int) -> Tensor:
         """The target's logits ``(B, k + 1, V)`` over ``[s_b[-1], d_1..d_k]``; a feature drafter receives the
