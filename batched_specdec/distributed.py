@@ -156,5 +156,5 @@ def speculative_generate_distributed(prompts: Sequence, draft_model, target_mode
             "wall_time_s": stats.wall_time_s, "generated_tokens": stats.generated_tokens,
             "tokens_per_s": stats.tokens_per_s}
 
-    merged, per_process = run_on_prompt_shards(request.rows, run_shard)
+    merged, per_process = run_on_prompt_shards(request.prompts, run_shard)
     return merged.get("outputs", []), merged.get("alpha", []), per_process

@@ -12,8 +12,7 @@ row
     leave the batch when it is compacted, or take a queued prompt (continuous batching).
 slot
     A row of the running batch seen as a place that prompts enter and leave: ``slots`` (``batch_size`` in
-    :func:`~batched_specdec.generate`) is how many rows run at once. Not to be confused with the adaptive
-    controller's *evidence slots*, ``row * num_sources + source``: where it keeps one row's acceptance per source.
+    :func:`~batched_specdec.generate`) is how many rows run at once.
 draft length (``gamma``)
     How many draft tokens a step asks each row for: a fixed ``gamma``, or ``0..gamma_max`` chosen per step with
     ``gamma="auto"``. In a step's code it is ``k`` (:attr:`~batched_specdec.controller.StepPlan.draft_len`); draft
@@ -50,6 +49,10 @@ finish reason
 source
     Where a row's drafts come from in a step, for a drafter with several (:attr:`~batched_specdec.Drafter.sources`:
     the hybrid drafter's n-gram match or its model). Acceptance is estimated and counted per row and source.
+evidence id
+    Where the adaptive controller keeps one row's acceptance for one source: ``row * num_sources + source``, by the
+    row's original index, so compaction and continuous batching keep it
+    (:meth:`~batched_specdec.controller.AdaptiveSpeculation.evidence_ids`).
 feature drafter
     A drafter that reads the target's hidden states of committed positions (EAGLE-style heads), handed over by the
     target's own prefill and verify forwards, never by an extra forward.

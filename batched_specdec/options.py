@@ -77,17 +77,17 @@ class DecodeOptions:
 
 @dataclass
 class DecodeRequest:
-    """A checked batch: prompts as lists of ints, one generation budget per row, each prompt's index in its prompt
+    """A checked batch: ``prompts`` as lists of ints, one generation budget per prompt, each prompt's index in its prompt
     set (``keys``, default ``0..B-1``: what its random draws and per-row statistics are keyed by), the device."""
 
-    rows: list[list[int]]
+    prompts: list[list[int]]
     max_gen_lens: list[int]
     device: torch.device
     keys: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.keys is None:
-            self.keys = list(range(len(self.rows)))
+            self.keys = list(range(len(self.prompts)))
 
     @property
     def max_gen_len(self) -> int:

@@ -172,7 +172,7 @@ def _continuous(session: DecodeSession, progress: _Progress, hand_over=None) -> 
     after every step (:meth:`~batched_specdec.decode.admission.Admission.refill`); ``hand_over(prompt, tokens,
     logprobs)`` receives each prompt as it finishes. Returns the outputs (prompt order) and the stats."""
     t0, graphs0 = session.start()
-    total, admission = len(session.request.rows), session.admission
+    total, admission = len(session.request.prompts), session.admission
     handed: set[int] = set()
     while True:
         refilling = admission.waiting > 0

@@ -108,7 +108,7 @@ def test_next_sources_names_each_rows_source_and_propose_keeps_to_it():
 
 def test_gamma_auto_keeps_acceptance_per_source(monkeypatch):
     """With a hybrid drafter, gamma auto plans each step from the acceptance of the source each row drafts from:
-    the controller's evidence slots are (row, source), and a row's n-gram and model steps fill different slots.
+    the controller's evidence ids are (row, source), and a row's n-gram and model steps fill different ones.
     (Every step drafts 3 here, whatever the plan's costs say, so that both sources are seen.)"""
     from batched_specdec.controller import AdaptiveSpeculation, StepPlan
 

@@ -1,4 +1,4 @@
-"""Per-row acceptance estimates of the adaptive controller, kept per evidence slot (an original row and a source).
+"""Per-row acceptance estimates of the adaptive controller, kept per evidence id (an original row and a source).
 
 :class:`AcceptanceEstimates` owns the evidence (decaying counts of verified and accepted drafts) and answers the two
 questions the policy (:mod:`batched_specdec.controller.policy`) asks: how well a row's drafts will do in the next
@@ -39,10 +39,10 @@ prompts at batch 1 took 170 target forwards instead of 158 and ran 4.9% slower (
 
 
 class AcceptanceEstimates:
-    """Online per-position acceptance of every evidence slot of a batch, and the only thing that changes it.
+    """Online per-position acceptance of every evidence id of a batch, and the only thing that changes it.
 
     A slot is an original row and one of ``num_sources`` sources it may draft from (a hybrid drafter's n-gram match
-    and model), ``row * num_sources + source`` (:meth:`slots`), so compaction and continuous batching keep a row's
+    and model), ``row * num_sources + source`` (:meth:`evidence_ids`), so compaction and continuous batching keep a row's
     evidence. ``copy_sources`` are the sources that copy an n-gram match of the row's own tokens: a row drafting from
     one whose last verified drafts were all accepted is priced at :data:`STREAK_ACCEPTANCE` for its next step.
 
@@ -52,7 +52,7 @@ class AcceptanceEstimates:
         ``(2, num_rows * num_sources)`` float64: decaying accepted and verified draft positions per slot, ``[0]``
         long-run and ``[1]`` recent (:data:`EVIDENCE_DECAY`).
     copies : Tensor
-        ``(num_rows * num_sources,)`` bool: the slots of a copy source.
+        ``(num_rows * num_sources,)`` bool: the evidence ids of a copy source.
     streak : Tensor
         ``(num_rows,)`` bool: rows whose last verified drafts were copies, all accepted.
     """
@@ -66,24 +66,24 @@ class AcceptanceEstimates:
             self.copies[source::num_sources] = True
         self.streak = torch.zeros(num_rows, dtype=torch.bool)
 
-    def slots(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
-        """The evidence slots of original rows ``row_ids`` drafting from ``sources`` (host ``(B,)`` int64 each;
+    def evidence_ids(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
+        """The evidence ids of original rows ``row_ids`` drafting from ``sources`` (host ``(B,)`` int64 each;
         None: every row's first source, which is all there is with one)."""
         return row_ids * self.num_sources + (0 if sources is None else sources)
 
-    def acceptance(self, slots: Tensor) -> Tensor:
-        """``(N,)`` float64 per-position acceptance estimates of the evidence ``slots`` for the next step: the
+    def acceptance(self, evidence: Tensor) -> Tensor:
+        """``(N,)`` float64 per-position acceptance estimates of the ``evidence`` ids for the next step: the
         recent estimate, its prior the long-run one (:meth:`_explored`); at least :data:`STREAK_ACCEPTANCE` for a copy
         source's slot of a row whose last verified drafts were copies, all accepted."""
-        s, t = self.successes[:, slots], self.trials[:, slots]
+        s, t = self.successes[:, evidence], self.trials[:, evidence]
         long_run = (s[0] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t[0] + PRIOR_WEIGHT)
         recent = (s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)
         estimate = self._explored(recent, t[0])
-        streak = self.copies[slots] & self.streak[slots // self.num_sources]
+        streak = self.copies[evidence] & self.streak[evidence // self.num_sources]
         return torch.where(streak, estimate.clamp_min(STREAK_ACCEPTANCE), estimate)
 
-    def run_acceptance(self, slots: Tensor) -> Tensor:
-        """``(N,)`` float64 per-position acceptance the evidence ``slots`` are predicted to keep for the rest of their
+    def run_acceptance(self, evidence: Tensor) -> Tensor:
+        """``(N,)`` float64 per-position acceptance the ``evidence`` ids are predicted to keep for the rest of their
         rows' runs, for the last stretch's prediction: each slot's long-run rate of accepted over verified positions
         (a slot without evidence: the pooled rate of these slots), :meth:`_explored`. One slot: its next-step
         estimate (:meth:`acceptance`), since one row's time to its end is its tokens to go over its throughput (the
@@ -92,9 +92,9 @@ class AcceptanceEstimates:
         Shrinking each slot's rate towards the pooled one (as if the pool were 4 more verified positions) made the
         main job at batch 8 1.1% slower, in each of 4 alternated rounds
         (``benchmarks/results/controller_rules_cpu.md``), so a slot's rate stands on its own evidence."""
-        if slots.numel() == 1:
-            return self.acceptance(slots)
-        s, t = self.successes[0, slots], self.trials[0, slots]
+        if evidence.numel() == 1:
+            return self.acceptance(evidence)
+        s, t = self.successes[0, evidence], self.trials[0, evidence]
         pooled = (s.sum() + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t.sum() + PRIOR_WEIGHT)
         return self._explored(torch.where(t > 0, s / t.clamp_min(1e-12), pooled), t)
 
@@ -108,8 +108,8 @@ class AcceptanceEstimates:
         lift = (ACCEPTANCE_PRIOR - estimate).clamp_min(0.0) * share
         return (estimate + lift * (evidence > 0)).clamp_max(ACCEPTANCE_CAP)
 
-    def update(self, slots: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor) -> None:
-        """Learn from a step: the rows' evidence ``slots``, proposed and accepted drafts and ``live`` flags (host
+    def update(self, evidence: Tensor, proposed: Tensor, accepted: Tensor, live: Tensor) -> None:
+        """Learn from a step: the rows' ``evidence`` ids, proposed and accepted drafts and ``live`` flags (host
         ``(B,)`` each). Old evidence decays (:data:`EVIDENCE_DECAY`); a live row that proposed adds its accepted drafts
         and its verified positions (the accepted ones and the first rejected one); a live row's streak is whether it
         drafted from a copy source and had every proposed draft accepted."""
@@ -117,8 +117,8 @@ class AcceptanceEstimates:
         self.successes *= decay
         self.trials *= decay
         seen = live & (proposed > 0)
-        ids = slots[seen]
+        ids = evidence[seen]
         self.successes.index_add_(1, ids, accepted[seen].double().expand(2, -1))
         self.trials.index_add_(1, ids, torch.minimum(accepted[seen] + 1, proposed[seen]).double().expand(2, -1))
-        live_slots, full = slots[live], (proposed[live] > 0) & (accepted[live] >= proposed[live])
-        self.streak[live_slots // self.num_sources] = self.copies[live_slots] & full
+        live_ids, full = evidence[live], (proposed[live] > 0) & (accepted[live] >= proposed[live])
+        self.streak[live_ids // self.num_sources] = self.copies[live_ids] & full

@@ -34,13 +34,13 @@ class Controller(Protocol):
         :meth:`observe`.
     num_sources : int
         Sources a row may draft from whose acceptance the controller keeps apart (with more than one, the session
-        asks the drafter which source each row takes this step before :meth:`slots`).
+        asks the drafter which source each row takes this step before :meth:`evidence_ids`).
     gamma_max : int
         Largest draft length a step may ask for (the session sizes its buffers by it).
     num_rows : int or None
         Rows (prompts) the controller keeps state for; None: any number (it keeps none).
 
-    A step calls the hooks in this order: :meth:`start_step`, :meth:`slots`, :meth:`plan`, the draft and
+    A step calls the hooks in this order: :meth:`start_step`, :meth:`evidence_ids`, :meth:`plan`, the draft and
     :meth:`choose_width` (steps with drafts), ``mark("draft")``, the verify and acceptance, ``mark("verify")``, the
     sync, then :meth:`observe` (adaptive controllers only). :meth:`summary` goes into the run's stats.
     """
@@ -50,13 +50,13 @@ class Controller(Protocol):
     gamma_max: int
     num_rows: int | None
 
-    def slots(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
+    def evidence_ids(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
         """Host ``(B,)`` int64: where the controller keeps the acceptance of original rows ``row_ids`` drafting from
-        ``sources`` (host ``(B,)`` int64 each; None: every row's first source). The hooks below take these slots
+        ``sources`` (host ``(B,)`` int64 each; None: every row's first source). The hooks below take these ids
         as ``row_ids``."""
 
     def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:
-        """The step's plan, before any draft, for the rows' slots ``row_ids`` (host ``(B,)``), ``live`` (host
+        """The step's plan, before any draft, for the rows' evidence ids ``row_ids`` (host ``(B,)``), ``live`` (host
         ``(B,)`` bool: the unfinished rows) and ``remaining`` (host ``(B,)``: each row's tokens to go in the batch's
         last stretch, None while queued prompts refill the batch)."""
 
@@ -97,7 +97,7 @@ class StaticSpeculation:
         self.num_rows = num_rows
         self.narrow = narrow
 
-    def slots(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
+    def evidence_ids(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
         return row_ids
 
     def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:

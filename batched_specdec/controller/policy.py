@@ -110,7 +110,7 @@ class AdaptiveSpeculation:
         Never update the cost model from timings (tests, reproducible benchmarks of the policy).
     num_sources : int
         Sources a row may draft from (a hybrid drafter's n-gram match and model): acceptance is kept per row and
-        source, and the ``row_ids`` the hooks take are evidence slots, ``row * num_sources + source`` (:meth:`slots`).
+        source, and the ``row_ids`` the hooks take are evidence ids, ``row * num_sources + source`` (:meth:`evidence_ids`).
         Default 1.
     copy_sources : tuple of int
         The sources that copy an n-gram match of the row's own tokens, priced at
@@ -142,8 +142,8 @@ class AdaptiveSpeculation:
     def num_sources(self) -> int:
         return self.estimates.num_sources
 
-    def slots(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
-        return self.estimates.slots(row_ids, sources)
+    def evidence_ids(self, row_ids: Tensor, sources: Tensor | None) -> Tensor:
+        return self.estimates.evidence_ids(row_ids, sources)
 
     def start_step(self) -> None:
         self._step_t0 = time.perf_counter()
@@ -157,8 +157,8 @@ class AdaptiveSpeculation:
     # --- the plan ----------------------------------------------------------------------------------------------
 
     def plan(self, row_ids: Tensor, live: Tensor, remaining: Tensor | None = None) -> StepPlan:
-        """The next step's draft length. ``row_ids`` (host ``(B,)``) are the batch's rows' evidence slots (their
-        original ids, with several sources combined with each row's source of this step: :meth:`slots`),
+        """The next step's draft length. ``row_ids`` (host ``(B,)``) are the batch's rows' evidence ids (their
+        original ids, with several sources combined with each row's source of this step: :meth:`evidence_ids`),
         ``live`` (host ``(B,)`` bool) marks the unfinished ones. ``remaining`` (host ``(B,)``): each row's tokens to
         go when no prompt waits for a finished row's place (the batch's last stretch, see :meth:`_speed`); None while
         queued prompts refill the batch."""

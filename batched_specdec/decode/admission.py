@@ -58,7 +58,7 @@ class Admission:
 
     def __init__(self, session: DecodeSession) -> None:
         self.session = session
-        prompts = session.request.rows
+        prompts = session.request.prompts
         self.queue = deque(range(session.rows.size, len(prompts)))  # prompt order
         self.longest_queued = max((len(prompts[i]) for i in self.queue), default=1)  # what a stage may hold
         self.staging: StagedPrompts | None = None  # prompts prefilled ahead of their admission
@@ -118,7 +118,7 @@ class Admission:
             self.staging = StagedPrompts(session.target, self.stage_size, self.longest_queued, session.device,
                                          options.attention, options.prefill_chunk, session.target_hidden)
         session.timer.start()
-        self.staging.fill({i: session.request.rows[i] for i in prompts})
+        self.staging.fill({i: session.request.prompts[i] for i in prompts})
         session.timer.lap("prefill")
 
     def release_stage(self) -> None:
@@ -147,7 +147,7 @@ class Admission:
         request = session.request
         session.timer.start()
         session.rows.drain()  # the host view must be current: these rows change hands now
-        session.rows.admit(rows, [request.rows[i] for i in prompts], [request.max_gen_lens[i] for i in prompts],
+        session.rows.admit(rows, [request.prompts[i] for i in prompts], [request.max_gen_lens[i] for i in prompts],
                            prompts, [session.prompt_seeds[i] for i in prompts])
         staged = [j for j, i in enumerate(prompts) if self.is_staged(i)]
         fresh = [j for j, i in enumerate(prompts) if not self.is_staged(i)]
@@ -157,7 +157,7 @@ class Admission:
             self._prefill_rows([prompts[j] for j in fresh], rows[fresh])
         if session.drafter is not None:
             session.drafter.admit_rows(session.rows.token_buffer, rows.to(session.device),
-                                       [len(request.rows[i]) for i in prompts])
+                                       [len(request.prompts[i]) for i in prompts])
         session.timer.lap("prefill")
 
     def _enter_staged(self, prompts: list[int], rows: Tensor) -> None:
@@ -173,7 +173,7 @@ class Admission:
     def _prefill_rows(self, prompts: list[int], rows: Tensor) -> None:
         """Prefill ``prompts`` (just admitted into ``rows``) over those rows only."""
         session = self.session
-        lengths = [len(session.request.rows[i]) for i in prompts]
+        lengths = [len(session.request.prompts[i]) for i in prompts]
         order = sorted(range(len(prompts)), key=lambda r: -lengths[r])
         on_hidden = None
         if session.drafter is not None and session.drafter.uses_target_features:

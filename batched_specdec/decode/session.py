@@ -84,16 +84,16 @@ class DecodeSession:
                  slots: int | None = None) -> None:
         self.target, self.drafter, self.options, self.request = target, drafter, options, request
         self.device = device = request.device
-        n_prompts = len(request.rows)
+        n_prompts = len(request.prompts)
         slots = n_prompts if slots is None else min(slots, n_prompts)
         self.prompt_seeds = [prompt_seed(seed, key) for key in request.keys]
         self.controller = self._make_controller(n_prompts, slots)
         verify_room = self.controller.gamma_max if drafter is not None else 0
-        longest = max(len(p) + m for p, m in zip(request.rows, request.max_gen_lens))
+        longest = max(len(p) + m for p, m in zip(request.prompts, request.max_gen_lens))
         stable = options.compile or options.cuda_graphs  # graph-stable buffers, compaction to power-of-two sizes
         self.capacity = capture.stable_capacity(longest + verify_room + 2, stable)
         first = range(slots)
-        self.rows = RaggedBatch([request.rows[i] for i in first], [request.max_gen_lens[i] for i in first],
+        self.rows = RaggedBatch([request.prompts[i] for i in first], [request.max_gen_lens[i] for i in first],
                                 self.prompt_seeds[:slots], self.capacity, options.pad_token_id, device,
                                 logprobs=options.return_logprobs, compile=stable,
                                 delayed_host_read=options.delayed_host_read)
@@ -215,9 +215,9 @@ class DecodeSession:
         row's tokens to go), and finished rows leave the batch (:mod:`batched_specdec.decode.compaction`)."""
         graphs_before = self._step_started()
         max_len = self.rows.max_live_seq_len()
-        plan, slots = self._plan(max_len, refilling)
+        plan, evidence = self._plan(max_len, refilling)
         self._phase_ended("plan")
-        drafts = self._draft(plan, max_len, slots)
+        drafts = self._draft(plan, max_len, evidence)
         self._phase_ended("draft")
         logits = self._verify(drafts.tokens, max_len)
         self._phase_ended("verify")
@@ -227,7 +227,7 @@ class DecodeSession:
         self._phase_ended("commit")
         finished_before = self.rows.view.finished
         view = self._sync(counts)
-        self._observe(view, finished_before, plan, slots, drafts, graphs_before)
+        self._observe(view, finished_before, plan, evidence, drafts, graphs_before)
         done = view.all_finished
         if not done and not refilling:
             finished = finished_to_follow(view, finished_before, self.options.delayed_host_read)
@@ -239,21 +239,21 @@ class DecodeSession:
     # --- the phases ------------------------------------------------------------------------------------------
 
     def _plan(self, max_len: int, refilling: bool) -> tuple[StepPlan, Tensor]:
-        """The controller's plan for the step and the rows' evidence slots (:meth:`_evidence_slots`); see
+        """The controller's plan for the step and the rows' evidence ids (:meth:`_evidence_ids`); see
         :meth:`step` for ``refilling``."""
         controller = self.controller
         remaining = None if refilling or not controller.adaptive else self._remaining()
-        slots = self._evidence_slots(max_len)
-        return controller.plan(slots, ~self.rows.view.finished, remaining), slots
+        evidence = self._evidence_ids(max_len)
+        return controller.plan(evidence, ~self.rows.view.finished, remaining), evidence
 
-    def _evidence_slots(self, max_len: int) -> Tensor:
+    def _evidence_ids(self, max_len: int) -> Tensor:
         """Host ``(B,)``: where the controller keeps each row's acceptance for this step, by original row and, for a
         drafter with several sources that can say without a device read, the source the row drafts from."""
         controller, rows = self.controller, self.rows
         sources = None
         if controller.adaptive and controller.num_sources > 1:
             sources = self.drafter.next_sources(rows.token_buffer, rows.seq_lens, max_len, controller.gamma_max)
-        return controller.slots(rows.host_row_ids, sources)
+        return controller.evidence_ids(rows.host_row_ids, sources)
 
     def _remaining(self) -> Tensor:
         """Host ``(B,)``: each row's budget less what the host view has seen it generate."""
@@ -268,8 +268,8 @@ class DecodeSession:
         positions = seq_lens if self.options.sampling_scheme == "coupled" else None
         return RowDraws(self.rows.row_seeds, seq_lens * DRAW_BLOCK, positions)
 
-    def _draft(self, plan: StepPlan, max_len: int, slots: Tensor) -> DraftProposal:
-        """The plan's drafts, cut to the width worth verifying (``slots``: the rows' evidence slots): ``tokens``
+    def _draft(self, plan: StepPlan, max_len: int, evidence: Tensor) -> DraftProposal:
+        """The plan's drafts, cut to the width worth verifying (``evidence``: the rows' evidence ids): ``tokens``
         ``(B, width)``, ``width`` possibly 0."""
         rows, device = self.rows, self.device
         if plan.draft_len == 0:
@@ -287,7 +287,7 @@ class DecodeSession:
         # Proposal lengths, when the drafter may propose fewer than asked and the host knows them without a sync (a
         # drafter that always proposes k adds nothing to what the plan already weighed).
         lengths = num if num is not None and num.device.type == "cpu" else None
-        width = self.controller.choose_width(plan, lengths, slots, ~rows.view.finished)
+        width = self.controller.choose_width(plan, lengths, evidence, ~rows.view.finished)
         num = None if num is None else num.to(device, non_blocking=True)
         if width < k:
             tokens = tokens[:, :width]
@@ -351,13 +351,13 @@ class DecodeSession:
             self.bar.update(view.generated - self.bar.n)
         return view
 
-    def _observe(self, view: HostView, finished_before: Tensor, plan: StepPlan, slots: Tensor, drafts: DraftProposal,
+    def _observe(self, view: HostView, finished_before: Tensor, plan: StepPlan, evidence: Tensor, drafts: DraftProposal,
                  graphs_before: tuple[int, int]) -> None:
         """What the adaptive controller learns from the sync: the rows that were live (``finished_before``: the view
         before the sync), their proposed and accepted drafts (``view.extra``), and the step's timings unless a graph
         was compiled or recorded during it."""
         if self.controller.adaptive:
-            self.controller.observe(slots, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
+            self.controller.observe(evidence, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
                                     drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
                                     timing_usable=self._graph_counts() == graphs_before)
 
@@ -389,7 +389,7 @@ class DecodeSession:
     def results(self, t0: float) -> tuple[list[list[int]], GenerationStats]:
         """The outputs in prompt order and the :class:`GenerationStats` of the run that started at ``t0``."""
         by_prompt, logprobs = self.rows.results()
-        n = len(self.request.rows)
+        n = len(self.request.prompts)
         outputs = [by_prompt[i] for i in range(n)]
         wall = time.perf_counter() - t0
         row_steps = self.rows.row_steps
