@@ -15,7 +15,8 @@ import numbers
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 """Attention implementations a model is loaded with for the ragged KV cache: both take its ready-made 4D additive
-masks (flash kernels take none). ``auto`` picks per model (:func:`batched_specdec.models.resolve_attn_implementation`)."""
+masks (flash kernels take none). ``auto`` picks per model
+(:func:`batched_specdec.models.resolve_attn_implementation`)."""
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")
 """Values of ``attention=``: the attention backend of every forward through the ragged cache

@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gamma-max",
         type=int,
-        help=f"--gamma auto: the longest draft a step may ask for [default: {GAMMA_MAX_DEFAULT}, 16 with --draft ngram]",
+        help=f"--gamma auto: the longest draft a step may ask for [default: {GAMMA_MAX_DEFAULT}, "
+        "16 with --draft ngram]",
     )
     p.add_argument("--batch-size", type=int,
                    help=f"prompts decoded at the same time (the batch's slots) [default: {d.batch_size}]")
@@ -422,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-split",
         action="store_true",
         default=None,
-        help="measure time spent in prefill and each step phase, plan/draft/verify/accept/commit/sync (adds device syncs)",
+        help="measure time spent in prefill and each step phase, plan/draft/verify/accept/commit/sync "
+        "(adds device syncs)",
     )
     return p
 

@@ -77,8 +77,9 @@ class DecodeOptions:
 
 @dataclass
 class DecodeRequest:
-    """A checked batch: ``prompts`` as lists of ints, one generation budget per prompt, each prompt's index in its prompt
-    set (``keys``, default ``0..B-1``: what its random draws and per-row statistics are keyed by), the device."""
+    """A checked batch: ``prompts`` as lists of ints, one generation budget per prompt, each prompt's index in its
+    prompt set (``keys``, default ``0..B-1``: what its random draws and per-row statistics are keyed by), the
+    device."""
 
     prompts: list[list[int]]
     max_gen_lens: list[int]

@@ -92,7 +92,8 @@ def workloads(target, tokenizer) -> dict:
         return lambda: [decode_prompt_set(target, ngram, [p], [64], options, batch_size=1).outputs[0] for p in prompts]
 
     def main_job(batch_size):
-        return lambda: decode_prompt_set(target, default, main, [64] * len(main), options, batch_size=batch_size).outputs
+        budgets = [64] * len(main)
+        return lambda: decode_prompt_set(target, default, main, budgets, options, batch_size=batch_size).outputs
 
     return {"copy_b1": one_at_a_time(copy), "chat_b1": one_at_a_time(chat), "main_b4": main_job(4),
             "main_b8": main_job(8)}

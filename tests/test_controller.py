@@ -252,9 +252,9 @@ def test_a_fixed_gamma_with_the_ngram_drafter_stays_exact_with_fewer_verified_po
 
 
 def test_each_source_of_a_row_keeps_its_own_acceptance():
-    """With two sources, a row's evidence sits under two evidence ids (``row * 2 + source``): what the row's n-gram drafts
-    did says nothing about its model drafts. The same row plans long drafts from its matches and none from the
-    model, and evidence observed for one slot leaves the other as it was."""
+    """With two sources, a row's evidence sits under two evidence ids (``row * 2 + source``): what the row's n-gram
+    drafts did says nothing about its model drafts. The same row plans long drafts from its matches and none from the
+    model, and evidence observed for one id leaves the other as it was."""
     controller = AdaptiveSpeculation(6, 2, CPU, cost_model=CostModel.fixed((1.0, 0.05), (0.05, 0.0)),
                                      frozen_costs=True, num_sources=2)
     row, live = torch.tensor([1]), torch.tensor([True])

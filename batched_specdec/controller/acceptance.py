@@ -35,21 +35,23 @@ STREAK_ACCEPTANCE = 0.97
 were all accepted. Its next proposal continues the same match, and on copy and edit prompts such a match runs on for
 tens of tokens: pricing it at the row's average acceptance (at most :data:`ACCEPTANCE_CAP`) asked 3 drafts where the
 match had 8 or more to give (benchmarks/results/ngram_vs_prompt_lookup_cpu.md). Measured: without it copy and edit
-prompts at batch 1 took 170 target forwards instead of 158 and ran 4.9% slower (every round of 4; ``benchmarks/results/controller_rules_cpu.md``)."""
+prompts at batch 1 took 170 target forwards instead of 158 and ran 4.9% slower (every round of 4;
+``benchmarks/results/controller_rules_cpu.md``)."""
 
 
 class AcceptanceEstimates:
     """Online per-position acceptance of every evidence id of a batch, and the only thing that changes it.
 
-    A slot is an original row and one of ``num_sources`` sources it may draft from (a hybrid drafter's n-gram match
-    and model), ``row * num_sources + source`` (:meth:`evidence_ids`), so compaction and continuous batching keep a row's
-    evidence. ``copy_sources`` are the sources that copy an n-gram match of the row's own tokens: a row drafting from
-    one whose last verified drafts were all accepted is priced at :data:`STREAK_ACCEPTANCE` for its next step.
+    An evidence id stands for an original row and one of ``num_sources`` sources it may draft from (a hybrid
+    drafter's n-gram match and model), ``row * num_sources + source`` (:meth:`evidence_ids`), so compaction and
+    continuous batching keep a row's evidence. ``copy_sources`` are the sources that copy an n-gram match of the
+    row's own tokens: a row drafting from one whose last verified drafts were all accepted is priced at
+    :data:`STREAK_ACCEPTANCE` for its next step.
 
     Attributes
     ----------
     successes, trials : Tensor
-        ``(2, num_rows * num_sources)`` float64: decaying accepted and verified draft positions per slot, ``[0]``
+        ``(2, num_rows * num_sources)`` float64: decaying accepted and verified draft positions per evidence id, ``[0]``
         long-run and ``[1]`` recent (:data:`EVIDENCE_DECAY`).
     copies : Tensor
         ``(num_rows * num_sources,)`` bool: the evidence ids of a copy source.
@@ -74,7 +76,7 @@ class AcceptanceEstimates:
     def acceptance(self, evidence: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance estimates of the ``evidence`` ids for the next step: the
         recent estimate, its prior the long-run one (:meth:`_explored`); at least :data:`STREAK_ACCEPTANCE` for a copy
-        source's slot of a row whose last verified drafts were copies, all accepted."""
+        source's evidence id of a row whose last verified drafts were copies, all accepted."""
         s, t = self.successes[:, evidence], self.trials[:, evidence]
         long_run = (s[0] + ACCEPTANCE_PRIOR * PRIOR_WEIGHT) / (t[0] + PRIOR_WEIGHT)
         recent = (s[1] + long_run * PRIOR_WEIGHT) / (t[1] + PRIOR_WEIGHT)
@@ -84,14 +86,14 @@ class AcceptanceEstimates:
 
     def run_acceptance(self, evidence: Tensor) -> Tensor:
         """``(N,)`` float64 per-position acceptance the ``evidence`` ids are predicted to keep for the rest of their
-        rows' runs, for the last stretch's prediction: each slot's long-run rate of accepted over verified positions
-        (a slot without evidence: the pooled rate of these slots), :meth:`_explored`. One slot: its next-step
+        rows' runs, for the last stretch's prediction: each id's long-run rate of accepted over verified positions
+        (an id without evidence: the pooled rate of these ids), :meth:`_explored`. One id: its next-step
         estimate (:meth:`acceptance`), since one row's time to its end is its tokens to go over its throughput (the
         two aims agree), and a single row's bursts (the stretches of a copy task) are worth following.
 
-        Shrinking each slot's rate towards the pooled one (as if the pool were 4 more verified positions) made the
+        Shrinking each id's rate towards the pooled one (as if the pool were 4 more verified positions) made the
         main job at batch 8 1.1% slower, in each of 4 alternated rounds
-        (``benchmarks/results/controller_rules_cpu.md``), so a slot's rate stands on its own evidence."""
+        (``benchmarks/results/controller_rules_cpu.md``), so an id's rate stands on its own evidence."""
         if evidence.numel() == 1:
             return self.acceptance(evidence)
         s, t = self.successes[0, evidence], self.trials[0, evidence]
@@ -100,8 +102,8 @@ class AcceptanceEstimates:
 
     @staticmethod
     def _explored(estimate: Tensor, evidence: Tensor) -> Tensor:
-        """``estimate`` lifted towards the prior by :data:`EXPLORATION` over the square root of the slot's decaying
-        long-run ``evidence`` (verified positions): never above the prior, not at all for a slot with none, and
+        """``estimate`` lifted towards the prior by :data:`EXPLORATION` over the square root of the id's decaying
+        long-run ``evidence`` (verified positions): never above the prior, not at all for an id with none, and
         capped at :data:`ACCEPTANCE_CAP`. A row that stopped drafting brings no new evidence, so this is what tries
         it again later."""
         share = (EXPLORATION / torch.sqrt(evidence + PRIOR_WEIGHT)).clamp_max(1.0)

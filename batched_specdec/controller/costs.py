@@ -132,9 +132,10 @@ def shared_cost_model(target_model, drafter, device: torch.device, draft_ratio: 
 
     Step costs belong to the (target, drafter, device, compiled, batch size) tuple, not to one call: a program that
     decodes batch after batch (the CLI, an evaluation loop, :func:`~batched_specdec.generate`) measures them once
-    and later calls start from those measurements instead of from the prior (no first exploratory step). Batch sizes share a model only within a power-of-two bucket of ``rows``: a line fitted on
-    the costs of 16-row steps says little about 1-row steps (on a CPU a 1-token verify of the embedded target takes
-    37 ms and a 4-token one 58 ms), so a batch-1 run after batch-16 runs starts from its own measurements. Entries go away with the target
+    and later calls start from those measurements instead of from the prior (no first exploratory step). Batch
+    sizes share a model only within a power-of-two bucket of ``rows``: a line fitted on the costs of 16-row steps
+    says little about 1-row steps (on a CPU a 1-token verify of the embedded target takes 37 ms and a 4-token one
+    58 ms), so a batch-1 run after batch-16 runs starts from its own measurements. Entries go away with the target
     model. :func:`forget_cost_models` starts from the prior again.
     """
     draft = drafter.model

@@ -28,14 +28,15 @@ decides one step per cost model, and cost models are shared between calls)."""
 MIN_GAIN = 0.05
 """Speculate only when the predicted tokens per second beat a plain target step by this fraction: near
 break-even, prediction errors would otherwise make speculation slower than not speculating. Measured (alternated,
-4 rounds, CPU; ``benchmarks/results/controller_rules_cpu.md``): without it chat prompts at batch 1 with the n-gram drafter ran 1.9% slower
-(every round), the main job at batch 4 0.8% slower (within noise)."""
+4 rounds, CPU; ``benchmarks/results/controller_rules_cpu.md``): without it chat prompts at batch 1 with the n-gram
+drafter ran 1.9% slower (every round), the main job at batch 4 0.8% slower (within noise)."""
 COPY_GAMMA_MAX_DEFAULT = 16
 """Largest draft length of ``gamma="auto"`` with a model-free drafter when ``gamma_max`` is not given: its drafts
 cost no forward, so only the verify width limits them, and the plan and :meth:`AdaptiveSpeculation.choose_width`
 cut that to what each step is worth (drafters with a model keep
 :data:`~batched_specdec.checks.GAMMA_MAX_DEFAULT`). Measured: with 8 instead, copy and edit prompts at batch 1 took
-167 target forwards instead of 159 and ran 2.3% slower (every round of 4; ``benchmarks/results/controller_rules_cpu.md``)."""
+167 target forwards instead of 159 and ran 2.3% slower (every round of 4;
+``benchmarks/results/controller_rules_cpu.md``)."""
 TIMED_PHASES = ("draft", "accept")
 """The step phases whose ends the controller's clock marks (:meth:`AdaptiveSpeculation.mark`). The cost model's
 draft seconds run from the step's start to the end of *draft* (plan and draft), its verify seconds from there to
@@ -110,7 +111,8 @@ class AdaptiveSpeculation:
         Never update the cost model from timings (tests, reproducible benchmarks of the policy).
     num_sources : int
         Sources a row may draft from (a hybrid drafter's n-gram match and model): acceptance is kept per row and
-        source, and the ``row_ids`` the hooks take are evidence ids, ``row * num_sources + source`` (:meth:`evidence_ids`).
+        source, and the ``row_ids`` the hooks take are evidence ids, ``row * num_sources + source``
+        (:meth:`evidence_ids`).
         Default 1.
     copy_sources : tuple of int
         The sources that copy an n-gram match of the row's own tokens, priced at

@@ -78,10 +78,11 @@ class RaggedBatch:
     own budget (:attr:`budgets`) and finishes at it or at an EOS.
 
     With ``compile=True`` (the session's ``compile`` or ``cuda_graphs``) the per-row buffers are static and pooled
-    (graph-stable across calls) and compaction keeps rows in the front of the same buffers. With ``delayed_host_read=True`` the
-    host's view is one step behind the device: :meth:`sync` starts a non-blocking copy of this step's state into a
-    small ring of pinned buffers (:class:`~batched_specdec.devices.HostRing`: no allocation per step) and reads the
-    previous step's, and :meth:`max_live_seq_len` adds the last commit's width, which the host has not seen yet.
+    (graph-stable across calls) and compaction keeps rows in the front of the same buffers. With
+    ``delayed_host_read=True`` the host's view is one step behind the device: :meth:`sync` starts a non-blocking copy
+    of this step's state into a small ring of pinned buffers (:class:`~batched_specdec.devices.HostRing`: no
+    allocation per step) and reads the previous step's, and :meth:`max_live_seq_len` adds the last commit's width,
+    which the host has not seen yet.
     """
 
     def __init__(self, prompts: list[list[int]], max_gen_lens: list[int], seeds: list[int], capacity: int,

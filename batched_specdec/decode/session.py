@@ -400,7 +400,8 @@ class DecodeSession:
             steps=self.steps, row_steps=row_steps, wall_time_s=wall,
             acceptance_histogram=histogram, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
             time_split=dict(self.timer.split) if self.options.collect_stats else None, compactions=self.compactions,
-            logprobs=None if logprobs is None else [logprobs[i] for i in range(n)], controller=self.controller.summary(),
+            logprobs=None if logprobs is None else [logprobs[i] for i in range(n)],
+            controller=self.controller.summary(),
         )
         if self.by_source.numel():
             stats.extra["sources"] = self._source_counts(n)
