@@ -174,6 +174,48 @@ def _hidden_captured(model, captured: list, which: bool | tuple[int, ...]):
             handle.remove()
 
 
+def tail_forward(model, cache: RaggedKVCache, tokens: Tensor, tails: list[int], drafts: Tensor) -> Tensor:
+    """A verify forward that also writes the prompt tails: row ``b`` feeds the ``tails[b]`` committed tokens the
+    cache does not hold yet, ``tokens[b, lens[b] : lens[b] + tails[b]]``, then its drafts ``drafts[b]``, at positions
+    from ``cache.lens[b]`` on. Returns the logits ``(B, k + 1, V)`` at the tail's last token and at each draft:
+    what a verify forward over ``[s_b[-1], d_1..d_k]`` returns. One eager forward of ``max(tails) + k`` tokens per
+    row; a row with a shorter tail writes placeholder entries past its drafts, which stay invisible.
+
+    Parameters
+    ----------
+    tokens : Tensor
+        ``(B, S)`` int64: the rows' token buffer, holding at least ``cache.lens[b] + tails[b]`` tokens per row.
+    tails : list of int
+        ``(B,)`` host values >= 1: the committed tokens per row past its cache length (1: only ``s_b[-1]``).
+    drafts : Tensor
+        ``(B, k)`` int64 on ``tokens``' device, ``k >= 0``.
+    """
+    device, k = tokens.device, drafts.shape[1]
+    tail = torch.tensor(tails, dtype=torch.int64, device=device)[:, None]
+    columns = torch.arange(max(tails) + k, device=device)[None, :]
+    inputs = tokens.gather(1, (cache.lens.to(device)[:, None] + columns).clamp_max(tokens.shape[1] - 1))
+    if k:
+        inputs = torch.where(columns < tail, inputs, drafts.gather(1, (columns - tail).clamp(0, k - 1)))
+    with _output_rows_kept(model, tail - 1 + columns[:, : k + 1]):
+        return model_forward(model, cache, inputs, compile=False)
+
+
+@contextmanager
+def _output_rows_kept(model, columns: Tensor):
+    """While open, ``model``'s output head reads only the hidden states at ``columns`` ``(B, K)`` of each row (a
+    forward pre-hook on it): a forward returns logits ``(B, K, V)``, without the logits of other columns."""
+    def keep(module, args):
+        hidden = args[0]
+        index = columns.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
+        return (hidden.gather(1, index), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chunk: int = PREFILL_CHUNK,
             on_hidden=None, rows: Tensor | None = None, hidden: bool | tuple[int, ...] = True) -> None:
     """Write ``tokens[b, :widths[b]]`` of every row into ``cache`` (positions ``0 .. widths[b] - 1``), ``chunk``

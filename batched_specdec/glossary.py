@@ -26,6 +26,11 @@ verify width
     Drafts per row the step's verify forward checks: the draft length, cut to what is worth verifying of the
     proposals (``gamma="auto"``; with a fixed ``gamma``, to the longest proposal when the drafter's proposal lengths
     are on the host). The verify forward carries ``width + 1`` tokens per row, ``[s_b[-1], d_1..d_width]``.
+prompt tail
+    The last tokens of a row's prompt (up to a prefill chunk, ``prefill_chunk``) that the first step's verify forward
+    writes before the row's drafts, ``[tail, d_1..d_width]``, instead of the prefill: a prompt within one chunk costs
+    no forward of its own. Later verify forwards carry ``[s_b[-1], d_1..d_width]``. Rows of a feature drafter (it
+    drafts from the hidden states of ``s_b[:-1]``) and prompts entering rows mid-run keep a tail of one token.
 accepted
     A draft kept by verification; ``num_accepted[b]`` is in ``0..width``, a prefix of the row's drafts.
 recovered token
@@ -69,8 +74,8 @@ step phases
     *accept* (rejection sampling or coupled verification: accepted drafts and the recovered or bonus token),
     *commit* (rows append their emitted tokens and check EOS ids and budgets; the cache is pruned to the committed
     lengths), *sync* (the step's one host read, what the controller learns from it, and compaction of finished
-    rows). *prefill* (writing prompts into the cache, at the start and when prompts enter rows) runs outside the
-    step. :data:`PHASES` are the keys of ``GenerationStats.time_split``. The adaptive controller's cost model takes
+    rows). *prefill* (writing prompts up to their tails into the cache, at the start and when prompts enter rows)
+    runs outside the step. :data:`PHASES` are the keys of ``GenerationStats.time_split``. The adaptive controller's cost model takes
     plan and draft as its draft seconds, verify and accept as its verify seconds
     (:data:`~batched_specdec.controller.policy.TIMED_PHASES`).
 """

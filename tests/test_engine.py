@@ -18,7 +18,8 @@ from batched_specdec import (
     autoregressive_generate_batch,
     speculative_generate_batch,
 )
-from batched_specdec.forwards import model_forward
+from batched_specdec.drafting import NGramDrafter
+from batched_specdec.forwards import model_forward, prefill, tail_forward
 from batched_specdec.ragged_cache import RaggedKVCache
 
 
@@ -107,6 +108,55 @@ def test_compaction_keeps_rows_in_prompt_order(llama_pair):
                                                    eos_tokens_id=eos)
     assert outputs == expected
     assert stats.compactions >= 1
+
+
+@pytest.mark.parametrize("chunk", [128, 4])
+def test_the_first_verify_forward_writes_the_prompt_tails(llama_pair, chunk):
+    """Prompts within one prefill chunk cost no forward of their own: every target forward is a step's. With a chunk
+    of 4 the prefill writes all but each row's last 4 tokens in 3 forwards (prompts of 1..13 tokens), the first step
+    writes tails of 1..4 tokens beside its drafts, and outputs equal the reference loop."""
+    target, bad_draft = llama_pair
+    prompts = _ragged_prompts(6, 96, 13, seed=21)
+    expected = [greedy_reference(target, p, 10, []) for p in prompts]
+    forwards = []
+    handle = target.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        for draft in (None, NGramDrafter(), bad_draft):
+            forwards.clear()
+            if draft is None:
+                outputs, stats = autoregressive_generate_batch(prompts, target, max_gen_len=10, eos_tokens_id=[],
+                                                               prefill_chunk=chunk, return_stats=True)
+            else:
+                outputs, _, stats = speculative_generate_batch(prompts, draft, target, gamma=3, max_gen_len=10,
+                                                               eos_tokens_id=[], prefill_chunk=chunk)
+            assert outputs == expected
+            assert len(forwards) == stats.steps + (0 if chunk == 128 else 3)
+    finally:
+        handle.remove()
+
+
+def test_a_tail_forward_returns_the_logits_of_a_prefill_and_a_verify(llama_pair):
+    """Ragged tails (1, 5 and 3 tokens past cached prefixes of 4, 2 and 0) and 2 drafts in one forward: the logits
+    at each tail's last token and the drafts, and the cache entries, equal a prefill up to ``s_b[:-1]`` followed by
+    a verify forward over ``[s_b[-1], d_1, d_2]``."""
+    target, _ = llama_pair
+    tokens = torch.randint(5, 96, (3, 16), generator=torch.Generator().manual_seed(3))
+    cached, tails, drafts = [4, 2, 0], [1, 5, 3], torch.randint(5, 96, (3, 2))
+    ends = [c + t for c, t in zip(cached, tails)]
+    caches = [RaggedKVCache(target.config, 3, 24, torch.device("cpu")) for _ in range(2)]
+    with torch.inference_mode():
+        prefill(target, caches[0], tokens, cached)
+        caches[0].set_span(16)
+        logits = tail_forward(target, caches[0], tokens, tails, drafts)
+        order = [1, 0, 2]  # prefill wants rows longest first
+        prefill(target, caches[1], tokens, [ends[r] - 1 for r in order], rows=torch.tensor(order))
+        caches[1].set_span(16)
+        last = tokens.gather(1, torch.tensor(ends)[:, None] - 1)
+        expected = model_forward(target, caches[1], torch.cat([last, drafts], dim=1))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    for b, end in enumerate(ends):
+        for one, other in zip(caches[0].key_buffers, caches[1].key_buffers):
+            torch.testing.assert_close(one[b, :, : end + 2], other[b, :, : end + 2], atol=1e-4, rtol=1e-4)
 
 
 def test_ragged_cache_after_pruning_equals_fresh_forward(llama_pair):

@@ -109,7 +109,8 @@ def test_a_second_call_replays_the_first_calls_recordings(models):
     second, stats2 = autoregressive_generate_batch(prompts, target, **kwargs)
     assert first == second == autoregressive_generate_batch(prompts, target, max_gen_len=10, eos_tokens_id=[])
     assert stats1.extra["graphs_recorded"] >= 1 and stats2.extra["graphs_recorded"] == 0
-    assert stats2.extra["graph_replays"] == 10 and stats2.extra["graph_recording_s"] == 0
+    # every step but the first, whose forward also writes the prompt tails (eager)
+    assert stats2.extra["graph_replays"] == 9 and stats2.extra["graph_recording_s"] == 0
 
 
 def test_a_host_read_inside_a_recorded_forward_fails(models):

@@ -91,7 +91,6 @@ class RaggedBatch:
         batch = len(prompts)
         order = sorted(range(batch), key=lambda i: -len(prompts[i]))
         lens = [len(prompts[i]) for i in order]
-        self.prefill_widths = [n - 1 for n in lens]
         self.max_prompt_len = max(lens)
         # compile: graph-stable buffers (the session passes compile or cuda_graphs)
         self.capacity, self.stable, self.device, self.pad_token_id = capacity, compile, device, pad_token_id

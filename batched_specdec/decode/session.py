@@ -9,7 +9,8 @@ and in its admission, each through its own methods. :meth:`~DecodeSession.step` 
 2. draft (``drafting/``): the drafter proposes up to ``k`` tokens per row (skipped when ``k == 0``), cut to the
    verify width the controller chooses;
 3. verify (:func:`~batched_specdec.forwards.model_forward`, through the session's ``_verify``): one target forward
-   over ``[s_b[-1], d_1..d_k]`` per row through the ragged cache;
+   over ``[s_b[-1], d_1..d_k]`` per row through the ragged cache (the first step's over ``[tail, d_1..d_k]``, which
+   also writes the prompt tails, :func:`~batched_specdec.forwards.tail_forward`);
 4. accept (``decode/accept.py``): rejection sampling (or, with ``sampling_scheme="coupled"``, coupled verification)
    keeps 0..k drafts per row and adds one recovered or bonus token; with ``k == 0`` a plain target sample;
 5. commit (:meth:`RaggedBatch.commit <batched_specdec.decode.batch.RaggedBatch.commit>`, one fused kernel,
@@ -51,7 +52,7 @@ from batched_specdec.decode.compaction import COMPACT_FRACTION, compact, finishe
 from batched_specdec.decode.stats import GenerationStats, PhaseTimer, progress_bar
 from batched_specdec.devices import peak_memory, reset_peak_memory
 from batched_specdec.drafting.base import Drafter, DraftProposal, draft_cost_ratio
-from batched_specdec.forwards import model_forward, prefill
+from batched_specdec.forwards import model_forward, prefill, tail_forward
 from batched_specdec.options import DecodeOptions, DecodeRequest, prompt_seed
 from batched_specdec.processors import DRAFT_DRAWS, DRAW_BLOCK, RowDraws
 from batched_specdec.ragged_cache import RaggedKVCache
@@ -112,6 +113,10 @@ class DecodeSession:
         self.timer = PhaseTimer(options.collect_stats, device)
         self.steps = self.compactions = 0
         self.bar = None
+        # Host (B,): each row's prompt tail, the last prompt tokens (up to a prefill chunk) that the first step's
+        # verify forward writes before its drafts, so a prompt within one chunk costs no forward of its own; None
+        # once written, or when every tail is the one token every verify forward starts with, s_b[-1].
+        self.tails: list[int] | None = None
         self._recorded_before = graphs.COUNTS.snapshot()  # reset by start()
         self.admission = Admission(self)  # the prompts beyond the first ``slots``, queued (continuous batching)
 
@@ -171,15 +176,27 @@ class DecodeSession:
         return False if self.drafter is None else self.drafter.target_hidden
 
     def prefill(self) -> None:
-        """Fill the target cache with ``s_b[:-1]`` of every row, in ragged chunks; a feature drafter receives each
-        chunk's hidden states."""
+        """Fill the target cache with every row's prompt up to its tail, in ragged chunks (a feature drafter receives
+        each chunk's hidden states); the first step's verify forward writes the tails (:attr:`tails`)."""
         rows, drafter = self.rows, self.drafter
         on_hidden = None
         if drafter is not None:
             drafter.start(rows.token_buffer[:, : rows.max_prompt_len], rows.seq_lens, self.capacity)
             on_hidden = drafter.observe_features if drafter.uses_target_features else None
-        prefill(self.target, self.cache, rows.token_buffer, rows.prefill_widths, self.options.prefill_chunk,
-                on_hidden=on_hidden, hidden=self.target_hidden)
+        longest = self._longest_tail()
+        tails = rows.host_prompt_lens.clamp_max(longest)
+        self.tails = tails.tolist() if longest > 1 else None
+        prefill(self.target, self.cache, rows.token_buffer, (rows.host_prompt_lens - tails).tolist(),
+                self.options.prefill_chunk, on_hidden=on_hidden, hidden=self.target_hidden)
+
+    def _longest_tail(self) -> int:
+        """The most prompt tokens per row the first verify forward writes: a prefill chunk, or only ``s_b[-1]`` for
+        a feature drafter (it drafts from the hidden states of ``s_b[:-1]``) and for a target without an output head
+        module (:func:`~batched_specdec.forwards.tail_forward` keeps the logits it needs by a hook on it)."""
+        if self.drafter is not None and self.drafter.uses_target_features:
+            return 1
+        head = self.target.get_output_embeddings() if hasattr(self.target, "get_output_embeddings") else None
+        return 1 if head is None else self.options.prefill_chunk
 
     # --- admission (continuous batching: decode/admission.py) ------------------------------------------------
 
@@ -214,6 +231,7 @@ class DecodeSession:
         batch and the controller plans for a batch that stays full; otherwise for the batch's last stretch (each
         row's tokens to go), and finished rows leave the batch (:mod:`batched_specdec.decode.compaction`)."""
         graphs_before = self._step_started()
+        writes_tails = self.tails is not None
         max_len = self.rows.max_live_seq_len()
         plan, evidence = self._plan(max_len, refilling)
         self._phase_ended("plan")
@@ -227,7 +245,9 @@ class DecodeSession:
         self._phase_ended("commit")
         finished_before = self.rows.view.finished
         view = self._sync(counts)
-        self._observe(view, finished_before, plan, evidence, drafts, graphs_before)
+        # a step that also wrote prompt tails, compiled or recorded a graph teaches nothing about step costs
+        timing_usable = not writes_tails and self._graph_counts() == graphs_before
+        self._observe(view, finished_before, plan, evidence, drafts, timing_usable)
         done = view.all_finished
         if not done and not refilling:
             finished = finished_to_follow(view, finished_before, self.options.delayed_host_read)
@@ -302,6 +322,9 @@ class DecodeSession:
         read)."""
         k = draft_tokens.shape[1]
         self.cache.set_span(max_len + k)
+        if self.tails is not None:  # the first step also writes the prompt tails
+            tails, self.tails = self.tails, None
+            return tail_forward(self.target, self.cache, self.rows.token_buffer, tails, draft_tokens).to(self.device)
         last = self.rows.last_tokens()
         inputs = last if k == 0 else torch.cat([last, draft_tokens], dim=1)
         if self.drafter is None or not self.drafter.uses_target_features:
@@ -352,14 +375,14 @@ class DecodeSession:
         return view
 
     def _observe(self, view: HostView, finished_before: Tensor, plan: StepPlan, evidence: Tensor, drafts: DraftProposal,
-                 graphs_before: tuple[int, int]) -> None:
+                 timing_usable: bool) -> None:
         """What the adaptive controller learns from the sync: the rows that were live (``finished_before``: the view
-        before the sync), their proposed and accepted drafts (``view.extra``), and the step's timings unless a graph
-        was compiled or recorded during it."""
+        before the sync), their proposed and accepted drafts (``view.extra``), and with ``timing_usable`` the step's
+        timings."""
         if self.controller.adaptive:
             self.controller.observe(evidence, *view.extra, ~finished_before, finished_before.shape[0], plan.draft_len,
                                     drafts.tokens.shape[1], draft_timing_usable=not drafts.includes_catch_up,
-                                    timing_usable=self._graph_counts() == graphs_before)
+                                    timing_usable=timing_usable)
 
     # --- instrumentation -------------------------------------------------------------------------------------
 
