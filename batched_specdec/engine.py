@@ -96,7 +96,9 @@ def speculative_generate_batch(
         dense-mask path, kept as a reference.
     prefill_chunk : int
         Prompt tokens per row per prefill forward (default 128): prompts are prefilled in chunks, each forward over
-        only the rows with prompt left, so prefill memory is bounded by rows x chunk, not by the longest prompt.
+        only the rows with prompt left, so prefill memory is bounded by rows x chunk, not by the longest prompt. The
+        first step's verify forward writes each prompt's last tokens, up to a chunk (its *prompt tail*, glossary),
+        so a prompt within one chunk costs no forward of its own.
     compile : bool
         Compile the decode step (:mod:`batched_specdec.capture`): the verify and draft forwards, the rejection
         sampling and the commit, with ``fullgraph=True`` and dynamic shapes (nothing recompiles from step to step);
