@@ -177,9 +177,9 @@ def autoregressive_generate_batch(
     """Target-only batched decoding through the same ragged cache: the fair baseline for every speedup.
 
     Same arguments, defaults and stopping rules as :func:`speculative_generate_batch`, ``compile``,
-    ``delayed_host_read``, ``sampling_scheme`` and ``cuda_graphs`` included (the forward and the commit are compiled; sampling with a
-    generator stays eager). With ``sampling_scheme="coupled"`` each token is the Gumbel-max sample keyed by the seed,
-    the prompt and its position: what speculative decoding with that scheme and seed emits.
+    ``delayed_host_read``, ``sampling_scheme`` and ``cuda_graphs`` included (the forward and the commit are compiled;
+    sampling with a generator stays eager). With ``sampling_scheme="coupled"`` each token is the Gumbel-max sample keyed
+    by the seed, the prompt and its position: what speculative decoding with that scheme and seed emits.
     Returns ``list[list[int]]``, the continuation of every prompt, or ``(outputs, stats)`` with
     ``return_stats=True`` or ``return_logprobs=True`` (then ``stats.logprobs`` holds the log-probability of every
     emitted token).

@@ -100,7 +100,8 @@ def _eager_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_kee
         return (logits,)
     expected = 1 if return_hidden is True else len(return_hidden)
     if len(captured) != expected:
-        raise RuntimeError(f"{type(model).__name__}'s hidden states were captured {len(captured)} times in one forward; "
+        raise RuntimeError(f"{type(model).__name__}'s hidden states were captured "
+                           f"{len(captured)} times in one forward; "
                            f"expected {expected}")
     return logits, captured[0] if return_hidden is True else torch.cat(captured, dim=-1)
 
@@ -263,7 +264,8 @@ def prefill(model, cache: RaggedKVCache, tokens: Tensor, widths: list[int], chun
             cache.set_lens(cache.lens.index_fill(0, index, start))
             chunk_tokens = tokens.index_select(0, index[:active])[:, start : start + width]
         cache.set_span(start + width)
-        out = model_forward(model, cache, chunk_tokens, logits_to_keep=1, return_hidden=on_hidden is not None and hidden)
+        out = model_forward(model, cache, chunk_tokens, logits_to_keep=1,
+                            return_hidden=on_hidden is not None and hidden)
         if on_hidden is not None:
             on_hidden(out[1], start, active if index is None else index[:active])
     cache.set_rows(None)

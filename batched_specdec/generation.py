@@ -228,8 +228,8 @@ def generate(
     Returns
     -------
     GenerationResult
-        ``.texts``, ``.token_ids``, ``.stats`` (all batches merged, see :func:`~batched_specdec.decode.stats.merge_stats`), ``.batch_stats``,
-        ``.batches`` and ``.logprobs``.
+        ``.texts``, ``.token_ids``, ``.stats`` (all batches merged, see
+        :func:`~batched_specdec.decode.stats.merge_stats`), ``.batch_stats``, ``.batches`` and ``.logprobs``.
     """
     settings = resolve_sampling(target, generation_config, **overrides)
     if isinstance(gamma, (AdaptiveSpeculation, StaticSpeculation)):

@@ -70,13 +70,13 @@ row-steps
     the mean tokens a live row gains per verify forward (accepted + 1 with drafts, 1 target-only).
 step phases
     A decode step runs :data:`STEP_PHASES` in order: *plan* (the controller picks the draft length), *draft* (the
-    drafter proposes and the verify width is chosen), *verify* (one target forward through the ragged cache),
-    *accept* (rejection sampling or coupled verification: accepted drafts and the recovered or bonus token),
-    *commit* (rows append their emitted tokens and check EOS ids and budgets; the cache is pruned to the committed
-    lengths), *sync* (the step's one host read, what the controller learns from it, and compaction of finished
-    rows). *prefill* (writing prompts up to their tails into the cache, at the start and when prompts enter rows)
-    runs outside the step. :data:`PHASES` are the keys of ``GenerationStats.time_split``. The adaptive controller's cost model takes
-    plan and draft as its draft seconds, verify and accept as its verify seconds
+    drafter proposes and the verify width is chosen), *verify* (one target forward through the ragged cache), *accept*
+    (rejection sampling or coupled verification: accepted drafts and the recovered or bonus token), *commit* (rows
+    append their emitted tokens and check EOS ids and budgets; the cache is pruned to the committed lengths), *sync*
+    (the step's one host read, what the controller learns from it, and compaction of finished rows). *prefill* (writing
+    prompts up to their tails into the cache, at the start and when prompts enter rows) runs outside the step.
+    :data:`PHASES` are the keys of ``GenerationStats.time_split``. The adaptive controller's cost model takes plan and
+    draft as its draft seconds, verify and accept as its verify seconds
     (:data:`~batched_specdec.controller.policy.TIMED_PHASES`).
 """
 

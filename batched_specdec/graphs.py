@@ -68,7 +68,8 @@ class GraphCounts:
 
     def since(self, before: GraphCounts) -> dict:
         """The counts since ``before``, as the stats report them."""
-        return {"graphs_recorded": self.recorded - before.recorded, "graphs_rerecorded_moved": self.moved - before.moved,
+        return {"graphs_recorded": self.recorded - before.recorded,
+                "graphs_rerecorded_moved": self.moved - before.moved,
                 "graph_replays": self.replayed - before.replayed,
                 "graph_recording_s": round(self.seconds - before.seconds, 4)}
 

@@ -298,7 +298,8 @@ def load_draft(
             raise ModelLoadError(f"draft {spec!r} is a draft head: it needs the target model to load")
         if not head and not (path / CONFIG_NAME).is_file():
             raise ModelLoadError(
-                f"no distilled draft is installed at {str(path)!r}; train one with `python -m batched_specdec.training` "
+                f"no distilled draft is installed at {str(path)!r}; "
+                "train one with `python -m batched_specdec.training` "
                 "and pass --draft OUTPUT_DIR/draft, or use --draft ngram"
             )
         try:

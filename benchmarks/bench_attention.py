@@ -154,7 +154,8 @@ def main() -> None:
     p.add_argument("--device", help="cpu or cuda [default: cuda if available]")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batch sizes [default: 8 32]")
     p.add_argument("--backends", nargs="+", default=["dense", "sdpa", "flex"], help="[default: dense sdpa flex]")
-    p.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512], help="prefill chunks [default: 128 256 512]")
+    p.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512],
+                   help="prefill chunks [default: 128 256 512]")
     p.add_argument("--q-heads", type=int, default=32, help="query heads [default: 32]")
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads [default: 8]")
     p.add_argument("--head-dim", type=int, default=32, help="[default: 32]")

@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main_job_cell(args, prompt_set: str, batch: int, draft: str) -> dict:
     """One main-job run; its speedup, spread, acceptance and greedy verdict."""
     out = os.path.join(args.output_dir, f"{prompt_set}-b{batch}-{draft}")
-    cmd = [sys.executable, "-m", "batched_specdec.main", "--prompts", os.path.join(HERE, "prompts", f"{prompt_set}.jsonl"),
+    cmd = [sys.executable, "-m", "batched_specdec.main", "--prompts",
+           os.path.join(HERE, "prompts", f"{prompt_set}.jsonl"),
            "--num-prompts", str(max(8, batch)), "--batch-size", str(batch), "--draft", draft, "--max-new-tokens",
            str(args.max_new_tokens), "--repeats", str(args.repeats), "--output-dir", out]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run both engines with cuda_graphs=True (decode forwards recorded once and replayed, no "
                              "inductor); the untimed warm-up pass records every shape's graphs")
     parser.add_argument("--draft-head", choices=["model", "eagle3"], default="model",
-                        help="synthetic acceptance: draft with the random 0.5B-class model (model) or an EAGLE-3-layout "
+                        help="synthetic acceptance: "
+                             "draft with the random 0.5B-class model (model) or an EAGLE-3-layout "
                              "head over the target's layers (eagle3, random weights; hf_assisted then uses prompt "
                              "lookup)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",

@@ -1,6 +1,7 @@
 """Our n-gram drafting against transformers' prompt lookup and plain ``generate``: target forwards and time.
 
-For each prompt set (``copy``: benchmarks/prompts/copy.jsonl, copy and edit work; ``chat``: benchmarks/prompts/chat.jsonl)
+For each prompt set (``copy``: benchmarks/prompts/copy.jsonl, copy and edit work;
+``chat``: benchmarks/prompts/chat.jsonl)
 and batch size B, the embedded target decodes the prompts greedily with:
 
 * ``hf_generate``: transformers' ``model.generate`` (batch 1 only, one prompt at a time);
@@ -19,7 +20,8 @@ times, so its counts move with the machine's load; ``--frozen-costs V0 V1`` pric
 ``V0 + V1 * x`` seconds instead (and nothing else), which makes its counts reproducible.
 
 Timing: wall seconds per method and cell, the methods alternated (reversed on odd rounds) over ``--rounds`` rounds,
-one warm-up decode per method excluded (with ``--rounds`` above 1). Every output is checked token for token against plain ``generate``.
+one warm-up decode per method excluded (with ``--rounds`` above 1). Every output is checked token for token against
+plain ``generate``.
 
     python benchmarks/bench_prompt_lookup.py --sets copy --batch-sizes 1 --rounds 1 --frozen-costs 0.032 0.0026
     python benchmarks/bench_prompt_lookup.py --rounds 5 --threads 2     # the wall-time comparison, quiet machine
@@ -102,7 +104,8 @@ def run_method(method: str, batches: list[list[list[int]]], target, drafters: di
             continue
         drafter = drafters["ngram" if method.startswith("ngram") else "default"]
         gamma = ours_gamma(method, len(prompts), drafter, args)
-        out, _, stats = speculative_generate_batch(prompts, drafter, target, gamma=gamma, max_gen_len=args.max_new_tokens)
+        out, _, stats = speculative_generate_batch(prompts, drafter, target, gamma=gamma,
+                                                   max_gen_len=args.max_new_tokens)
         outputs += out
         decode += stats.target_forwards
         accepted += sum(stats.accepted)

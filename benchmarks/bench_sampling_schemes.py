@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     lines = []
     for temperature in args.temperatures:
         for prompt_set in args.sets:
-            texts = [json.loads(x)["prompt"] for x in (HERE / "prompts" / f"{prompt_set}.jsonl").read_text().splitlines()]
+            texts = [json.loads(x)["prompt"]
+                     for x in (HERE / "prompts" / f"{prompt_set}.jsonl").read_text().splitlines()]
             for batch in args.batch_sizes:
                 rows = encode_prompts(tokenizer, texts[: max(args.min_prompts, batch)])
                 for draft in args.drafts:

@@ -45,7 +45,8 @@ from batched_specdec.decode import batch as ragged_batch
 from batched_specdec.drafting.ngram import NGramDrafter
 
 FIELDS = KEY_FIELDS + ["path", "mode", "batch", "tokens_per_row", "steps", "aten_ops_per_step", "host_reads_per_step",
-                       "scalar_reads_per_step", "scalar_read_sites", "wall_s", "wall_s_p20", "wall_s_p80", "graphs_compiled",
+                       "scalar_reads_per_step", "scalar_read_sites", "wall_s", "wall_s_p20", "wall_s_p80",
+                       "graphs_compiled",
                        "cudagraph_recordings_warmup", "cudagraph_recordings_timed", "cudagraph_skips", "note"]
 
 
@@ -178,7 +179,8 @@ def main() -> None:
                   f"(graphs compiled in warm-up: {graphs[m]}){cudagraph_text(row)}")
             print(f"{'':12s} scalar reads from: {row['scalar_read_sites']}")
         if len(modes) == 2:
-            print(f"{'':12s} eager / compiled wall time: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
+            print(f"{'':12s} eager / compiled wall time: "
+                  f"{statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
     if not args.no_save:
         print("saved to", append_rows("step_overhead", FIELDS, rows))
 

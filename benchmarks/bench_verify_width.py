@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                 model_forward(target, cache, tokens[:, args.context : args.context + width])
                 if repeat:
                     seconds[width].append(time.perf_counter() - start)
-    print(f"| verify tokens ({args.batch} row(s), {args.context} in cache) | " + " | ".join(map(str, args.widths)) + " |")
+    print(f"| verify tokens ({args.batch} row(s), {args.context} in cache) | "
+          + " | ".join(map(str, args.widths)) + " |")
     print("|---|" + "---|" * len(args.widths))
     print("| ms (median) | " + " | ".join(f"{statistics.median(seconds[w]) * 1e3:.1f}" for w in args.widths) + " |")
     return 0

@@ -33,7 +33,8 @@ def main() -> None:
     print(f"positions {gap.numel()}, logit std {float(l32.std()):.3f}, median top-2 gap {float(gap.median()):.4f}")
     print(f"top-2 gap under 1 bf16 spacing: {float((gap < ulp).float().mean()):.1%}, under 4: "
           f"{float((gap < 4 * ulp).float().mean()):.1%}")
-    print(f"argmax differs between bf16 and fp32 weights: {float((l16.argmax(-1) != l32.argmax(-1)).float().mean()):.1%}")
+    print("argmax differs between bf16 and fp32 weights: "
+          f"{float((l16.argmax(-1) != l32.argmax(-1)).float().mean()):.1%}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def plot_device(plt, device: str, rows: list[dict], out_dir: str) -> list[str]:
         groups = defaultdict(list)
         for r in spec:
             alpha = f" alpha={r['alpha']}" if r.get("alpha") else ""
-            groups[f"B={r['batch']}{alpha}"].append((int(r["gamma"]), num(r["acceptance_rate"]), num(r["tokens_per_s"])))
+            groups[f"B={r['batch']}{alpha}"].append((int(r["gamma"]), num(r["acceptance_rate"]),
+                                                     num(r["tokens_per_s"])))
         for label, pts in sorted(groups.items(), key=lambda kv: kv[0]):
             pts.sort()
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)

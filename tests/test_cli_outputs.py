@@ -15,7 +15,8 @@ from batched_specdec import main as cli
 from batched_specdec.main import main
 from batched_specdec.outputs import OutputWriter, read_done
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "one", "two", "three", "a", "cat", "is", "in"]
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "one", "two", "three", "a",
+         "cat", "is", "in"]
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,8 @@ def test_distill_feature_draft_end_to_end(tiny_target_dir, tmp_path):
     from batched_specdec.drafting.heads import FeatureHeadDraft
 
     out = tmp_path / "run"
-    summary = run(_args(tiny_target_dir, out, "--kind", "feature", "--layers", "1", "--steps", "60", "--checkpoint-every", "0",
+    summary = run(_args(tiny_target_dir, out, "--kind", "feature", "--layers", "1", "--steps", "60",
+                        "--checkpoint-every", "0",
                         "--lr", "3e-3"))
     assert summary["steps"] == 60
     assert summary["loss_last"] < 0.8 * summary["loss_first"]
@@ -220,7 +221,8 @@ def test_shipped_draft_is_exact_with_embedded_target():
     prompts = encode_prompts(tokenizer, builtin_prompts()[:2])
     expected = autoregressive_generate_batch(prompts, target, GreedyProcessor(), max_gen_len=16, eos_tokens_id=[])
     for drafter, gamma in ((draft, 4), (default, "auto")):  # the draft alone, and as the default hybrid's source
-        got, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=gamma, logits_processor=GreedyProcessor(),
+        got, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=gamma,
+                                               logits_processor=GreedyProcessor(),
                                                max_gen_len=16, eos_tokens_id=[])
         assert got == expected, gamma
     other = tiny_causal_lm("llama", vocab_size=VOCAB)

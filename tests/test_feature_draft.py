@@ -134,7 +134,8 @@ def test_features_and_draft_cache_match_a_no_cache_reference(target, schedule, m
     prompts = _ragged_prompts(5, VOCAB, 40, seed=9)
     drafter = CheckingFeatureDrafter(feature_head(target, seed=1), target)
     drafter.prefill_chunk = 16  # the prompt catch-up goes in several chunks
-    out, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=3, logits_processor=MultinomialProcessor(1.0),
+    out, _, _ = speculative_generate_batch(prompts, drafter, target, gamma=3,
+                                           logits_processor=MultinomialProcessor(1.0),
                                            max_gen_len=[12, 30, 5, 30, 18], eos_tokens_id=[], seed=0, prefill_chunk=16)
     assert [len(o) for o in out] == [12, 30, 5, 30, 18]
     assert drafter.checked > 10

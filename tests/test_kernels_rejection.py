@@ -108,7 +108,8 @@ def test_logits_triton_matches_reference(B, K, V, dtype):
     seed, offset = torch.tensor(-(2**62) + 17), torch.tensor(2**40 + 3)
     for draft_arg, temp in ((draft_logits, temperature), (None, temperature), (draft_logits, 0.8)):
         kw = {"num_draft_tokens": num_draft, "seed": seed, "offset": offset}
-        out_t, acc_t = rejection_sample_from_logits(draft_tokens, draft_arg, target_logits, temp, backend="triton", **kw)
+        out_t, acc_t = rejection_sample_from_logits(draft_tokens, draft_arg, target_logits, temp, backend="triton",
+                                                    **kw)
         out_r, acc_r = rejection_sample_from_logits_reference(draft_tokens, draft_arg, target_logits, temp, **kw)
         assert torch.equal(acc_t, acc_r)
         assert torch.equal(out_t, out_r)
@@ -137,7 +138,8 @@ def test_vocab_split_matches_reference(B, K, V, dtype, splits, monkeypatch):
     seed, offset = torch.tensor(4242), torch.tensor(2**33 + 1)
     for draft_arg, temp in ((draft_logits, temperature), (None, temperature), (draft_logits, 0.7)):
         kw = {"num_draft_tokens": num_draft, "seed": seed, "offset": offset}
-        out_t, acc_t = rejection_sample_from_logits(draft_tokens, draft_arg, target_logits, temp, backend="triton", **kw)
+        out_t, acc_t = rejection_sample_from_logits(draft_tokens, draft_arg, target_logits, temp, backend="triton",
+                                                    **kw)
         out_r, acc_r = rejection_sample_from_logits_reference(draft_tokens, draft_arg, target_logits, temp, **kw)
         assert torch.equal(acc_t, acc_r) and torch.equal(out_t, out_r)
         check_invariants(out_t, acc_t, num_draft, draft_tokens, V)
@@ -439,7 +441,8 @@ def test_all_greedy_fast_reference_equals_full_reference(V):
         num_draft = torch.randint(0, K + 1, (B,), generator=g)
         fast = rejection_sample_from_logits(drafts, None, logits, 0.0, num_draft_tokens=num_draft, backend="torch")
         full = rejection_sample_from_logits_impl(drafts, None, logits, _temperature_tensor(0.0, B, drafts.device),
-                                                 num_draft, torch.full((B,), 1), 2 + torch.arange(B) * (K + 1) * (V + 1),
+                                                 num_draft, torch.full((B,), 1),
+                                                 2 + torch.arange(B) * (K + 1) * (V + 1),
                                                  torch.zeros(B, dtype=torch.bool))
         assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
 

@@ -97,7 +97,8 @@ def test_config_validation():
         build_config({}, {"ngram_min": 0})
     with pytest.raises(ConfigError, match=r"--ngram-max must be >= --ngram-min \(3\), got 2"):
         build_config({}, {"ngram_min": 3, "ngram_max": 2})
-    with pytest.raises(ConfigError, match="apply to --draft ngram, hybrid and auto only, but the draft is 'some/model'"):
+    with pytest.raises(ConfigError,
+                       match="apply to --draft ngram, hybrid and auto only, but the draft is 'some/model'"):
         build_config({"draft": "some/model"}, {"ngram_max": 5})
     config = build_config({"ngram_max": 5}, {"ngram_min": 2})
     drafter = load_draft(config.draft, max_ngram=config.ngram_max, min_ngram=config.ngram_min)

@@ -113,10 +113,10 @@ class Drafter(ABC):
         return None
 
     def observe_features(self, hidden: Tensor, first_position: Tensor | int, rows: int | Tensor | None = None) -> None:
-        """The target's hidden states ``(R, W, F)`` (:attr:`target_hidden`) of positions ``first_position + j`` (an int, or ``(R,)``
-        int64 per row) for rows ``[:rows]``, the rows of an ``(R,)`` int64 index tensor on any device (prompts
-        entering some rows), or all (None), from every prefill chunk, verify forward and admission. Only drafters
-        with :attr:`uses_target_features` are called."""
+        """The target's hidden states ``(R, W, F)`` (:attr:`target_hidden`) of positions ``first_position + j`` (an int,
+        or ``(R,)`` int64 per row) for rows ``[:rows]``, the rows of an ``(R,)`` int64 index tensor on any device
+        (prompts entering some rows), or all (None), from every prefill chunk, verify forward and admission. Only
+        drafters with :attr:`uses_target_features` are called."""
 
     def use_graphs(self, enabled: bool) -> None:
         """Called by the session before :meth:`start`: record and replay the drafter's decode-sized forwards
@@ -131,9 +131,9 @@ class Drafter(ABC):
         """After a step with drafts: ``(B,)`` int64 drafts each row verified and accepted (0 for finished rows)."""
 
     def admit_rows(self, token_buffer: Tensor, rows: Tensor, prompt_lens: list[int]) -> None:
-        """New prompts entered ``rows`` (``(R,)`` int64 on the session's device): their tokens are in
-        ``token_buffer`` ``(B, S)``, ``prompt_lens`` (host ints) long. Reset what the drafter keeps for those rows. The target's features of
-        their prompts (a feature drafter) arrive through :meth:`observe_features` first."""
+        """New prompts entered ``rows`` (``(R,)`` int64 on the session's device): their tokens are in ``token_buffer``
+        ``(B, S)``, ``prompt_lens`` (host ints) long. Reset what the drafter keeps for those rows. The target's features
+        of their prompts (a feature drafter) arrive through :meth:`observe_features` first."""
 
     def keep_rows(self, rows: Tensor) -> None:
         """Drop finished rows: keep ``rows`` (``(N,)`` int64, ascending) of the current batch, in that order."""
@@ -143,4 +143,5 @@ def draft_cost_ratio(drafter: Drafter, target_model) -> float | None:
     """A model draft's parameter count over the target's (a prior for its cost); None for model-free drafters."""
     if drafter.model is None:
         return None
-    return sum(p.numel() for p in drafter.model.parameters()) / max(sum(p.numel() for p in target_model.parameters()), 1)
+    draft = sum(p.numel() for p in drafter.model.parameters())
+    return draft / max(sum(p.numel() for p in target_model.parameters()), 1)

@@ -123,7 +123,8 @@ class EagleDraft(HeadDraft):
         self.__dict__["_target_embed"] = self.embed_tokens if own_embedding else target.get_input_embeddings()
         if layout == "eagle3":
             if 3 * target_width == width:
-                raise ValueError(f"an EAGLE-3 head of width {width} cannot tell the target's fused features from its own")
+                raise ValueError(f"an EAGLE-3 head of width {width} cannot tell the target's fused features "
+                                 "from its own")
             self.model.layers[0] = _Eagle3Layer(inner, norm_before_residual)
             self.fc = nn.Linear(3 * target_width, width, bias=False)
             self.norm = LlamaRMSNorm(width, eps=config.rms_norm_eps)
@@ -232,7 +233,8 @@ def load_eagle_draft(target, path: str | Path) -> EagleDraft:
     path = Path(path)
     file = _weights_file(path)
     if not (path / CONFIG_FILE).is_file() or file is None:
-        raise DraftLoadError(f"EAGLE checkpoint {str(path)!r} needs {CONFIG_FILE} and one of {' or '.join(WEIGHT_FILES)}")
+        raise DraftLoadError(f"EAGLE checkpoint {str(path)!r} needs {CONFIG_FILE} and one of "
+                             f"{' or '.join(WEIGHT_FILES)}")
     try:
         meta = json.loads((path / CONFIG_FILE).read_text())
         tensors = {_public_key(k): v for k, v in _read_weights(file).items()}

@@ -18,14 +18,15 @@ verification compares argmaxes, and the draft's argmax is always a subset token.
 lets its layer read the target's own final hidden state next to each token (see
 :class:`batched_specdec.drafting.feature.FeatureDrafter` for how it drafts).
 
-Files of a saved draft (:func:`batched_specdec.training.save.save_draft`): ``draft_config.json`` (the Llama config of the layers, the target's
-vocabulary size, the subset size, the kind: ``"tokens"`` or ``"feature"``), ``draft.safetensors`` (layers, norm,
-head bias, the subset ids and the kind's extra tensors: projections of a narrower token draft, a feature draft's
-``fc``; float tensors in the storage dtype, default bfloat16). Loaded tensors take the target's dtype.
-``manifest.json`` (written by the distillation tool, :func:`batched_specdec.training.save.write_manifest`) names the target the draft was trained
-for, with the SHA-256 of that target's float32 weights and the L2 norm of each of its tensors; a draft with a
-manifest loads only for a target whose tensors have the same names, shapes and norms (within
-:data:`NORM_TOLERANCE`, so that float32, bfloat16 and float16 loads of the same weights all match).
+Files of a saved draft (:func:`batched_specdec.training.save.save_draft`): ``draft_config.json`` (the Llama config of
+the layers, the target's vocabulary size, the subset size, the kind: ``"tokens"`` or ``"feature"``),
+``draft.safetensors`` (layers, norm, head bias, the subset ids and the kind's extra tensors: projections of a narrower
+token draft, a feature draft's ``fc``; float tensors in the storage dtype, default bfloat16). Loaded tensors take the
+target's dtype. ``manifest.json`` (written by the distillation tool,
+:func:`batched_specdec.training.save.write_manifest`) names the target the draft was trained for, with the SHA-256 of
+that target's float32 weights and the L2 norm of each of its tensors; a draft with a manifest loads only for a target
+whose tensors have the same names, shapes and norms (within :data:`NORM_TOLERANCE`, so that float32, bfloat16 and
+float16 loads of the same weights all match).
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ class SubsetHeadDraft(HeadDraft):
         return self.head_weight.device
 
     def subset_logits(self, hidden: Tensor) -> Tensor:
-        """``(..., K)`` logits over the subset from the hidden states ``(..., target width)`` of :meth:`hidden_states`."""
+        """``(..., K)`` logits over the subset from the hidden states ``(..., target width)`` of
+        :meth:`hidden_states`."""
         return nn.functional.linear(hidden, self.head_weight, self.head_bias)
 
     def hidden_states(self, input_ids: Tensor, **kwargs) -> Tensor:
@@ -257,7 +259,8 @@ class FeatureHeadDraft(SubsetHeadDraft):
 
 
 def check_target_sizes(config: dict, target) -> None:
-    """Raise :class:`DraftLoadError` unless ``target`` has the vocabulary and width the draft ``config`` was made for."""
+    """Raise :class:`DraftLoadError` unless ``target`` has the vocabulary and width the draft ``config`` was made
+    for."""
     tcfg = target.config
     hidden = int(config.get("target_hidden_size", config["hidden_size"]))
     if int(config["vocab_size"]) != int(tcfg.vocab_size) or hidden != int(tcfg.hidden_size):
@@ -297,8 +300,9 @@ def check_manifest(path: str | Path, target) -> None:
 
 
 def load_distilled_draft(target_model, path: str | Path = DEFAULT_DRAFT_DIR) -> SubsetHeadDraft:
-    """Load a draft saved by :func:`~batched_specdec.training.save.save_draft` for ``target_model``, on its device in its dtype, in eval mode: a
-    :class:`SubsetHeadDraft`, or a :class:`FeatureHeadDraft` when its config says ``"kind": "feature"``.
+    """Load a draft saved by :func:`~batched_specdec.training.save.save_draft` for ``target_model``, on its device in
+    its dtype, in eval mode: a :class:`SubsetHeadDraft`, or a :class:`FeatureHeadDraft` when its config says
+    ``"kind": "feature"``.
 
     Raises
     ------

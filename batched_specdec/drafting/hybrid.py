@@ -6,14 +6,15 @@ for long stretches on copy and edit tasks) and a model draft (a
 :class:`~batched_specdec.drafting.model.ModelDrafter`: useful on free text, where there
 is little to copy). All rows are verified in the one verify forward, whatever their source.
 
-Per row the drafter keeps the acceptance it has measured for each source (an exponential average of accepted /
-verified drafts over the steps the row drafted from it, as the session reports them), starting from a prior. A row drafts from its n-gram match when the match is at least ``min_match`` tokens long and the n-gram
-estimate, raised by ``match_bonus`` per matched token beyond ``min_match`` (longer matches are accepted more), is
-at least the model's; else from the model. The choice depends only on committed tokens and on that evidence, never
-on this step's sampled drafts, so verification stays exact: greedy output is the target's, and under sampling the
-n-gram rows are verified with a one-hot q (``DraftProposal.deterministic_rows``), the model rows with the model's q;
-under the ``"coupled"`` scheme every row's drafts are kept iff they equal the target's keyed samples, whatever their
-source, and the model's drafts are its own Gumbel-max samples with the target's noise (no q).
+Per row the drafter keeps the acceptance it has measured for each source (an exponential average of accepted / verified
+drafts over the steps the row drafted from it, as the session reports them), starting from a prior. A row drafts from
+its n-gram match when the match is at least ``min_match`` tokens long and the n-gram estimate, raised by ``match_bonus``
+per matched token beyond ``min_match`` (longer matches are accepted more), is at least the model's; else from the model.
+The choice depends only on committed tokens and on that evidence, never on this step's sampled drafts, so verification
+stays exact: greedy output is the target's, and under sampling the n-gram rows are verified with a one-hot q
+(``DraftProposal.deterministic_rows``), the model rows with the model's q; under the ``"coupled"`` scheme every row's
+drafts are kept iff they equal the target's keyed samples, whatever their source, and the model's drafts are its own
+Gumbel-max samples with the target's noise (no q).
 When every row drafts from its match and the host knows it without a device read (on CPU), the model's chain does
 not run that step (it catches up on the next step it runs). On CPU the drafter names each row's source before the
 step is planned (:meth:`HybridDrafter.next_sources`), so ``gamma="auto"`` plans from the acceptance of that source.

@@ -32,7 +32,8 @@ class ModelDrafter(Drafter):
         Columns per forward when it catches up on many tokens at once (its lazy prompt prefill).
     """
 
-    def __init__(self, model, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK, compile: bool = False) -> None:
+    def __init__(self, model, attention: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
+                 compile: bool = False) -> None:
         self.model = model
         self.attention = attention
         self.prefill_chunk = prefill_chunk

@@ -69,7 +69,8 @@ def _commit_emitted_tokens_kernel(
 def _check(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finished, cache_lens, eos_token_ids,
            max_gen_len):  # fmt: skip
     if not isinstance(output_tokens, torch.Tensor) or output_tokens.dim() != 2 or output_tokens.dtype != torch.int64:
-        got = (tuple(output_tokens.shape), output_tokens.dtype) if isinstance(output_tokens, torch.Tensor) else output_tokens
+        got = ((tuple(output_tokens.shape), output_tokens.dtype) if isinstance(output_tokens, torch.Tensor)
+               else output_tokens)
         raise ValueError(f"output_tokens must be a (B, K + 1) int64 tensor, got {got}")
     B = output_tokens.shape[0]
     device = output_tokens.device
@@ -82,11 +83,13 @@ def _check(output_tokens, num_accepted, token_buffer, seq_lens, gen_lens, finish
             raise ValueError(f"{name} must be a {shape} {dtype} tensor on {device}, got {got}")
     if (not isinstance(token_buffer, torch.Tensor) or token_buffer.dim() != 2 or token_buffer.shape[0] != B
             or token_buffer.dtype != torch.int64 or token_buffer.device != device):  # fmt: skip
-        got = (tuple(token_buffer.shape), token_buffer.dtype) if isinstance(token_buffer, torch.Tensor) else token_buffer
+        got = ((tuple(token_buffer.shape), token_buffer.dtype) if isinstance(token_buffer, torch.Tensor)
+               else token_buffer)
         raise ValueError(f"token_buffer must be a ({B}, S) int64 tensor on {device}, got {got}")
     if (not isinstance(eos_token_ids, torch.Tensor) or eos_token_ids.dim() != 1 or eos_token_ids.numel() < 1
             or eos_token_ids.dtype != torch.int64 or eos_token_ids.device != device):  # fmt: skip
-        got = (tuple(eos_token_ids.shape), eos_token_ids.dtype) if isinstance(eos_token_ids, torch.Tensor) else eos_token_ids
+        got = ((tuple(eos_token_ids.shape), eos_token_ids.dtype) if isinstance(eos_token_ids, torch.Tensor)
+               else eos_token_ids)
         raise ValueError(f"eos_token_ids must be an (E,) int64 tensor with E >= 1 on {device}, got {got}")
     if isinstance(max_gen_len, torch.Tensor):
         if tuple(max_gen_len.shape) != (B,) or max_gen_len.dtype != torch.int64 or max_gen_len.device != device:

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", metavar="DRAFT_DIR",
                    help="skip data and training; evaluate the draft saved in DRAFT_DIR on the held-out prompts")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per step in the evaluation")
-    p.add_argument("--eval-gen-len", type=int, default=96, help="tokens generated per held-out prompt in the evaluation")
+    p.add_argument("--eval-gen-len", type=int, default=96,
+                   help="tokens generated per held-out prompt in the evaluation")
     p.add_argument("--eval-batch-size", type=int, default=4, help="batch size of the batched evaluation (also batch 1)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt split, generation and training")

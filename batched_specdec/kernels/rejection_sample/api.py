@@ -13,11 +13,13 @@ from batched_specdec.kernels.rejection_sample.reference import (
 
 def _check_tokens_and_sizes(draft_tokens, target, draft, num_draft_tokens, what):
     if not isinstance(draft_tokens, torch.Tensor) or draft_tokens.dim() != 2 or draft_tokens.dtype != torch.int64:
-        got = (tuple(draft_tokens.shape), draft_tokens.dtype) if isinstance(draft_tokens, torch.Tensor) else draft_tokens
+        got = ((tuple(draft_tokens.shape), draft_tokens.dtype) if isinstance(draft_tokens, torch.Tensor)
+               else draft_tokens)
         raise ValueError(f"draft_tokens must be a (B, K) int64 tensor, got {got}")
     B, K = draft_tokens.shape
     if K < 1:
-        raise ValueError(f"draft_tokens must have at least one draft slot (K >= 1), got shape {tuple(draft_tokens.shape)}")
+        raise ValueError("draft_tokens must have at least one draft slot (K >= 1), "
+                         f"got shape {tuple(draft_tokens.shape)}")
     floats = (torch.float32, torch.bfloat16, torch.float16)
     if not isinstance(target, torch.Tensor) or target.dim() != 3 or target.shape[:2] != (B, K + 1):
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else target
@@ -141,7 +143,8 @@ def _temperature_tensor(temperature, B, device):
     if isinstance(temperature, torch.Tensor):
         if tuple(temperature.shape) not in ((B,), ()) or not temperature.dtype.is_floating_point:
             raise ValueError(
-                f"temperature must be a float or a ({B},) float tensor, got {tuple(temperature.shape)} {temperature.dtype}"
+                f"temperature must be a float or a ({B},) float tensor, got {tuple(temperature.shape)} "
+                f"{temperature.dtype}"
             )
         if temperature.device != device:
             raise ValueError(f"temperature is on {temperature.device} but the inputs are on {device}")
