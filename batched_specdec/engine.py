@@ -123,12 +123,12 @@ def speculative_generate_batch(
         gamma (``"auto"`` included), batch and schedule. A model draft's acceptance can be lower than under
         rejection sampling. Greedy decoding is the same under both.
     cuda_graphs : bool or None
-        Record every decode-sized forward (verify, target-only, draft-model and feature-head forwards) once per
-        (batch bucket, width, span bucket) after eager warm-up runs, and replay it (:mod:`batched_specdec.graphs`),
-        without inductor; prefill and catch-up forwards stay eager. Tokens are the eager path's (the same forwards,
-        spans bucketed geometrically). ``stats.extra`` counts the graphs a call recorded and the seconds recording
-        took. ``None`` (default): off everywhere, because the graph path is not measured on a GPU yet. ``True`` on
-        a CPU runs a checking stand-in (exact, slower). Not with ``compile``.
+        Record every decode-sized forward (verify, target-only, draft-model and feature-head forwards) once per (batch
+        bucket, width, span bucket) after eager warm-up runs, and replay it (:mod:`batched_specdec.graphs`), without
+        inductor; prefill, the first verify forward (it also writes the prompt tails) and catch-up forwards stay eager.
+        Tokens are the eager path's (the same forwards, spans bucketed geometrically). ``stats.extra`` counts the graphs
+        a call recorded and the seconds recording took. ``None`` (default): off everywhere, because the graph path is
+        not measured on a GPU yet. ``True`` on a CPU runs a checking stand-in (exact, slower). Not with ``compile``.
 
     Returns
     -------

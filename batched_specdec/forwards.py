@@ -64,7 +64,8 @@ def model_forward(model, cache: RaggedKVCache, input_ids: Tensor, logits_to_keep
 
     ``compile`` says the forward is decode-sized (callers clear it for one-off widths such as a drafter's catch-up).
     A decode-sized forward over every row (decode, draft and verify forwards; not prefill chunks), once the cache's
-    buffers exist (a batch of one-token prompts has no prefill: its first forward allocates them eagerly):
+    buffers exist (a batch whose prompts fit in one prefill chunk has no prefill forward: its first forward, which
+    writes the prompt tails, allocates them eagerly):
 
     * with ``cache.graphs`` and at most :data:`~batched_specdec.graphs.MAX_WIDTH` queries per row, is recorded once
       per shape and buffer addresses and replayed (:mod:`batched_specdec.graphs`; ``return_hidden`` included). The
@@ -197,22 +198,31 @@ def tail_forward(model, cache: RaggedKVCache, tokens: Tensor, tails: list[int], 
     inputs = tokens.gather(1, (cache.lens.to(device)[:, None] + columns).clamp_max(tokens.shape[1] - 1))
     if k:
         inputs = torch.where(columns < tail, inputs, drafts.gather(1, (columns - tail).clamp(0, k - 1)))
-    with _output_rows_kept(model, tail - 1 + columns[:, : k + 1]):
-        return model_forward(model, cache, inputs, compile=False)
+    kept = tail - 1 + columns[:, : k + 1]
+    with _output_rows_kept(model, kept) as fired:
+        logits = model_forward(model, cache, inputs, compile=False)
+    if fired:
+        return logits
+    # a model that computes its logits without calling its output head module: every column came back
+    return logits.gather(1, kept.to(logits.device)[:, :, None].expand(-1, -1, logits.shape[-1]))
 
 
 @contextmanager
 def _output_rows_kept(model, columns: Tensor):
     """While open, ``model``'s output head reads only the hidden states at ``columns`` ``(B, K)`` of each row (a
-    forward pre-hook on it): a forward returns logits ``(B, K, V)``, without the logits of other columns."""
+    forward pre-hook on it): a forward returns logits ``(B, K, V)``, without the logits of other columns. Yields a
+    list that is non-empty once the hook has run."""
+    fired: list[bool] = []
+
     def keep(module, args):
+        fired.append(True)
         hidden = args[0]
         index = columns.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
         return (hidden.gather(1, index), *args[1:])
 
     handle = model.get_output_embeddings().register_forward_pre_hook(keep)
     try:
-        yield
+        yield fired
     finally:
         handle.remove()
 

@@ -25,7 +25,8 @@ drafts (draft tokens)
 verify width
     Drafts per row the step's verify forward checks: the draft length, cut to what is worth verifying of the
     proposals (``gamma="auto"``; with a fixed ``gamma``, to the longest proposal when the drafter's proposal lengths
-    are on the host). The verify forward carries ``width + 1`` tokens per row, ``[s_b[-1], d_1..d_width]``.
+    are on the host). The verify forward carries ``width + 1`` tokens per row, ``[s_b[-1], d_1..d_width]`` (the first
+    step's also carries the prompt tails).
 prompt tail
     The last tokens of a row's prompt (up to a prefill chunk, ``prefill_chunk``) that the first step's verify forward
     writes before the row's drafts, ``[tail, d_1..d_width]``, instead of the prefill: a prompt within one chunk costs

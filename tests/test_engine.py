@@ -159,6 +159,20 @@ def test_a_tail_forward_returns_the_logits_of_a_prefill_and_a_verify(llama_pair)
             torch.testing.assert_close(one[b, :, : end + 2], other[b, :, : end + 2], atol=1e-4, rtol=1e-4)
 
 
+def test_tail_logits_are_right_when_the_output_head_module_is_not_called(monkeypatch):
+    """A model whose logits do not come from calling the module ``get_output_embeddings()`` returns (so the hook
+    that keeps each row's columns never runs): the first step gathers them from every column instead."""
+    target = tiny_causal_lm("llama", seed=0)
+    prompts = _ragged_prompts(4, 96, 13, seed=22)
+    expected = [greedy_reference(target, p, 6, []) for p in prompts]
+    unused = torch.nn.Linear(target.config.hidden_size, target.config.vocab_size, bias=False)
+    monkeypatch.setattr(target, "get_output_embeddings", lambda: unused)
+    assert autoregressive_generate_batch(prompts, target, max_gen_len=6, eos_tokens_id=[]) == expected
+    outputs, _, _ = speculative_generate_batch(prompts, NGramDrafter(), target, gamma=3, max_gen_len=6,
+                                               eos_tokens_id=[])
+    assert outputs == expected
+
+
 def test_ragged_cache_after_pruning_equals_fresh_forward(llama_pair):
     target, _ = llama_pair
     torch.manual_seed(0)

@@ -235,7 +235,7 @@ class AdaptiveSpeculation:
                             fit_draft=draft_timing_usable)
         self.draft_lengths.append(k)
         self.width_histogram[width] += 1
-        if not math.isnan(predicted):
+        if not math.isnan(predicted) and timing_usable:
             self.predicted_s += predicted
             self.measured_s += total
             self.steps += 1

@@ -15,8 +15,8 @@ queued prompts into them. An entering prompt writes its own row only: no other r
   (its ``admit_rows`` hook).
 
 Terms: a row is *free* once it has finished and its results were copied out. The *stage* holds up to ``rows``
-prompts, each in a stage row, their ``len(prompt) - 1`` committed positions written (``s_b[:-1]``, what a session's
-prefill writes).
+prompts, each in a stage row, their ``len(prompt) - 1`` committed positions written (``s_b[:-1]``: a prompt that
+enters a row mid-run has a one-token tail, see the glossary's *prompt tail*).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ Target-only decoding is a session without a drafter: every step plans ``k = 0``.
 forward, the rejection sampling and the commit run compiled (:mod:`batched_specdec.capture`); a step's randomness
 is drawn eagerly from the generator first, so seeded outputs do not depend on ``compile``. With
 ``cuda_graphs=True`` the verify forward and the drafter's decode-sized forwards are recorded once per shape and
-replayed (:mod:`batched_specdec.graphs`); everything else runs as without it.
+replayed (:mod:`batched_specdec.graphs`); everything else runs as without it. The first step's verify forward, which
+also writes the prompt tails, runs eagerly in either case.
 """
 
 from __future__ import annotations
