@@ -176,12 +176,14 @@ def _hidden_captured(model, captured: list, which: bool | tuple[int, ...]):
             handle.remove()
 
 
-def tail_forward(model, cache: RaggedKVCache, tokens: Tensor, tails: list[int], drafts: Tensor) -> Tensor:
+def tail_forward(model, cache: RaggedKVCache, tokens: Tensor, tails: list[int], drafts: Tensor, *,
+                 return_hidden: bool | tuple[int, ...] = False):
     """A verify forward that also writes the prompt tails: row ``b`` feeds the ``tails[b]`` committed tokens the
     cache does not hold yet, ``tokens[b, lens[b] : lens[b] + tails[b]]``, then its drafts ``drafts[b]``, at positions
     from ``cache.lens[b]`` on. Returns the logits ``(B, k + 1, V)`` at the tail's last token and at each draft:
-    what a verify forward over ``[s_b[-1], d_1..d_k]`` returns. One eager forward of ``max(tails) + k`` tokens per
-    row; a row with a shorter tail writes placeholder entries past its drafts, which stay invisible.
+    what a verify forward over ``[s_b[-1], d_1..d_k]`` returns, and with ``return_hidden`` also the hidden states of
+    every column, ``(B, max(tails) + k, F)`` (:func:`model_forward`'s). One eager forward of ``max(tails) + k`` tokens
+    per row; a row with a shorter tail writes placeholder entries past its drafts, which stay invisible.
 
     Parameters
     ----------
@@ -200,11 +202,11 @@ def tail_forward(model, cache: RaggedKVCache, tokens: Tensor, tails: list[int], 
         inputs = torch.where(columns < tail, inputs, drafts.gather(1, (columns - tail).clamp(0, k - 1)))
     kept = tail - 1 + columns[:, : k + 1]
     with _output_rows_kept(model, kept) as fired:
-        logits = model_forward(model, cache, inputs, compile=False)
-    if fired:
-        return logits
-    # a model that computes its logits without calling its output head module: every column came back
-    return logits.gather(1, kept.to(logits.device)[:, :, None].expand(-1, -1, logits.shape[-1]))
+        out = model_forward(model, cache, inputs, return_hidden=return_hidden, compile=False)
+    logits = out[0] if return_hidden else out
+    if not fired:  # a model that computes its logits without calling its output head module: every column came back
+        logits = logits.gather(1, kept.to(logits.device)[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return (logits, out[1]) if return_hidden else logits
 
 
 @contextmanager

@@ -30,8 +30,9 @@ verify width
 prompt tail
     The last tokens of a row's prompt (up to a prefill chunk, ``prefill_chunk``) that the first step's verify forward
     writes before the row's drafts, ``[tail, d_1..d_width]``, instead of the prefill: a prompt within one chunk costs
-    no forward of its own. Later verify forwards carry ``[s_b[-1], d_1..d_width]``. Rows of a feature drafter (it
-    drafts from the hidden states of ``s_b[:-1]``) and prompts entering rows mid-run keep a tail of one token.
+    no forward of its own. Later verify forwards carry ``[s_b[-1], d_1..d_width]``. A feature drafter drafts nothing
+    in the first step (it drafts from the hidden states that forward writes); prompts entering rows mid-run keep a
+    tail of one token.
 accepted
     A draft kept by verification; ``num_accepted[b]`` is in ``0..width``, a prefix of the row's drafts.
 recovered token

@@ -13,7 +13,7 @@ and batch size B, the embedded target decodes the prompts greedily with:
 
 Counts (deterministic for greedy decoding and fixed draft lengths): ``target_forwards`` counts every call of the
 target's forward (prefill included: transformers' first forward is the prefill and the first verify at once, and
-so is ours for prompts within one prefill chunk, except with a draft that reads the target's hidden states),
+so is ours for prompts within one prefill chunk; a draft that reads the target's hidden states drafts from step 2),
 ``decode_forwards`` those that emit tokens (ours: verify steps; transformers: all), tokens per
 decode forward and accepted drafts per decode forward. ``gamma="auto"`` picks draft lengths from measured step
 times, so its counts move with the machine's load; ``--frozen-costs V0 V1`` prices a verify of ``x`` tokens at

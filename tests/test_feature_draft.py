@@ -66,6 +66,22 @@ def test_untrained_head_is_exact_on_ragged_prompts(target, gamma):
     assert sum(stats.proposed) > 0
 
 
+def test_prompts_within_one_chunk_cost_a_feature_drafter_no_prefill_forward(target):
+    """The first step writes the prompt tails and drafts nothing (the head drafts from the hidden states that forward
+    writes): every target forward is a step's, and outputs equal the reference loop."""
+    prompts = _ragged_prompts(5, VOCAB, 20, seed=4)
+    expected = [greedy_reference(target, p, 12, eos=[]) for p in prompts]
+    forwards = []
+    handle = target.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        got, _, stats = speculative_generate_batch(prompts, feature_head(target), target, gamma=3, max_gen_len=12,
+                                                   eos_tokens_id=[])
+    finally:
+        handle.remove()
+    assert got == expected
+    assert len(forwards) == stats.steps and sum(stats.proposed) > 0
+
+
 def test_copying_head_accepts_every_draft_and_stops_rows_at_eos():
     target, draft = bigram_pair()
     prompts = _ragged_prompts(5, VOCAB, 30, seed=4)

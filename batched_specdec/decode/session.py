@@ -191,11 +191,9 @@ class DecodeSession:
                 self.options.prefill_chunk, on_hidden=on_hidden, hidden=self.target_hidden)
 
     def _longest_tail(self) -> int:
-        """The most prompt tokens per row the first verify forward writes: a prefill chunk, or only ``s_b[-1]`` for
-        a feature drafter (it drafts from the hidden states of ``s_b[:-1]``) and for a target without an output head
-        module (:func:`~batched_specdec.forwards.tail_forward` keeps the logits it needs by a hook on it)."""
-        if self.drafter is not None and self.drafter.uses_target_features:
-            return 1
+        """The most prompt tokens per row the first verify forward writes: a prefill chunk, or only ``s_b[-1]`` for a
+        target without an output head module (:func:`~batched_specdec.forwards.tail_forward` keeps the logits it
+        needs by a hook on it)."""
         head = self.target.get_output_embeddings() if hasattr(self.target, "get_output_embeddings") else None
         return 1 if head is None else self.options.prefill_chunk
 
@@ -265,6 +263,8 @@ class DecodeSession:
         controller = self.controller
         remaining = None if refilling or not controller.adaptive else self._remaining()
         evidence = self._evidence_ids(max_len)
+        if self.tails is not None and self.drafter is not None and self.drafter.uses_target_features:
+            return StepPlan(0, remaining), evidence  # it drafts from the hidden states this step's forward writes
         return controller.plan(evidence, ~self.rows.view.finished, remaining), evidence
 
     def _evidence_ids(self, max_len: int) -> Tensor:
@@ -318,19 +318,24 @@ class DecodeSession:
         return DraftProposal(tokens, probs, num, deterministic, proposal.includes_catch_up, source)
 
     def _verify(self, draft_tokens: Tensor, max_len: int) -> Tensor:
-        """The target's logits ``(B, k + 1, V)`` over ``[s_b[-1], d_1..d_k]``; a feature drafter receives the
-        hidden states of all ``k + 1`` positions (it keeps only what rows commit: the rest is rewritten before it is
-        read)."""
+        """The target's logits ``(B, k + 1, V)`` over ``[s_b[-1], d_1..d_k]`` (the first step's over ``[tail,
+        d_1..d_k]``); a feature drafter receives the hidden states of every position the forward writes (it keeps
+        only what rows commit: the rest is rewritten before it is read)."""
         k = draft_tokens.shape[1]
         self.cache.set_span(max_len + k)
+        features = self.drafter is not None and self.drafter.uses_target_features
+        hidden = self.target_hidden if features else False
         if self.tails is not None:  # the first step also writes the prompt tails
             tails, self.tails = self.tails, None
-            return tail_forward(self.target, self.cache, self.rows.token_buffer, tails, draft_tokens).to(self.device)
-        last = self.rows.last_tokens()
-        inputs = last if k == 0 else torch.cat([last, draft_tokens], dim=1)
-        if self.drafter is None or not self.drafter.uses_target_features:
-            return model_forward(self.target, self.cache, inputs).to(self.device)
-        logits, hidden = model_forward(self.target, self.cache, inputs, return_hidden=self.target_hidden)
+            out = tail_forward(self.target, self.cache, self.rows.token_buffer, tails, draft_tokens,
+                               return_hidden=hidden)
+        else:
+            last = self.rows.last_tokens()
+            out = model_forward(self.target, self.cache, last if k == 0 else torch.cat([last, draft_tokens], dim=1),
+                                return_hidden=hidden)
+        if not features:
+            return out.to(self.device)
+        logits, hidden = out
         self.drafter.observe_features(hidden, self.cache.lens)
         return logits.to(self.device)
 
