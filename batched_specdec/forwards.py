@@ -205,7 +205,7 @@ def tail_forward(model, cache: RaggedKVCache, tokens: Tensor, tails: list[int], 
         out = model_forward(model, cache, inputs, return_hidden=return_hidden, compile=False)
     logits = out[0] if return_hidden else out
     if not fired:  # a model that computes its logits without calling its output head module: every column came back
-        logits = logits.gather(1, kept.to(logits.device)[:, :, None].expand(-1, -1, logits.shape[-1]))
+        logits = torch.take_along_dim(logits, kept.to(logits.device)[:, :, None], dim=1)
     return (logits, out[1]) if return_hidden else logits
 
 
@@ -219,8 +219,7 @@ def _output_rows_kept(model, columns: Tensor):
     def keep(module, args):
         fired.append(True)
         hidden = args[0]
-        index = columns.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
-        return (hidden.gather(1, index), *args[1:])
+        return (torch.take_along_dim(hidden, columns.to(hidden.device)[:, :, None], dim=1), *args[1:])
 
     handle = model.get_output_embeddings().register_forward_pre_hook(keep)
     try:
